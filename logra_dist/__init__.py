@@ -1,0 +1,24 @@
+"""logra_dist: LoGra data valuation for models trained with DeepSpeed ZeRO-3, FSDP and DDP.
+
+    logger = logra_dist.attach(model_or_engine, LoGraConfig(k_in=16, k_out=16), "index/")
+    for ids, batch in loader:
+        with logger.capture(ids, mask=batch["attention_mask"]):
+            loss = summed_loss(logger.model(**batch), batch["labels"])
+            logger.backward(loss)
+    logger.finalize()                      # collective: every rank calls it
+
+    scorer = logra_dist.Scorer(model_or_engine, "index/")
+    ... capture queries the same way ...
+    top = scorer.topk(10)
+"""
+__version__ = "0.1.0"
+
+from .config import ConfigError, LoGraConfig  # noqa: E402
+from .logger import Logger, attach  # noqa: E402
+from .reader import GradientStore  # noqa: E402
+from .scorer import Scorer  # noqa: E402
+from .scoring import TopKResult  # noqa: E402
+from .store import IndexFormatError  # noqa: E402
+
+__all__ = ["LoGraConfig", "ConfigError", "attach", "Logger", "GradientStore", "Scorer", "TopKResult",
+           "IndexFormatError", "__version__"]

@@ -1,0 +1,182 @@
+"""Hooks that turn a layer's activations and output gradients into per-sample projected gradients.
+
+For y = W x with inputs x (B, T, d_in) and output gradients g (B, T, d_out), the projected
+per-sample gradient is  G~_b = sum_t (P_out g_bt)(P_in x_bt)^T  (k_out x k_in): one GEMM per
+side and one batched GEMM, never the d_out x d_in gradient itself.
+
+The forward hook projects the input at once (only B x T x k_in is kept) and registers a hook on
+*that call's* output tensor, so a module used several times in one forward pairs every call with
+its own gradient; the per-sample result is the sum over calls, as the weight gradient is.
+Under ZeRO-3 and FSDP weights are sharded but activations are not, so this needs no
+communication at all.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .projection import LayerSpec
+
+# Segments that wrappers insert into module names; removed so names (and hence projection seeds
+# and the stored layout) are the same under every engine.
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def canonical_name(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
+
+
+def _layer_dims(module: nn.Module) -> tuple[str, int, int] | None:
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
+        return "conv1d", int(module.nx), int(module.nf)  # transformers' GPT-2 Conv1D
+    return None
+
+
+def find_layers(root: nn.Module, include: list[str], exclude: list[str]) -> list[tuple[str, str, nn.Module, int, int]]:
+    """(canonical name, kind, module, d_in, d_out) of every supported layer the patterns select."""
+    inc = [re.compile(p) for p in include]
+    exc = [re.compile(p) for p in exclude]
+    found, seen = [], set()
+    for raw_name, module in root.named_modules():
+        dims = _layer_dims(module)
+        if dims is None or id(module) in seen:
+            continue
+        name = canonical_name(raw_name)
+        if any(p.search(name) for p in inc) and not any(p.search(name) for p in exc):
+            seen.add(id(module))
+            found.append((name, dims[0], module, dims[1], dims[2]))
+    return found
+
+
+class TokenStatistics:
+    """Receiver of per-token projected activations and gradients (KFAC factors, PCA covariances)."""
+
+    def observe(self, name: str, acts: torch.Tensor, grads: torch.Tensor, tokens: float) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class GradientCapture:
+    """Owns the hooks of all logged layers and the per-sample projected gradients of one batch."""
+
+    def __init__(self, specs: list[LayerSpec], modules: dict[str, nn.Module],
+                 projections: dict[str, tuple[torch.Tensor, torch.Tensor]], compute_dtype: torch.dtype):
+        self.specs = specs
+        self.modules = modules
+        self.projections = projections
+        self.compute_dtype = compute_dtype
+        self.token_stats: TokenStatistics | None = None
+        self.want_rows = True
+        self._active = False
+        self._mask: torch.Tensor | None = None
+        self._blocks: dict[str, torch.Tensor] = {}
+        self._pending = 0
+        self._anchors: dict[tuple, torch.Tensor] = {}
+        self._token_blocks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self._handles = [modules[s.name].register_forward_hook(self._make_forward_hook(s.name)) for s in specs]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @contextmanager
+    def active(self, mask: torch.Tensor | None) -> Iterator[None]:
+        self._active, self._mask, self._blocks, self._pending = True, mask, {}, 0
+        self._token_blocks = []
+        try:
+            yield
+        finally:
+            self._active, self._mask = False, None
+
+    @property
+    def pending_gradients(self) -> int:
+        """Hooked outputs whose gradient has not arrived yet (0 after a complete backward)."""
+        return self._pending
+
+    def _make_forward_hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
+            if not self._active:
+                return None
+            x = inputs[0]
+            p_in, _ = self.projections[name]
+            mask = self._token_mask(x, name)
+            px = x.detach().reshape(x.shape[0], -1, x.shape[-1]).to(self.compute_dtype)
+            if p_in is not None:  # None = identity (full rank): skip a d x d matmul
+                px = px @ p_in.T
+            if mask is not None:
+                px = px * mask
+            returned = None
+            if not output.requires_grad:
+                # The layer's input carries no gradient (first layers, weights frozen): add a
+                # zero scalar that requires grad so the output joins the graph. Unlike making the
+                # output a leaf, nothing of the output's size is kept as `.grad`.
+                output = returned = output + self._anchor(output)
+            self._pending += 1
+            output.register_hook(self._make_grad_hook(name, px, mask))
+            return returned
+
+        return hook
+
+    def _anchor(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.dtype, like.device)
+        if key not in self._anchors:
+            self._anchors[key] = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
+        return self._anchors[key]
+
+    def _token_mask(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        if self._mask is None or x.dim() < 3:
+            return None
+        mask = self._mask
+        if mask.shape != x.shape[:-1]:
+            raise ValueError(f"layer {name!r}: mask of shape {tuple(mask.shape)} does not match the "
+                             f"activations' (batch, tokens) shape {tuple(x.shape[:-1])}")
+        return mask.reshape(x.shape[0], -1, 1).to(device=x.device, dtype=self.compute_dtype)
+
+    def _make_grad_hook(self, name: str, px: torch.Tensor, mask: torch.Tensor | None) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            _, p_out = self.projections[name]
+            pg = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1]).to(self.compute_dtype)
+            if p_out is not None:
+                pg = pg @ p_out.T
+            if mask is not None:
+                pg = pg * mask
+            if self.want_rows:
+                block = torch.bmm(pg.transpose(1, 2), px)  # (B, k_out, k_in)
+                prev = self._blocks.get(name)
+                self._blocks[name] = block if prev is None else prev + block
+            if self.token_stats is not None:
+                self._token_blocks.append((name, px, pg, mask))
+            self._pending -= 1
+            return None
+
+        return hook
+
+    def flush_token_statistics(self, keep: torch.Tensor | None = None) -> None:
+        """Feed this batch's per-token projections to `token_stats`, only for samples in `keep`
+        (so a sample with non-finite gradients never pollutes KFAC factors or covariances)."""
+        for name, px, pg, mask in self._token_blocks:
+            if keep is not None:
+                px, pg = px[keep], pg[keep]
+                mask = mask[keep] if mask is not None else None
+            tokens = float(mask.sum()) if mask is not None else float(px.shape[0] * px.shape[1])
+            self.token_stats.observe(name, px.reshape(-1, px.shape[-1]), pg.reshape(-1, pg.shape[-1]), tokens)
+        self._token_blocks = []
+
+    def rows(self, batch_size: int, device: torch.device | str) -> torch.Tensor:
+        """(B, D) per-sample projected gradients, layers in layout order; zeros for unused layers."""
+        parts = []
+        for spec in self.specs:
+            block = self._blocks.get(spec.name)
+            if block is None:
+                block = torch.zeros(batch_size, spec.k_out, spec.k_in, dtype=self.compute_dtype, device=device)
+            elif block.shape[0] != batch_size:
+                raise ValueError(f"layer {spec.name!r} saw a batch of {block.shape[0]} samples but "
+                                 f"capture() was given {batch_size} ids")
+            parts.append(block.reshape(batch_size, -1))
+        return torch.cat(parts, dim=1)

@@ -1,0 +1,106 @@
+"""Typed, validated configuration, checked once at the edge and stored with every index.
+
+Every shard, `stats.h5` and `manifest.json` carries the config as JSON, so an index can be
+re-opened, compared against another index, or scored, without the original command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+INITS = ("random", "pca", "identity")
+HESSIANS = ("raw", "kfac", "none")
+FISHERS = ("empirical", "true")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+SCORE_MODES = ("dot", "relatif", "cosine")
+COMPUTE_DTYPES = ("float32", "float64")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the field and the allowed values."""
+
+
+@dataclass
+class LoGraConfig:
+    """What to log and how.
+
+    k_in / k_out: projection rank on the input (activation) and output (gradient) side of every
+    layer; a layer narrower than the rank is an error (see `Logger`), never silently clamped.
+    init: "random" (Gaussian, seeded from `seed` and the layer name: no broadcast needed),
+    "pca" (top eigenvectors of the KFAC factors; needs a statistics pass) or "identity"
+    (full rank, exact gradients: for tests and tiny models).
+    hessian: "raw" projected empirical Fisher per layer ((k_in k_out)^2), "kfac" (two small
+    factors per layer) or "none" (plain gradient dot products).
+    damping: lambda = damping x mean eigenvalue of each layer's matrix (1.0 as in the paper).
+    include / exclude: regular expressions matched (re.search) against module names.
+    """
+
+    k_in: int = 16
+    k_out: int = 16
+    init: str = "random"
+    seed: int = 0
+    include: list[str] = field(default_factory=lambda: [r".*"])
+    exclude: list[str] = field(default_factory=list)
+    storage_dtype: str = "float16"
+    hessian: str = "raw"
+    fisher: str = "empirical"
+    damping: float = 1.0
+    compute_dtype: str = "float32"
+    flush_rows: int = 1024
+    writer_queue: int = 4
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"LoGraConfig: {msg}")
+
+        for name in ("k_in", "k_out", "flush_rows", "writer_queue"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                 f"{name} must be a positive integer, got {value!r}")
+        need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative int, got {self.seed!r}")
+        for name, allowed in (("init", INITS), ("hessian", HESSIANS), ("fisher", FISHERS),
+                              ("storage_dtype", STORAGE_DTYPES), ("compute_dtype", COMPUTE_DTYPES)):
+            value = getattr(self, name)
+            need(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+        need(isinstance(self.damping, (int, float)) and self.damping >= 0,
+             f"damping must be a non-negative number, got {self.damping!r}")
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            need(isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns),
+                 f"{name} must be a list of regular expressions, got {patterns!r}")
+            for p in patterns:
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise ConfigError(f"LoGraConfig: {name} pattern {p!r} is not a valid regex: {e}") from e
+        need(len(self.include) > 0, "include must name at least one pattern")
+
+    @property
+    def row_compatibility_key(self) -> dict[str, Any]:
+        """Fields that must agree between shards for their rows to be comparable."""
+        return {k: getattr(self, k) for k in ("k_in", "k_out", "init", "seed", "include", "exclude")}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoGraConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"LoGraConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoGraConfig":
+        return cls.from_dict(json.loads(text))

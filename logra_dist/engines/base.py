@@ -1,0 +1,70 @@
+"""What the orchestrators need from a training stack, and the bare-module implementation."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Iterator
+
+import torch
+from torch import nn
+
+
+class Engine:
+    """Adapter over a user's model or engine.
+
+    root: the module whose named submodules are the layers (hooks go there).
+    model: what to call for a forward pass during logging and query capture.
+    Subclasses override `sync_disabled` (and, if needed, `backward`) so that a logging backward
+    moves no gradient across ranks.
+    """
+
+    kind = "module"
+
+    def __init__(self, wrapped: Any, root: nn.Module, model: Callable | None = None):
+        self.wrapped, self.root = wrapped, root
+        self.model = model if model is not None else wrapped
+        self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.root.parameters()) + list(self.root.buffers()):
+            if t.device.type != "meta":
+                return t.device
+        return torch.device("cpu")
+
+    def parameters_to_freeze(self) -> Iterator[torch.nn.Parameter]:
+        yield from self.root.parameters()
+
+    def freeze(self) -> None:
+        """Weights stop requiring grad: no weight-gradient GEMMs, nothing for the engine to
+        reduce. Activation gradients still flow (see capture's anchor)."""
+        if self._saved_requires_grad is None:
+            params = {id(p): p for p in self.parameters_to_freeze()}
+            self._saved_requires_grad = [(p, p.requires_grad) for p in params.values()]
+            for p, _ in self._saved_requires_grad:
+                p.requires_grad_(False)
+
+    def unfreeze(self) -> None:
+        if self._saved_requires_grad is not None:
+            for p, flag in self._saved_requires_grad:
+                p.requires_grad_(flag)
+            self._saved_requires_grad = None
+
+    def sync_disabled(self) -> ContextManager:
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with self.sync_disabled():
+            loss.backward()
+
+
+class DDPEngine(Engine):
+    """torch DistributedDataParallel: forward through `.module`, so the reducer never runs."""
+
+    kind = "ddp"
+
+    def __init__(self, ddp: nn.Module):
+        super().__init__(ddp, ddp.module, ddp.module)
+
+    def sync_disabled(self) -> ContextManager:
+        return self.wrapped.no_sync()
+

@@ -1,0 +1,129 @@
+"""What the Logger and the Scorer share: an engine, the selected layers, their projections, hooks,
+and the capture/backward protocol that yields per-sample projected-gradient rows."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from .capture import GradientCapture, find_layers
+from .config import ConfigError, LoGraConfig
+from .engines import Engine, wrap
+from .projection import LayerSpec, build_projections
+
+Projections = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec], dict[str, torch.nn.Module]]:
+    """Layer specs in model order; ranks validated against each layer's width."""
+    found = find_layers(engine.root, config.include, config.exclude)
+    if not found:
+        names = [n for n, _ in engine.root.named_modules()][:20]
+        raise ConfigError(f"include={config.include} exclude={config.exclude} select no Linear/Conv1D "
+                          f"layer of {type(engine.root).__name__}; some module names: {names}")
+    specs, modules = [], {}
+    for name, kind, module, d_in, d_out in found:
+        if config.init == "identity":
+            k_in, k_out = d_in, d_out
+        else:
+            k_in, k_out = config.k_in, config.k_out
+            if k_in > d_in or k_out > d_out:
+                raise ConfigError(f"layer {name!r} ({kind}, d_in={d_in}, d_out={d_out}) is narrower than "
+                                  f"the projection ranks k_in={k_in}, k_out={k_out}; lower the ranks or "
+                                  "exclude the layer")
+        specs.append(LayerSpec(name, kind, d_in, d_out, k_in, k_out))
+        modules[name] = module
+    return specs, modules
+
+
+class GradientSession:
+    """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows."""
+
+    def __init__(self, model_or_engine: Any, config: LoGraConfig, projections: Projections | None = None):
+        config.validate()
+        self.config = config
+        self.engine = wrap(model_or_engine)
+        self.specs, self._modules = select_layers(self.engine, config)
+        self.compute_dtype = getattr(torch, config.compute_dtype)
+        self.device = self.engine.device
+        self.engine.freeze()
+        self._capture: GradientCapture | None = None
+        self._backward_done = False
+        if projections is None and config.init != "pca":
+            projections = self._build_projections()
+        if projections is not None:
+            self._install(projections)
+
+    # -- projections ------------------------------------------------------------------------
+    def _build_projections(self, covariances=None) -> Projections:
+        if self.config.init == "identity":
+            return {s.name: (None, None) for s in self.specs}
+        return build_projections(self.specs, self.config.init, self.config.seed, self.compute_dtype,
+                                 self.device, covariances)
+
+    def _install(self, projections: Projections) -> None:
+        missing = [s.name for s in self.specs if s.name not in projections]
+        if missing:
+            raise ConfigError(f"no projection for layer(s) {missing[:5]}")
+        self.projections = projections
+        if self._capture is not None:
+            self._capture.remove()
+        self._capture = GradientCapture(self.specs, self._modules, projections, self.compute_dtype)
+
+    def projection(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P_in, P_out) of a layer, as used for its rows (identity materialized on request)."""
+        if self._capture is None:
+            raise RuntimeError("projections are not built yet: init='pca' needs pca_pass() first")
+        if layer_name not in self.projections:
+            raise KeyError(f"layer {layer_name!r} is not logged; logged layers: {[s.name for s in self.specs]}")
+        spec = next(s for s in self.specs if s.name == layer_name)
+        p_in, p_out = self.projections[layer_name]
+        eye = lambda d: torch.eye(d, dtype=self.compute_dtype, device=self.device)  # noqa: E731
+        return (eye(spec.d_in) if p_in is None else p_in, eye(spec.d_out) if p_out is None else p_out)
+
+    @property
+    def model(self):
+        """Call this for forward passes while capturing (for DDP/DeepSpeed it bypasses the
+        wrapper's gradient-reducing forward; for bare modules and FSDP it is the model itself)."""
+        return self.engine.model
+
+    @property
+    def width(self) -> int:
+        return sum(s.width for s in self.specs)
+
+    # -- the capture protocol ---------------------------------------------------------------
+    @contextmanager
+    def capture(self, ids, mask: torch.Tensor | None = None) -> Iterator[None]:
+        """Capture one batch: run the forward through `self.model` and `self.backward(loss)`
+        inside the block, with `loss` the SUM of per-sample losses. ids: global sample ids."""
+        if self._capture is None:
+            raise RuntimeError("projections are not built yet: init='pca' needs pca_pass() first")
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"capture(ids): ids must be a 1-D integer tensor of sample ids, got "
+                             f"shape {tuple(ids.shape)} dtype {ids.dtype}")
+        self._backward_done = False
+        with self._capture.active(mask):
+            yield
+            if not self._backward_done:
+                raise RuntimeError("capture() block ended without backward(loss)")
+            if self._capture.pending_gradients:
+                raise RuntimeError(f"{self._capture.pending_gradients} hooked layer outputs received no "
+                                   "gradient: the loss does not depend on them")
+            rows = self._capture.rows(len(ids), self.device)
+            self._on_batch(ids.to(torch.int64).cpu(), rows)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward with gradient synchronization disabled and weights frozen."""
+        self.engine.backward(loss)
+        self._backward_done = True
+
+    def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Remove hooks and restore the weights' requires_grad."""
+        if self._capture is not None:
+            self._capture.remove()
+        self.engine.unfreeze()

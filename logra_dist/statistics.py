@@ -1,0 +1,154 @@
+"""Curvature in projected space: local accumulation, ONE delayed all-reduce, eigendecomposition.
+
+Every statistic is a sum (of outer products) plus counts, so ranks accumulate locally during the
+epoch and `Accumulator.flat()` packs all of them into one float64 buffer for a single
+all-reduce at finalize. The result is a `Preconditioner`: per layer (F + lambda I)^-1 with
+lambda = damping x mean eigenvalue of that layer's matrix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .capture import TokenStatistics
+from .projection import LayerSpec
+
+
+class Accumulator(TokenStatistics):
+    """Per-rank sums. hessian="raw": sum_i vec(G~_i) vec(G~_i)^T per layer; "kfac": token sums
+    of projected activation and gradient outer products; "none": counts only."""
+
+    def __init__(self, specs: list[LayerSpec], hessian: str, dtype: torch.dtype, device="cpu"):
+        self.specs, self.hessian, self.dtype, self.device = specs, hessian, dtype, device
+        self.sums: dict[str, torch.Tensor] = {}
+        for s in specs:
+            if hessian == "raw":
+                self.sums[f"{s.name}/fisher"] = torch.zeros(s.width, s.width, dtype=dtype, device=device)
+            elif hessian == "kfac":
+                self.sums[f"{s.name}/act"] = torch.zeros(s.k_in, s.k_in, dtype=dtype, device=device)
+                self.sums[f"{s.name}/grad"] = torch.zeros(s.k_out, s.k_out, dtype=dtype, device=device)
+        self.tokens = {s.name: 0.0 for s in specs}
+        self.samples = 0.0
+
+    def observe(self, name: str, acts: torch.Tensor, grads: torch.Tensor, tokens: float = 0.0) -> None:
+        if self.hessian == "kfac":
+            self.sums[f"{name}/act"].addmm_(acts.T.to(self.dtype), acts.to(self.dtype))
+            self.sums[f"{name}/grad"].addmm_(grads.T.to(self.dtype), grads.to(self.dtype))
+        self.tokens[name] += float(tokens)
+
+    def update_rows(self, rows: torch.Tensor) -> None:
+        """Add a batch of finite per-sample rows (B, D) in layout order."""
+        self.samples += rows.shape[0]
+        if self.hessian != "raw":
+            return
+        offset = 0
+        for s in self.specs:
+            block = rows[:, offset:offset + s.width].to(self.dtype)
+            self.sums[f"{s.name}/fisher"].addmm_(block.T, block)
+            offset += s.width
+
+    def flat(self) -> torch.Tensor:
+        """Every sum and count in one float64 vector (the only all-reduce of a logging job)."""
+        counts = torch.tensor([self.samples] + [self.tokens[s.name] for s in self.specs], dtype=torch.float64)
+        parts = [t.reshape(-1).to(device="cpu", dtype=torch.float64) for t in self.sums.values()]
+        return torch.cat(parts + [counts])
+
+    def load_flat(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for key, t in self.sums.items():
+            n = t.numel()
+            self.sums[key] = flat[offset:offset + n].reshape(t.shape).to(dtype=torch.float64)
+            offset += n
+        counts = flat[offset:].tolist()
+        self.samples = counts[0]
+        self.tokens = {s.name: c for s, c in zip(self.specs, counts[1:])}
+
+    def covariances(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """KFAC factors per layer: A = sum x x^T / tokens, S = sum g g^T / samples."""
+        out = {}
+        for s in self.specs:
+            tokens = max(self.tokens[s.name], 1.0)
+            samples = max(self.samples, 1.0)
+            out[s.name] = (self.sums[f"{s.name}/act"].double() / tokens, self.sums[f"{s.name}/grad"].double() / samples)
+        return out
+
+    def preconditioner(self, damping: float) -> "Preconditioner":
+        layers = {}
+        samples = max(self.samples, 1.0)
+        for s in self.specs:
+            if self.hessian == "raw":
+                evals, evecs = torch.linalg.eigh(self.sums[f"{s.name}/fisher"].double() / samples)
+                layers[s.name] = {"evals": evals.clamp_min(0), "evecs": evecs}
+            elif self.hessian == "kfac":
+                a, g = self.covariances()[s.name]
+                ea, va = torch.linalg.eigh(a)
+                eg, vg = torch.linalg.eigh(g)
+                layers[s.name] = {"act_evals": ea.clamp_min(0), "act_evecs": va,
+                                  "grad_evals": eg.clamp_min(0), "grad_evecs": vg}
+        return Preconditioner(self.specs, self.hessian, damping, layers)
+
+
+def _mean_eigenvalue(kind: str, f: dict[str, torch.Tensor]) -> float:
+    if kind == "raw":
+        return float(f["evals"].mean())
+    return float(f["act_evals"].mean() * f["grad_evals"].mean())  # mean of the Kronecker product's
+
+
+@dataclass
+class Preconditioner:
+    """Applies (F_l + lambda_l I)^-1 to each layer's block of projected-gradient rows."""
+
+    specs: list[LayerSpec]
+    kind: str
+    damping: float
+    layers: dict[str, dict[str, torch.Tensor]]
+
+    def __post_init__(self) -> None:
+        self.lambdas = {s.name: (self.damping * _mean_eigenvalue(self.kind, self.layers[s.name])
+                                 if self.kind != "none" else 0.0) for s in self.specs}
+        for s in self.specs:
+            if self.kind != "none" and self.lambdas[s.name] <= 0:
+                raise ValueError(f"layer {s.name!r}: damping {self.damping} x mean eigenvalue gives "
+                                 f"lambda={self.lambdas[s.name]}; the matrix is singular without damping "
+                                 "(no samples, or all gradients zero)")
+
+    def with_damping(self, damping: float) -> "Preconditioner":
+        return Preconditioner(self.specs, self.kind, damping, self.layers)
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, D) -> (n, D): each layer block multiplied by its damped inverse."""
+        if self.kind == "none":
+            return rows
+        out, offset = torch.empty_like(rows), 0
+        for s in self.specs:
+            block = rows[:, offset:offset + s.width]
+            f, lam = self.layers[s.name], self.lambdas[s.name]
+            if self.kind == "raw":
+                v = f["evecs"].to(rows.dtype)
+                inv = (1.0 / (f["evals"] + lam)).to(rows.dtype)
+                res = ((block @ v) * inv) @ v.T
+            else:
+                va, vg = f["act_evecs"].to(rows.dtype), f["grad_evecs"].to(rows.dtype)
+                denom = (f["grad_evals"][:, None] * f["act_evals"][None, :] + lam).to(rows.dtype)
+                g = block.reshape(-1, s.k_out, s.k_in)
+                rot = vg.T @ g @ va
+                res = (vg @ (rot / denom) @ va.T).reshape(-1, s.width)
+            out[:, offset:offset + s.width] = res
+            offset += s.width
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Flat name -> array mapping for HDF5 (`layer/field`)."""
+        return {f"{name}/{k}": v.cpu().numpy() for name, f in self.layers.items() for k, v in f.items()}
+
+    @classmethod
+    def from_state(cls, specs: list[LayerSpec], kind: str, damping: float,
+                   state: dict[str, np.ndarray]) -> "Preconditioner":
+        layers: dict[str, dict[str, torch.Tensor]] = {s.name: {} for s in specs}
+        for key, arr in state.items():
+            name, field = key.rsplit("/", 1)
+            if name in layers:
+                layers[name][field] = torch.from_numpy(np.asarray(arr))
+        return cls(specs, kind, damping, layers)
