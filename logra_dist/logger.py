@@ -46,10 +46,13 @@ class Logger(GradientSession):
 
     def __init__(self, model_or_engine: Any, config: LoGraConfig, out_dir: str | Path, *,
                  resume: bool = False, model_info: dict[str, Any] | None = None,
-                 asynchronous_writes: bool = True):
+                 metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True):
+        """resume: continue this rank's unfinished shard (see `done_ids`); metadata: JSON-able
+        facts about the job (data source, model path) recorded in the manifest."""
         self.out_dir = Path(out_dir)
         self.rank, self.world_size = comm.rank(), comm.world_size()
         self._resume = resume
+        self.metadata = metadata or {}
         self._asynchronous = asynchronous_writes
         self._covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.nonfinite_ids: list[int] = []
@@ -166,6 +169,7 @@ class Logger(GradientSession):
             "nonfinite_ids": nonfinite,
             "model": self.model_info,
             "engine": self.engine.kind,
+            "metadata": self.metadata,
             "versions": versions(),
         }
 

@@ -1,0 +1,151 @@
+"""Documents in, padded token batches with global sample ids out; knows nothing of LoGra.
+
+A sample's id is its position in the document list (or the record's integer "id" field), fixed
+before any sharding, so `--max-samples N` selects the same N samples whatever the world size,
+and rank r takes samples r, r + world, r + 2 world, ... of them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Document:
+    id: int
+    text: str  # the part whose loss counts (the completion, for prompt/completion records)
+    prompt: str = ""
+
+    @property
+    def full_text(self) -> str:
+        return self.prompt + self.text
+
+
+def _record_to_document(record: dict, index: int, where: str) -> Document:
+    doc_id = record.get("id", index)
+    if not isinstance(doc_id, int) or isinstance(doc_id, bool) or doc_id < 0:
+        raise ValueError(f"{where}: 'id' must be a non-negative integer, got {doc_id!r}")
+    if "text" in record and isinstance(record["text"], str):
+        return Document(doc_id, record["text"])
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return Document(doc_id, record["completion"], record["prompt"])
+    raise ValueError(f"{where}: expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}}, "
+                     f"got keys {sorted(record)}")
+
+
+def read_documents(paths: str | Path | Sequence[str | Path]) -> list[Document]:
+    """jsonl files (one record per line) or text files (documents separated by blank lines)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    docs: list[Document] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        if path.suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as f:
+                for line_no, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{line_no}"
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{where}: not valid JSON: {e}") from e
+                    if not isinstance(record, dict):
+                        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+                    docs.append(_record_to_document(record, len(docs), where))
+        else:
+            text = path.read_text(encoding="utf-8")
+            for para in (p.strip() for p in text.split("\n\n")):
+                if para:
+                    docs.append(Document(len(docs), para))
+    ids = [d.id for d in docs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"data {[str(p) for p in paths]}: duplicate document ids")
+    if not docs:
+        raise ValueError(f"data {[str(p) for p in paths]}: no documents")
+    return docs
+
+
+@dataclass
+class TokenizedSample:
+    id: int
+    input_ids: list[int]
+    labels: list[int]
+
+
+def tokenize(docs: Sequence[Document], tokenizer, max_length: int) -> list[TokenizedSample]:
+    """Prompt tokens get label IGNORE; documents longer than max_length are truncated."""
+    out = []
+    for d in docs:
+        prompt_ids = tokenizer(d.prompt, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"] if d.prompt else []
+        full_ids = tokenizer(d.full_text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        if tokenizer.eos_token_id is not None and (not full_ids or full_ids[-1] != tokenizer.eos_token_id):
+            full_ids = full_ids + [tokenizer.eos_token_id]
+        n_prompt = len(prompt_ids) - (1 if prompt_ids and prompt_ids[-1] == tokenizer.eos_token_id else 0)
+        full_ids = full_ids[:max_length]
+        labels = [IGNORE] * min(n_prompt, len(full_ids)) + full_ids[n_prompt:]
+        if all(t == IGNORE for t in labels[1:]):
+            raise ValueError(f"document {d.id}: no completion tokens left within max_length={max_length}")
+        out.append(TokenizedSample(d.id, full_ids, labels))
+    return out
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # (B,) int64 global sample ids
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
+
+    def to(self, device) -> "Batch":
+        return Batch(self.ids, self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def collate(samples: Sequence[TokenizedSample], pad_id: int) -> Batch:
+    length = max(len(s.input_ids) for s in samples)
+    n = len(samples)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    labels = torch.full((n, length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((n, length), dtype=torch.long)
+    for row, s in enumerate(samples):  # per-sample copy of token lists: data prep, not a hot path
+        input_ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
+        labels[row, : len(s.labels)] = torch.tensor(s.labels)
+        mask[row, : len(s.input_ids)] = 1
+    return Batch(torch.tensor([s.id for s in samples], dtype=torch.long), input_ids, mask, labels)
+
+
+def rank_samples(samples: Sequence[TokenizedSample], rank: int, world_size: int,
+                 max_samples: int | None = None) -> list[TokenizedSample]:
+    """The first max_samples samples, strided over ranks (uneven counts are fine)."""
+    chosen = samples[:max_samples] if max_samples is not None else samples
+    return list(chosen[rank::world_size])
+
+
+def batches(samples: Sequence[TokenizedSample], batch_size: int, pad_id: int) -> Iterator[Batch]:
+    for start in range(0, len(samples), batch_size):
+        yield collate(samples[start:start + batch_size], pad_id)
+
+
+def summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of each sample's SUMMED next-token loss (per-sample gradients of a
+    summed loss are what LoGra projects; a mean would rescale every sample differently)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) summed next-token loss of each sample."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    losses = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                               ignore_index=IGNORE, reduction="none")
+    return losses.sum(dim=1)
