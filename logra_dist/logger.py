@@ -60,7 +60,11 @@ class Logger(GradientSession):
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or model_identity(self.engine.root)
         if self._capture is not None:
-            self._start_writing()
+            try:
+                self._start_writing()
+            except BaseException:
+                super().close()  # leave the user's model as it was: no hooks, weights unfrozen
+                raise
 
     def _start_writing(self) -> None:
         self.accumulator = Accumulator(self.specs, self.config.hessian, self.compute_dtype)
