@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
+from ..data import Document, collate, tokenize
 from .corpus import corpus_sha256, load_corpus
 from .tokenizer import build_tokenizer
 
@@ -48,25 +49,6 @@ def default_model_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
     )
 
 
-def encode_documents(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> list[list[int]]:
-    """``<s> text </s>`` token ids per document, truncated to ``max_length``."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-    return [([bos] + x + [eos])[:max_length] for x in ids]
-
-
-def collate(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; labels are -100 on padding."""
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    labels = input_ids.masked_fill(mask == 0, -100)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
 def _lr_factor(step: int, steps: int) -> float:
     if step < WARMUP:
         return (step + 1) / WARMUP
@@ -77,7 +59,7 @@ def _lr_factor(step: int, steps: int) -> float:
 def _train(steps: int, seed: int, max_length: int) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase, dict]:
     docs = load_corpus()
     tokenizer = build_tokenizer()
-    seqs = encode_documents(tokenizer, [d["text"] for d in docs], max_length)
+    samples = tokenize([Document(int(d["id"]), d["text"]) for d in docs], tokenizer, max_length)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(default_model_config(tokenizer))
     model.train()
@@ -89,9 +71,10 @@ def _train(steps: int, seed: int, max_length: int) -> tuple[LlamaForCausalLM, Pr
     t0 = time.perf_counter()
     for _ in range(steps):
         if len(order) < BATCH_SIZE:
-            order += torch.randperm(len(seqs), generator=gen).tolist()
+            order += torch.randperm(len(samples), generator=gen).tolist()
         batch, order = order[:BATCH_SIZE], order[BATCH_SIZE:]
-        loss = model(**collate([seqs[i] for i in batch], tokenizer.pad_token_id)).loss
+        b = collate([samples[i] for i in batch], tokenizer.pad_token_id)
+        loss = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
