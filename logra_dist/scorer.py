@@ -30,6 +30,7 @@ from .results import TextLookup, write_results
 from .scoring import (GroupPlan, RunningTopK, TopKResult, layer_self_influence, normalize,
                       select_topk)
 from .selfinf import SelfInfluenceCache
+from .stream import ChunkStream
 from .session import GradientSession
 from .statistics import Preconditioner
 from .store import IndexFormatError, layout_to_json, read_stats
@@ -163,21 +164,21 @@ class Scorer(GradientSession):
 
     # -- streaming (local) ------------------------------------------------------------------
     def _chunks(self, plan: str | None, token: int) -> Iterator[Chunk]:
-        """This rank's training rows as (start, ids, rows, per-layer self-influence or None)."""
+        """This rank's training rows as (start, ids, rows, per-layer self-influence or None); the
+        rows live in a reused buffer, valid until the next chunk."""
         writer = self._cache.part_writer(token, self.rank) if plan == "write" else None
         ok = False
         try:
-            for lo, hi in self.assignment[self.rank]:
-                for start, ids, rows in self.store.iter_chunks(self.chunk_rows, lo, hi):
-                    rows_t = torch.from_numpy(rows).to(self.score_dtype)
-                    row_self = None
-                    if plan == "read":
-                        row_self = torch.from_numpy(self._cache.read(start, start + len(ids))).to(self.score_dtype)
-                    elif plan is not None:
-                        row_self = layer_self_influence(self.preconditioner, self.store.layout, rows_t)
-                        if writer is not None:
-                            writer.append(row_self.float().numpy())
-                    yield start, torch.from_numpy(ids), rows_t, row_self
+            for start, ids, rows in ChunkStream(self.store, self.assignment[self.rank], self.chunk_rows):
+                rows = rows.to(self.score_dtype)
+                row_self = None
+                if plan == "read":
+                    row_self = torch.from_numpy(self._cache.read(start, start + len(ids))).to(self.score_dtype)
+                elif plan is not None:
+                    row_self = layer_self_influence(self.preconditioner, self.store.layout, rows)
+                    if writer is not None:
+                        writer.append(row_self.float().numpy())
+                yield start, torch.from_numpy(ids), rows, row_self
             ok = True
         finally:
             if writer is not None:

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import logra_dist as ld  # noqa: E402
 from logra_dist import comm  # noqa: E402
+from logra_dist.stream import ChunkStream  # noqa: E402
 from scorer_helpers import (GROUPS, MODES, Bilinear, TinyNet, capture_batches, capture_int,  # noqa: E402
                             log_index, log_int_index)
 
@@ -115,10 +116,11 @@ def failure_phase(root: Path) -> None:
     sc = ld.Scorer(None, root / "idx4", mode="dot", chunk_rows=4)
     sc.add_query_gradients(root / "qidx")
     bad = world - 1
+    original = ChunkStream._read
     if comm.rank() == bad:
-        def broken(start, stop):
+        def broken(self, files, start, stop, stage):
             raise OSError(f"injected read failure at rows {start}..{stop}")
-        sc.store.read = broken
+        ChunkStream._read = broken
     try:
         sc.topk(2)
         outcome = "no error"
@@ -126,6 +128,8 @@ def failure_phase(root: Path) -> None:
         outcome = f"OSError: {e}"
     except RuntimeError as e:
         outcome = f"RuntimeError: {e}"
+    finally:
+        ChunkStream._read = original
     sc.close()
     save(root, "failure", outcome=np.array(outcome), bad=bad)
 

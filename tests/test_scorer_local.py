@@ -181,3 +181,34 @@ def test_model_layers_must_match_index(indexes):
             self.mlp.fc2 = torch.nn.Linear(10, 5)
     with pytest.raises(ld.IndexFormatError, match="do not match the index layout"):
         ld.Scorer(Other(), indexes / "none")
+
+
+# -- streaming ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("storage", ["float16", "bfloat16", "float32"])
+def test_chunk_stream_equals_store_reads_across_shard_boundaries(tmp_path, storage):
+    from logra_dist.stream import ChunkStream
+    from scorer_helpers import write_synthetic_index
+    given = write_synthetic_index(tmp_path, [5, 0, 9, 4], storage)
+    store = ld.GradientStore(tmp_path)
+    tol = {"float16": 1e-3, "bfloat16": 1e-2, "float32": 0}[storage]
+    np.testing.assert_allclose(store.read(0, len(store)), given, rtol=tol, atol=tol)
+    for ranges, chunk in [([(0, 18)], 4), ([(2, 12)], 3), ([(0, 3), (6, 14), (17, 18)], 5), ([], 4)]:
+        seen = []
+        for start, ids, rows in ChunkStream(store, ranges, chunk):
+            assert rows.dtype == torch.float32 and len(rows) == len(ids) <= chunk
+            np.testing.assert_array_equal(rows.numpy(), store.read(start, start + len(ids)))
+            np.testing.assert_array_equal(ids, store.ids[start:start + len(ids)])
+            seen += list(range(start, start + len(ids)))
+        assert seen == [r for lo, hi in ranges for r in range(lo, hi)]
+
+
+def test_chunk_stream_stops_cleanly_when_abandoned(tmp_path):
+    from logra_dist.stream import ChunkStream
+    from scorer_helpers import write_synthetic_index
+    import threading
+    write_synthetic_index(tmp_path, [40], "float16")
+    store = ld.GradientStore(tmp_path)
+    for start, _, _ in ChunkStream(store, [(0, 40)], 2):
+        if start >= 4:
+            break
+    assert not [t for t in threading.enumerate() if t.name == "logra-score-stream"]
