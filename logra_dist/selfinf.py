@@ -128,7 +128,11 @@ class PartWriter:
 
     def __init__(self, path: Path, n_layers: int):
         self.path = path
-        self.file = h5py.File(path, "w")
+        try:
+            self.file = h5py.File(path, "w")
+        except OSError as e:
+            raise OSError(f"{path}: cannot write the self-influence cache ({e}); score a read-only index "
+                          "with Scorer(..., cache_self_influence=False)") from e
         self.data = self.file.create_dataset("rows", shape=(0, n_layers), maxshape=(None, n_layers),
                                              dtype=np.float32, chunks=(4096, max(1, n_layers)))
 
