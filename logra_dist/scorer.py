@@ -14,7 +14,7 @@ time and cached in the index (`selfinf.py`).
 """
 from __future__ import annotations
 
-import random
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -142,7 +142,7 @@ class Scorer(GradientSession):
             return "read", 0
         if not self.cache_self_influence:
             return "compute", 0
-        token = torch.tensor([[random.getrandbits(62)]], dtype=torch.int64)
+        token = torch.tensor([[int.from_bytes(os.urandom(8), "little") >> 2]], dtype=torch.int64)  # unique per job
         return "write", int(comm.all_gather_rows(token)[0].item())
 
     def _scored(self, work: Callable[[], Any], self_plan: tuple[str | None, int]) -> Any:
