@@ -99,7 +99,7 @@ def main() -> None:
     rows = torch.from_numpy(store.read(0, n))  # float32, in memory, for the baselines
 
     def read_all() -> int:  # what the scorer streams: stored dtype -> float32, in a thread
-        return sum(len(ids) for _, ids, _ in ChunkStream(store, [(0, n)], args.chunk_rows))
+        return sum(len(ids) for _, ids, _, _ in ChunkStream(store, [(0, n)], args.chunk_rows))
 
     def score(mode: str) -> float:
         sc = Scorer(None, out, mode=mode, chunk_rows=args.chunk_rows)

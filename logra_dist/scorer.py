@@ -169,11 +169,13 @@ class Scorer(GradientSession):
         writer = self._cache.part_writer(token, self.rank) if plan == "write" else None
         ok = False
         try:
-            for start, ids, rows in ChunkStream(self.store, self.assignment[self.rank], self.chunk_rows):
+            side = self._cache.read if plan == "read" else None
+            for start, ids, rows, cached in ChunkStream(self.store, self.assignment[self.rank], self.chunk_rows,
+                                                        side=side):
                 rows = rows.to(self.score_dtype)
                 row_self = None
                 if plan == "read":
-                    row_self = torch.from_numpy(self._cache.read(start, start + len(ids))).to(self.score_dtype)
+                    row_self = torch.from_numpy(cached).to(self.score_dtype)
                 elif plan is not None:
                     row_self = layer_self_influence(self.preconditioner, self.store.layout, rows)
                     if writer is not None:

@@ -6,13 +6,15 @@ array page-faults). This reader keeps a small ring of buffers: a background thre
 stored dtype straight into a staging array (`read_direct`, no allocation), widens it into a
 float32 tensor with torch (vectorized), and hands it over; the consumer's previous buffer goes
 back to the ring when it asks for the next chunk. Rows are therefore only valid until the next
-iteration: score them, do not keep them.
+iteration: score them, do not keep them. `side(start, stop)` reads companion data of the same
+rows (the self-influence cache) in the same thread: h5py serializes all HDF5 calls behind one
+lock, so a small read in the main thread would wait for the current large read to finish.
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -26,10 +28,11 @@ _STAGE_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.floa
 
 
 class ChunkStream:
-    """(start, ids, float32 rows) chunks over the given row ranges of a store."""
+    """(start, ids, float32 rows, side data or None) chunks over the given row ranges of a store."""
 
-    def __init__(self, store: GradientStore, ranges: Ranges, chunk_rows: int, buffers: int = 3):
-        self.store, self.chunk_rows = store, chunk_rows
+    def __init__(self, store: GradientStore, ranges: Ranges, chunk_rows: int, buffers: int = 3,
+                 side: Callable[[int, int], Any] | None = None):
+        self.store, self.chunk_rows, self.side = store, chunk_rows, side
         self.bounds = [(s, min(s + chunk_rows, hi)) for lo, hi in ranges for s in range(lo, hi, chunk_rows)]
         self.n_buffers = max(2, buffers)
         self.storage = store.storage_dtype
@@ -52,7 +55,7 @@ class ChunkStream:
             src = src.view(torch.bfloat16)
         out[:n].copy_(src)
 
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, torch.Tensor, Any]]:
         if not self.bounds:
             return
         width, rows = self.store.width, min(self.chunk_rows, max(hi - lo for lo, hi in self.bounds))
@@ -80,7 +83,7 @@ class ChunkStream:
                     else:
                         self._read(files, lo, hi, stage)
                         self._widen(stage, out, hi - lo)
-                    ready.put((lo, hi, item))
+                    ready.put((lo, hi, item, None if self.side is None else self.side(lo, hi)))
                 ready.put(None)
             except BaseException as e:  # re-raised in the consumer
                 ready.put(e)
@@ -97,8 +100,8 @@ class ChunkStream:
                     return
                 if isinstance(got, BaseException):
                     raise got
-                lo, hi, item = got
-                yield lo, self.store.ids[lo:hi], item[1][:hi - lo]
+                lo, hi, item, side = got
+                yield lo, self.store.ids[lo:hi], item[1][:hi - lo], side
                 free.put(item)
         finally:
             stop.set()

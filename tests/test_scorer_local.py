@@ -194,7 +194,8 @@ def test_chunk_stream_equals_store_reads_across_shard_boundaries(tmp_path, stora
     np.testing.assert_allclose(store.read(0, len(store)), given, rtol=tol, atol=tol)
     for ranges, chunk in [([(0, 18)], 4), ([(2, 12)], 3), ([(0, 3), (6, 14), (17, 18)], 5), ([], 4)]:
         seen = []
-        for start, ids, rows in ChunkStream(store, ranges, chunk):
+        for start, ids, rows, side in ChunkStream(store, ranges, chunk, side=lambda a, b: (a, b)):
+            assert side == (start, start + len(ids))
             assert rows.dtype == torch.float32 and len(rows) == len(ids) <= chunk
             np.testing.assert_array_equal(rows.numpy(), store.read(start, start + len(ids)))
             np.testing.assert_array_equal(ids, store.ids[start:start + len(ids)])
@@ -208,7 +209,7 @@ def test_chunk_stream_stops_cleanly_when_abandoned(tmp_path):
     import threading
     write_synthetic_index(tmp_path, [40], "float16")
     store = ld.GradientStore(tmp_path)
-    for start, _, _ in ChunkStream(store, [(0, 40)], 2):
+    for start, _, _, _ in ChunkStream(store, [(0, 40)], 2):
         if start >= 4:
             break
     assert not [t for t in threading.enumerate() if t.name == "logra-score-stream"]
