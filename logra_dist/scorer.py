@@ -27,8 +27,7 @@ from .partition import assign_rows
 from .queries import GatheredQueries, QuerySet
 from .reader import GradientStore
 from .results import TextLookup, write_results
-from .scoring import (GroupPlan, RunningTopK, TopKResult, layer_self_influence, normalize,
-                      select_topk)
+from .scoring import GroupPlan, LayerSelfInfluence, RunningTopK, TopKResult, normalize, select_topk
 from .selfinf import SelfInfluenceCache
 from .stream import ChunkStream
 from .session import GradientSession
@@ -81,6 +80,7 @@ class Scorer(GradientSession):
         self.rank, self.world = comm.rank(), comm.world_size()
         self.assignment = assign_rows([s.rows for s in self.store.shards], self.world)
         self.cache_self_influence = cache_self_influence
+        self._row_self = LayerSelfInfluence(self.preconditioner, self.store.layout, dtype)
         self._cache = SelfInfluenceCache(self.index_dir, self.hessian, self.damping, len(self.store),
                                          layout_to_json(self.store.layout))
 
@@ -177,7 +177,7 @@ class Scorer(GradientSession):
                 if plan == "read":
                     row_self = torch.from_numpy(cached).to(self.score_dtype)
                 elif plan is not None:
-                    row_self = layer_self_influence(self.preconditioner, self.store.layout, rows)
+                    row_self = self._row_self(rows)
                     if writer is not None:
                         writer.append(row_self.float().numpy())
                 yield start, torch.from_numpy(ids), rows, row_self

@@ -124,7 +124,11 @@ class SelfInfluenceCache:
 
 
 class PartWriter:
-    """One rank's self-influence rows, appended in the order the rank streams its ranges."""
+    """One rank's self-influence rows, appended in the order the rank streams its ranges. Writes
+    are batched (`flush_rows`): every HDF5 call waits for h5py's global lock, which the row
+    reader thread holds during its large reads."""
+
+    flush_rows = 1 << 17
 
     def __init__(self, path: Path, n_layers: int):
         self.path = path
@@ -135,11 +139,26 @@ class PartWriter:
                           "with Scorer(..., cache_self_influence=False)") from e
         self.data = self.file.create_dataset("rows", shape=(0, n_layers), maxshape=(None, n_layers),
                                              dtype=np.float32, chunks=(4096, max(1, n_layers)))
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
 
     def append(self, values: np.ndarray) -> None:
+        self._pending.append(np.array(values, dtype=np.float32))
+        self._pending_rows += len(values)
+        if self._pending_rows >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        values = np.concatenate(self._pending)
+        self._pending, self._pending_rows = [], 0
         n = self.data.shape[0]
         self.data.resize(n + len(values), axis=0)
         self.data[n:] = values
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self._flush()
+        finally:
+            self.file.close()

@@ -10,8 +10,8 @@ import torch
 
 import logra_dist as ld
 from logra_dist.partition import SHARD_SPLIT_SLACK, assign_rows
-from logra_dist.scoring import (ID_PAD, GroupPlan, RunningTopK, layer_self_influence, select_topk,
-                                self_influence)
+from logra_dist.scoring import (ID_PAD, GroupPlan, LayerSelfInfluence, RunningTopK, layer_self_influence,
+                                select_topk, self_influence)
 from logra_dist.statistics import Accumulator
 from scorer_helpers import (GROUPS, MODES, TinyNet, capture_batches, config, group_mask, inverse_hessian,
                             log_index, raw_rows, reference_scores, reference_topk)
@@ -75,17 +75,26 @@ def test_assign_rows_falls_back_to_ranges_when_shards_are_unbalanced():
 # -- self-influence and preconditioners ----------------------------------------------------------
 @pytest.mark.parametrize("kind", ["raw", "kfac", "none"])
 def test_layer_self_influence_equals_applied_preconditioner(kind):
+    """Per layer and in total; layers b, c share a width (batched into one bmm for raw)."""
     torch.manual_seed(0)
-    specs = [ld.projection.LayerSpec("a", "linear", 5, 4, 3, 2), ld.projection.LayerSpec("b", "linear", 4, 6, 2, 4)]
+    LayerSpec = ld.projection.LayerSpec
+    specs = [LayerSpec("a", "linear", 5, 4, 3, 2), LayerSpec("b", "linear", 4, 6, 2, 4),
+             LayerSpec("c", "linear", 6, 4, 4, 2), LayerSpec("d", "linear", 4, 6, 2, 3)]
     acc = Accumulator(specs, kind, torch.float64)
-    rows = torch.randn(40, 14, dtype=torch.float64)
+    rows = torch.randn(40, 28, dtype=torch.float64)
     acc.update_rows(rows)
     for s in specs:
         acc.observe(s.name, torch.randn(50, s.k_in, dtype=torch.float64), torch.randn(50, s.k_out, dtype=torch.float64), 50)
     pre = None if kind == "none" else acc.preconditioner(0.7)
     per_layer = layer_self_influence(pre, specs, rows)
+    if kind == "raw":
+        assert [r[:2] for r in LayerSelfInfluence(pre, specs).runs] == [(0, 1), (1, 2), (3, 1)]
     torch.testing.assert_close(per_layer.sum(1), self_influence(pre, rows))
-    torch.testing.assert_close(per_layer[:, 0], self_influence(None if pre is None else _only(pre, 0), rows[:, :6]))
+    col = 0
+    for i, s in enumerate(specs):
+        block = rows[:, col:col + s.width]
+        torch.testing.assert_close(per_layer[:, i], self_influence(None if pre is None else _only(pre, i), block))
+        col += s.width
 
 
 def _only(pre, i):
