@@ -222,3 +222,25 @@ def test_chunk_stream_stops_cleanly_when_abandoned(tmp_path):
         if start >= 4:
             break
     assert not [t for t in threading.enumerate() if t.name == "logra-score-stream"]
+
+
+def test_self_influence_part_writer_batches_and_merges(tmp_path, monkeypatch):
+    from logra_dist.selfinf import PartWriter, SelfInfluenceCache
+    from scorer_helpers import write_synthetic_index
+    write_synthetic_index(tmp_path, [6, 5], "float32")
+    cache = SelfInfluenceCache(tmp_path, "raw", 1.0, 11, ld.GradientStore(tmp_path).manifest["layout"])
+    monkeypatch.setattr(PartWriter, "flush_rows", 3)
+    values = np.arange(22, dtype=np.float32).reshape(11, 2)
+    assignment = [[(0, 2), (8, 11)], [], [(2, 8)]]
+    for rank, ranges in enumerate(assignment):
+        w = cache.part_writer(7, rank)
+        for lo, hi in ranges:
+            for s in range(lo, hi, 2):
+                w.append(values[s:min(hi, s + 2)])
+        w.close()
+    assert not cache.available()
+    cache.merge(7, assignment)
+    assert cache.available()
+    np.testing.assert_array_equal(cache.read(0, 11), values)
+    cache.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "selfinf.h5", "shards"]
