@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -72,6 +73,22 @@ def timed(fn, repeat: int = 1) -> tuple[float, object]:
     return best, out
 
 
+def peak_only(out: Path, args: argparse.Namespace) -> None:
+    d = GradientStore(out).width
+    q = torch.randn(args.queries, d, generator=torch.Generator().manual_seed(1))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = {}
+    for mode in ("dot", "relatif", "relatif"):
+        sc = Scorer(None, out, mode=mode, chunk_rows=args.chunk_rows)
+        sc.add_query_gradients(q.numpy(), np.arange(args.queries))
+        times.setdefault(mode, []).append(timed(lambda: sc.topk(args.k))[0])
+        sc.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rows": len(GradientStore(out)), "width": d, "queries": args.queries,
+                      "chunk_rows": args.chunk_rows, "peak_rss_mb": peak / 1024,
+                      "rss_before_scoring_mb": base / 1024, "times_s": times}, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=100_000)
@@ -83,6 +100,9 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/logra-bench-scorer")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--scorer-only", action="store_true",
+                    help="only run the scorer (dot, then relatif) and report this process's peak RSS: "
+                         "compare indexes of different sizes to see memory independent of N")
     args = ap.parse_args()
     out = Path(args.out)
     if args.rebuild and out.exists():
@@ -91,6 +111,9 @@ def main() -> None:
     if not (out / "manifest.json").exists():
         t_build, _ = timed(lambda: build_index(out, args.rows, args.layers, args.shards))
     (out / "selfinf.h5").unlink(missing_ok=True)
+    if args.scorer_only:
+        peak_only(out, args)
+        return
 
     store = GradientStore(out)
     n, d = len(store), store.width
