@@ -94,15 +94,17 @@ class Scorer(GradientSession):
         rank takes its contiguous share (share=True, the default: call it on every rank), or all
         of it (share=False, for a single rank)."""
         if isinstance(rows, (str, Path)):
-            rows = GradientStore(rows)
+            with GradientStore(rows) as store:
+                return self.add_query_gradients(store, ids, share=share)
         if isinstance(rows, GradientStore):
             if ids is not None:
                 raise ValueError("add_query_gradients(store): ids come from the query index; do not pass ids")
             self.queries.add_store(rows, self.store, share, self.chunk_rows)
-            return
+            return None
         if ids is None:
             raise ValueError("add_query_gradients(rows, ids): ids are required for an array of rows")
         self.queries.add(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids)))
+        return None
 
     @property
     def query_ids(self) -> np.ndarray:
