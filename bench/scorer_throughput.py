@@ -156,6 +156,10 @@ def main() -> None:
                         "relatif_warm": pairs / t_warm},
         "ratio_to_matmul": {"matmul_chunked": t_mm / t_mm_chunked, "dot": t_mm / t_dot,
                             "relatif_cold": t_mm / t_cold, "relatif_warm": t_mm / t_warm},
+        # load changes over seconds: the ratio within each round (measured back to back) is steadier
+        "ratio_to_matmul_median_of_rounds": {
+            name: float(np.median([m / x for m, x in zip(times["matmul"], times[name])]))
+            for name in ("matmul_chunked", "read", "dot", "relatif_warm")},
     }
     print(json.dumps(result, indent=2))
 
