@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from . import comm
@@ -159,6 +158,7 @@ def _capture(session, batch) -> None:
 
 # -- score ----------------------------------------------------------------------------------------
 def run_score(args: argparse.Namespace):
+    from .results import markdown, listing
     from .scorer import Scorer
 
     _init_distributed()
@@ -170,60 +170,23 @@ def run_score(args: argparse.Namespace):
     model, tokenizer, _ = load_engine(args)
     scorer = Scorer(model, index, mode=args.mode, damping=args.damping)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for batch in batches(tokenize(queries, tokenizer, args.max_length), args.batch_size, pad_id):
+    mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
+    for batch in batches(mine, args.batch_size, pad_id):
         _capture(scorer, batch)
-    result = scorer.topk(args.topk)
-    scorer.close()
+    result = scorer.topk(args.topk)  # collective: every rank holds the merged result
     if comm.rank() == 0:
-        train_docs = {d.id: d for d in load_documents(_training_data(manifest))}
-        listing = _listing(result, {q.id: q for q in queries}, train_docs)
+        train_text = {d.id: d.full_text for d in load_documents(_training_data(manifest))}
+        query_text = {q.id: q.full_text for q in queries}
         if args.out:
-            _write_results(Path(args.out), result, listing, args.index)
-        print(_markdown(listing, result.mode, result.damping))
+            scorer.write_results(args.out, result, query_text, train_text)
+        print(markdown(listing(result, query_text, train_text), result))
+    scorer.close()
     return result
 
 
 def _training_data(manifest: dict) -> list[str] | None:
     data = manifest.get("metadata", {}).get("data", EMBEDDED)
     return None if data == EMBEDDED else data
-
-
-def _listing(result, queries: dict[int, Document], train: dict[int, Document]) -> list[dict]:
-    out = []
-    for row, qid in enumerate(result.query_ids):
-        q = queries[int(qid)]
-        out.append({"query_id": int(qid), "prompt": q.prompt, "completion": q.text,
-                    "top": [{"train_id": int(t), "score": float(s),
-                             "text": train[int(t)].full_text if int(t) in train else None}
-                            for t, s in zip(result.train_ids[row], result.scores[row])]})
-    return out
-
-
-def _markdown(listing: list[dict], mode: str, damping: float) -> str:
-    lines = [f"# Top training examples (mode={mode}, damping={damping})", ""]
-    for item in listing:
-        query = (item["prompt"] + item["completion"]).replace("\n", " ")
-        lines.append(f"## query {item['query_id']}: {query[:200]}")
-        for rank, t in enumerate(item["top"], 1):
-            text = (t["text"] or "").replace("\n", " ")
-            lines.append(f"{rank}. [{t['train_id']}] score={t['score']:.4g}  {text[:160]}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _write_results(out: Path, result, listing: list[dict], index: str) -> None:
-    import h5py
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "topk.h5.tmp"
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("scores", data=result.scores.astype(np.float32))
-        f.create_dataset("train_ids", data=result.train_ids.astype(np.int64))
-        f.create_dataset("query_ids", data=result.query_ids.astype(np.int64))
-        f.attrs.update({"mode": result.mode, "damping": result.damping, "index": str(index)})
-    tmp.replace(out / "topk.h5")
-    (out / "topk.jsonl").write_text("".join(json.dumps(item) + "\n" for item in listing))
-    (out / "topk.md").write_text(_markdown(listing, result.mode, result.damping))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
