@@ -26,11 +26,14 @@ class Scorer(GradientSession):
 
     def __init__(self, model_or_engine: Any, index_dir: str | Path, *, mode: str = "relatif",
                  damping: float | None = None, chunk_rows: int = 4096,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, tracker=None):
+        if tracker is not None:  # phase timers (logra_dist.tracking.Tracker)
+            self.tracker = tracker
         if mode not in SCORE_MODES:
             raise ConfigError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
         self.index_dir = Path(index_dir)
         self.store = GradientStore(self.index_dir)
+        self.store.tracker = self.tracker
         attrs, state = read_stats(self.index_dir / "stats.h5")
         config = self.store.config
         self.mode, self.chunk_rows, self.score_dtype = mode, chunk_rows, dtype
@@ -100,7 +103,9 @@ class Scorer(GradientSession):
         for start, ids, rows in self.store.iter_chunks(self.chunk_rows):
             rows_t = torch.from_numpy(rows).to(self.score_dtype)
             row_self = train_self[start:start + len(ids)] if need_self else None
-            yield torch.from_numpy(ids), score_block(q_pre, rows_t, self.mode, q_self, row_self)
+            with self.tracker.phase("gemm"):
+                block = score_block(q_pre, rows_t, self.mode, q_self, row_self)
+            yield torch.from_numpy(ids), block
 
     def scores(self) -> np.ndarray:
         """The full (n_queries x n_train) matrix, columns in store order (`self.store.ids`)."""
@@ -113,5 +118,6 @@ class Scorer(GradientSession):
             raise ValueError(f"topk: k must be >= 1, got {k}")
         running = RunningTopK(len(self.query_ids), k, self.score_dtype)
         for ids, block in self._blocks():
-            running.update(block, ids)
+            with self.tracker.phase("topk-reduce"):
+                running.update(block, ids)
         return TopKResult(running.scores.numpy(), running.ids.numpy(), self.query_ids, self.mode, self.damping)
