@@ -25,7 +25,7 @@ import resource
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, TextIO
+from typing import Any, Callable, TextIO
 
 Figures = dict[str, float]
 _TIME, _COUNT = "time/", "count/"
@@ -116,12 +116,11 @@ class Tracker(NullTracker):
     enabled = True
 
     def __init__(self, name: str = "job", *, total: int | None = None, log_every: int = 10,
-                 wandb_run: "WandbRun | None" = None, rank: int | None = None, world_size: int | None = None,
+                 wandb_run: "WandbRun | None" = None, rank: int | None = None,
                  progress: bool = True, progress_interval_s: float = 30.0, sync_cuda: bool = False,
                  stream: TextIO | None = None):
         self.name, self.total, self.log_every = name, total, max(1, int(log_every))
         self.rank = _dist_rank() if rank is None else rank
-        self.world_size = _dist_world() if world_size is None else world_size
         self.wandb = wandb_run if (wandb_run is not None and self.rank == 0) else None
         self.sync_cuda = sync_cuda
         self.times: dict[str, float] = {}
@@ -345,11 +344,6 @@ def _dist_rank() -> int:
     return dist.get_rank() if dist is not None else int(os.environ.get("RANK", 0))
 
 
-def _dist_world() -> int:
-    dist = _dist()
-    return dist.get_world_size() if dist is not None else 1
-
-
 def _all_gather(figures: Figures) -> list[Figures]:
     dist = _dist()
     if dist is None or dist.get_world_size() == 1:
@@ -357,12 +351,3 @@ def _all_gather(figures: Figures) -> list[Figures]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, figures)
     return out
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-    """Nested dict -> ("a/b", value) pairs (for printing a config or a summary)."""
-    for key, value in config.items():
-        if isinstance(value, dict):
-            yield from flatten(value, f"{prefix}{key}/")
-        else:
-            yield f"{prefix}{key}", value

@@ -17,9 +17,9 @@ import torch
 
 from logra_dist import GradientStore, LoGraConfig, attach
 from logra_dist.data import summed_lm_loss
+from logra_dist.integrations.hf_trainer import rank_batches
 from wandb_offline import read_run
 
-pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install -e '.[test]')")
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
 from hf_texts import Texts  # noqa: E402
 
@@ -27,8 +27,26 @@ N = 11  # odd: the ranks hold 6 and 5 samples
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_rank_batches_cover_every_sample_once_with_equal_batch_counts():
+    for n in range(1, 31):
+        for world in range(1, 5):
+            for bs in range(1, 6):
+                if n < world:
+                    with pytest.raises(ValueError, match="fewer than"):
+                        rank_batches(n, 0, world, bs)
+                    continue
+                plans = [rank_batches(n, r, world, bs) for r in range(world)]
+                ids = np.concatenate([b for plan in plans for b in plan])
+                assert sorted(ids.tolist()) == list(range(n)), (n, world, bs)
+                assert len({len(plan) for plan in plans}) == 1  # ZeRO-3: same number of forwards
+                assert all(0 < len(b) <= bs + 1 for plan in plans for b in plan)
+                assert all(len(b) <= bs for plan in plans for b in plan) or bs == 1
+
+
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
+    import accelerate  # noqa: F401  (transformers.Trainer needs it: pip install -e '.[test]')
+
     out = tmp_path_factory.mktemp("hf_zero3")
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "workers"), os.environ.get("PYTHONPATH", "")])}

@@ -28,7 +28,7 @@ N_TRAIN, N_QUERIES, BATCH = 64, 6, 8
 # -- the tracker on its own ---------------------------------------------------------------------
 def test_tracker_accumulates_phases_counts_sources_and_prints_progress():
     stream = io.StringIO()
-    t = Tracker("unit", total=20, progress_interval_s=0.0, stream=stream, rank=0, world_size=1)
+    t = Tracker("unit", total=20, progress_interval_s=0.0, stream=stream, rank=0)
     for _ in range(2):
         with t.phase("sleep"):
             time.sleep(0.02)
