@@ -22,6 +22,7 @@ from .projection import LayerSpec
 from .session import GradientSession
 from .statistics import Accumulator
 from .store import SHARD_DIR, ShardWriter, layout_to_json, shard_path, write_json_atomic, write_stats
+from .tracking import NullTracker
 
 
 def model_identity(root: torch.nn.Module) -> dict[str, Any]:
@@ -44,12 +45,19 @@ def versions() -> dict[str, str]:
 class Logger(GradientSession):
     """Writes per-sample projected gradients of every captured batch to this rank's shard."""
 
+    _written = (0.0, 0)  # (seconds, bytes) of this logger's writers already closed (tracker figures)
+
     def __init__(self, model_or_engine: Any, config: LoGraConfig, out_dir: str | Path, *,
                  resume: bool = False, model_info: dict[str, Any] | None = None,
-                 metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True):
+                 metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True,
+                 tracker: NullTracker | None = None):
         """resume: continue this rank's unfinished shard (see `done_ids`); metadata: JSON-able
-        facts about the job (data source, model path) recorded in the manifest."""
+        facts about the job (data source, model path) recorded in the manifest; tracker: phase
+        timers and I/O counters (logra_dist.tracking.Tracker), none by default."""
         self.out_dir = Path(out_dir)
+        if tracker is not None:
+            self.tracker = tracker
+            tracker.add_source(self._writer_figures)
         self.rank, self.world_size = comm.rank(), comm.world_size()
         self._resume = resume
         self.metadata = metadata or {}
@@ -122,6 +130,13 @@ class Logger(GradientSession):
             self._writer.commit(self.accumulator.flat().numpy())
             self._rows_since_commit = 0
 
+    def _writer_figures(self) -> dict[str, float]:
+        """The background writer's own time and bytes (for the tracker)."""
+        seconds, nbytes = self._written
+        if self._writer is not None:
+            seconds, nbytes = seconds + self._writer.write_seconds, nbytes + self._writer.bytes_written
+        return {"time/write": seconds, "count/bytes_written": float(nbytes)}
+
     def pending(self, ids) -> np.ndarray:
         """Mask of the given ids not yet logged by this rank (for resuming a killed job)."""
         return np.array([int(i) not in self.done_ids for i in np.atleast_1d(np.asarray(ids))], dtype=bool)
@@ -132,20 +147,24 @@ class Logger(GradientSession):
         writes stats.h5 and manifest.json. Returns the manifest."""
         if self._writer is None:
             raise RuntimeError("finalize() before any projection exists (init='pca' needs pca_pass())")
-        self._writer.close(complete=True)
+        with self.tracker.phase("write-drain"):
+            self._writer.close(complete=True)
         self.bytes_written = self._writer.bytes_written
+        self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
         rows_here = self._writer.rows_total
         per_rank = torch.zeros(self.world_size + 1, dtype=torch.float64)
         per_rank[self.rank] = rows_here
         per_rank[-1] = len(self.nonfinite_ids)
         local = self.accumulator.flat()
-        reduced = comm.all_reduce_sum(torch.cat([local, per_rank]))
+        with self.tracker.phase("all-reduce"):
+            reduced = comm.all_reduce_sum(torch.cat([local, per_rank]))
         self.accumulator.load_flat(reduced[: local.numel()])
         counts = reduced[local.numel():]
         nonfinite = self._gather_nonfinite(int(counts[-1]))
         manifest = self._manifest([int(c) for c in counts[:-1]], nonfinite)
         if self.rank == 0:
-            self._write_stats(manifest)
+            with self.tracker.phase("stats"):  # eigendecomposition, damping, stats.h5
+                self._write_stats(manifest)
             write_json_atomic(self.out_dir / "manifest.json", manifest)
         comm.barrier()
         self._writer = None

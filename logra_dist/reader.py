@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -14,6 +15,7 @@ import numpy as np
 from .config import LoGraConfig
 from .projection import LayerSpec
 from .store import SHARD_DIR, IndexFormatError, decode_rows, layout_from_json
+from .tracking import NULL_TRACKER, NullTracker
 
 
 @dataclass
@@ -30,6 +32,8 @@ class GradientStore:
     but missing, incomplete or truncated shards, shards written with another config or layer
     layout, and ids logged twice.
     """
+
+    tracker: NullTracker = NULL_TRACKER  # `iter_chunks` reports read time and bytes to it
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
@@ -147,9 +151,19 @@ class GradientStore:
         background thread while the caller computes on the current one."""
         stop = len(self) if stop is None else stop
         bounds = [(s, min(s + chunk_rows, stop)) for s in range(start, stop, chunk_rows)]
+        tracker = self.tracker
+        row_bytes = self.width * np.dtype(np.uint16 if self.storage_dtype == "bfloat16" else self.storage_dtype).itemsize
+
+        def timed_read(lo: int, hi: int) -> np.ndarray:
+            t0 = time.perf_counter()
+            rows = self.read(lo, hi)
+            tracker.add_time("read", time.perf_counter() - t0)
+            tracker.count(bytes_read=(hi - lo) * row_bytes)  # bytes as stored on disk
+            return rows
+
         if not prefetch:
             for lo, hi in bounds:
-                yield lo, self.ids[lo:hi], self.read(lo, hi)
+                yield lo, self.ids[lo:hi], timed_read(lo, hi)
             return
         q: queue.Queue = queue.Queue(maxsize=2)
         stop_flag = threading.Event()
@@ -159,7 +173,7 @@ class GradientStore:
                 for lo, hi in bounds:
                     if stop_flag.is_set():
                         return
-                    q.put((lo, self.ids[lo:hi], self.read(lo, hi)))
+                    q.put((lo, self.ids[lo:hi], timed_read(lo, hi)))
                 q.put(None)
             except BaseException as e:  # re-raised in the consumer
                 q.put(e)
@@ -168,7 +182,8 @@ class GradientStore:
         thread.start()
         try:
             while True:
-                item = q.get()
+                with tracker.phase("read-wait"):  # the consumer waiting for the prefetcher
+                    item = q.get()
                 if item is None:
                     return
                 if isinstance(item, BaseException):

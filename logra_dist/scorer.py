@@ -47,13 +47,16 @@ class Scorer(GradientSession):
 
     def __init__(self, model_or_engine: Any, index_dir: str | Path, *, mode: str = "relatif",
                  damping: float | None = None, chunk_rows: int = 4096, block_bytes: int = 256 << 20,
-                 dtype: torch.dtype = torch.float32, cache_self_influence: bool = True):
+                 dtype: torch.dtype = torch.float32, cache_self_influence: bool = True, tracker=None):
+        if tracker is not None:  # phase timers (logra_dist.tracking.Tracker)
+            self.tracker = tracker
         if mode not in SCORE_MODES:
             raise ConfigError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
         if chunk_rows < 1 or block_bytes < 1:
             raise ConfigError(f"chunk_rows and block_bytes must be positive, got {chunk_rows}, {block_bytes}")
         self.index_dir = Path(index_dir)
         self.store = GradientStore(self.index_dir)
+        self.store.tracker = self.tracker
         attrs, state = read_stats(self.index_dir / "stats.h5")
         config = self.store.config
         self.mode, self.chunk_rows, self.block_bytes, self.score_dtype = mode, chunk_rows, block_bytes, dtype
@@ -208,10 +211,12 @@ class Scorer(GradientSession):
             row_self = None if row_self_layers is None else row_self_layers @ membership
             for a in range(0, n_q, qc):
                 b = min(n_q, a + qc)
-                dots = plan.output_dots([qa[a:b] @ ra.T for qa, ra in zip(q_atoms, row_atoms)], self.mode)
-                for o, d in enumerate(dots):
-                    s = normalize(d, self.mode, q_self[a:b, o], None if row_self is None else row_self[:, o])
-                    tops[o].update(s, ids, slice(a, b))
+                with self.tracker.phase("gemm"):
+                    dots = plan.output_dots([qa[a:b] @ ra.T for qa, ra in zip(q_atoms, row_atoms)], self.mode)
+                with self.tracker.phase("topk-reduce"):
+                    for o, d in enumerate(dots):
+                        s = normalize(d, self.mode, q_self[a:b, o], None if row_self is None else row_self[:, o])
+                        tops[o].update(s, ids, slice(a, b))
         return tops
 
     # -- public collectives -----------------------------------------------------------------

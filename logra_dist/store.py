@@ -16,6 +16,7 @@ import json
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -84,6 +85,8 @@ class ResumeState:
 
 class ShardWriter:
     """Appends (rows, ids) to one rank's shard from a background thread."""
+
+    write_seconds = 0.0  # time spent handling writes, commits and the close (observability)
 
     def __init__(self, path: Path, specs: list[LayerSpec], config_json: str, storage_dtype: str,
                  rank: int, world_size: int, flush_rows: int = 1024, queue_size: int = 4,
@@ -156,7 +159,7 @@ class ShardWriter:
     def _put(self, item) -> None:
         self._raise_if_failed()
         if self._thread is None:
-            self._handle(item)
+            self._timed_handle(item)
             return
         while True:
             try:
@@ -175,11 +178,18 @@ class ShardWriter:
             item = self._queue.get()
             try:
                 if self._error is None:
-                    self._handle(item)
+                    self._timed_handle(item)
             except BaseException as e:  # surfaced in the main thread at the next call
                 self._error = e
             if item[0] == "close":
                 return
+
+    def _timed_handle(self, item) -> None:
+        start = time.perf_counter()
+        try:
+            self._handle(item)
+        finally:
+            self.write_seconds += time.perf_counter() - start
 
     def _handle(self, item) -> None:
         kind, a, b = item

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator
 
 import h5py
@@ -65,6 +66,9 @@ class ChunkStream:
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
 
+        tracker = self.store.tracker
+        row_bytes = width * np.dtype(_STAGE_DTYPE[self.storage]).itemsize
+
         def produce() -> None:
             files = [h5py.File(s.path, "r") for s in self.store.shards]
             try:
@@ -78,11 +82,14 @@ class ChunkStream:
                     if stop.is_set():
                         return
                     stage, out = item
+                    t0 = time.perf_counter()
                     if self.storage == "float32":
                         self._read(files, lo, hi, out.numpy())
                     else:
                         self._read(files, lo, hi, stage)
                         self._widen(stage, out, hi - lo)
+                    tracker.add_time("read", time.perf_counter() - t0)
+                    tracker.count(bytes_read=(hi - lo) * row_bytes)  # bytes as stored on disk
                     ready.put((lo, hi, item, None if self.side is None else self.side(lo, hi)))
                 ready.put(None)
             except BaseException as e:  # re-raised in the consumer
@@ -95,7 +102,8 @@ class ChunkStream:
         thread.start()
         try:
             while True:
-                got = ready.get()
+                with tracker.phase("read-wait"):  # the consumer waiting for the reader thread
+                    got = ready.get()
                 if got is None:
                     return
                 if isinstance(got, BaseException):
