@@ -55,8 +55,11 @@ class Engine:
     def forward_is_collective(self) -> bool:
         """True when every forward/backward gathers weights across ranks (ZeRO-3, FSDP): then all
         ranks must run the same number of batches, a rank out of data running shadow batches
-        (`capture` with no ids on any dummy input)."""
-        return False
+        (`capture` with no ids on any dummy input). Judged from the weights themselves, so a
+        sharded model handed over without its wrapper (e.g. `engine.module`) is handled too."""
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in self.root.modules()):
+            return True
+        return any(hasattr(p, "ds_id") or hasattr(p, "device_mesh") for p in self.root.parameters())
 
     def lockstep_batches(self, local_batches: int) -> int:
         """How many batches this rank must run: its own count, or the maximum over ranks when the

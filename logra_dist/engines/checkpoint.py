@@ -188,4 +188,6 @@ def construct_uninitialized(cls, config, dtype: torch.dtype, zero3_config: dict 
             stack.enter_context(deepspeed.zero.Init(config_dict_or_path=zero3_config))
         else:
             stack.enter_context(parameters_on_meta())
-        return cls._from_config(config, dtype=dtype)
+        model = cls._from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped with the initialization (transformers ties inside init_weights)
+    return model

@@ -33,8 +33,3 @@ class DeepSpeedEngineAdapter(Engine):
     def device(self) -> torch.device:
         device = getattr(self.wrapped, "device", None)
         return torch.device(device) if device is not None else super().device
-
-    @property
-    def forward_is_collective(self) -> bool:
-        """ZeRO-3 all-gathers weights inside every forward and backward: ranks must step together."""
-        return self.stage == 3

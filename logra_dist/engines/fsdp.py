@@ -10,8 +10,6 @@ layer names equal the bare model's. FSDP2 keeps names unchanged.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -22,16 +20,9 @@ class FSDP1Engine(Engine):
     kind = "fsdp1"
 
     def __init__(self, fsdp: nn.Module):
+        # freeze() acts on whatever `parameters()` yields: FlatParameters with
+        # use_orig_params=False, the original parameters with True; FSDP honours either.
         super().__init__(fsdp, fsdp, fsdp)
-
-    def parameters_to_freeze(self) -> Iterator[nn.Parameter]:
-        # use_orig_params=False exposes FlatParameters, True exposes the original ones (and the
-        # flat ones stay hidden): freezing whichever `parameters()` yields is what FSDP honours.
-        yield from self.root.parameters()
-
-    @property
-    def forward_is_collective(self) -> bool:
-        return True
 
 
 class FSDP2Engine(Engine):
@@ -47,7 +38,3 @@ class FSDP2Engine(Engine):
             if local.device.type != "meta":
                 return local.device
         return super().device
-
-    @property
-    def forward_is_collective(self) -> bool:
-        return True

@@ -228,7 +228,8 @@ def build(engine: str | None, model_path: str | Path, config_path: str | Path | 
     `engine` must agree with the config. `dtype` overrides the config's precision."""
     if config_path is not None:
         spec = read_spec(config_path, dtype)
-        if engine is not None and engine != spec.engine and not (engine == "deepspeed" and spec.engine.startswith("zero")):
+        agrees = engine in (None, spec.engine) or (engine == "deepspeed" and spec.engine.startswith("zero"))
+        if not agrees:
             raise EngineConfigError(f"{config_path}: configures engine {spec.engine!r} but {engine!r} was asked for")
     else:
         spec = default_spec(engine or "none", dtype)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -28,8 +29,9 @@ from logra_dist.store import read_stats  # noqa: E402
 pytestmark = pytest.mark.distributed
 N, BATCH = 11, 3
 TIMEOUT_S = 420
-DS_CASES = ["zero3", "zero3-empty", "zero3-bf16", "zero3-trained", "zero2-trained", "zero1-trained", "zero0"]
-TORCHRUN_CASES = ["fsdp2", "fsdp2-empty", "fsdp2-trained", "fsdp1", "ddp", "ddp-empty"]
+DS_CASES = ["zero3", "zero3-empty", "zero3-bf16", "zero3-trained", "zero3-module", "zero2-trained",
+            "zero1-trained", "zero0"]
+TORCHRUN_CASES = ["fsdp2", "fsdp2-empty", "fsdp2-trained", "fsdp1", "fsdp1-flat-trained", "ddp", "ddp-empty"]
 SHARDED = ("zero3", "fsdp1", "fsdp2")
 
 
@@ -84,13 +86,26 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def tied_dir(tmp_path_factory) -> Path:
+    """For the sharded-loading checks: tied embeddings, several safetensors shards."""
+    path = worker.save_tiny_llama(tmp_path_factory.mktemp("tied-llama"), seed=1, tied=True, shard_size="60KB")
+    assert len(list(path.glob("*.safetensors"))) > 1
+    return path
+
+
+@pytest.fixture(scope="module")
 def reference(model_dir, tmp_path_factory):
     """Single process, bare model, same weights and samples: (ids, rows by id, stats, report)."""
     from logra_dist.engines.loading import load_causal_lm
 
     loaded = load_causal_lm(model_dir, "none")
     out = tmp_path_factory.mktemp("reference")
-    report = worker.log_case(loaded.wrapped, loaded.device, out, "even", N, BATCH)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core runner are 10x slower than 1 (measured)
+    try:
+        report = worker.log_case(loaded.wrapped, loaded.device, out, "even", N, BATCH)
+    finally:
+        torch.set_num_threads(threads)
     with GradientStore(out) as store:
         rows = store[:][np.argsort(store.ids)]
         ids = np.sort(store.ids)
@@ -100,18 +115,20 @@ def reference(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ds_run(model_dir, tmp_path_factory) -> Path:
+def ds_run(model_dir, tied_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds")
     _run([[_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
-          + _worker_args(model_dir, out, DS_CASES)], out / "launch")
+          + _worker_args(model_dir, out, DS_CASES) + ["--load-check", f"{tied_dir}:zero3,zero3-bf16"]],
+         out / "launch")
     return out
 
 
 @pytest.fixture(scope="module")
-def torchrun_run(model_dir, tmp_path_factory) -> Path:
+def torchrun_run(model_dir, tied_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
     _run([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port())] + _worker_args(model_dir, out, TORCHRUN_CASES)], out / "launch")
+           str(_free_port())] + _worker_args(model_dir, out, TORCHRUN_CASES)
+          + ["--load-check", f"{tied_dir}:fsdp2,fsdp2-mixed,fsdp1"]], out / "launch")
     return out
 
 
@@ -156,9 +173,9 @@ def check_case(case_dir: Path, case: str, reference, world: int = 2, bf16: bool 
     assert sorted(stats) == sorted(ref_stats)
     if bf16:  # bf16 weights and activations against the fp32 reference
         rel = np.linalg.norm(rows - ref_rows, axis=1) / np.linalg.norm(ref_rows, axis=1)
-        assert rel.max() < 0.08, rel
+        assert rel.max() < 0.04, rel  # measured 0.010
         cos = (rows * ref_rows).sum(1) / np.linalg.norm(rows, axis=1) / np.linalg.norm(ref_rows, axis=1)
-        assert cos.min() > 0.995, cos
+        assert cos.min() > 0.999, cos
     else:  # same computation up to float reordering
         np.testing.assert_allclose(rows, ref_rows, rtol=1e-4, atol=1e-5 * np.abs(ref_rows).max())
         for key, value in _fisher(ref_stats).items():
@@ -171,7 +188,10 @@ def check_case(case_dir: Path, case: str, reference, world: int = 2, bf16: bool 
     for r in reports:
         assert r["layers"] == ref_report["layers"], "layer names must be the bare model's names"
         assert r["projections_plain"]
-        assert r["engine_kind"].endswith(engine) or r["engine_kind"] == f"deepspeed-{engine}"
+        assert r["weight_grads"] == 0, "weights must stay frozen while logging"
+        expected_kind = "module" if worker.CASES[case][3] == "module" else \
+            {"none": "module"}.get(engine, engine if not engine.startswith("zero") else f"deepspeed-{engine}")
+        assert r["engine_kind"] == expected_kind, (r["engine_kind"], expected_kind)
         # logging: no gradient reduction at all; only the engine's weight gathers
         ops = r["logging_collectives"]
         assert not [op for op in ops if "reduce" in op], ops
@@ -196,6 +216,8 @@ def test_deepspeed_launcher(ds_run, reference, case):
     assert all(r["launcher"] == "deepspeed" for r in reports)
     if case.endswith("empty"):
         assert reports[1]["ids"] == [] and reports[1]["shadow_batches"] == reports[0]["batches"] > 0
+    if case.endswith("trained"):  # the training engine steps again after logging (weights unfrozen)
+        assert all(r["trained_after"] for r in reports)
 
 
 @pytest.mark.parametrize("case", TORCHRUN_CASES)
@@ -225,3 +247,30 @@ def test_two_nodes_one_job(model_dir, reference, tmp_path):
     _run(cmds, tmp_path / "launch")
     reports = check_case(tmp_path / "fsdp2-empty", "fsdp2-empty", reference)
     assert [(r["rank"], r["local_rank"], r["env"]["GROUP_RANK"]) for r in reports] == [(0, 0, "0"), (1, 0, "1")]
+
+
+def _check_loading(run_dir: Path, tied_dir: Path, tolerances: dict[str, float], bf16: set[str]) -> None:
+    """Sharded loading of a tied, multi-file checkpoint gives from_pretrained's logits, and each
+    rank holds only its part of the weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        total = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tied_dir))
+                    .parameters())
+    for rank in (0, 1):
+        result = json.loads((run_dir / f"load-check-rank{rank}.json").read_text())
+        assert sorted(result) == sorted(tolerances)
+        for name, tol in tolerances.items():
+            assert result[name]["rel_err"] <= tol, (name, result[name])
+            assert result[name]["local_param_numel"] <= 0.55 * total, (name, result[name], total)
+            expected = "torch.bfloat16" if name in bf16 else "torch.float32"
+            assert result[name]["param_dtypes"] == [expected], (name, result[name])
+
+
+def test_sharded_loading_zero3(ds_run, tied_dir):
+    _check_loading(ds_run, tied_dir, {"zero3": 1e-6, "zero3-bf16": 1.5e-2}, {"zero3-bf16"})
+
+
+def test_sharded_loading_fsdp(torchrun_run, tied_dir):
+    # fsdp2-mixed keeps fp32 weights (sharded) and computes in bf16; bf16 errors measured 0.0035
+    _check_loading(torchrun_run, tied_dir, {"fsdp2": 1e-6, "fsdp2-mixed": 1.5e-2, "fsdp1": 1e-6}, set())
