@@ -29,6 +29,25 @@ class DeepSpeedEngineAdapter(Engine):
         self.stage = int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
         self.kind = f"deepspeed-zero{self.stage}"
 
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.stage == 3:
+            self._release_leftovers()
+
+    def _release_leftovers(self) -> None:
+        """Re-partition every weight still gathered after a logging backward. ZeRO-3 keeps a
+        weight gathered after the forward when its trace says the backward will use it; with the
+        weights frozen, modules whose input carries no gradient (embedding, layer-0 attention)
+        never run that backward, so without this they would stay gathered for the whole job
+        (measured on an engine that had trained before attach). Local: no communication.
+        DeepSpeed's documented remedy (`partition_all_parameters`, what `empty_partition_cache`
+        calls, minus its gc.collect)."""
+        opt = getattr(self.wrapped, "optimizer", None)
+        offload = getattr(opt, "parameter_offload", opt)  # Stage3 optimizer, or the offload itself
+        release = getattr(offload, "partition_all_parameters", None)
+        if release is not None:
+            release()
+
     @property
     def device(self) -> torch.device:
         device = getattr(self.wrapped, "device", None)

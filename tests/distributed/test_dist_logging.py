@@ -199,6 +199,8 @@ def check_case(case_dir: Path, case: str, reference, world: int = 2, bf16: bool 
             assert set(ops) <= {"c10d::_allgather_base_", "c10d::allgather_", "c10d::broadcast_",
                                 "c10d::allgather_into_tensor_coalesced_"}, ops
             assert r["local_param_numel"] <= 0.55 * ref_report["local_param_numel"]  # weights stay sharded
+            if worker.CASES[case][3] != "module":  # (a bare module has no engine to release with)
+                assert r["zero3_gathered_numel"] == 0, "no ZeRO-3 weight may stay gathered between batches"
         else:
             assert ops == {}, ops
             assert r["local_param_numel"] == ref_report["local_param_numel"]

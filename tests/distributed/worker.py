@@ -258,6 +258,7 @@ def log_case(model_or_engine, device, out: Path, split: str, n: int, batch_size:
               "projections_plain": projections_plain(logger), "engine_kind": logger.engine.kind,
               "manifest_shards": manifest["shards"], "local_param_numel": local_param_numel(root),
               "weight_grads": sum(p.grad is not None for p in root.parameters()), "tokens": tokens,
+              "zero3_gathered_numel": sum(p.numel() for p in root.parameters() if hasattr(p, "ds_tensor")),
               "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     logger.close()
