@@ -14,8 +14,8 @@ import torch
 from torch.nn import functional as F
 from transformers import LlamaForCausalLM
 
+from ..data import Document, collate, tokenize
 from ..embedded import build_tokenizer, corpus_sha256, default_model_config, load_corpus
-from ..embedded.model import collate, encode_documents
 from .tasks import Batch, Task, TaskSpec
 
 
@@ -36,8 +36,8 @@ class LMTask(Task):
         if n_tr + n_q > len(docs):
             raise ValueError(f"lm: corpus has {len(docs)} documents, asked for {n_tr} + {n_q}")
         self.doc_ids = {"train": perm[:n_tr], "query": perm[n_tr:n_tr + n_q]}
-        seqs = encode_documents(self.tokenizer, [d["text"] for d in docs], self.p["max_length"])
-        self.seqs = {split: [seqs[int(i)] for i in ids] for split, ids in self.doc_ids.items()}
+        samples = tokenize([Document(int(d["id"]), d["text"]) for d in docs], self.tokenizer, self.p["max_length"])
+        self.samples = {split: [samples[int(i)] for i in ids] for split, ids in self.doc_ids.items()}
         self.texts = {split: [docs[int(i)]["text"] for i in ids] for split, ids in self.doc_ids.items()}
         self.n_train, self.n_query_pool = n_tr, n_q
         self._corpus = corpus_sha256(docs)
@@ -65,7 +65,8 @@ class LMTask(Task):
             if len(order) < bs:  # epochs of the subset in a seeded random order
                 order += pool[torch.randperm(len(pool), generator=gen).numpy()].tolist()
             batch, order = order[:bs], order[bs:]
-            loss = model(**collate([self.seqs["train"][i] for i in batch], self.tokenizer.pad_token_id)).loss
+            b = self._collate("train", batch)
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -86,7 +87,11 @@ class LMTask(Task):
         ids = np.asarray(ids, dtype=np.int64)
         for s in range(0, len(ids), batch_size):
             b = ids[s:s + batch_size]
-            yield torch.as_tensor(b), collate([self.seqs[split][int(i)] for i in b], self.tokenizer.pad_token_id)
+            yield torch.as_tensor(b), self._collate(split, b)
+
+    def _collate(self, split: str, ids) -> Batch:
+        b = collate([self.samples[split][int(i)] for i in ids], self.tokenizer.pad_token_id)
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
 
     def forward(self, model, batch: Batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -52,11 +52,6 @@ class Method:
         return asdict(self)
 
 
-def logra_dim(task_layers: list[tuple[int, int]], k: int) -> int:
-    """Storage per example of LoGra with rank k on every layer."""
-    return len(task_layers) * k * k
-
-
 class Attributor:
     """Scores every method against one trained model; indexes and query gradients are shared
     by the methods that differ only in scoring (damping, dot vs RelatIF)."""

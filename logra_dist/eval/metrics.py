@@ -83,20 +83,23 @@ def brittleness(delta_top: np.ndarray, delta_random: np.ndarray, seed: int = 0) 
     """Compare the query-loss increase after removing a method's top-k with removing k random
     examples. delta_*: (Q,) loss after removal minus loss of the full-data model (seed means).
     The ratio is of the means over queries (a per-query ratio explodes where random removal
-    changes nothing); its CI bootstraps queries, pairing each query's two deltas."""
+    changes nothing). Its CI bootstraps queries, pairing each query's two deltas, and is None
+    when the resampled random mean reaches zero (the ratio is then unbounded; read the CI of
+    the difference instead)."""
     top, rnd = np.asarray(delta_top, np.float64), np.asarray(delta_random, np.float64)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(top), size=(2000, len(top)))
     num, den = top[picks].mean(1), rnd[picks].mean(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = num / den
-    ratio = float(top.mean() / rnd.mean()) if rnd.mean() != 0 else float("inf")
-    lo, hi = np.quantile(ratios[np.isfinite(ratios)], [0.025, 0.975]) if np.isfinite(ratios).any() else (np.nan, np.nan)
+    ratio = float(top.mean() / rnd.mean()) if rnd.mean() > 0 else None
+    ratio_ci = None
+    if (den > 0).all():
+        lo, hi = np.quantile(num / den, [0.025, 0.975])
+        ratio_ci = [float(lo), float(hi)]
     diff = top - rnd
-    return {"delta_top_mean": float(top.mean()), "delta_top_std": float(top.std(ddof=1)) if len(top) > 1 else 0.0,
-            "delta_random_mean": float(rnd.mean()),
-            "delta_random_std": float(rnd.std(ddof=1)) if len(rnd) > 1 else 0.0,
-            "ratio_of_means": ratio, "ratio_ci95": [float(lo), float(hi)],
-            "diff_mean": float(diff.mean()), "diff_ci95": list(bootstrap_ci(diff, seed)),
+    sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+    return {"delta_top_mean": float(top.mean()), "delta_top_std": sd(top),
+            "delta_random_mean": float(rnd.mean()), "delta_random_std": sd(rnd),
+            "ratio_of_means": ratio, "ratio_ci95": ratio_ci,
+            "diff_mean": float(diff.mean()), "diff_std": sd(diff), "diff_ci95": list(bootstrap_ci(diff, seed)),
             "win_rate": float((top > rnd).mean()), "n_queries": int(len(top)),
             "per_query_top": top.tolist(), "per_query_random": rnd.tolist()}

@@ -22,6 +22,10 @@ from torch.nn import functional as F
 
 Batch = dict[str, torch.Tensor]
 
+# Part of every cache key: bump it when a training or evaluation CODE change alters what a
+# retrained model measures (parameter changes are keyed already through `recipe()`).
+RECIPE_VERSION = 1
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -45,7 +49,7 @@ class Task:
         raise NotImplementedError
 
     def key(self) -> str:
-        blob = json.dumps({"task": self.name, "recipe": self.recipe()}, sort_keys=True)
+        blob = json.dumps({"task": self.name, "recipe": self.recipe(), "version": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def train(self, train_ids: np.ndarray, seed: int) -> nn.Module:
