@@ -83,18 +83,20 @@ def brittleness(delta_top: np.ndarray, delta_random: np.ndarray, seed: int = 0) 
     """Compare the query-loss increase after removing a method's top-k with removing k random
     examples. delta_*: (Q,) loss after removal minus loss of the full-data model (seed means).
     The ratio is of the means over queries (a per-query ratio explodes where random removal
-    changes nothing). Its CI bootstraps queries, pairing each query's two deltas, and is None
-    when the resampled random mean reaches zero (the ratio is then unbounded; read the CI of
-    the difference instead)."""
+    changes nothing). Its CI bootstraps queries, pairing each query's two deltas; a draw whose
+    random mean is <= 0 counts as an unbounded ratio (upper end None), and the CI is None when
+    2.5% or more of the draws are such (read the CI of the difference instead)."""
     top, rnd = np.asarray(delta_top, np.float64), np.asarray(delta_random, np.float64)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(top), size=(2000, len(top)))
     num, den = top[picks].mean(1), rnd[picks].mean(1)
     ratio = float(top.mean() / rnd.mean()) if rnd.mean() > 0 else None
     ratio_ci = None
-    if (den > 0).all():
-        lo, hi = np.quantile(num / den, [0.025, 0.975])
-        ratio_ci = [float(lo), float(hi)]
+    if (den <= 0).mean() < 0.025:
+        with np.errstate(divide="ignore"):
+            draws = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.inf)
+        lo, hi = np.quantile(draws, [0.025, 0.975])
+        ratio_ci = [float(lo), float(hi) if np.isfinite(hi) else None]
     diff = top - rnd
     sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
     return {"delta_top_mean": float(top.mean()), "delta_top_std": sd(top),
