@@ -65,6 +65,7 @@ class Logger(GradientSession):
         self._covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.nonfinite_ids: list[int] = []
         self._writer: ShardWriter | None = None
+        self._statistics_only = False
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or model_identity(self.engine.root)
         if self._capture is not None:
@@ -76,7 +77,7 @@ class Logger(GradientSession):
 
     def _start_writing(self) -> None:
         self.accumulator = Accumulator(self.specs, self.config.hessian, self.compute_dtype)
-        self._capture.token_stats = self.accumulator if self.config.hessian == "kfac" else None
+        self._capture.token_stats = self.accumulator if self._logged_batches_feed_statistics else None
         self._writer = ShardWriter(shard_path(self.out_dir, self.rank), self.specs, self.config.to_json(),
                                    self.config.storage_dtype, self.rank, self.world_size,
                                    self.config.flush_rows, self.config.writer_queue, resume=self._resume,
@@ -110,19 +111,60 @@ class Logger(GradientSession):
         self._install(self._build_projections(self._covariances))
         self._start_writing()
 
+    # -- true Fisher: a statistics-only pass with sampled labels ---------------------------------
+    @property
+    def _logged_batches_feed_statistics(self) -> bool:
+        """With fisher="empirical" the logged rows (data labels) are also the Fisher's samples."""
+        return self.config.hessian == "kfac" and self.config.fisher == "empirical"
+
+    @contextmanager
+    def statistics_pass(self) -> Iterator[None]:
+        """Batches captured inside feed only the curvature statistics; nothing is written.
+
+        For fisher="true" the Fisher is E[g g^T] over labels drawn from the model's predictive
+        distribution, while the logged rows keep the data's labels. So per batch the caller
+        captures twice: once here with sampled labels, once outside with the data's labels (in
+        either order; the statistics are sums). Not collective: use it per batch, any number of
+        times, before `finalize()`."""
+        if self.config.fisher != "true":
+            raise RuntimeError("statistics_pass() is for fisher='true'; with fisher='empirical' the "
+                               "logged batches themselves feed the statistics")
+        if self._writer is None:
+            raise RuntimeError("statistics_pass() needs the projections (init='pca': run pca_pass() first)")
+        self._statistics_only = True
+        self._capture.token_stats = self.accumulator if self.config.hessian == "kfac" else None
+        try:
+            yield
+        finally:
+            self._statistics_only = False
+            self._capture.token_stats = None
+
+    def _drop_nonfinite(self, ids: torch.Tensor, rows: torch.Tensor, logged: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep finite rows only, so that no NaN reaches a shard or the statistics; feed this
+        batch's token statistics (KFAC) for the kept samples. `logged`: record dropped ids as
+        not logged (a statistics-only batch logs nothing, so drops nothing from the index)."""
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            if logged:
+                self.nonfinite_ids.extend(ids[~finite.cpu()].tolist())
+            rows, ids = rows[finite], ids[finite.cpu()]
+        if self._capture.token_stats is not None:
+            self._capture.flush_token_statistics(finite)
+        return ids, rows
+
     # -- per batch --------------------------------------------------------------------------
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         if self._writer is None:  # inside pca_pass: statistics only
             self._capture.flush_token_statistics()
             self._pca_accumulator.samples += len(ids)
             return
-        finite = torch.isfinite(rows).all(dim=1)
-        if not bool(finite.all()):
-            self.nonfinite_ids.extend(ids[~finite.cpu()].tolist())
-            rows, ids = rows[finite], ids[finite.cpu()]
-        if self._capture.token_stats is not None:
-            self._capture.flush_token_statistics(finite)
-        self.accumulator.update_rows(rows)
+        if self._statistics_only:
+            _, rows = self._drop_nonfinite(ids, rows, logged=False)
+            self.accumulator.update_rows(rows)
+            return
+        ids, rows = self._drop_nonfinite(ids, rows, logged=True)
+        if self.config.fisher == "empirical":
+            self.accumulator.update_rows(rows)
         self._writer.append(rows, ids)
         self.done_ids.update(ids.tolist())
         self._rows_since_commit += len(ids)
@@ -159,6 +201,9 @@ class Logger(GradientSession):
         with self.tracker.phase("all-reduce"):
             reduced = comm.all_reduce_sum(torch.cat([local, per_rank]))
         self.accumulator.load_flat(reduced[: local.numel()])
+        if self.config.fisher == "true" and self.config.hessian != "none" and self.accumulator.samples == 0:
+            raise RuntimeError("fisher='true' but no batch was captured inside statistics_pass(): the "
+                               "Fisher has no samples (capture each batch there with sampled labels)")
         counts = reduced[local.numel():]
         nonfinite = self._gather_nonfinite(int(counts[-1]))
         manifest = self._manifest([int(c) for c in counts[:-1]], nonfinite)

@@ -1,0 +1,166 @@
+"""Attribution methods under comparison, all producing a (queries x train) score matrix.
+
+LoGra variants go through the public API exactly as a user would (attach / capture / backward
+/ finalize, then Scorer), so the evaluation measures the product, not a re-implementation.
+Baselines that LoGra cannot express, at the SAME storage per example D:
+- "dense": TRAK-style dense Gaussian projection of the full per-sample gradient (all
+  parameters, torch.func), optionally preconditioned by the D x D projected Fisher;
+- "full": the unprojected full gradient with the full (all layers jointly) Fisher: the exact
+  Gauss-Newton-style influence the projections approximate (small models only).
+Damping for every preconditioned method: lambda = damping x mean eigenvalue (as LoGra).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import LoGraConfig
+from ..logger import attach
+from ..projection import LayerSpec
+from ..scorer import Scorer
+from ..scoring import score_block, self_influence
+from ..statistics import Accumulator
+from .tasks import Task
+
+
+@dataclass(frozen=True)
+class Method:
+    """family "logra": init/k/hessian/fisher are LoGraConfig fields (k_in = k_out = k);
+    family "dense": `dim` Gaussian projection of the full gradient; "full": no projection.
+    hessian "none" = plain gradient dot products."""
+
+    name: str
+    family: str = "logra"
+    init: str = "random"
+    k: int = 8
+    hessian: str = "raw"
+    fisher: str = "empirical"
+    damping: float = 1.0
+    mode: str = "dot"
+    dim: int = 0
+    seed: int = 0
+
+    def index_key(self) -> tuple:
+        return (self.family, self.init, self.k, self.hessian, self.fisher, self.dim, self.seed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Attributor:
+    """Scores every method against one trained model; indexes and query gradients are shared
+    by the methods that differ only in scoring (damping, dot vs RelatIF)."""
+
+    def __init__(self, task: Task, model: torch.nn.Module, query_ids: np.ndarray, workdir: str | Path,
+                 batch_size: int = 64, label_seed: int = 0):
+        self.task, self.model = task, model
+        self.train_ids = np.arange(task.n_train, dtype=np.int64)
+        self.query_ids = np.asarray(query_ids, dtype=np.int64)
+        self.workdir = Path(workdir)
+        self.batch_size, self.label_seed = batch_size, label_seed
+        self._query_rows: dict[tuple, torch.Tensor] = {}
+        self._dense: dict[tuple, tuple] = {}
+        self.seconds: dict[str, float] = {}
+        self.storage: dict[str, int] = {}
+
+    # -- public -----------------------------------------------------------------------------
+    def scores(self, m: Method) -> np.ndarray:
+        t0 = time.perf_counter()
+        s = self._logra(m) if m.family == "logra" else self._projected(m)
+        self.seconds[m.name] = time.perf_counter() - t0
+        return s
+
+    # -- LoGra through the public API --------------------------------------------------------
+    def _capture_all(self, session, split: str, ids: np.ndarray, labels: str, gen: torch.Generator) -> None:
+        task = self.task
+        for b, batch in task.batches(split, ids, self.batch_size):
+            with session.capture(b, mask=task.mask(batch)):
+                logits = task.forward(session.model, batch)
+                lab = task.sample_labels(logits, batch, gen) if labels == "sampled" else None
+                session.backward(task.summed_loss(logits, batch, lab))
+
+    def _log_index(self, m: Method) -> Path:
+        key = m.index_key()
+        out = self.workdir / "index-{}-{}-k{}-{}-{}-s{}".format(m.init, m.hessian, m.k, m.fisher, m.dim, m.seed)
+        if (out / "manifest.json").exists() and key in self._query_rows:
+            return out
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = LoGraConfig(k_in=m.k, k_out=m.k, init=m.init, seed=m.seed, hessian=m.hessian, fisher=m.fisher,
+                          damping=1.0, storage_dtype="float32")
+        gen = torch.Generator().manual_seed(self.label_seed)
+        stat_labels = "sampled" if m.fisher == "true" else "data"
+        logger = attach(self.model, cfg, out)
+        try:
+            if m.init == "pca":
+                with logger.pca_pass():  # PCA of the same curvature the Hessian uses
+                    self._capture_all(logger, "train", self.train_ids, stat_labels, gen)
+            if m.fisher == "true" and m.hessian != "none":
+                with logger.statistics_pass():
+                    self._capture_all(logger, "train", self.train_ids, "sampled", gen)
+            self._capture_all(logger, "train", self.train_ids, "data", gen)
+            logger.finalize()
+        finally:
+            logger.close()
+        scorer = Scorer(self.model, out, mode="dot")
+        try:
+            self._capture_all(scorer, "query", self.query_ids, "data", gen)
+            self._query_rows[key] = scorer.query_rows.clone()
+            if not np.array_equal(scorer.query_ids, self.query_ids):
+                raise RuntimeError("query ids came back in another order")
+        finally:
+            scorer.close()
+        return out
+
+    def _logra(self, m: Method) -> np.ndarray:
+        index = self._log_index(m)
+        scorer = Scorer(None, index, mode=m.mode, damping=m.damping)
+        try:
+            scorer.add_query_gradients(self._query_rows[m.index_key()].numpy(), self.query_ids)
+            s = scorer.scores()
+            order = np.argsort(scorer.store.ids)
+            if not np.array_equal(scorer.store.ids[order], self.train_ids):
+                raise RuntimeError(f"{index}: index does not hold exactly the training ids")
+            self.storage[m.name] = scorer.store.width
+        finally:
+            scorer.store.close()
+        return s[:, order].astype(np.float64)
+
+    # -- dense projection of the full gradient / full gradient --------------------------------
+    def _full_grads(self, split: str, ids: np.ndarray) -> torch.Tensor:
+        parts = [self.task.per_sample_grads(self.model, batch).double()
+                 for _, batch in self.task.batches(split, ids, self.batch_size)]
+        return torch.cat(parts)
+
+    def _projected(self, m: Method) -> np.ndarray:
+        key = m.index_key()
+        if key not in self._dense:
+            if "full" not in self._dense:
+                self._dense["full"] = (self._full_grads("train", self.train_ids),
+                                       self._full_grads("query", self.query_ids))
+            train, query = self._dense["full"]
+            if m.family == "dense":
+                gen = torch.Generator().manual_seed(10_000 + m.seed)
+                proj = torch.randn(train.shape[1], m.dim, generator=gen, dtype=torch.float64) / m.dim ** 0.5
+                train, query = train @ proj, query @ proj
+            elif m.family != "full":
+                raise ValueError(f"unknown method family {m.family!r}")
+            acc = None
+            if m.hessian == "raw":
+                spec = LayerSpec("all", "linear", train.shape[1], 1, train.shape[1], 1)
+                acc = Accumulator([spec], "raw", torch.float64)
+                acc.update_rows(train)
+            elif m.hessian != "none":
+                raise ValueError(f"{m.name}: dense/full baselines support hessian raw or none")
+            self._dense[key] = (train, query, acc)
+        train, query, acc = self._dense[key]
+        pre = acc.preconditioner(m.damping) if acc is not None else None
+        q_pre = query if pre is None else pre.apply(query)
+        q_self = (query * q_pre).sum(1)
+        t_self = self_influence(pre, train) if m.mode != "dot" else None
+        self.storage[m.name] = int(train.shape[1])
+        return score_block(q_pre, train, m.mode, q_self, t_self).numpy()

@@ -1,0 +1,111 @@
+"""Counterfactual evaluation (logra_dist.eval): metrics, cache, and the fast end-to-end runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from logra_dist.eval.metrics import brittleness, lds, rankdata, spearman_rows
+from logra_dist.eval.plans import plan_for
+from logra_dist.eval.retrain import make_job, subset_hash
+from logra_dist.eval.runner import lds_subsets, top_k_ids
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_rankdata_and_spearman_match_definitions():
+    x = np.array([[3.0, 1.0, 2.0, 2.0], [0.0, 0.0, 0.0, 1.0]])
+    np.testing.assert_array_equal(rankdata(x), [[3.0, 0.0, 1.5, 1.5], [1.0, 1.0, 1.0, 3.0]])
+    a = np.array([[1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    b = np.array([[2.0, 4.0, 9.0, 16.0, 99.0], [5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    rho = spearman_rows(a, b)
+    assert rho[0] == pytest.approx(1.0) and rho[1] == pytest.approx(-1.0) and np.isnan(rho[2])
+    # Pearson of ranks with ties, computed by hand: ranks (0, 1.5, 1.5, 3) vs (0, 1, 2, 3)
+    r1, r2 = np.array([0, 1.5, 1.5, 3]) - 1.5, np.array([0, 1, 2, 3]) - 1.5
+    expected = (r1 @ r2) / np.sqrt((r1 @ r1) * (r2 @ r2))
+    assert spearman_rows([[1, 2, 2, 3]], [[1, 2, 3, 4]])[0] == pytest.approx(expected)
+
+
+def test_lds_sign_convention_rewards_scores_that_predict_lower_loss():
+    rng = np.random.default_rng(0)
+    n, q, m = 40, 3, 30
+    true_effect = rng.normal(size=(q, n))            # how much each example lowers each query's loss
+    masks = lds_subsets(n, m, 0.5, seed=1)
+    loss = 5.0 - masks @ true_effect.T               # (M, Q): including helpful examples lowers loss
+    assert lds(true_effect, masks, loss)["mean"] == pytest.approx(1.0)
+    assert lds(-true_effect, masks, loss)["mean"] == pytest.approx(-1.0)
+    assert abs(lds(rng.normal(size=(q, n)), masks, loss)["mean"]) < 0.5
+    assert masks.sum(1).tolist() == [20.0] * m
+
+
+def test_brittleness_summary_and_top_k_ties():
+    b = brittleness(np.array([0.3, 0.5, 0.1]), np.array([0.1, 0.1, 0.2]))
+    assert b["ratio_of_means"] == pytest.approx(0.9 / 0.4)
+    assert b["win_rate"] == pytest.approx(2 / 3)
+    assert b["diff_mean"] == pytest.approx(0.5 / 3)
+    assert top_k_ids(np.array([1.0, 3.0, 3.0, 0.5]), 2).tolist() == [1, 2]
+
+
+def test_cache_keys_depend_on_subset_and_seed_only():
+    assert subset_hash(np.array([3, 1, 2])) == subset_hash(np.array([1, 2, 3, 3]))
+    assert make_job(np.array([2, 1]), 0) == make_job(np.array([1, 2]), 0)
+    assert make_job(np.array([1, 2]), 0).name != make_job(np.array([1, 2]), 1).name
+    assert make_job(np.array([1, 2]), 0).name != make_job(np.array([1, 3]), 0).name
+
+
+def _run(args: list[str], tmp: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "logra_dist.eval", "run", *args, "--out", str(tmp / "acc"),
+                           "--cache", str(tmp / "cache")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_fast_classification_end_to_end_and_cache_hit(tmp_path):
+    _run(["--benchmark", "synthetic", "--fast"], tmp_path)
+    first = json.loads((tmp_path / "acc" / "synthetic-fast.json").read_text())
+    plan = plan_for("synthetic", fast=True)
+    assert list(first["methods"]) == [m.name for m in plan.methods]
+    for name, entry in first["methods"].items():
+        assert np.isfinite(entry["lds"]["mean"]), name
+        assert entry["lds"]["n_queries"] == plan.lds_queries, name
+    assert first["cache"]["misses"] > 0
+    # the retrained full-data seed-0 model is the attributed model, bit for bit
+    assert first["attributed_model_vs_retrained_max_abs_loss_diff"] == 0.0
+    # exact influence (full rank, identity projections) correlates with retraining
+    exact = first["methods"]["logra-identity"]["lds"]
+    assert exact["mean"] > 0.3 and exact["ci95"][0] > 0
+    assert first["methods"]["full-fisher"]["lds"]["mean"] > 0.3
+    for name in plan.brittle_methods:
+        assert np.isfinite(first["methods"][name]["brittleness"]["delta_top_mean"])
+    # equal storage: every rank group's baselines store exactly LoGra's D
+    assert first["methods"]["dense-fisher-D48"]["storage_per_example"] == \
+        first["methods"]["logra-random-k4"]["storage_per_example"] == 48
+
+    _run(["--benchmark", "synthetic", "--fast"], tmp_path)  # same recipe: nothing retrained
+    second = json.loads((tmp_path / "acc" / "synthetic-fast.json").read_text())
+    assert second["cache"]["misses"] == 0
+    assert second["cache"]["hits"] == first["cache"]["hits"] + first["cache"]["misses"]
+    for name in first["methods"]:
+        np.testing.assert_allclose(second["methods"][name]["lds"]["mean"], first["methods"][name]["lds"]["mean"],
+                                   atol=1e-6)
+    table = (tmp_path / "acc.md").read_text()
+    assert all(f"| {name} |" in table for name in first["methods"])
+
+
+def test_fast_lm_brittleness_end_to_end(tmp_path):
+    _run(["--benchmark", "lm", "--fast"], tmp_path)
+    res = json.loads((tmp_path / "acc" / "lm-fast.json").read_text())
+    plan = plan_for("lm", fast=True)
+    assert list(res["methods"]) == [m.name for m in plan.methods]
+    assert res["attributed_model_vs_retrained_max_abs_loss_diff"] == 0.0
+    for name in plan.brittle_methods:
+        b = res["methods"][name]["brittleness"]
+        assert b["n_queries"] == plan.brittle_queries and np.isfinite(b["delta_top_mean"])
+    # LoGra over the 15 Linear layers of the tiny Llama at rank 4
+    assert res["methods"]["logra-random-k4"]["storage_per_example"] == 15 * 16
