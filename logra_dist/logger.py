@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,16 +68,22 @@ class Logger(GradientSession):
 
     def __init__(self, model_or_engine: Any, config: LoGraConfig, out_dir: str | Path, *,
                  resume: bool = False, model_info: dict[str, Any] | None = None,
-                 metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True):
-        """resume: continue this rank's unfinished shard (see `done_ids`); metadata: JSON-able
+                 metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True,
+                 commit_seconds: float | None = None):
+        """resume: continue the interrupted job in out_dir (see `done_ids`; starts fresh if there
+        is none); commit_seconds: commit at most this often (default $LOGRA_DIST_COMMIT_SECONDS or
+        30), and only after `flush_rows` new rows, bounding the work a kill loses; metadata: JSON-able
         facts about the job (data source, model path) recorded in the manifest."""
         self.out_dir = Path(out_dir)
         self.rank, self.world_size = comm.rank(), comm.world_size()
         self._resume = resume
         self.metadata = metadata or {}
         self._asynchronous = asynchronous_writes
+        self._commit_seconds = (float(os.environ.get("LOGRA_DIST_COMMIT_SECONDS") or 30.0)
+                                if commit_seconds is None else commit_seconds)
         self._covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.nonfinite_ids: list[int] = []
+        self.done_ids: set[int] = set()  # handled by this rank (logged or non-finite), resumed ones too
         self._writer: ShardWriter | None = None
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or model_identity(self.engine.root)
@@ -137,7 +145,7 @@ class Logger(GradientSession):
             self.accumulator.load_flat(torch.from_numpy(state.stats_flat))
         self.nonfinite_ids = [int(i) for i in state.nonfinite_ids]
         self.done_ids = set(int(i) for i in state.ids) | set(self.nonfinite_ids)
-        self._rows_since_commit = 0
+        self._rows_since_commit, self._last_commit = 0, time.monotonic()
 
     @property
     def needs_pca_pass(self) -> bool:
@@ -172,9 +180,10 @@ class Logger(GradientSession):
 
     # -- per batch --------------------------------------------------------------------------
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        if self._writer is None:  # inside pca_pass: statistics only
-            self._capture.flush_token_statistics()
-            self._pca_accumulator.samples += len(ids)
+        if self._writer is None:  # inside pca_pass: statistics only, of finite samples only
+            finite = self._capture.finite_samples(len(ids))
+            self._capture.flush_token_statistics(finite)
+            self._pca_accumulator.samples += int(finite.sum())
             return
         batch_ids = ids.tolist()
         again = self.done_ids.intersection(batch_ids)
@@ -191,9 +200,10 @@ class Logger(GradientSession):
         self.accumulator.update_rows(rows)
         self._writer.append(rows, ids)
         self._rows_since_commit += len(ids)
-        if self._rows_since_commit >= self.config.flush_rows:
+        if (self._rows_since_commit >= self.config.flush_rows
+                and time.monotonic() - self._last_commit >= self._commit_seconds):
             self._writer.commit(self.accumulator.flat().numpy(), self.nonfinite_ids)
-            self._rows_since_commit = 0
+            self._rows_since_commit, self._last_commit = 0, time.monotonic()
 
     def pending(self, ids) -> np.ndarray:
         """Mask of the given ids not yet logged by this rank (for resuming a killed job)."""

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .h5io import fsync_path
+
 GRADS, IDS, COMMIT = "grads.bin", "ids.bin", "commit.npz"
 
 
@@ -42,18 +44,11 @@ class CommitRecord:
     nonfinite_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_record(path: Path, record: CommitRecord) -> None:
     """Write `commit.npz` atomically: a reader sees the old record or the new one, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
-    arrays = {"rows": np.array(record.rows, np.int64), "meta": np.array(json.dumps(record.meta, sort_keys=True)),
+    meta = np.frombuffer(json.dumps(record.meta, sort_keys=True).encode(), np.uint8)
+    arrays = {"rows": np.array(record.rows, np.int64), "meta": meta,
               "nonfinite_ids": np.asarray(record.nonfinite_ids, np.int64)}
     if record.stats is not None:
         arrays["stats"] = np.asarray(record.stats, np.float64)
@@ -62,13 +57,13 @@ def write_record(path: Path, record: CommitRecord) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def read_record(path: Path) -> CommitRecord:
     try:
         with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"][()]))
+            meta = json.loads(z["meta"].tobytes().decode())
             stats = z["stats"] if "stats" in z.files else None
             return CommitRecord(int(z["rows"]), meta, stats, z["nonfinite_ids"].astype(np.int64))
     except (OSError, ValueError, KeyError) as e:
@@ -124,9 +119,10 @@ class PartialShard:
         rows = np.ascontiguousarray(rows, dtype=self.row_dtype)
         if rows.shape != (len(ids), self.width):
             raise ValueError(f"{self.dir}: rows of shape {rows.shape} for {len(ids)} ids and width {self.width}")
-        self._grads.write(memoryview(rows).cast("B"))
-        self._ids.write(memoryview(np.ascontiguousarray(ids, dtype="<i8")).cast("B"))
-        self.rows += len(ids)
+        if len(ids):
+            self._grads.write(rows.data)
+            self._ids.write(np.ascontiguousarray(ids, dtype="<i8").data)
+            self.rows += len(ids)
 
     def commit(self, stats: np.ndarray | None, nonfinite_ids: np.ndarray) -> None:
         """Make every appended row durable together with the statistics covering exactly them."""

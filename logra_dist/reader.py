@@ -13,8 +13,9 @@ import numpy as np
 
 from .config import LoGraConfig
 from .projection import LayerSpec
-from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, attr_value, h5_dtype, block_checksums, decode_rows,
-                    ids_digest, layout_from_json, partial_dir, partial_path)
+from .h5io import attr_value, block_checksums, ids_digest
+from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, decode_rows, h5_dtype, layout_from_json, partial_dir,
+                    partial_path)
 
 
 def read_manifest(path: Path) -> dict:
@@ -206,31 +207,32 @@ class GradientStore:
 
     def _verified(self, k: int, lo: int, hi: int) -> np.ndarray:
         """Stored rows [lo, hi) of shard k, read in whole checksum blocks and checked. The last
-        block read is kept, so consecutive reads that split a block read it once."""
-        info, b = self.shards[k], self.shards[k].block_rows
+        block read is kept, so consecutive reads that split a block read (and check) it once."""
+        info, b, dset = self.shards[k], self.shards[k].block_rows, self._files[k]["grads"]
         first, last = lo // b, (hi - 1) // b
+        stop = min((last + 1) * b, info.rows)
+        out = np.empty((stop - first * b, self.width), dset.dtype)
         with self._lock:
             cached = self._cache[k]
-        parts, start_block = [], first
+        done = 0
         if cached is not None and cached[0] == first:
-            parts.append(cached[1])
-            start_block += 1
-        if start_block <= last:
-            r0, r1 = start_block * b, min((last + 1) * b, info.rows)
+            done = len(cached[1])
+            out[:done] = cached[1]
+        if first * b + done < stop:
+            r0 = first * b + done
             try:
-                rows = self._files[k]["grads"][r0:r1]
+                dset.read_direct(out, np.s_[r0:stop], np.s_[done:])
             except OSError as e:
-                raise IndexFormatError(f"{info.path}: rows {r0}..{r1} unreadable (corrupted?): {e}") from e
-            bad = np.nonzero(block_checksums(rows, b) != info.block_sums[start_block:last + 1])[0]
+                raise IndexFormatError(f"{info.path}: rows {r0}..{stop} unreadable (corrupted?): {e}") from e
+            b0 = r0 // b
+            bad = np.nonzero(block_checksums(out[done:], b) != info.block_sums[b0:last + 1])[0]
             if len(bad):
-                r = (start_block + int(bad[0])) * b
+                r = (b0 + int(bad[0])) * b
                 raise IndexFormatError(f"{info.path}: rows {r}..{min(r + b, info.rows)} fail their checksum: "
                                        "the shard is corrupted; log those samples again")
-            parts.append(rows)
             with self._lock:
-                self._cache[k] = (last, rows[(last - start_block) * b:].copy())
-        rows = np.concatenate(parts) if len(parts) > 1 else parts[0]
-        return rows[lo - first * b: hi - first * b]
+                self._cache[k] = (last, out[(last - first) * b:].copy())
+        return out[lo - first * b: hi - first * b]
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice):

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .partial import COMMIT, PartialShardError, read_record
-from .store import SHARD_DIR, IndexFormatError, _fsync, check_shard_attrs, layout_from_json, partial_dir
+from .h5io import fsync_path
+from .store import SHARD_DIR, IndexFormatError, check_shard_attrs, layout_from_json, partial_dir
 
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(h5|partial)$")
 
@@ -64,7 +65,7 @@ def write_pca(path: Path, layout_json: str, projections: dict[str, tuple[torch.T
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 

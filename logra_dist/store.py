@@ -15,7 +15,6 @@ as their uint16 bit pattern with a `storage_dtype` attribute saying so. Nothing 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import queue
@@ -23,12 +22,13 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
+from .h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
 from .partial import COMMIT, PartialShard, PartialShardError
 from .projection import LayerSpec
 
@@ -86,35 +86,8 @@ def h5_dtype(storage_dtype: str) -> np.dtype:
     return np.dtype(np.uint16) if storage_dtype == "bfloat16" else np.dtype(storage_dtype)
 
 
-def block_checksums(rows: np.ndarray, block_rows: int) -> np.ndarray:
-    """One uint64 per block of `block_rows` stored rows: the sum (mod 2^64) of the block's bytes
-    read as little-endian 64-bit words, the tail zero-padded. Any change of one bit changes it;
-    it runs at memory speed (a CRC would halve the read rate here)."""
-    out = np.zeros((len(rows) + block_rows - 1) // block_rows, np.uint64)
-    for b in range(len(out)):
-        raw = np.ascontiguousarray(rows[b * block_rows:(b + 1) * block_rows]).reshape(-1).view(np.uint8)
-        whole = len(raw) // 8 * 8
-        total = raw[:whole].view("<u8").sum(dtype=np.uint64)
-        tail = int.from_bytes(raw[whole:].tobytes(), "little")
-        out[b] = (int(total) + tail) % (1 << 64)
-    return out
-
-
-def ids_digest(ids: np.ndarray) -> str:
-    """96-bit fingerprint of a shard's ids, recorded in the manifest and checked on open."""
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()[:24]
-
-
 def chunk_rows_for(width: int, itemsize: int, flush_rows: int) -> int:
     return max(1, min(flush_rows, (1 << 22) // max(1, width * itemsize)))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_rows: int) -> str:
@@ -125,7 +98,7 @@ def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_
     n, width, record = partial.record.rows, partial.width, partial.record
     ids = partial.committed_ids()
     digest = ids_digest(ids)
-    with h5py.File(tmp, "w") as f:
+    with h5_writing(tmp) as f:
         g = f.create_dataset("grads", shape=(n, width), maxshape=(None, width), dtype=partial.row_dtype,
                              chunks=(chunk_rows, width))
         sums = np.zeros((n + chunk_rows - 1) // chunk_rows, np.uint64)
@@ -142,9 +115,8 @@ def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_
             f.create_dataset("local_stats", data=record.stats)
         f.attrs.update({**attrs, "format_version": FORMAT_VERSION, "rows": n, "block_rows": chunk_rows,
                         "ids_digest": digest, "complete": True})
-    _fsync(tmp)
     os.replace(tmp, path)
-    _fsync(path.parent)
+    fsync_path(path.parent)
     return digest
 
 
@@ -193,6 +165,8 @@ class ShardWriter:
             self.partial = PartialShard(self.path, h5_dtype(storage_dtype), self.width, self.attrs)
         except PartialShardError as e:
             raise IndexFormatError(str(e)) from e
+        except OSError as e:
+            raise IndexFormatError(f"{self.path}: cannot write the partial shard: {e!r}") from e
         rec = self.partial.record
         self.resume_state = ResumeState(self.partial.committed_ids(), rec.stats, rec.nonfinite_ids)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
@@ -318,10 +292,6 @@ def check_shard_attrs(path: Path, want: dict[str, Any]) -> str | None:
     return None
 
 
-def attr_value(value):
-    return value.item() if isinstance(value, np.generic) else value
-
-
 # ---------------------------------------------------------------------------------------------
 # manifest and statistics
 
@@ -329,7 +299,7 @@ def attr_value(value):
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 
@@ -337,7 +307,7 @@ def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarr
                 attrs: dict[str, Any]) -> None:
     """stats.h5: one group per layer holding the eigendecomposition (and PCA projections)."""
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with h5_writing(tmp) as f:
         f.attrs.update({"hessian": kind, "damping": damping, **attrs})
         for key, arr in state.items():
             f.create_dataset(key, data=arr)

@@ -1,0 +1,117 @@
+"""Low-level file safety for the index: fsync, HDF5 written through an error guard, checksums.
+
+Nothing here knows LoGra; `store` and `reader` build on it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (after a rename, so the new name survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes through. An I/O error (disk full, file size limit) is recorded and
+    hidden from HDF5, which can crash when it closes a file whose write failed (HDF5 2.0); it is
+    raised once HDF5 is done with the file (`h5_writing`)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._f, self.error = open(path, "w+b", buffering=0), None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b) -> int:
+        return self._f.readinto(b)
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self._f.write(view[done:])
+                return len(view)
+            except OSError as e:
+                self.error = e
+        self._f.seek(len(view), 1)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._f.truncate(size)
+            except OSError as e:
+                self.error = e
+        return self._f.tell() if size is None else size
+
+    def close(self) -> None:
+        if not self._f.closed:
+            if self.error is None:
+                os.fsync(self._f.fileno())
+            self._f.close()
+        super().close()
+
+
+@contextmanager
+def h5_writing(tmp: Path) -> Iterator[h5py.File]:
+    """A new HDF5 file at `tmp`, durable (fsynced) when the block ends; an I/O error during
+    the block is raised at its end. The caller renames `tmp` into place only after that."""
+    guard = _GuardedFile(tmp)
+    try:
+        with h5py.File(guard, "w") as f:
+            yield f
+    finally:
+        guard.close()
+    if guard.error is not None:
+        raise guard.error
+
+
+def block_checksums(rows: np.ndarray, block_rows: int) -> np.ndarray:
+    """One uint64 per block of `block_rows` stored rows: the sum (mod 2^64) of the block's bytes
+    read as little-endian 64-bit words, the tail zero-padded. Any change of one bit changes it;
+    it runs at memory speed (a CRC would halve the read rate here)."""
+    out = np.zeros((len(rows) + block_rows - 1) // block_rows, np.uint64)
+    for b in range(len(out)):
+        raw = np.ascontiguousarray(rows[b * block_rows:(b + 1) * block_rows]).reshape(-1).view(np.uint8)
+        whole = len(raw) // 8 * 8
+        total = raw[:whole].view("<u8").sum(dtype=np.uint64)
+        tail = int.from_bytes(raw[whole:].tobytes(), "little")
+        out[b] = (int(total) + tail) % (1 << 64)
+    return out
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """96-bit fingerprint of a shard's ids, recorded in the manifest and checked on open."""
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()[:24]
+
+
+def attr_value(value):
+    return value.item() if isinstance(value, np.generic) else value
