@@ -27,7 +27,8 @@ import mlp_worker  # noqa: E402
 
 def env(fault: str | None = None, **extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOGRA_DIST_FAULT")}
-    e.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOGRA_DIST_COMMIT_SECONDS": "0", **extra})
+    e.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOGRA_DIST_COMMIT_SECONDS": "0",
+              "CUDA_VISIBLE_DEVICES": "", **extra})  # gloo even on a GPU machine: 2 ranks, 1 device
     if fault:
         e["LOGRA_DIST_FAULT"] = fault
     return e
