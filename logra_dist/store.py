@@ -275,6 +275,29 @@ class ShardWriter:
                 self.partial.close()
 
 
+def write_index(out_dir: str | Path, specs: list[LayerSpec], config_json: str, shards: list[tuple[Any, Any]],
+                model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An index from precomputed rows, one (ids, rows) pair per rank, in one process: for tests,
+    benchmarks and tools. Shards and manifest are exactly what a logging job writes; no
+    stats.h5 (so it can be read, not scored). Returns the manifest."""
+    out_dir, model = Path(out_dir), model or {"class": None, "name_or_path": None}
+    config = json.loads(config_json)
+    model_json = json.dumps({k: model.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
+    entries = []
+    for rank, (ids, rows) in enumerate(shards):
+        w = ShardWriter(shard_path(out_dir, rank), specs, config_json, config["storage_dtype"], rank, len(shards),
+                        flush_rows=config["flush_rows"], asynchronous=False, model_json=model_json)
+        w.append(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
+        w.close(complete=True)
+        entries.append({"path": f"{SHARD_DIR}/{shard_path(out_dir, rank).name}", "rank": rank,
+                        "rows": w.rows_total, "ids_digest": w.ids_digest})
+    manifest = {"format_version": FORMAT_VERSION, "config": config, "layout": layout_to_json(specs),
+                "width": sum(s.width for s in specs), "world_size": len(shards), "shards": entries,
+                "total_rows": sum(e["rows"] for e in entries), "nonfinite_ids": [], "model": model, "metadata": {}}
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest
+
+
 def check_shard_attrs(path: Path, want: dict[str, Any]) -> str | None:
     """Why the complete shard at `path` does not belong to the job described by `want` (None if
     it does). Used when resuming; the reader checks shards against the manifest the same way."""

@@ -409,3 +409,16 @@ def test_nothing_is_unpickled():
     offenders = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "logra_dist").rglob("*.py"))
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert not offenders, offenders
+
+
+def test_write_index_from_precomputed_rows_reads_back(tmp_path):
+    from logra_dist.projection import LayerSpec
+    from logra_dist.store import write_index
+    specs = [LayerSpec("a", "linear", 4, 4, 2, 3), LayerSpec("b", "linear", 4, 4, 3, 2)]
+    cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype="float32", flush_rows=3)
+    rows = np.random.default_rng(0).standard_normal((9, 12)).astype(np.float32)
+    write_index(tmp_path, specs, cfg.to_json(), [(np.arange(5), rows[:5]), ([], rows[:0]), (np.arange(5, 9), rows[5:])])
+    with ld.GradientStore(tmp_path) as store:
+        assert store.ids.tolist() == list(range(9)) and [s.rows for s in store.shards] == [5, 0, 4]
+        np.testing.assert_array_equal(store[:], rows)
+        np.testing.assert_array_equal(np.concatenate([c[2] for c in store.iter_chunks(2)]), rows)
