@@ -1,4 +1,4 @@
-"""Command line: `logra-dist log|score ...` (and `launch/log.py`, `launch/score.py`, thin wrappers).
+"""Command line: `logra-dist log|score|inspect|report ...` (`launch/log.py`, `launch/score.py` wrap the first two).
 
 Both jobs run unchanged on one process (`python launch/log.py`) or under a launcher
 (`deepspeed`, `torchrun`, `mpiexec`): the engine config (`--config`) picks ZeRO-3, FSDP or DDP,
@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from . import comm
@@ -32,6 +31,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample (longer are truncated)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-wandb", action="store_true", help="no W&B run (also WANDB_MODE=disabled); by default "
+                   "rank 0 records one, offline unless an API key is configured")
+    p.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT or logra-dist)")
+    p.add_argument("--log-every", type=int, default=10, help="batches between W&B figures")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--mode", default="relatif", choices=["dot", "relatif", "cosine"])
     score.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
     score.add_argument("--out", default=None, help="directory for topk.h5 and the listing (default: print)")
+
+    inspect = sub.add_parser("inspect", help="what an index holds: shards, rows, layout, completeness, norms, disk use")
+    inspect.add_argument("index", help="index directory (complete or partial)")
+    inspect.add_argument("--sample-rows", type=int, default=256, help="rows per shard read for the norm summary")
+    inspect.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+    report = sub.add_parser("report", help="an HTML page of top-k attributions from a `score --out` directory")
+    report.add_argument("results", help="directory holding topk.h5 and topk.jsonl")
+    report.add_argument("--out", default=None, help="HTML file (default: RESULTS/report.html)")
+    report.add_argument("--max-queries", type=int, default=50)
+    report.add_argument("--max-chars", type=int, default=600, help="characters shown per text")
     return parser
 
 
@@ -140,6 +154,17 @@ def _init_distributed() -> None:
     init_distributed()
 
 
+def _tracker(args: argparse.Namespace, job: str, config: dict[str, Any], total: int):
+    """Timers, progress and the job's W&B run (rank 0; offline without an API key)."""
+    from .logger import versions
+    from .tracking import Tracker, start_wandb
+
+    wandb_config = {"job": job, "args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+                    "world_size": comm.world_size(), "versions": versions(), **config}
+    run = start_wandb(job, wandb_config, no_wandb=args.no_wandb, project=args.wandb_project, rank=comm.rank())
+    return Tracker(job, total=total, log_every=args.log_every, wandb_run=run)
+
+
 # -- log ------------------------------------------------------------------------------------------
 def run_log(args: argparse.Namespace) -> dict[str, Any]:
     from .logger import attach
@@ -153,7 +178,8 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     mine = rank_samples(samples, comm.rank(), comm.world_size(), args.max_samples)
     metadata = {"data": list(args.data) if args.data else EMBEDDED, "max_samples": args.max_samples,
                 "max_length": args.max_length, "model_path": model_path}
-    logger = attach(model, config, args.out, resume=args.resume, metadata=metadata)
+    tracker = _tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
+    logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, tracker=tracker)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     todo = [s for s in mine if s.id not in logger.done_ids]
     if logger.needs_pca_pass:
@@ -162,26 +188,39 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
                 _capture(logger, batch)
     start, tokens = time.perf_counter(), 0
     for batch in batches(todo, args.batch_size, pad_id):
-        _capture(logger, batch)
+        _capture(logger, batch, tracker)
         tokens += int(batch.attention_mask.sum())
     elapsed = time.perf_counter() - start
-    manifest = logger.finalize()
+    with tracker.phase("finalize"):
+        manifest = logger.finalize()
     logger.close()
+    tracker.finish({"index/total_rows": manifest["total_rows"], "index/width": manifest["width"],
+                    "index/shards": len(manifest["shards"])})
     _say(f"logged {manifest['total_rows']} samples into {args.out} ({len(manifest['shards'])} shard(s), "
          f"D={manifest['width']}); rank 0: {tokens} tokens in {elapsed:.2f}s = {tokens / max(elapsed, 1e-9):.0f} tokens/s")
     return manifest
 
 
-def _capture(session, batch) -> None:
+def _capture(session, batch, tracker=None) -> None:
+    """One batch through capture; with a tracker: forward/backward timed, samples and tokens counted."""
+    from .tracking import NULL_TRACKER
+
+    tracker = tracker or NULL_TRACKER
+    tokens = int(batch.attention_mask.sum())  # on the CPU copy: no device sync
     batch = batch.to(session.device)
     with session.capture(batch.ids, mask=batch.attention_mask):
-        out = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        session.backward(summed_lm_loss(out.logits, batch.labels))
+        with tracker.phase("forward"):
+            out = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            loss = summed_lm_loss(out.logits, batch.labels)
+        with tracker.phase("backward"):
+            session.backward(loss)
+    tracker.step(samples=len(batch.ids), tokens=tokens)
 
 
 # -- score ----------------------------------------------------------------------------------------
 def run_score(args: argparse.Namespace):
     from .reader import read_manifest
+    from .results import markdown, listing
     from .scorer import Scorer
 
     check_args(args)
@@ -192,62 +231,29 @@ def run_score(args: argparse.Namespace):
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
     model, tokenizer, _ = load_engine(args)
-    scorer = Scorer(model, index, mode=args.mode, damping=args.damping)
+    tracker = _tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
+    scorer = Scorer(model, index, mode=args.mode, damping=args.damping, tracker=tracker)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    for batch in batches(tokenize(queries, tokenizer, args.max_length), args.batch_size, pad_id):
-        _capture(scorer, batch)
-    result = scorer.topk(args.topk)
-    scorer.close()
+    mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
+    for batch in batches(mine, args.batch_size, pad_id):
+        _capture(scorer, batch, tracker)
+    with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective
+        result = scorer.topk(args.topk)
+    tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
+                    "score/k": args.topk})
     if comm.rank() == 0:
-        train_docs = {d.id: d for d in load_documents(_training_data(manifest))}
-        listing = _listing(result, {q.id: q for q in queries}, train_docs)
+        train_text = {d.id: d.full_text for d in load_documents(_training_data(manifest))}
+        query_text = {q.id: q.full_text for q in queries}
         if args.out:
-            _write_results(Path(args.out), result, listing, args.index)
-        print(_markdown(listing, result.mode, result.damping))
+            scorer.write_results(args.out, result, query_text, train_text)
+        print(markdown(listing(result, query_text, train_text), result))
+    scorer.close()
     return result
 
 
 def _training_data(manifest: dict) -> list[str] | None:
     data = manifest.get("metadata", {}).get("data", EMBEDDED)
     return None if data == EMBEDDED else data
-
-
-def _listing(result, queries: dict[int, Document], train: dict[int, Document]) -> list[dict]:
-    out = []
-    for row, qid in enumerate(result.query_ids):
-        q = queries[int(qid)]
-        out.append({"query_id": int(qid), "prompt": q.prompt, "completion": q.text,
-                    "top": [{"train_id": int(t), "score": float(s),
-                             "text": train[int(t)].full_text if int(t) in train else None}
-                            for t, s in zip(result.train_ids[row], result.scores[row])]})
-    return out
-
-
-def _markdown(listing: list[dict], mode: str, damping: float) -> str:
-    lines = [f"# Top training examples (mode={mode}, damping={damping})", ""]
-    for item in listing:
-        query = (item["prompt"] + item["completion"]).replace("\n", " ")
-        lines.append(f"## query {item['query_id']}: {query[:200]}")
-        for rank, t in enumerate(item["top"], 1):
-            text = (t["text"] or "").replace("\n", " ")
-            lines.append(f"{rank}. [{t['train_id']}] score={t['score']:.4g}  {text[:160]}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _write_results(out: Path, result, listing: list[dict], index: str) -> None:
-    import h5py
-
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "topk.h5.tmp"
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("scores", data=result.scores.astype(np.float32))
-        f.create_dataset("train_ids", data=result.train_ids.astype(np.int64))
-        f.create_dataset("query_ids", data=result.query_ids.astype(np.int64))
-        f.attrs.update({"mode": result.mode, "damping": result.damping, "index": str(index)})
-    tmp.replace(out / "topk.h5")
-    (out / "topk.jsonl").write_text("".join(json.dumps(item) + "\n" for item in listing))
-    (out / "topk.md").write_text(_markdown(listing, result.mode, result.damping))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -257,6 +263,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_log(args)
     elif args.command == "score":
         run_score(args)
+    elif args.command == "inspect":
+        from .inspect_index import inspect_index, render
+
+        facts = inspect_index(args.index, sample_rows=args.sample_rows)
+        print(json.dumps(facts, indent=2) if args.json else render(facts))
+    elif args.command == "report":
+        from .report import write_report
+
+        print(write_report(args.results, args.out, max_queries=args.max_queries, max_chars=args.max_chars))
     return 0
 
 

@@ -32,6 +32,7 @@ from .statistics import Accumulator
 from .resume import pca_path, rank_state, ranks_on_disk, read_pca, write_pca
 from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, ShardWriter, layout_to_json, partial_dir,
                     shard_path, write_json_atomic, write_stats)
+from .tracking import NullTracker
 
 
 def model_identity(root: torch.nn.Module) -> dict[str, Any]:
@@ -66,15 +67,21 @@ def versions() -> dict[str, str]:
 class Logger(GradientSession):
     """Writes per-sample projected gradients of every captured batch to this rank's shard."""
 
+    _written = (0.0, 0)  # (seconds, bytes) of this logger's writers already closed (tracker figures)
+
     def __init__(self, model_or_engine: Any, config: LoGraConfig, out_dir: str | Path, *,
                  resume: bool = False, model_info: dict[str, Any] | None = None,
                  metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True,
-                 commit_seconds: float | None = None):
+                 commit_seconds: float | None = None, tracker: NullTracker | None = None):
         """resume: continue the interrupted job in out_dir (see `done_ids`; starts fresh if there
         is none); commit_seconds: commit at most this often (default $LOGRA_DIST_COMMIT_SECONDS or
         30), and only after `flush_rows` new rows, bounding the work a kill loses; metadata: JSON-able
-        facts about the job (data source, model path) recorded in the manifest."""
+        facts about the job (data source, model path) recorded in the manifest; tracker: phase
+        timers and I/O counters (logra_dist.tracking.Tracker), none by default."""
         self.out_dir = Path(out_dir)
+        if tracker is not None:
+            self.tracker = tracker
+            tracker.add_source(self._writer_figures)
         self.rank, self.world_size = comm.rank(), comm.world_size()
         self._resume = resume
         self.metadata = metadata or {}
@@ -205,6 +212,13 @@ class Logger(GradientSession):
             self._writer.commit(self.accumulator.flat().numpy(), self.nonfinite_ids)
             self._rows_since_commit, self._last_commit = 0, time.monotonic()
 
+    def _writer_figures(self) -> dict[str, float]:
+        """The background writer's own time and bytes (for the tracker)."""
+        seconds, nbytes = self._written
+        if self._writer is not None:
+            seconds, nbytes = seconds + self._writer.write_seconds, nbytes + self._writer.bytes_written
+        return {"time/write": seconds, "count/bytes_written": float(nbytes)}
+
     def pending(self, ids) -> np.ndarray:
         """Mask of the given ids not yet logged by this rank (for resuming a killed job)."""
         return np.array([int(i) not in self.done_ids for i in np.atleast_1d(np.asarray(ids))], dtype=bool)
@@ -216,16 +230,19 @@ class Logger(GradientSession):
         to re-run after a kill (resume=True): complete shards are adopted, not rebuilt."""
         if self._writer is None:
             raise RuntimeError("finalize() before any projection exists (init='pca' needs pca_pass())")
-        self._writer.close(complete=True, stats_flat=self.accumulator.flat().numpy(),
-                           nonfinite_ids=self.nonfinite_ids)
+        with self.tracker.phase("write-drain"):
+            self._writer.close(complete=True, stats_flat=self.accumulator.flat().numpy(),
+                               nonfinite_ids=self.nonfinite_ids)
         self.bytes_written = self._writer.bytes_written
+        self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
         w = self.world_size
         info = torch.zeros(3 * w + 1, dtype=torch.float64)
         info[self.rank] = self._writer.rows_total
         info[w + self.rank], info[2 * w + self.rank] = _digest_words(self._writer.ids_digest)
         info[-1] = len(self.nonfinite_ids)
         local = self.accumulator.flat()
-        reduced = comm.all_reduce_sum(torch.cat([local, info]))
+        with self.tracker.phase("all-reduce"):
+            reduced = comm.all_reduce_sum(torch.cat([local, info]))
         self.accumulator.load_flat(reduced[: local.numel()])
         counts = [int(c) for c in reduced[local.numel():].tolist()]
         digests = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[w:2 * w], counts[2 * w:3 * w])]
@@ -239,7 +256,8 @@ class Logger(GradientSession):
                 warnings.warn(f"{len(nonfinite)} sample(s) had non-finite gradients and were left out of the "
                               f"index and its statistics: ids {nonfinite[:10]}{' ...' if len(nonfinite) > 10 else ''}"
                               " (all listed in manifest.json 'nonfinite_ids')", RuntimeWarning, stacklevel=2)
-            self._write_stats(manifest)
+            with self.tracker.phase("stats"):  # eigendecomposition, damping, stats.h5
+                self._write_stats(manifest)
             write_json_atomic(self.out_dir / "manifest.json", manifest)
         comm.barrier()
         self._writer = None

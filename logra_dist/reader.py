@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from .projection import LayerSpec
 from .h5io import attr_value, block_checksums, ids_digest
 from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, decode_rows, h5_dtype, layout_from_json, partial_dir,
                     partial_path)
+from .tracking import NULL_TRACKER, NullTracker
 
 
 def read_manifest(path: Path) -> dict:
@@ -52,6 +54,8 @@ class GradientStore:
     the job logged (fingerprint), a shard on disk the manifest does not list, and ids logged
     twice. Reading checks every block of rows against its checksum. Errors name the file.
     """
+
+    tracker: NullTracker = NULL_TRACKER  # `iter_chunks` reports read time and bytes to it
 
     def __init__(self, out_dir: str | Path):
         self.root = Path(out_dir)
@@ -262,9 +266,19 @@ class GradientStore:
         background thread while the caller computes on the current one."""
         stop = len(self) if stop is None else stop
         bounds = [(s, min(s + chunk_rows, stop)) for s in range(start, stop, chunk_rows)]
+        tracker = self.tracker
+        row_bytes = self.width * np.dtype(np.uint16 if self.storage_dtype == "bfloat16" else self.storage_dtype).itemsize
+
+        def timed_read(lo: int, hi: int) -> np.ndarray:
+            t0 = time.perf_counter()
+            rows = self.read(lo, hi)
+            tracker.add_time("read", time.perf_counter() - t0)
+            tracker.count(bytes_read=(hi - lo) * row_bytes)  # bytes as stored on disk
+            return rows
+
         if not prefetch:
             for lo, hi in bounds:
-                yield lo, self.ids[lo:hi], self.read(lo, hi)
+                yield lo, self.ids[lo:hi], timed_read(lo, hi)
             return
         q: queue.Queue = queue.Queue(maxsize=2)
         stop_flag = threading.Event()
@@ -274,7 +288,7 @@ class GradientStore:
                 for lo, hi in bounds:
                     if stop_flag.is_set():
                         return
-                    q.put((lo, self.ids[lo:hi], self.read(lo, hi)))
+                    q.put((lo, self.ids[lo:hi], timed_read(lo, hi)))
                 q.put(None)
             except BaseException as e:  # re-raised in the consumer
                 q.put(e)
@@ -283,7 +297,8 @@ class GradientStore:
         thread.start()
         try:
             while True:
-                item = q.get()
+                with tracker.phase("read-wait"):  # the consumer waiting for the prefetcher
+                    item = q.get()
                 if item is None:
                     return
                 if isinstance(item, BaseException):

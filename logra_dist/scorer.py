@@ -1,117 +1,307 @@
-"""The scoring orchestrator: query gradients in, top-k training examples out.
+"""The scoring orchestrator: query gradients in, top-k training examples out, on any world size.
 
-Queries are captured exactly as the Logger captures training batches (same layers, same
-projections regenerated from the index's config), preconditioned once with the index's
-statistics, then scored against the training rows streamed chunk by chunk from the shards.
-Memory is O(queries x (k + chunk)), never O(queries x index) unless `scores()` is asked for.
+1. Queries are split over ranks: each rank captures its share exactly as the Logger captures
+   training batches (any engine, weights sharded), or loads it from a query index.
+2. `topk(k)` (collective): each rank preconditions its queries with the index's statistics and
+   all-gathers them (every rank then holds all queries); it streams its own training rows
+   (`partition.assign_rows`: independent of the logging world size) from disk with prefetch,
+   scores them chunk by chunk and keeps a running top-k per query; the (n_q, k) lists of all
+   ranks are all-gathered and merged. Ties go to the smaller training id, so the result does not
+   depend on the world size. Every rank calls every collective, also a rank with no rows.
+Memory is O(queries x (D + k) + query_chunk x chunk_rows), never O(queries x index) unless
+`scores()` is asked for. Self-influence (RelatIF, cosine) is computed while scoring the first
+time and cached in the index (`selfinf.py`).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
+from . import comm
 from .config import SCORE_MODES, ConfigError
+from .partition import assign_rows
+from .queries import GatheredQueries, QuerySet
 from .reader import GradientStore
-from .scoring import RunningTopK, TopKResult, score_block, self_influence
+from .results import TextLookup, write_results
+from .scoring import GroupPlan, LayerSelfInfluence, RunningTopK, TopKResult, normalize, select_topk
+from .selfinf import SelfInfluenceCache
+from .stream import ChunkStream
 from .session import GradientSession
 from .statistics import Preconditioner
-from .store import IndexFormatError, read_stats
+from .store import IndexFormatError, layout_to_json, read_stats
+
+Chunk = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]  # start, ids, rows, self (c, L)
 
 
 class Scorer(GradientSession):
-    """Pass the model (or engine) to compute query gradients, or None to score precomputed ones."""
+    """Pass the model (or engine) to compute query gradients, or None to score precomputed ones.
+
+    chunk_rows: training rows per streamed chunk. block_bytes: bound on one score block
+    (query_chunk x chunk_rows floats per layer-group atom); queries are processed in chunks of
+    that size against each training chunk. cache_self_influence=False never writes to the index.
+    """
 
     def __init__(self, model_or_engine: Any, index_dir: str | Path, *, mode: str = "relatif",
-                 damping: float | None = None, chunk_rows: int = 4096,
-                 dtype: torch.dtype = torch.float32):
+                 damping: float | None = None, chunk_rows: int = 4096, block_bytes: int = 256 << 20,
+                 dtype: torch.dtype = torch.float32, cache_self_influence: bool = True, tracker=None):
+        if tracker is not None:  # phase timers (logra_dist.tracking.Tracker)
+            self.tracker = tracker
         if mode not in SCORE_MODES:
             raise ConfigError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
+        if chunk_rows < 1 or block_bytes < 1:
+            raise ConfigError(f"chunk_rows and block_bytes must be positive, got {chunk_rows}, {block_bytes}")
         self.index_dir = Path(index_dir)
         self.store = GradientStore(self.index_dir)
+        self.store.tracker = self.tracker
         attrs, state = read_stats(self.index_dir / "stats.h5")
         config = self.store.config
-        self.mode, self.chunk_rows, self.score_dtype = mode, chunk_rows, dtype
+        self.mode, self.chunk_rows, self.block_bytes, self.score_dtype = mode, chunk_rows, block_bytes, dtype
         self.damping = float(attrs["damping"] if damping is None else damping)
+        self.hessian = str(attrs["hessian"])
         projections = None
         if config.init == "pca":
             projections = {s.name: (torch.from_numpy(state[f"{s.name}/p_in"]), torch.from_numpy(state[f"{s.name}/p_out"]))
                            for s in self.store.layout}
         if model_or_engine is not None:
             super().__init__(model_or_engine, config, projections)
-            if [s for s in self.specs] != self.store.layout:
+            if list(self.specs) != self.store.layout:
                 raise IndexFormatError(f"{self.index_dir}: the model's selected layers do not match the index "
-                                  f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.specs][:4]}..., "
-                                  f"index: {[(s.name, s.d_in, s.d_out) for s in self.store.layout][:4]}...)")
+                                       f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.specs][:4]}..., "
+                                       f"index: {[(s.name, s.d_in, s.d_out) for s in self.store.layout][:4]}...)")
             if projections is not None:  # PCA matrices must live where activations are
                 self._install({k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
                                for k, (a, b) in projections.items()})
         else:
-            self.config, self.specs = config, self.store.layout
-        kind = str(attrs["hessian"])
-        self.preconditioner = (None if kind == "none"
-                               else Preconditioner.from_state(self.store.layout, kind, self.damping, state))
-        self._query_rows: list[torch.Tensor] = []
-        self._query_ids: list[torch.Tensor] = []
-        self._train_self: torch.Tensor | None = None
+            self.config, self.specs, self._capture = config, self.store.layout, None
+        self.preconditioner = (None if self.hessian == "none"
+                               else Preconditioner.from_state(self.store.layout, self.hessian, self.damping, state))
+        self.queries = QuerySet(self.store.width)
+        self.rank, self.world = comm.rank(), comm.world_size()
+        self.assignment = assign_rows([s.rows for s in self.store.shards], self.world)
+        self.cache_self_influence = cache_self_influence
+        self._row_self = LayerSelfInfluence(self.preconditioner, self.store.layout, dtype)
+        self._cache = SelfInfluenceCache(self.index_dir, self.hessian, self.damping, len(self.store),
+                                         layout_to_json(self.store.layout))
 
-    # -- queries ----------------------------------------------------------------------------
+    # -- queries (local, no collectives) ----------------------------------------------------
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        self._query_rows.append(rows.detach().cpu())
-        self._query_ids.append(ids)
+        self.queries.add(rows, ids)
 
-    def add_query_gradients(self, rows, ids) -> None:
-        """Precomputed projected query gradients (n, D) in the index layout."""
-        rows = torch.as_tensor(np.asarray(rows))
-        if rows.dim() != 2 or rows.shape[1] != self.store.width:
-            raise ValueError(f"query gradients must be (n, {self.store.width}), got {tuple(rows.shape)}")
-        self._on_batch(torch.as_tensor(np.asarray(ids), dtype=torch.int64), rows)
+    def add_query_gradients(self, rows: Any, ids: Any = None, *, share: bool = True) -> None:
+        """Precomputed projected query gradients: an (n, D) array with its ids, or a query index
+        (a GradientStore or its folder, logged with this index's config). From a query index each
+        rank takes its contiguous share (share=True, the default: call it on every rank), or all
+        of it (share=False, for a single rank)."""
+        if isinstance(rows, (str, Path)):
+            with GradientStore(rows) as store:
+                return self.add_query_gradients(store, ids, share=share)
+        if isinstance(rows, GradientStore):
+            if ids is not None:
+                raise ValueError("add_query_gradients(store): ids come from the query index; do not pass ids")
+            self.queries.add_store(rows, self.store, share, self.chunk_rows)
+            return None
+        if ids is None:
+            raise ValueError("add_query_gradients(rows, ids): ids are required for an array of rows")
+        self.queries.add(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids)))
+        return None
 
     @property
     def query_ids(self) -> np.ndarray:
-        return torch.cat(self._query_ids).numpy() if self._query_ids else np.zeros(0, np.int64)
+        """This rank's query ids, in the order they were added."""
+        return self.queries.local_ids
 
-    @property
-    def query_rows(self) -> torch.Tensor:
-        if not self._query_rows:
-            raise RuntimeError("no queries captured: use capture()/backward() or add_query_gradients()")
-        return torch.cat(self._query_rows).to(self.score_dtype)
+    # -- collective helpers -----------------------------------------------------------------
+    def _agreed(self, work: Callable[[], Any], what: str) -> Any:
+        """Run rank-local work, then agree (one all-reduce) on whether any rank failed, so that a
+        failing rank never leaves the others waiting in a later collective."""
+        error, result = None, None
+        try:
+            result = work()
+        except Exception as e:  # re-raised below, after the other ranks know
+            error = e
+        flags = torch.zeros(self.world, dtype=torch.float64)
+        flags[self.rank] = 1.0 if error is not None else 0.0
+        failed = [r for r, f in enumerate(comm.all_reduce_sum(flags).tolist()) if f]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"{what} failed on rank(s) {failed}; see the error reported there")
+        return result
 
-    def _prepared(self) -> tuple[torch.Tensor, torch.Tensor]:
-        q = self.query_rows
-        q_pre = q if self.preconditioner is None else self.preconditioner.apply(q)
-        return q_pre, (q * q_pre).sum(1)
+    def _gather_queries(self) -> GatheredQueries:
+        q = self.queries.gather(self.preconditioner, self.store.layout, self.score_dtype)
+        if len(q.ids) == 0:
+            raise RuntimeError("no queries on any rank: use capture()/backward() or add_query_gradients()")
+        return q
 
-    # -- training side ----------------------------------------------------------------------
-    def train_self_influence(self) -> torch.Tensor:
-        """g^T H^-1 g for every training row (computed once per scorer)."""
-        if self._train_self is None:
-            parts = [self_influence(self.preconditioner, torch.from_numpy(rows).to(self.score_dtype))
-                     for _, _, rows in self.store.iter_chunks(self.chunk_rows)]
-            self._train_self = torch.cat(parts) if parts else torch.zeros(0, dtype=self.score_dtype)
-        return self._train_self
+    def _plan_self_influence(self, need: bool) -> tuple[str | None, int]:
+        """Collective: ('read' | 'write' | 'compute' | None, token). All ranks agree."""
+        if not need:
+            return None, 0
+        here = float(self._cache.available())
+        if comm.all_reduce_sum(torch.tensor([here], dtype=torch.float64)).item() == self.world:
+            return "read", 0
+        if not self.cache_self_influence:
+            return "compute", 0
+        token = torch.tensor([[int.from_bytes(os.urandom(8), "little") >> 2]], dtype=torch.int64)  # unique per job
+        return "write", int(comm.all_gather_rows(token)[0].item())
 
-    def _blocks(self):
-        q_pre, q_self = self._prepared()
-        need_self = self.mode in ("relatif", "cosine")
-        train_self = self.train_self_influence() if need_self else None
-        for start, ids, rows in self.store.iter_chunks(self.chunk_rows):
-            rows_t = torch.from_numpy(rows).to(self.score_dtype)
-            row_self = train_self[start:start + len(ids)] if need_self else None
-            yield torch.from_numpy(ids), score_block(q_pre, rows_t, self.mode, q_self, row_self)
+    def _scored(self, work: Callable[[], Any], self_plan: tuple[str | None, int]) -> Any:
+        """The local streaming phase, agreed across ranks; on failure no part file is left behind."""
+        try:
+            return self._agreed(work, "scoring")
+        except Exception:
+            if self_plan[0] == "write":
+                self._cache.part_path(self_plan[1], self.rank).unlink(missing_ok=True)
+            self._cache.close()
+            raise
 
-    def scores(self) -> np.ndarray:
-        """The full (n_queries x n_train) matrix, columns in store order (`self.store.ids`)."""
-        blocks = [s for _, s in self._blocks()]
-        n_q = len(self.query_ids)
-        return torch.cat(blocks, dim=1).numpy() if blocks else np.zeros((n_q, 0), np.float32)
+    def _finish_self_influence(self, plan: str | None, token: int) -> None:
+        """Collective: rank 0 merges the parts into selfinf.h5 once every rank has closed its own."""
+        if plan == "write":
+            self._agreed(lambda: self._cache.merge(token, self.assignment) if self.rank == 0 else None,
+                         "writing the self-influence cache")
+        self._cache.close()
 
-    def topk(self, k: int) -> TopKResult:
+    # -- streaming (local) ------------------------------------------------------------------
+    def _chunks(self, plan: str | None, token: int) -> Iterator[Chunk]:
+        """This rank's training rows as (start, ids, rows, per-layer self-influence or None); the
+        rows live in a reused buffer, valid until the next chunk."""
+        writer = self._cache.part_writer(token, self.rank) if plan == "write" else None
+        ok = False
+        try:
+            side = self._cache.read if plan == "read" else None
+            for start, ids, rows, cached in ChunkStream(self.store, self.assignment[self.rank], self.chunk_rows,
+                                                        side=side):
+                rows = rows.to(self.score_dtype)
+                row_self = None
+                if plan == "read":
+                    row_self = torch.from_numpy(cached).to(self.score_dtype)
+                elif plan is not None:
+                    row_self = self._row_self(rows)
+                    if writer is not None:
+                        writer.append(row_self.float().numpy())
+                yield start, torch.from_numpy(ids), rows, row_self
+            ok = True
+        finally:
+            if writer is not None:
+                writer.close()
+                if not ok:
+                    writer.path.unlink(missing_ok=True)
+
+    def _query_chunk(self, n_q: int, n_atoms: int) -> int:
+        """Queries per score block; the same on every rank (depends on global sizes only)."""
+        per_query = min(self.chunk_rows, max(1, len(self.store))) * self.score_dtype.itemsize * (2 * n_atoms + 2)
+        return max(1, min(n_q, self.block_bytes // per_query))
+
+    def _score_local(self, q: GatheredQueries, plan: GroupPlan, k: int, self_plan: tuple[str | None, int]
+                     ) -> list[RunningTopK]:
+        n_q = len(q.ids)
+        tops = [RunningTopK(n_q, k, self.score_dtype) for _ in plan.names]
+        membership = plan.membership.to(self.score_dtype)
+        q_self = q.self_layers @ membership  # (n_q, outputs)
+        q_atoms = plan.split(q.pre)
+        qc = self._query_chunk(n_q, len(plan.atom_layers))
+        for _, ids, rows, row_self_layers in self._chunks(*self_plan):
+            row_atoms = plan.split(rows)
+            row_self = None if row_self_layers is None else row_self_layers @ membership
+            for a in range(0, n_q, qc):
+                b = min(n_q, a + qc)
+                with self.tracker.phase("gemm"):
+                    dots = plan.output_dots([qa[a:b] @ ra.T for qa, ra in zip(q_atoms, row_atoms)], self.mode)
+                with self.tracker.phase("topk-reduce"):
+                    for o, d in enumerate(dots):
+                        s = normalize(d, self.mode, q_self[a:b, o], None if row_self is None else row_self[:, o])
+                        tops[o].update(s, ids, slice(a, b))
+        return tops
+
+    # -- public collectives -----------------------------------------------------------------
+    def topk(self, k: int, groups: dict[str, str] | None = None) -> TopKResult:
+        """Collective: the k best training ids per query (all ranks return the same result).
+        groups: {name: layer-name regex} adds block-restricted results in `result.groups`.
+        Queries are ordered by id; k larger than the index returns every row."""
         if k < 1:
             raise ValueError(f"topk: k must be >= 1, got {k}")
-        running = RunningTopK(len(self.query_ids), k, self.score_dtype)
-        for ids, block in self._blocks():
-            running.update(block, ids)
-        return TopKResult(running.scores.numpy(), running.ids.numpy(), self.query_ids, self.mode, self.damping)
+        plan = GroupPlan(self.store.layout, groups)
+        q = self._gather_queries()
+        self_plan = self._plan_self_influence(self.mode != "dot")
+        tops = self._scored(lambda: self._score_local(q, plan, k, self_plan), self_plan)
+        self._finish_self_influence(*self_plan)
+        k_out = min(k, len(self.store))
+        results = [self._reduce(t, k, k_out, q.ids) for t in tops]
+        total = results[0]
+        total.groups = dict(zip(plan.names[1:], results[1:]))
+        return total
+
+    def _reduce(self, top: RunningTopK, k: int, k_out: int, query_ids: np.ndarray) -> TopKResult:
+        """Merge the ranks' lists, query chunk by query chunk (bounded memory)."""
+        n_q = len(query_ids)
+        step = max(1, self.block_bytes // (12 * k * max(1, self.world)))
+        scores, ids = np.empty((n_q, k_out), np.float32), np.empty((n_q, k_out), np.int64)
+        for a in range(0, n_q, step):
+            b = min(n_q, a + step)
+            s = torch.cat(comm.all_gather_rows(top.scores[a:b].contiguous()), 1)
+            i = torch.cat(comm.all_gather_rows(top.ids[a:b].contiguous()), 1)
+            s, i = select_topk(s, i, k)
+            scores[a:b], ids[a:b] = s[:, :k_out].float().numpy(), i[:, :k_out].numpy()
+        return TopKResult(scores, ids, query_ids, self.mode, self.damping)
+
+    def scores(self) -> np.ndarray:
+        """Collective: the full (n_queries x n_train) matrix on every rank, rows ordered by query
+        id, columns in store order (`self.store.ids`). For small cases only."""
+        q = self._gather_queries()
+        self_plan = self._plan_self_influence(self.mode != "dot")
+
+        def local() -> torch.Tensor:
+            q_self = q.self_layers.sum(1)
+            cols = [normalize(q.pre @ rows.T, self.mode, q_self, None if rs is None else rs.sum(1))
+                    for _, _, rows, rs in self._chunks(*self_plan)]
+            return torch.cat(cols, 1) if cols else torch.zeros(len(q.ids), 0, dtype=self.score_dtype)
+
+        mine = self._scored(local, self_plan)
+        self._finish_self_influence(*self_plan)
+        out = np.empty((len(q.ids), len(self.store)), np.float32)
+        for ranges, block in zip(self.assignment, comm.all_gather_rows(mine.T.contiguous())):
+            done = 0
+            for lo, hi in ranges:
+                out[:, lo:hi] = block[done:done + hi - lo].T.float().numpy()
+                done += hi - lo
+        return out
+
+    def train_self_influence(self, per_layer: bool = False) -> np.ndarray:
+        """Collective: g^T H^-1 g of every training row in store order, (N,) or (N, L) per layer.
+        Computed (and cached in the index) if not cached yet; the whole vector is returned, so
+        this is O(N) memory by request."""
+        plan, token = self._plan_self_influence(True)
+        if plan != "read":
+            parts = self._scored(lambda: [(s, rs) for s, _, _, rs in self._chunks(plan, token)], (plan, token))
+            self._finish_self_influence(plan, token)
+            if plan == "compute":  # no cache to read back: gather (small: N x L)
+                mine = torch.cat([rs for _, rs in parts]) if parts else torch.zeros(0, len(self.store.layout))
+                blocks = comm.all_gather_rows(mine.float())
+                values = np.empty((len(self.store), len(self.store.layout)), np.float32)
+                for ranges, block in zip(self.assignment, blocks):
+                    done = 0
+                    for lo, hi in ranges:
+                        values[lo:hi] = block[done:done + hi - lo].numpy()
+                        done += hi - lo
+                return values if per_layer else values.sum(1)
+        values = self._cache.read(0, len(self.store))
+        self._cache.close()
+        return values if per_layer else values.sum(1)
+
+    def write_results(self, out_dir: str | Path, result: TopKResult, query_text: TextLookup = None,
+                      train_text: TextLookup = None) -> dict[str, Path] | None:
+        """On rank 0 (no collective): topk.h5, topk.jsonl, topk.md with this index's path and config."""
+        return write_results(out_dir, result, index_dir=self.index_dir, config=self.config, query_text=query_text,
+                             train_text=train_text, attrs={"hessian": self.hessian, "world_size": self.world})
+
+    def close(self) -> None:
+        self._cache.close()
+        self.store.close()
+        if self._capture is not None:
+            super().close()

@@ -4,42 +4,162 @@ Score of training row g for a query q (both projected gradients, H the damped pr
   dot      q^T H^-1 g
   relatif  q^T H^-1 g / sqrt(g^T H^-1 g)            (penalizes high-norm outliers)
   cosine   q^T H^-1 g / sqrt(q^T H^-1 q g^T H^-1 g)
+H^-1 is block diagonal over layers, so every quantity is a sum of per-layer terms: scores of a
+layer group are the same formulas restricted to its layers' columns, and self-influence is
+kept per layer so that any group's is a sum of columns.
 Ties are broken by the smaller training id, so results never depend on chunking or world size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .config import SCORE_MODES
+from .projection import LayerSpec
 from .statistics import Preconditioner
 
 _TINY = 1e-30
+ID_PAD = torch.iinfo(torch.int64).max  # id of an empty top-k slot: sorts after every real id
+
+
+def layer_columns(specs: list[LayerSpec]) -> torch.Tensor:
+    """(D,) layer index of every column of a row."""
+    return torch.cat([torch.full((s.width,), i, dtype=torch.int64) for i, s in enumerate(specs)])
+
+
+class LayerSelfInfluence:
+    """(n, L) per-layer g_l^T H_l^-1 g_l of rows, in the eigenbasis: ||V^T g / sqrt(e + lambda)||^2,
+    half the cost of applying H^-1 and taking a dot. For the raw Hessian, consecutive layers of
+    equal width are batched into one bmm with the scaled eigenvectors prepared once."""
+
+    def __init__(self, pre: Preconditioner | None, specs: list[LayerSpec], dtype: torch.dtype = torch.float32):
+        self.pre, self.specs, self.dtype = pre, specs, dtype
+        raw = pre is not None and pre.kind == "raw"
+        runs: list[list[int]] = []  # [first layer, count, first column, width]
+        col = 0
+        for i, s in enumerate(specs):
+            if raw and runs and runs[-1][3] == s.width:
+                runs[-1][1] += 1
+            else:
+                runs.append([i, 1, col, s.width])
+            col += s.width
+        self.runs = [(i, n, c, w, torch.stack([self._scaled(specs[j]) for j in range(i, i + n)]) if raw else None)
+                     for i, n, c, w in runs]
+
+    def _scaled(self, spec: LayerSpec) -> torch.Tensor:
+        f = self.pre.layers[spec.name]
+        return (f["evecs"].double() / (f["evals"].double() + self.pre.lambdas[spec.name]).sqrt()[None, :]).to(self.dtype)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(rows.shape[0], len(self.specs), dtype=rows.dtype)
+        pre = self.pre
+        for first, count, col, width, scaled in self.runs:
+            if scaled is not None:  # raw: (count, n, w) @ (count, w, w), squared and summed
+                block = rows[:, col:col + count * width].reshape(-1, count, width).transpose(0, 1)
+                out[:, first:first + count] = torch.bmm(block, scaled.to(rows.dtype)).square_().sum(2).T
+                continue
+            s = self.specs[first]
+            block = rows[:, col:col + width]
+            if pre is None or pre.kind == "none":
+                out[:, first] = (block * block).sum(1)
+            else:  # kfac: rotate both sides into the factors' eigenbases
+                f, lam = pre.layers[s.name], pre.lambdas[s.name]
+                va, vg = f["act_evecs"].to(rows.dtype), f["grad_evecs"].to(rows.dtype)
+                denom = (f["grad_evals"][:, None] * f["act_evals"][None, :] + lam).to(rows.dtype)
+                rot = vg.T @ block.reshape(-1, s.k_out, s.k_in) @ va
+                out[:, first] = (rot * rot / denom).sum((1, 2))
+        return out
+
+
+def layer_self_influence(pre: Preconditioner | None, specs: list[LayerSpec], rows: torch.Tensor) -> torch.Tensor:
+    """(n, L): g_l^T H_l^-1 g_l per row and layer (see LayerSelfInfluence)."""
+    return LayerSelfInfluence(pre, specs, rows.dtype)(rows)
 
 
 def self_influence(pre: Preconditioner | None, rows: torch.Tensor) -> torch.Tensor:
-    """g^T H^-1 g for each row (the diagonal of the pairwise score matrix)."""
+    """g^T H^-1 g for each row (the diagonal of the pairwise dot-score matrix)."""
     pre_rows = rows if pre is None else pre.apply(rows)
     return (rows * pre_rows).sum(dim=1)
+
+
+def normalize(dots: torch.Tensor, mode: str, q_self: torch.Tensor | None,
+              row_self: torch.Tensor | None) -> torch.Tensor:
+    """Turn (n_q, n_rows) dot scores into `mode` scores (in place when possible)."""
+    if mode not in SCORE_MODES:
+        raise ValueError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
+    if mode in ("relatif", "cosine"):
+        if row_self is None:
+            raise ValueError(f"mode {mode!r} needs the training rows' self-influence")
+        dots = dots.div_(row_self.clamp_min(_TINY).sqrt()[None, :])
+    if mode == "cosine":
+        if q_self is None:
+            raise ValueError("mode 'cosine' needs the queries' self-influence")
+        dots = dots.div_(q_self.clamp_min(_TINY).sqrt()[:, None])
+    return dots
 
 
 def score_block(q_pre: torch.Tensor, rows: torch.Tensor, mode: str,
                 q_self: torch.Tensor | None = None, row_self: torch.Tensor | None = None) -> torch.Tensor:
     """(n_q, n_rows) scores of preconditioned queries against raw training rows."""
-    if mode not in SCORE_MODES:
-        raise ValueError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
-    scores = q_pre @ rows.T
-    if mode in ("relatif", "cosine"):
-        if row_self is None:
-            raise ValueError(f"mode {mode!r} needs the training rows' self-influence")
-        scores = scores / row_self.clamp_min(_TINY).sqrt()[None, :]
-    if mode == "cosine":
-        if q_self is None:
-            raise ValueError("mode 'cosine' needs the queries' self-influence")
-        scores = scores / q_self.clamp_min(_TINY).sqrt()[:, None]
-    return scores
+    return normalize(q_pre @ rows.T, mode, q_self, row_self)
+
+
+class GroupPlan:
+    """Total and per-group scores from one pass over the columns.
+
+    groups: name -> regex (re.search on layer names). Layers with the same group membership form
+    an atom; each atom costs one GEMM over its columns, and every output (the total first, then
+    each group) is the sum of its atoms' dot products, so groups add no GEMM work.
+    """
+
+    def __init__(self, specs: list[LayerSpec], groups: dict[str, str] | None = None):
+        groups = dict(groups or {})
+        if "total" in groups:
+            raise ValueError("layer group name 'total' is reserved for the all-layer score")
+        names = [s.name for s in specs]
+        member = {g: [bool(re.search(p, n)) for n in names] for g, p in groups.items()}
+        for g, hits in member.items():
+            if not any(hits):
+                raise ValueError(f"layer group {g!r} ({groups[g]!r}) matches no logged layer; layers: {names[:8]}...")
+        signature = [tuple(member[g][i] for g in groups) for i in range(len(specs))]
+        atoms: dict[tuple, list[int]] = {}
+        for i, sig in enumerate(signature):
+            atoms.setdefault(sig, []).append(i)
+        self.names = ["total", *groups]
+        self.atom_layers = list(atoms.values())
+        sigs = list(atoms)
+        self.output_atoms = [list(range(len(sigs)))] + [[a for a, sig in enumerate(sigs) if sig[j]]
+                                                        for j in range(len(groups))]
+        self.membership = torch.zeros(len(specs), len(self.names), dtype=torch.float64)
+        self.membership[:, 0] = 1
+        for j, g in enumerate(groups):
+            self.membership[:, j + 1] = torch.tensor(member[g], dtype=torch.float64)
+        col = layer_columns(specs)
+        self.atom_cols: list[slice | torch.Tensor] = []
+        for layers in self.atom_layers:
+            idx = torch.nonzero(torch.isin(col, torch.tensor(layers))).reshape(-1)
+            contiguous = len(idx) == 0 or int(idx[-1] - idx[0]) + 1 == len(idx)
+            self.atom_cols.append(slice(int(idx[0]), int(idx[-1]) + 1) if contiguous and len(idx) else idx)
+        self.atom_uses = [sum(a in out for out in self.output_atoms) for a in range(len(self.atom_layers))]
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Columns of each atom (views for contiguous atoms, copies otherwise)."""
+        return [x[:, c] for c in self.atom_cols]
+
+    def output_dots(self, atom_dots: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+        """Dot scores of every output; fresh tensors wherever `normalize` will write in place."""
+        out = []
+        for atoms in self.output_atoms:
+            d = atom_dots[atoms[0]]
+            if len(atoms) > 1:
+                d = d + sum(atom_dots[a] for a in atoms[1:])
+            elif mode != "dot" and self.atom_uses[atoms[0]] > 1:
+                d = d.clone()
+            out.append(d)
+        return out
 
 
 def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,27 +172,50 @@ def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.
 
 
 class RunningTopK:
-    """Per-query top-k over a stream of score blocks; memory O(n_q x (k + block))."""
+    """Per-query top-k over a stream of score blocks; memory O(n_q x (k + block)).
+
+    Slots start empty (score -inf, id ID_PAD). A block only enters the sort through the entries
+    at or above each query's current k-th score (found with torch.topk, linear time), so once the
+    lists fill, a chunk costs a threshold test instead of a full sort. Entries equal to the k-th
+    score always enter, which keeps the smaller-id tie rule exact.
+    """
 
     def __init__(self, n_queries: int, k: int, dtype: torch.dtype = torch.float32):
+        if k < 1:
+            raise ValueError(f"top-k: k must be >= 1, got {k}")
         self.k = k
-        self.scores = torch.empty(n_queries, 0, dtype=dtype)
-        self.ids = torch.empty(n_queries, 0, dtype=torch.int64)
+        self.scores = torch.full((n_queries, k), -torch.inf, dtype=dtype)
+        self.ids = torch.full((n_queries, k), ID_PAD, dtype=torch.int64)
 
-    def update(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
-        """scores (n_q, c) for candidates `ids`: (c,) shared by all queries, or (n_q, c)."""
+    def update(self, scores: torch.Tensor, ids: torch.Tensor, rows: slice = slice(None)) -> None:
+        """scores (n, c) of the queries `rows` for candidates `ids`: (c,) shared, or (n, c)."""
+        cur_s, cur_i = self.scores[rows], self.ids[rows]
+        if scores.shape[0] != cur_s.shape[0]:
+            raise ValueError(f"top-k update: {scores.shape[0]} score rows for {cur_s.shape[0]} queries")
+        if scores.shape[1] == 0:
+            return
+        scores = scores.to(cur_s.dtype)
         if ids.dim() == 1:
             ids = ids[None, :].expand(scores.shape[0], -1)
-        self.scores, self.ids = select_topk(torch.cat([self.scores, scores.to(self.scores.dtype)], 1),
-                                            torch.cat([self.ids, ids.to(torch.int64)], 1), self.k)
+        ids = ids.to(torch.int64)
+        m = int((scores >= cur_s[:, -1:]).sum(1).max())
+        if m == 0:
+            return
+        if m < scores.shape[1]:
+            scores, pos = torch.topk(scores, m, dim=1, sorted=False)
+            ids = ids.gather(1, pos)
+        new_s, new_i = select_topk(torch.cat([cur_s, scores], 1), torch.cat([cur_i, ids], 1), self.k)
+        self.scores[rows], self.ids[rows] = new_s, new_i
 
 
 @dataclass
 class TopKResult:
-    """scores and train_ids: (n_queries, k), best first; query_ids: (n_queries,)."""
+    """scores and train_ids: (n_queries, k), best first; query_ids: (n_queries,).
+    groups: the same for each requested layer group (block-restricted scores)."""
 
     scores: np.ndarray
     train_ids: np.ndarray
     query_ids: np.ndarray
     mode: str
     damping: float
+    groups: dict[str, "TopKResult"] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from .capture import GradientCapture, find_layers
 from .config import ConfigError, LoGraConfig
 from .engines import Engine, wrap
 from .projection import LayerSpec, build_projections
+from .tracking import NULL_TRACKER, NullTracker
 
 Projections = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 
@@ -39,6 +40,8 @@ def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec],
 
 class GradientSession:
     """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows."""
+
+    tracker: NullTracker = NULL_TRACKER  # phase timers (logra_dist.tracking); a no-op by default
 
     def __init__(self, model_or_engine: Any, config: LoGraConfig, projections: Projections | None = None):
         config.validate()
@@ -111,8 +114,10 @@ class GradientSession:
             if self._capture.pending_gradients:
                 raise RuntimeError(f"{self._capture.pending_gradients} hooked layer outputs received no "
                                    "gradient: the loss does not depend on them")
-            rows = self._capture.rows(len(ids), self.device)
-            self._on_batch(ids.to(torch.int64).cpu(), rows)
+            with self.tracker.phase("rows"):
+                rows = self._capture.rows(len(ids), self.device)
+            with self.tracker.phase("batch-end"):  # Logger: statistics, hand-off to the writer
+                self._on_batch(ids.to(torch.int64).cpu(), rows)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward with gradient synchronization disabled and weights frozen."""

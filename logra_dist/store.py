@@ -20,9 +20,10 @@ import os
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import h5py
 import numpy as np
@@ -136,6 +137,8 @@ class ShardWriter:
     builds the final HDF5 shard. With resume=True it continues the rank's partial shard (or
     adopts its already complete shard); see `partial.py` for why this survives any kill."""
 
+    write_seconds = 0.0  # time spent handling writes, commits and the close (observability)
+
     def __init__(self, path: Path, specs: list[LayerSpec], config_json: str, storage_dtype: str,
                  rank: int, world_size: int, flush_rows: int = 1024, queue_size: int = 4,
                  resume: bool = False, asynchronous: bool = True, model_json: str = "null"):
@@ -225,7 +228,7 @@ class ShardWriter:
         self._raise_if_failed()
         if self._thread is None:
             try:
-                self._handle(item)
+                self._timed_handle(item)
             except BaseException as e:
                 self._error = e
                 if item[0] == "close":
@@ -251,12 +254,19 @@ class ShardWriter:
             item = self._queue.get()
             try:
                 if self._error is None:
-                    self._handle(item)
+                    self._timed_handle(item)
             except BaseException as e:  # surfaced in the main thread at the next call
                 self._error = e
             if item[0] == "close":
                 self.partial.close()
                 return
+
+    def _timed_handle(self, item) -> None:
+        start = time.perf_counter()
+        try:
+            self._handle(item)
+        finally:
+            self.write_seconds += time.perf_counter() - start
 
     def _handle(self, item) -> None:
         kind, a, b = item
@@ -275,19 +285,20 @@ class ShardWriter:
                 self.partial.close()
 
 
-def write_index(out_dir: str | Path, specs: list[LayerSpec], config_json: str, shards: list[tuple[Any, Any]],
+def write_index(out_dir: str | Path, specs: list[LayerSpec], config_json: str, shards: list[Iterable[tuple[Any, Any]]],
                 model: dict[str, Any] | None = None) -> dict[str, Any]:
-    """An index from precomputed rows, one (ids, rows) pair per rank, in one process: for tests,
-    benchmarks and tools. Shards and manifest are exactly what a logging job writes; no
-    stats.h5 (so it can be read, not scored). Returns the manifest."""
+    """An index from precomputed rows, in one process: for tests, benchmarks and tools. `shards`:
+    per rank, an iterable of (ids, rows) blocks. Shards and manifest are exactly what a logging
+    job writes; no stats.h5 (write_stats adds one). Returns the manifest."""
     out_dir, model = Path(out_dir), model or {"class": None, "name_or_path": None}
     config = json.loads(config_json)
     model_json = json.dumps({k: model.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
     entries = []
-    for rank, (ids, rows) in enumerate(shards):
+    for rank, blocks in enumerate(shards):
         w = ShardWriter(shard_path(out_dir, rank), specs, config_json, config["storage_dtype"], rank, len(shards),
                         flush_rows=config["flush_rows"], asynchronous=False, model_json=model_json)
-        w.append(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
+        for ids, rows in blocks:
+            w.append(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
         w.close(complete=True)
         entries.append({"path": f"{SHARD_DIR}/{shard_path(out_dir, rank).name}", "rank": rank,
                         "rows": w.rows_total, "ids_digest": w.ids_digest})

@@ -31,7 +31,9 @@ def test_each_training_document_is_its_own_top1(tmp_path, capsys):
     assert [int(t) for t in train_ids[:, 0]] == [expected_top1[int(q)] for q in query_ids]
     assert (np.diff(scores, axis=1) <= 0).all()
     listing = [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
-    assert listing[0]["top"][0]["text"] == corpus[order[0]]["text"]
-    assert "Top training examples" in capsys.readouterr().out
+    by_query = {rec["query_id"]: rec for rec in listing}
+    assert by_query[1000]["results"][0]["text"] == corpus[order[0]]["text"]
+    assert by_query[1000]["query_text"] == corpus[order[0]]["text"]
+    assert "training examples per query" in capsys.readouterr().out
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["total_rows"] == N_TRAIN and manifest["metadata"]["data"] == "embedded"

@@ -417,7 +417,7 @@ def test_write_index_from_precomputed_rows_reads_back(tmp_path):
     specs = [LayerSpec("a", "linear", 4, 4, 2, 3), LayerSpec("b", "linear", 4, 4, 3, 2)]
     cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype="float32", flush_rows=3)
     rows = np.random.default_rng(0).standard_normal((9, 12)).astype(np.float32)
-    write_index(tmp_path, specs, cfg.to_json(), [(np.arange(5), rows[:5]), ([], rows[:0]), (np.arange(5, 9), rows[5:])])
+    write_index(tmp_path, specs, cfg.to_json(), [[(np.arange(5), rows[:5])], [], [(np.arange(5, 7), rows[5:7]), (np.arange(7, 9), rows[7:])]])
     with ld.GradientStore(tmp_path) as store:
         assert store.ids.tolist() == list(range(9)) and [s.rows for s in store.shards] == [5, 0, 4]
         np.testing.assert_array_equal(store[:], rows)

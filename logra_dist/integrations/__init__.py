@@ -1,0 +1,1 @@
+"""Bridges to training frameworks users already run (Hugging Face Trainer); imported on demand."""

@@ -1,0 +1,123 @@
+"""Log one pass over a Hugging Face `Trainer`'s training set with LoGra.
+
+    trainer = Trainer(model, TrainingArguments(..., deepspeed="configs/zero3.json"), train_dataset=ds,
+                      data_collator=collator)
+    trainer.train()                                   # optional: logging also works before training
+    log_trainer_dataset(trainer, LoGraConfig(k_in=16, k_out=16), "index/")  # on every rank
+
+Why a function and not a `TrainerCallback`: callbacks see neither the DeepSpeed engine nor the
+collator, and a logging pass is a separate pass over the data (frozen weights, per-sample
+gradients), not something that belongs inside optimizer steps.
+
+What it takes from the Trainer: the engine it prepared (`trainer.deepspeed` / `model_wrapped`;
+if the Trainer has not prepared one yet it does so as `Trainer.evaluate()` would: ZeRO inference
+engine), its `train_dataset` and `data_collator`. What it does not take: the Trainer's train
+dataloader, because its sampler shuffles and (under accelerate's `even_batches`) repeats samples
+to even out ranks, which would log some samples twice. Instead sample i of the dataset gets id i,
+rank r takes samples r, r + world, ... in order, and every rank runs the SAME number of batches
+(ZeRO-3 gathers weights collectively inside every forward and backward, so a rank that stopped
+early would hang the others): each rank's share is split into ceil(max share / batch size) batches.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from .. import comm
+from ..config import LoGraConfig
+from ..data import IGNORE, summed_lm_loss
+from ..logger import attach
+from ..tracking import NULL_TRACKER, NullTracker
+
+LossFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def prepared_model(trainer: Any) -> Any:
+    """The engine or wrapped model the Trainer trains (or would evaluate) with."""
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        if getattr(trainer, "deepspeed", None) is None:  # not trained in this process: as evaluate() does
+            from transformers.integrations.deepspeed import deepspeed_init
+
+            deepspeed_init(trainer, num_training_steps=0, inference=True)
+            engine = trainer.accelerator.prepare(trainer.model)
+            trainer.model_wrapped = trainer.deepspeed = engine
+        return trainer.deepspeed
+    if getattr(trainer, "is_fsdp_enabled", False) and trainer.model_wrapped is trainer.model:
+        trainer.model = trainer.model_wrapped = trainer.accelerator.prepare(trainer.model)
+    return trainer.model_wrapped if trainer.model_wrapped is not None else trainer.model
+
+
+def rank_batches(n: int, rank: int, world_size: int, batch_size: int) -> list[np.ndarray]:
+    """Dataset positions of this rank's batches: samples rank, rank + world, ...; the same number
+    of batches on every rank (at most batch_size + 1 samples each), none empty."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if n < world_size:
+        raise ValueError(f"the dataset has {n} samples, fewer than the {world_size} ranks: every rank "
+                         "needs at least one (sharded engines run forward passes collectively)")
+    mine = np.arange(rank, n, world_size)
+    most, fewest = math.ceil(n / world_size), n // world_size
+    count = min(math.ceil(most / batch_size), fewest)
+    return [b for b in np.array_split(mine, count)]
+
+
+def causal_lm_loss(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over the batch of each sample's summed next-token loss; labels from the batch
+    (-100 = ignored), else the input ids with padding ignored."""
+    labels = batch.get("labels")
+    if labels is None:
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE) \
+            if "attention_mask" in batch else batch["input_ids"]
+    return summed_lm_loss(outputs.logits, labels)
+
+
+def _forward_keys(module: torch.nn.Module) -> set[str] | None:
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def log_trainer_dataset(trainer: Any, config: LoGraConfig, out_dir: str | Path, *, dataset: Any = None,
+                        batch_size: int | None = None, loss_fn: LossFn = causal_lm_loss,
+                        tracker: NullTracker | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Collective (every rank calls it): log `dataset` (default: `trainer.train_dataset`) with
+    ids = dataset positions; returns the index manifest. loss_fn(outputs, batch) must return
+    the SUM over the batch of per-sample summed losses."""
+    dataset = trainer.train_dataset if dataset is None else dataset
+    if dataset is None:
+        raise ValueError("log_trainer_dataset: the Trainer has no train_dataset; pass dataset=")
+    tracker = tracker or NULL_TRACKER
+    engine = prepared_model(trainer)
+    batch_size = batch_size or trainer.args.per_device_train_batch_size
+    plan = rank_batches(len(dataset), comm.rank(), comm.world_size(), batch_size)
+    info = {"source": "transformers.Trainer", "samples": len(dataset), "batch_size": batch_size}
+    logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})})
+    keys = _forward_keys(logger.engine.root)
+    try:
+        for positions in plan:
+            batch = trainer.data_collator([dataset[int(i)] for i in positions])
+            batch = {k: v.to(logger.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            inputs = {k: v for k, v in batch.items() if k != "labels" and (keys is None or k in keys)}
+            mask = batch.get("attention_mask")
+            with logger.capture(torch.as_tensor(positions, dtype=torch.int64), mask=mask):
+                with tracker.phase("forward"):
+                    outputs = logger.model(**inputs)
+                    loss = loss_fn(outputs, batch)
+                with tracker.phase("backward"):
+                    logger.backward(loss)
+            tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+            tracker.step(samples=len(positions), tokens=tokens)
+        with tracker.phase("finalize"):
+            manifest = logger.finalize()
+    finally:
+        logger.close()
+    return manifest

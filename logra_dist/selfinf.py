@@ -1,0 +1,164 @@
+"""Per-layer self-influence g_l^T H_l^-1 g_l of every training row, cached inside the index.
+
+RelatIF and cosine divide by it; computing it costs a GEMM per layer per row, so it is done
+once per (hessian kind, damping) and stored in `<index>/selfinf.h5` as an (N, L) float32 dataset
+in the index's row order. Per layer, so that any layer group's value is a sum of columns.
+
+Writing is distributed without gathering rows anywhere: each scoring rank streams the values of
+its own rows into a part file while it scores, then rank 0 copies the parts block by block into
+a temporary file that replaces `selfinf.h5` atomically (existing keys are carried over). An entry
+records the manifest's hash, so an index rebuilt in the same folder never reuses a stale cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .partition import Ranges
+from .store import IndexFormatError
+
+FILE_NAME = "selfinf.h5"
+_COPY_ROWS = 1 << 16
+
+
+def cache_key(kind: str, damping: float) -> str:
+    return f"{kind}_damping_{float(damping)!r}"
+
+
+class SelfInfluenceCache:
+    """The cache entry for one (hessian kind, damping) of one index."""
+
+    def __init__(self, index_dir: Path, kind: str, damping: float, n_rows: int, layout_json: str):
+        self.index_dir = Path(index_dir)
+        self.path = self.index_dir / FILE_NAME
+        self.key = cache_key(kind, damping)
+        self.n_rows, self.layout_json = n_rows, layout_json
+        self.n_layers = len(json.loads(layout_json))
+        self.manifest_sha = hashlib.sha256((self.index_dir / "manifest.json").read_bytes()).hexdigest()
+        self._file: h5py.File | None = None
+
+    def _valid(self, ds: h5py.Dataset) -> bool:
+        return (ds.shape == (self.n_rows, self.n_layers) and ds.attrs.get("manifest_sha256") == self.manifest_sha
+                and ds.attrs.get("layout") == self.layout_json)
+
+    def available(self) -> bool:
+        """Whether a valid entry exists (checked by every rank; the caller agrees collectively)."""
+        if not self.path.exists():
+            return False
+        try:
+            with h5py.File(self.path, "r") as f:
+                return self.key in f and self._valid(f[self.key])
+        except OSError:
+            return False  # unreadable cache: recomputed and replaced
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as (n, L) float32."""
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        return self._file[self.key][start:stop]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # -- writing ----------------------------------------------------------------------------
+    def part_path(self, token: int, rank: int) -> Path:
+        return self.index_dir / f"{FILE_NAME}.part-{token:016x}-rank-{rank:05d}"
+
+    def part_writer(self, token: int, rank: int) -> "PartWriter":
+        return PartWriter(self.part_path(token, rank), self.n_layers)
+
+    def merge(self, token: int, assignment: list[Ranges]) -> None:
+        """Rank 0, after every rank closed its part: build the new selfinf.h5 and swap it in."""
+        tmp = self.index_dir / f"{FILE_NAME}.tmp-{token:016x}"
+        try:
+            with h5py.File(tmp, "w") as dst:
+                self._carry_over(dst)
+                ds = dst.create_dataset(self.key, shape=(self.n_rows, self.n_layers), dtype=np.float32)
+                ds.attrs.update({"manifest_sha256": self.manifest_sha, "layout": self.layout_json})
+                for rank, ranges in enumerate(assignment):
+                    self._copy_part(self.part_path(token, rank), ranges, ds)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+            for rank in range(len(assignment)):
+                self.part_path(token, rank).unlink(missing_ok=True)
+
+    def _carry_over(self, dst: h5py.File) -> None:
+        if not self.path.exists():
+            return
+        try:
+            with h5py.File(self.path, "r") as src:
+                for name in src:
+                    if name != self.key and isinstance(src[name], h5py.Dataset) and self._valid_other(src[name]):
+                        src.copy(src[name], dst, name=name)
+        except OSError:
+            pass  # an unreadable old cache is dropped, not fatal
+
+    def _valid_other(self, ds: h5py.Dataset) -> bool:
+        return ds.attrs.get("manifest_sha256") == self.manifest_sha
+
+    @staticmethod
+    def _copy_part(path: Path, ranges: Ranges, ds: h5py.Dataset) -> None:
+        expected = sum(hi - lo for lo, hi in ranges)
+        if not path.exists():
+            if expected:
+                raise IndexFormatError(f"{path}: self-influence part missing ({expected} rows expected)")
+            return
+        with h5py.File(path, "r") as part:
+            data = part["rows"]
+            if data.shape[0] != expected:
+                raise IndexFormatError(f"{path}: holds {data.shape[0]} self-influence rows, {expected} expected")
+            done = 0
+            for lo, hi in ranges:
+                for s in range(lo, hi, _COPY_ROWS):
+                    e = min(hi, s + _COPY_ROWS)
+                    ds[s:e] = data[done:done + e - s]
+                    done += e - s
+
+
+class PartWriter:
+    """One rank's self-influence rows, appended in the order the rank streams its ranges. Writes
+    are batched (`flush_rows`): every HDF5 call waits for h5py's global lock, which the row
+    reader thread holds during its large reads."""
+
+    flush_rows = 1 << 17
+
+    def __init__(self, path: Path, n_layers: int):
+        self.path = path
+        try:
+            self.file = h5py.File(path, "w")
+        except OSError as e:
+            raise OSError(f"{path}: cannot write the self-influence cache ({e}); score a read-only index "
+                          "with Scorer(..., cache_self_influence=False)") from e
+        self.data = self.file.create_dataset("rows", shape=(0, n_layers), maxshape=(None, n_layers),
+                                             dtype=np.float32, chunks=(4096, max(1, n_layers)))
+        self._pending: list[np.ndarray] = []
+        self._pending_rows = 0
+
+    def append(self, values: np.ndarray) -> None:
+        self._pending.append(np.array(values, dtype=np.float32))
+        self._pending_rows += len(values)
+        if self._pending_rows >= self.flush_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        values = np.concatenate(self._pending)
+        self._pending, self._pending_rows = [], 0
+        n = self.data.shape[0]
+        self.data.resize(n + len(values), axis=0)
+        self.data[n:] = values
+
+    def close(self) -> None:
+        try:
+            self._flush()
+        finally:
+            self.file.close()
