@@ -17,7 +17,7 @@ import torch
 
 from . import comm
 from .config import LoGraConfig
-from .data import Document, batches, rank_samples, read_documents, summed_lm_loss, tokenize
+from .data import Batch, Document, batches, rank_samples, read_documents, summed_lm_loss, tokenize
 
 EMBEDDED = "embedded"
 
@@ -83,19 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- shared job pieces --------------------------------------------------------------------------
 def load_engine(args: argparse.Namespace):
-    """(model or engine for attach, tokenizer). The only place the CLI touches a training stack."""
-    from .embedded import ensure_default_model, load_model_and_tokenizer
+    """(model or engine for attach, tokenizer, model path). The only place the CLI touches a
+    training stack: `engines.loading.build` loads the checkpoint sharded per `--config`."""
+    from .embedded import load_tokenizer
+    from .engines.loading import build
 
     model_path = Path(args.model) if args.model else _default_model_path()
     check_context(model_path, args.max_length)
-    dtype = getattr(torch, args.dtype)
-    if args.config is None:
-        model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
-        return model.eval(), tokenizer, str(model_path)
-    from .engines.loading import build_engine
-
-    engine, tokenizer = build_engine(args.config, model_path, dtype)
-    return engine, tokenizer, str(model_path)
+    engine, _device = build(None, model_path, args.config, getattr(torch, args.dtype))
+    return engine, load_tokenizer(model_path), str(model_path)
 
 
 def check_context(model_path: Path, max_length: int) -> None:
@@ -184,12 +180,9 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     todo = [s for s in mine if s.id not in logger.done_ids]
     if logger.needs_pca_pass:
         with logger.pca_pass():
-            for batch in batches(todo, args.batch_size, pad_id):
-                _capture(logger, batch)
-    start, tokens = time.perf_counter(), 0
-    for batch in batches(todo, args.batch_size, pad_id):
-        _capture(logger, batch, tracker)
-        tokens += int(batch.attention_mask.sum())
+            run_batches(logger, todo, args.batch_size, pad_id)
+    start = time.perf_counter()
+    tokens = run_batches(logger, todo, args.batch_size, pad_id, tracker)
     elapsed = time.perf_counter() - start
     with tracker.phase("finalize"):
         manifest = logger.finalize()
@@ -199,6 +192,22 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     _say(f"logged {manifest['total_rows']} samples into {args.out} ({len(manifest['shards'])} shard(s), "
          f"D={manifest['width']}); rank 0: {tokens} tokens in {elapsed:.2f}s = {tokens / max(elapsed, 1e-9):.0f} tokens/s")
     return manifest
+
+
+def run_batches(session, samples, batch_size: int, pad_id: int, tracker=None) -> int:
+    """Capture this rank's samples batch by batch; returns its token count. Under ZeRO-3/FSDP
+    every forward is collective, so a rank with fewer batches than its peers runs shadow batches
+    (no ids: hooks fire, nothing is recorded) until all ranks have run the same number."""
+    mine = list(batches(samples, batch_size, pad_id))
+    steps = session.engine.lockstep_batches(len(mine))
+    shadow = Batch(torch.zeros(0, dtype=torch.long), torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long),
+                   torch.full((1, 2), pad_id))
+    tokens = 0
+    for i in range(steps):
+        batch = mine[i] if i < len(mine) else shadow
+        _capture(session, batch, tracker)
+        tokens += int(batch.attention_mask.sum()) if i < len(mine) else 0
+    return tokens
 
 
 def _capture(session, batch, tracker=None) -> None:
@@ -235,8 +244,7 @@ def run_score(args: argparse.Namespace):
     scorer = Scorer(model, index, mode=args.mode, damping=args.damping, tracker=tracker)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
-    for batch in batches(mine, args.batch_size, pad_id):
-        _capture(scorer, batch, tracker)
+    run_batches(scorer, mine, args.batch_size, pad_id, tracker)
     with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective
         result = scorer.topk(args.topk)
     tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),

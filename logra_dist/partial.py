@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def read_record(path: Path) -> CommitRecord:
             meta = json.loads(z["meta"].tobytes().decode())
             stats = z["stats"] if "stats" in z.files else None
             return CommitRecord(int(z["rows"]), meta, stats, z["nonfinite_ids"].astype(np.int64))
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise PartialShardError(f"{path}: unreadable commit record ({e}); delete {path.parent} to "
                                 "log this rank again from the start") from e
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def read_pca(path: Path, layout_json: str) -> dict[str, tuple[torch.Tensor, torc
                 raise IndexFormatError(f"{path}: PCA projections of another layer layout")
             return {s.name: (torch.from_numpy(z[f"p_in_{i}"]), torch.from_numpy(z[f"p_out_{i}"]))
                     for i, s in enumerate(layout_from_json(layout_json))}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, IndexFormatError):
             raise
         raise IndexFormatError(f"{path}: unreadable PCA projections ({e})") from e

@@ -99,10 +99,14 @@ class GradientSession:
     @contextmanager
     def capture(self, ids, mask: torch.Tensor | None = None) -> Iterator[None]:
         """Capture one batch: run the forward through `self.model` and `self.backward(loss)`
-        inside the block, with `loss` the SUM of per-sample losses. ids: global sample ids."""
+        inside the block, with `loss` the SUM of per-sample losses. ids: global sample ids.
+        Empty ids make a shadow batch (any dummy input; nothing recorded) for a rank that ran
+        out of data while its ZeRO-3/FSDP peers still step (see `engine.lockstep_batches`)."""
         if self._capture is None:
             raise RuntimeError("projections are not built yet: init='pca' needs pca_pass() first")
         ids = torch.as_tensor(ids)
+        if ids.numel() == 0:  # a shadow batch: see Engine.forward_is_collective
+            ids = ids.reshape(0).to(torch.int64)
         if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"capture(ids): ids must be a 1-D integer tensor of sample ids, got "
                              f"shape {tuple(ids.shape)} dtype {ids.dtype}")
@@ -114,6 +118,8 @@ class GradientSession:
             if self._capture.pending_gradients:
                 raise RuntimeError(f"{self._capture.pending_gradients} hooked layer outputs received no "
                                    "gradient: the loss does not depend on them")
+            if len(ids) == 0:  # shadow batch: hooks ran so the engine's collectives matched; keep nothing
+                return
             with self.tracker.phase("rows"):
                 rows = self._capture.rows(len(ids), self.device)
             with self.tracker.phase("batch-end"):  # Logger: statistics, hand-off to the writer

@@ -132,7 +132,7 @@ def test_torchrun_rank_killed_then_resumed_with_the_same_command(tmp_path):
 # -- 2. a failing rank never leaves the others waiting ----------------------------------------------
 def test_rank_raising_under_torchrun_ends_the_job_nonzero(tmp_path):
     proc = torchrun(MLP_WORKER, "--out", str(tmp_path / "i"), fault="raise_after_batches:2@1", timeout=120,
-                    LOGRA_DIST_TIMEOUT="600")
+                    LOGRA_DIST_TIMEOUT_S="600")
     assert proc.returncode != 0 and "injected failure" in proc.stderr
     assert proc.elapsed < 60, proc.elapsed
 
@@ -143,7 +143,7 @@ def test_rank_raising_under_torchrun_ends_the_job_nonzero(tmp_path):
 ])
 def test_peer_of_a_failed_rank_errors_within_bounded_time(tmp_path, fault, timeout, expect):
     """Bare processes (no launcher to kill the survivors): rank 0 must fail on its own."""
-    procs = bare_ranks(MLP_WORKER, "--out", str(tmp_path / "i"), fault=fault, LOGRA_DIST_TIMEOUT=timeout)
+    procs = bare_ranks(MLP_WORKER, "--out", str(tmp_path / "i"), fault=fault, LOGRA_DIST_TIMEOUT_S=timeout)
     start = time.monotonic()
     try:
         _, err0 = procs[0].communicate(timeout=90)
@@ -422,3 +422,13 @@ def test_write_index_from_precomputed_rows_reads_back(tmp_path):
         assert store.ids.tolist() == list(range(9)) and [s.rows for s in store.shards] == [5, 0, 4]
         np.testing.assert_array_equal(store[:], rows)
         np.testing.assert_array_equal(np.concatenate([c[2] for c in store.iter_chunks(2)]), rows)
+
+
+def test_damaged_commit_record_is_an_error_naming_it(tmp_path):
+    out = tmp_path / "index"
+    killed = run_mlp(out, fault="kill_after_batches:3")
+    assert killed.returncode == -9
+    (out / "shards" / "rank-00000.partial" / "commit.npz").write_bytes(b"PK\x03\x04 damaged")
+    with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.partial/commit\.npz: unreadable commit record .* "
+                                                  r"delete .*rank-00000\.partial to log this rank again"):
+        mlp_worker.run(mlp_args(out, "--resume"))

@@ -4,7 +4,7 @@ They let the package (and its tests) run end to end offline, through the same
 Hugging Face loading path a real local Llama checkpoint uses.
 """
 
-from .cache import default_cache_dir, ensure_default_model, load_model_and_tokenizer
+from .cache import default_cache_dir, ensure_default_model, load_model_and_tokenizer, load_tokenizer
 from .corpus import CORPUS_PATH, corpus_sha256, load_corpus
 from .model import default_model_config, train_default_model
 from .tokenizer import build_tokenizer
@@ -18,5 +18,6 @@ __all__ = [
     "ensure_default_model",
     "load_corpus",
     "load_model_and_tokenizer",
+    "load_tokenizer",
     "train_default_model",
 ]

@@ -72,8 +72,13 @@ def load_model_and_tokenizer(
     major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if major_minor >= (4, 56) else "torch_dtype"
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **{dtype_kw: dtype})
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model.eval()
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer (no network); its eos token pads if it has no pad token."""
+    tokenizer = AutoTokenizer.from_pretrained(Path(path).expanduser(), local_files_only=True)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    return model, tokenizer
+    return tokenizer

@@ -7,6 +7,8 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import nn
 
+from .. import comm
+
 
 class Engine:
     """Adapter over a user's model or engine.
@@ -48,6 +50,25 @@ class Engine:
             for p, flag in self._saved_requires_grad:
                 p.requires_grad_(flag)
             self._saved_requires_grad = None
+
+    @property
+    def forward_is_collective(self) -> bool:
+        """True when every forward/backward gathers weights across ranks (ZeRO-3, FSDP): then all
+        ranks must run the same number of batches, a rank out of data running shadow batches
+        (`capture` with no ids on any dummy input). Judged from the weights themselves, so a
+        sharded model handed over without its wrapper (e.g. `engine.module`) is handled too."""
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in self.root.modules()):
+            return True
+        return any(hasattr(p, "ds_id") or hasattr(p, "device_mesh") for p in self.root.parameters())
+
+    def lockstep_batches(self, local_batches: int) -> int:
+        """How many batches this rank must run: its own count, or the maximum over ranks when the
+        forward is collective (one all-reduce, once per job)."""
+        if not self.forward_is_collective or not comm.is_distributed():
+            return local_batches
+        counts = torch.zeros(comm.world_size(), dtype=torch.float64)
+        counts[comm.rank()] = local_batches
+        return int(comm.all_reduce_sum(counts).max())
 
     def sync_disabled(self) -> ContextManager:
         return nullcontext()

@@ -1,0 +1,40 @@
+"""PyTorch FSDP: FSDP1 (`FullyShardedDataParallel`) and FSDP2 (`fully_shard`).
+
+Both run the forward through the wrapped module itself: its hooks all-gather each unit's
+weights for the forward and again for the backward (activation gradients still need them).
+With the weights frozen no unit produces a weight gradient, so FSDP skips its reduce-scatter
+entirely; `sync_disabled` is therefore a no-op rather than FSDP1's `no_sync()`, which for
+SHARD_GRAD_OP would keep whole unsharded weights alive between batches for nothing.
+FSDP1 inserts `_fsdp_wrapped_module` into module names; `capture.canonical_name` drops it, so
+layer names equal the bare model's. FSDP2 keeps names unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Engine
+
+
+class FSDP1Engine(Engine):
+    kind = "fsdp1"
+
+    def __init__(self, fsdp: nn.Module):
+        # freeze() acts on whatever `parameters()` yields: FlatParameters with
+        # use_orig_params=False, the original parameters with True; FSDP honours either.
+        super().__init__(fsdp, fsdp, fsdp)
+
+
+class FSDP2Engine(Engine):
+    kind = "fsdp2"
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module, module, module)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.root.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if local.device.type != "meta":
+                return local.device
+        return super().device
