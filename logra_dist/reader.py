@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import LoGraConfig
 from .projection import LayerSpec
-from .h5io import attr_value, block_checksums, ids_digest
+from .h5io import attr_value, block_checksums, ids_digest, row_checksums
 from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, decode_rows, h5_dtype, layout_from_json, partial_dir,
                     partial_path)
 from .tracking import NULL_TRACKER, NullTracker
@@ -43,6 +43,67 @@ class ShardInfo:
     offset: int  # first global row of this shard in the store's row space
     block_rows: int = 0
     block_sums: np.ndarray | None = None
+
+
+class StreamCheck:
+    """Checks one shard's rows against its block checksums while a stream reads them in pieces.
+
+    A block is checked when its last row has been seen; `finish()` reads the rows a stream did
+    not cover of blocks it only partly read (range ends), so every row served gets checked.
+    """
+
+    def __init__(self, info: ShardInfo):
+        self.info = info
+        self._open: dict[int, tuple[int, list[tuple[int, int]]]] = {}  # block -> (sum, rows seen)
+
+    def _block_rows(self, b: int) -> tuple[int, int]:
+        size = self.info.block_rows
+        return b * size, min((b + 1) * size, self.info.rows)
+
+    def see(self, lo: int, rows: np.ndarray) -> None:
+        """Stored rows lo, lo+1, ... of the shard (local indexes), just read."""
+        if not len(rows):
+            return
+        sums, size, hi = row_checksums(rows), self.info.block_rows, lo + len(rows)
+        for b in range(lo // size, (hi - 1) // size + 1):
+            a, z = max(lo, b * size), min(hi, (b + 1) * size)
+            total, seen = self._open.get(b, (0, []))
+            if any(a < z1 and a1 < z for a1, z1 in seen):  # read twice: check it whole at finish
+                self._open[b] = (total, seen + [(-1, -1)])
+                continue
+            total = (total + int(sums[a - lo:z - lo].sum(dtype=np.uint64))) % (1 << 64)
+            seen = seen + [(a, z)]
+            first, last = self._block_rows(b)
+            if sum(z1 - a1 for a1, z1 in seen) == last - first:
+                self._open.pop(b, None)
+                self._check(b, total)
+            else:
+                self._open[b] = (total, seen)
+
+    def finish(self, grads: h5py.Dataset) -> None:
+        for b, (total, seen) in sorted(self._open.items()):
+            first, last = self._block_rows(b)
+            if (-1, -1) in seen:
+                total, seen = 0, []
+            covered = np.zeros(last - first, bool)
+            for a, z in seen:
+                covered[a - first:z - first] = True
+            for gap in np.split(np.nonzero(~covered)[0], np.nonzero(np.diff(np.nonzero(~covered)[0]) > 1)[0] + 1):
+                if len(gap):
+                    try:
+                        rows = grads[first + gap[0]:first + gap[-1] + 1]
+                    except OSError as e:
+                        raise IndexFormatError(f"{self.info.path}: rows {first + gap[0]}..{first + gap[-1] + 1} "
+                                               f"unreadable (corrupted?): {e}") from e
+                    total = (total + int(row_checksums(rows).sum(dtype=np.uint64))) % (1 << 64)
+            self._check(b, total)
+        self._open = {}
+
+    def _check(self, b: int, total: int) -> None:
+        if total != int(self.info.block_sums[b]):
+            first, last = self._block_rows(b)
+            raise IndexFormatError(f"{self.info.path}: rows {first}..{last} fail their checksum: the shard is "
+                                   "corrupted; log those samples again")
 
 
 class GradientStore:

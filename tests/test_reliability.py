@@ -432,3 +432,27 @@ def test_damaged_commit_record_is_an_error_naming_it(tmp_path):
     with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.partial/commit\.npz: unreadable commit record .* "
                                                   r"delete .*rank-00000\.partial to log this rank again"):
         mlp_worker.run(mlp_args(out, "--resume"))
+
+
+def test_scoring_streams_check_every_row_they_serve(tmp_path, reference):
+    """The scorer reads shards through its own stream: a flipped byte must fail it too, whether
+    the damaged block lies inside a chunk, across two chunks, or at the end of a rank's range."""
+    from logra_dist.stream import ChunkStream
+    index = _copy(reference("none3"), tmp_path / "index")  # 40 rows, checksum blocks of 8 rows
+    shard = index / "shards" / "rank-00000.h5"
+    with ld.GradientStore(index) as store:
+        clean = [len(ids) for _, ids, _, _ in ChunkStream(store, [(0, 40)], 5)]
+        assert sum(clean) == 40
+    _flip(shard, _chunk_offset(shard, "grads", 2) + 7)  # rows 16..23
+    with ld.GradientStore(index) as store:
+        for ranges, chunk in (([(0, 40)], 8), ([(0, 40)], 5), ([(0, 18)], 4), ([(20, 30)], 16)):
+            with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.h5: rows 16\.\.24 fail their checksum"):
+                list(ChunkStream(store, ranges, chunk))
+        assert sum(len(ids) for _, ids, _, _ in ChunkStream(store, [(0, 16), (24, 40)], 5)) == 32  # clean blocks
+    scorer = ld.Scorer(mlp_worker.model(), index, mode="dot")
+    X, Y = mlp_worker.data(3)
+    with scorer.capture(torch.arange(3)):
+        scorer.backward(torch.nn.functional.cross_entropy(scorer.model(X), Y, reduction="sum"))
+    with pytest.raises(ld.IndexFormatError, match=r"rows 16\.\.24 fail their checksum"):
+        scorer.topk(3)
+    scorer.close()
