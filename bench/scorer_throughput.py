@@ -32,8 +32,7 @@ from logra_dist import GradientStore, LoGraConfig, Scorer
 from logra_dist.projection import LayerSpec
 from logra_dist.statistics import Accumulator
 from logra_dist.stream import ChunkStream
-from logra_dist.store import (SHARD_DIR, ShardWriter, layout_to_json, shard_path, write_json_atomic,
-                              write_stats)
+from logra_dist.store import layout_to_json, write_index, write_stats
 
 
 def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -> None:
@@ -43,26 +42,21 @@ def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -
     gen = torch.Generator().manual_seed(seed)
     acc = Accumulator(specs, "raw", torch.float64)
     per_shard = [len(a) for a in np.array_split(np.arange(rows), shards)]
-    start = 0
-    for r, n in enumerate(per_shard):
-        w = ShardWriter(shard_path(out, r), specs, cfg.to_json(), "float16", r, shards, flush_rows=4096)
-        for s in range(0, n, 8192):
-            b = min(8192, n - s)
+    starts = np.cumsum([0] + per_shard)
+
+    def blocks(r: int):
+        for s in range(0, per_shard[r], 8192):
+            b = min(8192, per_shard[r] - s)
             block = torch.randn(b, width, generator=gen) * torch.linspace(0.2, 2.0, width)
             if r == 0 and s == 0:
                 acc.update_rows(block.double())  # statistics from a sample: enough for timing
-            w.append(block, torch.arange(start + s, start + s + b))
-        w.close(complete=True)
-        start += n
+            yield torch.arange(starts[r] + s, starts[r] + s + b), block
+
+    cfg.flush_rows = 4096
+    write_index(out, specs, cfg.to_json(), [blocks(r) for r in range(shards)])
     pre = acc.preconditioner(cfg.damping)
     write_stats(out / "stats.h5", "raw", cfg.damping, pre.state(),
                 {"samples": acc.samples, "layout": layout_to_json(specs), "config": cfg.to_json()})
-    write_json_atomic(out / "manifest.json", {
-        "format_version": 1, "config": cfg.to_dict(), "layout": layout_to_json(specs), "width": width,
-        "world_size": shards, "total_rows": rows,
-        "shards": [{"path": f"{SHARD_DIR}/{shard_path(out, r).name}", "rank": r, "rows": n}
-                   for r, n in enumerate(per_shard)]})
-
 
 def timed(fn, repeat: int = 1) -> tuple[float, object]:
     best, out = float("inf"), None

@@ -157,6 +157,15 @@ class GradientCapture:
 
         return hook
 
+    def finite_samples(self, batch_size: int) -> torch.Tensor:
+        """(B,) mask of the samples whose captured projections are all finite, for batches that
+        feed only statistics (no rows to check), e.g. a PCA pass."""
+        keep = None
+        for _, px, pg, _ in self._token_blocks:
+            ok = torch.isfinite(px).flatten(1).all(1) & torch.isfinite(pg).flatten(1).all(1)
+            keep = ok if keep is None else keep & ok
+        return torch.ones(batch_size, dtype=torch.bool) if keep is None else keep
+
     def flush_token_statistics(self, keep: torch.Tensor | None = None) -> None:
         """Feed this batch's per-token projections to `token_stats`, only for samples in `keep`
         (so a sample with non-finite gradients never pollutes KFAC factors or covariances)."""

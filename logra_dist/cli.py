@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--seed", type=int, default=None)
     log.add_argument("--include", nargs="*", default=None, help="regexes of layer names to log")
     log.add_argument("--exclude", nargs="*", default=None, help="regexes of layer names to skip")
-    log.add_argument("--resume", action="store_true", help="continue an interrupted job in --out")
+    log.add_argument("--resume", action="store_true", help="continue an interrupted job in --out with the same "
+                     "settings and world size; starts fresh if there is nothing to continue")
 
     score = sub.add_parser("score", help="top-k training examples for each query")
     _add_common(score)
@@ -88,8 +89,30 @@ def load_engine(args: argparse.Namespace):
     from .engines.loading import build
 
     model_path = Path(args.model) if args.model else _default_model_path()
+    check_context(model_path, args.max_length)
     engine, _device = build(None, model_path, args.config, getattr(torch, args.dtype))
     return engine, load_tokenizer(model_path), str(model_path)
+
+
+def check_context(model_path: Path, max_length: int) -> None:
+    """--max-length must fit the model's context: read from config.json before loading weights."""
+    config_file = model_path / "config.json"
+    if not config_file.is_file():
+        raise SystemExit(f"--model {model_path}: no config.json (expected a local Hugging Face checkpoint)")
+    cfg = json.loads(config_file.read_text())
+    context = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+                    if isinstance(cfg.get(k), int)), None)
+    if context is not None and max_length > context:
+        raise SystemExit(f"--max-length {max_length} exceeds the context of {model_path} "
+                         f"(max_position_embeddings={context}); use --max-length {context} or less")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Cheap checks of the command line, before any process group, model or data is touched."""
+    for name, low in (("batch_size", 1), ("max_length", 2), ("max_samples", 1), ("topk", 1)):
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
 
 
 def _default_model_path() -> Path:
@@ -142,13 +165,12 @@ def _tracker(args: argparse.Namespace, job: str, config: dict[str, Any], total: 
 def run_log(args: argparse.Namespace) -> dict[str, Any]:
     from .logger import attach
 
+    check_args(args)
     config = _logra_config(args)  # validated before any work starts
     _init_distributed()
     docs = load_documents(args.data)
     model, tokenizer, model_path = load_engine(args)
     samples = tokenize(docs, tokenizer, args.max_length)
-    if args.max_samples is not None and args.max_samples < 1:
-        raise SystemExit("--max-samples must be >= 1")
     mine = rank_samples(samples, comm.rank(), comm.world_size(), args.max_samples)
     metadata = {"data": list(args.data) if args.data else EMBEDDED, "max_samples": args.max_samples,
                 "max_length": args.max_length, "model_path": model_path}
@@ -156,7 +178,7 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, tracker=tracker)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     todo = [s for s in mine if s.id not in logger.done_ids]
-    if config.init == "pca":
+    if logger.needs_pca_pass:
         with logger.pca_pass():
             run_batches(logger, todo, args.batch_size, pad_id)
     start = time.perf_counter()
@@ -206,13 +228,15 @@ def _capture(session, batch, tracker=None) -> None:
 
 # -- score ----------------------------------------------------------------------------------------
 def run_score(args: argparse.Namespace):
+    from .reader import read_manifest
     from .results import markdown, listing
     from .scorer import Scorer
 
+    check_args(args)
     _init_distributed()
     queries = read_documents(args.queries)
     index = Path(args.index)
-    manifest = json.loads((index / "manifest.json").read_text())
+    manifest = read_manifest(index / "manifest.json")
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
     model, tokenizer, _ = load_engine(args)

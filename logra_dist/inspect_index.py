@@ -1,9 +1,10 @@
 """`logra-dist inspect DIR`: what an index holds, read straight from its files.
 
 Unlike `GradientStore`, which refuses anything but a finalized index, this reads partial indexes
-too (a running or killed job): `.partial` shards, a missing manifest or stats file, ranks that
-never wrote a shard, and says what is incomplete. Shards are opened read-only without HDF5 file
-locking, so a shard that a live job is writing can be looked at (its last rows may be mid-write).
+too (a running or killed job): partial shards (`rank-NNNNN.partial/`, see `partial.py`), a missing
+manifest or stats file, ranks that never wrote a shard, and says what is incomplete. Shards are
+opened read-only without HDF5 file locking, and a partial shard's rows are read only up to its
+commit record, so a live job can be looked at.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .partial import COMMIT, GRADS, IDS, PartialShardError, read_record
 from .store import SHARD_DIR, decode_rows
 
-_SHARD = re.compile(r"^rank-(\d+)\.h5(\.partial)?$")
+_SHARD = re.compile(r"^rank-(\d+)\.(h5|partial|h5\.partial)$")
 
 
 def _disk_use(root: Path) -> int:
@@ -36,7 +38,13 @@ def _shard_facts(path: Path, sample_rows: int, seen_ids: list[np.ndarray]) -> tu
     are appended to `seen_ids` (for the cross-shard duplicate check)."""
     m = _SHARD.match(path.name)
     facts: dict[str, Any] = {"path": str(path.relative_to(path.parent.parent)), "rank": int(m.group(1)),
-                             "partial_name": bool(m.group(2)), "bytes": path.stat().st_size}
+                             "partial_name": m.group(2) != "h5",
+                             "bytes": _disk_use(path) if path.is_dir() else path.stat().st_size}
+    if m.group(2) == "partial":
+        return _partial_facts(path, facts, sample_rows, seen_ids)
+    if m.group(2) == "h5.partial":
+        facts["error"] = "the HDF5 shard being built at finalize (or a build that was interrupted: --resume rebuilds it)"
+        return facts, None, None
     try:
         f = h5py.File(path, "r", locking=False)
     except OSError as e:
@@ -65,6 +73,33 @@ def _shard_facts(path: Path, sample_rows: int, seen_ids: list[np.ndarray]) -> tu
             seen_ids.append(ids)
             facts["id_range"] = [int(ids.min()), int(ids.max())]
     return facts, sample, layout
+
+
+def _partial_facts(path: Path, facts: dict[str, Any], sample_rows: int,
+                   seen_ids: list[np.ndarray]) -> tuple[dict[str, Any], np.ndarray | None, list | None]:
+    """Facts of a running or killed job's partial shard: only committed rows count."""
+    try:
+        record = read_record(path / COMMIT)
+    except (PartialShardError, FileNotFoundError) as e:
+        facts["error"] = f"unreadable commit record ({e}); being created, or damaged"
+        return facts, None, None
+    meta = record.meta
+    dtype, width = np.dtype(meta.get("row_dtype", "<f2")), int(meta.get("width", 0))
+    rows_on_disk = (path / GRADS).stat().st_size // max(1, dtype.itemsize * width) if (path / GRADS).exists() else 0
+    facts.update(rows=int(rows_on_disk), width=width, complete=False, rows_committed=record.rows,
+                 storage_dtype=str(meta.get("storage_dtype", "?")), stored_as=str(dtype),
+                 world_size=int(meta.get("world_size", 0)), chunks=[], has_partial_stats=record.stats is not None,
+                 config=json.loads(meta["config"]) if "config" in meta else None)
+    usable = min(record.rows, rows_on_disk)
+    positions = _sample_positions(usable, sample_rows)
+    sample = None
+    if len(positions):
+        grads = np.memmap(path / GRADS, dtype=dtype, mode="r", shape=(usable, width))
+        sample = decode_rows(np.asarray(grads[positions]), facts["storage_dtype"])
+        ids = np.fromfile(path / IDS, dtype="<i8", count=usable)
+        seen_ids.append(ids)
+        facts["id_range"] = [int(ids.min()), int(ids.max())]
+    return facts, sample, json.loads(meta["layout"]) if "layout" in meta else None
 
 
 def _layer_norms(samples: list[np.ndarray], layout: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -98,7 +133,7 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         problems.append("manifest.json missing: the job has not finalized (Logger.finalize)")
     if not (root / "stats.h5").exists():
         problems.append("stats.h5 missing: no Hessian statistics yet (written at finalize)")
-    files = sorted((p for p in (root / SHARD_DIR).glob("rank-*.h5*") if _SHARD.match(p.name)),
+    files = sorted((p for p in (root / SHARD_DIR).glob("rank-*") if _SHARD.match(p.name)),
                    key=lambda p: (int(_SHARD.match(p.name).group(1)), p.name))
     shards, samples, layout, seen_ids = [], [], None, []
     for path in files:

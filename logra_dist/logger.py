@@ -1,13 +1,21 @@
 """The logging orchestrator: attach to a model or engine, capture batches, finalize the index.
 
 Per batch nothing crosses ranks: rows go to this rank's shard through a background writer and
-statistics accumulate locally. `finalize()` is the single collective point: one all-reduce of
-every statistic and count, then rank 0 writes `stats.h5` and `manifest.json`.
+statistics accumulate locally. `finalize()` is the collective point of the epoch: one all-reduce
+of every statistic and count, then rank 0 writes `stats.h5` and `manifest.json`. `attach()` does
+one tiny all-reduce too, so that every rank agrees to start, resume (resume=True) or refuse
+(docs/reliability.md). Every `flush_rows` logged rows the shard commits them with the statistics
+covering exactly them; a killed job resumed with the same command and resume=True re-logs only
+the samples after each rank's last commit, and ends with every id logged exactly once.
 """
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import platform
+import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,15 +29,29 @@ from .config import LoGraConfig
 from .projection import LayerSpec
 from .session import GradientSession
 from .statistics import Accumulator
-from .store import SHARD_DIR, ShardWriter, layout_to_json, shard_path, write_json_atomic, write_stats
+from .resume import pca_path, rank_state, ranks_on_disk, read_pca, write_pca
+from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, ShardWriter, layout_to_json, partial_dir,
+                    shard_path, write_json_atomic, write_stats)
 from .tracking import NullTracker
 
 
 def model_identity(root: torch.nn.Module) -> dict[str, Any]:
     cfg = getattr(root, "config", None)
     numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
-    return {"class": f"{type(root).__module__}.{type(root).__qualname__}",
+    # FSDP2 swaps in a generated subclass "FSDP<Name>": name the user's class under every engine
+    cls = next(c for c in type(root).__mro__ if not c.__name__.startswith("FSDP"))
+    return {"class": f"{cls.__module__}.{cls.__qualname__}",
             "name_or_path": getattr(cfg, "_name_or_path", None) or None, "parameters": numel}
+
+
+def _shard_model(info: dict[str, Any]) -> str:
+    """The part of the model identity every rank sees alike (parameter counts can be per-shard)."""
+    return json.dumps({k: info.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
+
+
+def _digest_words(digest: str) -> tuple[int, int]:
+    """A 96-bit hex digest as two 48-bit integers (exact in the float64 all-reduce)."""
+    return int(digest[:12], 16), int(digest[12:24], 16)
 
 
 def versions() -> dict[str, str]:
@@ -50,8 +72,10 @@ class Logger(GradientSession):
     def __init__(self, model_or_engine: Any, config: LoGraConfig, out_dir: str | Path, *,
                  resume: bool = False, model_info: dict[str, Any] | None = None,
                  metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True,
-                 tracker: NullTracker | None = None):
-        """resume: continue this rank's unfinished shard (see `done_ids`); metadata: JSON-able
+                 commit_seconds: float | None = None, tracker: NullTracker | None = None):
+        """resume: continue the interrupted job in out_dir (see `done_ids`; starts fresh if there
+        is none); commit_seconds: commit at most this often (default $LOGRA_DIST_COMMIT_SECONDS or
+        30), and only after `flush_rows` new rows, bounding the work a kill loses; metadata: JSON-able
         facts about the job (data source, model path) recorded in the manifest; tracker: phase
         timers and I/O counters (logra_dist.tracking.Tracker), none by default."""
         self.out_dir = Path(out_dir)
@@ -62,40 +86,88 @@ class Logger(GradientSession):
         self._resume = resume
         self.metadata = metadata or {}
         self._asynchronous = asynchronous_writes
+        self._commit_seconds = (float(os.environ.get("LOGRA_DIST_COMMIT_SECONDS") or 30.0)
+                                if commit_seconds is None else commit_seconds)
         self._covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.nonfinite_ids: list[int] = []
+        self.done_ids: set[int] = set()  # handled by this rank (logged or non-finite), resumed ones too
         self._writer: ShardWriter | None = None
         self._statistics_only = False
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or model_identity(self.engine.root)
-        if self._capture is not None:
-            try:
+        try:
+            self._resuming = self._agree_on_state()
+            if self._resuming and config.init == "pca":  # log with the projections of the first attempt
+                self._install({k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
+                               for k, (a, b) in read_pca(pca_path(self.out_dir), layout_to_json(self.specs)).items()})
+            if self._capture is not None:
                 self._start_writing()
-            except BaseException:
-                super().close()  # leave the user's model as it was: no hooks, weights unfrozen
-                raise
+        except BaseException:
+            super().close()  # leave the user's model as it was: no hooks, weights unfrozen
+            raise
+
+    def _shard_attrs(self) -> dict[str, Any]:
+        return {"layout": layout_to_json(self.specs), "config": self.config.to_json(),
+                "storage_dtype": self.config.storage_dtype, "rank": self.rank,
+                "world_size": self.world_size, "model": _shard_model(self.model_info)}
+
+    def _agree_on_state(self) -> bool:
+        """Collective: every rank learns what every rank left in out_dir, so that all of them
+        start, resume or refuse together. Returns whether this job continues an earlier one."""
+        kind, problem = rank_state(shard_path(self.out_dir, self.rank), self._shard_attrs())
+        w = self.world_size
+        flags = torch.zeros(2 * w, dtype=torch.float64)
+        flags[self.rank] = {"none": 0, "partial": 1, "complete": 2}[kind]
+        flags[w + self.rank] = problem is not None
+        flags = comm.all_reduce_sum(flags)
+        kinds, problems = flags[:w].long().tolist(), [r for r in range(w) if flags[w + r] > 0]
+        shards = self.out_dir / SHARD_DIR
+        extra = [r for r in ranks_on_disk(self.out_dir) if r >= w]
+        if extra:
+            raise IndexFormatError(f"{shards}: holds shards of rank(s) {extra[:8]}, written by a job with more "
+                                   f"than {w} ranks; resume with the world size of that job, or use an empty "
+                                   "directory")
+        started = [r for r in range(w) if kinds[r]]
+        if started and not self._resume:
+            done = [r for r in range(w) if kinds[r] == 2]
+            first = (f"{shard_path(self.out_dir, done[0])}: a complete shard already exists; refusing to "
+                     "overwrite it" if done else f"{partial_dir(shard_path(self.out_dir, started[0]))}: an "
+                     "unfinished shard of an earlier job exists")
+            raise IndexFormatError(f"{first} (rank(s) {started[:8]} have shards, {done[:8]} complete); pass "
+                                   "resume=True (--resume) to continue that job, or use an empty directory")
+        if problems:
+            raise IndexFormatError(problem if problem is not None else
+                                   f"{shards}: cannot resume, rank(s) {problems[:8]} found shards of another "
+                                   "job (their error names the file)")
+        return bool(started)
 
     def _start_writing(self) -> None:
         self.accumulator = Accumulator(self.specs, self.config.hessian, self.compute_dtype)
         self._capture.token_stats = self.accumulator if self._logged_batches_feed_statistics else None
         self._writer = ShardWriter(shard_path(self.out_dir, self.rank), self.specs, self.config.to_json(),
                                    self.config.storage_dtype, self.rank, self.world_size,
-                                   self.config.flush_rows, self.config.writer_queue, resume=self._resume,
-                                   asynchronous=self._asynchronous)
+                                   self.config.flush_rows, self.config.writer_queue, resume=self._resuming,
+                                   asynchronous=self._asynchronous, model_json=_shard_model(self.model_info))
         state = self._writer.resume_state
         if state.stats_flat is not None:
             self.accumulator.load_flat(torch.from_numpy(state.stats_flat))
-            self.nonfinite_ids = []
-        self.done_ids = set(int(i) for i in state.ids)
-        self._rows_since_commit = 0
+        self.nonfinite_ids = [int(i) for i in state.nonfinite_ids]
+        self.done_ids = set(int(i) for i in state.ids) | set(self.nonfinite_ids)
+        self._rows_since_commit, self._last_commit = 0, time.monotonic()
+
+    @property
+    def needs_pca_pass(self) -> bool:
+        """init="pca" and no projections yet (a resumed job reuses those of its first attempt)."""
+        return self.config.init == "pca" and self._writer is None
 
     # -- PCA: a statistics pass before logging --------------------------------------------------
     @contextmanager
     def pca_pass(self) -> Iterator[None]:
         """Collect full-width activation and gradient covariances (capture batches as usual inside
         the block; nothing is written), then build PCA projections. Collective at exit."""
-        if self.config.init != "pca":
-            raise RuntimeError("pca_pass() is only for config.init='pca'")
+        if not self.needs_pca_pass:
+            raise RuntimeError("pca_pass() is only for config.init='pca', once, and not in a resumed job "
+                               "(check Logger.needs_pca_pass)")
         full = [LayerSpec(s.name, s.kind, s.d_in, s.d_out, s.d_in, s.d_out) for s in self.specs]
         acc = Accumulator(full, "kfac", self.compute_dtype)
         self._capture = GradientCapture(full, self._modules, {s.name: (None, None) for s in full}, self.compute_dtype)
@@ -109,6 +181,9 @@ class Logger(GradientSession):
         acc.load_flat(comm.all_reduce_sum(acc.flat()))
         self._covariances = acc.covariances()
         self._install(self._build_projections(self._covariances))
+        if self.rank == 0:
+            write_pca(pca_path(self.out_dir), layout_to_json(self.specs), self.projections)
+        comm.barrier()  # saved before any rank writes a row: a resumed job always finds them
         self._start_writing()
 
     # -- true Fisher: a statistics-only pass with sampled labels ---------------------------------
@@ -154,23 +229,30 @@ class Logger(GradientSession):
 
     # -- per batch --------------------------------------------------------------------------
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        if self._writer is None:  # inside pca_pass: statistics only
-            self._capture.flush_token_statistics()
-            self._pca_accumulator.samples += len(ids)
+        if self._writer is None:  # inside pca_pass: statistics only, of finite samples only
+            finite = self._capture.finite_samples(len(ids))
+            self._capture.flush_token_statistics(finite)
+            self._pca_accumulator.samples += int(finite.sum())
             return
-        if self._statistics_only:
+        if self._statistics_only:  # before the duplicate check: these ids are logged again outside
             _, rows = self._drop_nonfinite(ids, rows, logged=False)
             self.accumulator.update_rows(rows)
             return
+        batch_ids = ids.tolist()
+        again = self.done_ids.intersection(batch_ids)
+        if again or len(set(batch_ids)) != len(batch_ids):
+            raise ValueError(f"rank {self.rank}: sample id(s) {sorted(again)[:8] or batch_ids} logged twice; "
+                             "skip the ids in Logger.done_ids when resuming (Logger.pending)")
+        self.done_ids.update(batch_ids)  # finite or not, these samples are handled
         ids, rows = self._drop_nonfinite(ids, rows, logged=True)
         if self.config.fisher == "empirical":
             self.accumulator.update_rows(rows)
         self._writer.append(rows, ids)
-        self.done_ids.update(ids.tolist())
         self._rows_since_commit += len(ids)
-        if self._rows_since_commit >= self.config.flush_rows:
-            self._writer.commit(self.accumulator.flat().numpy())
-            self._rows_since_commit = 0
+        if (self._rows_since_commit >= self.config.flush_rows
+                and time.monotonic() - self._last_commit >= self._commit_seconds):
+            self._writer.commit(self.accumulator.flat().numpy(), self.nonfinite_ids)
+            self._rows_since_commit, self._last_commit = 0, time.monotonic()
 
     def _writer_figures(self) -> dict[str, float]:
         """The background writer's own time and bytes (for the tracker)."""
@@ -185,29 +267,40 @@ class Logger(GradientSession):
 
     # -- end of epoch -----------------------------------------------------------------------
     def finalize(self) -> dict[str, Any]:
-        """Collective: close this rank's shard, ONE all-reduce of statistics and counts, then rank 0
-        writes stats.h5 and manifest.json. Returns the manifest."""
+        """Collective: build this rank's shard, ONE all-reduce of statistics, counts and shard
+        fingerprints, then rank 0 writes stats.h5 and manifest.json. Returns the manifest. Safe
+        to re-run after a kill (resume=True): complete shards are adopted, not rebuilt."""
         if self._writer is None:
             raise RuntimeError("finalize() before any projection exists (init='pca' needs pca_pass())")
         with self.tracker.phase("write-drain"):
-            self._writer.close(complete=True)
+            self._writer.close(complete=True, stats_flat=self.accumulator.flat().numpy(),
+                               nonfinite_ids=self.nonfinite_ids)
         self.bytes_written = self._writer.bytes_written
         self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
-        rows_here = self._writer.rows_total
-        per_rank = torch.zeros(self.world_size + 1, dtype=torch.float64)
-        per_rank[self.rank] = rows_here
-        per_rank[-1] = len(self.nonfinite_ids)
+        w = self.world_size
+        info = torch.zeros(3 * w + 1, dtype=torch.float64)
+        info[self.rank] = self._writer.rows_total
+        info[w + self.rank], info[2 * w + self.rank] = _digest_words(self._writer.ids_digest)
+        info[-1] = len(self.nonfinite_ids)
         local = self.accumulator.flat()
         with self.tracker.phase("all-reduce"):
-            reduced = comm.all_reduce_sum(torch.cat([local, per_rank]))
+            reduced = comm.all_reduce_sum(torch.cat([local, info]))
         self.accumulator.load_flat(reduced[: local.numel()])
         if self.config.fisher == "true" and self.config.hessian != "none" and self.accumulator.samples == 0:
             raise RuntimeError("fisher='true' but no batch was captured inside statistics_pass(): the "
                                "Fisher has no samples (capture each batch there with sampled labels)")
-        counts = reduced[local.numel():]
-        nonfinite = self._gather_nonfinite(int(counts[-1]))
-        manifest = self._manifest([int(c) for c in counts[:-1]], nonfinite)
+        counts = [int(c) for c in reduced[local.numel():].tolist()]
+        digests = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[w:2 * w], counts[2 * w:3 * w])]
+        nonfinite = self._gather_nonfinite(counts[-1])
+        if sum(counts[:w]) == 0:
+            raise ValueError(f"{self.out_dir}: no sample was logged ({len(nonfinite)} had non-finite "
+                             "gradients); an index needs at least one")
+        manifest = self._manifest(counts[:w], digests, nonfinite)
         if self.rank == 0:
+            if nonfinite:
+                warnings.warn(f"{len(nonfinite)} sample(s) had non-finite gradients and were left out of the "
+                              f"index and its statistics: ids {nonfinite[:10]}{' ...' if len(nonfinite) > 10 else ''}"
+                              " (all listed in manifest.json 'nonfinite_ids')", RuntimeWarning, stacklevel=2)
             with self.tracker.phase("stats"):  # eigendecomposition, damping, stats.h5
                 self._write_stats(manifest)
             write_json_atomic(self.out_dir / "manifest.json", manifest)
@@ -223,15 +316,15 @@ class Logger(GradientSession):
         gathered = comm.all_gather_rows(torch.tensor(self.nonfinite_ids, dtype=torch.int64).reshape(-1, 1))
         return sorted(int(i) for g in gathered for i in g.reshape(-1).tolist())
 
-    def _manifest(self, rows_per_rank: list[int], nonfinite: list[int]) -> dict[str, Any]:
+    def _manifest(self, rows_per_rank: list[int], digests: list[str], nonfinite: list[int]) -> dict[str, Any]:
         return {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "config": self.config.to_dict(),
             "layout": layout_to_json(self.specs),
             "width": self.width,
             "world_size": self.world_size,
-            "shards": [{"path": f"{SHARD_DIR}/{shard_path(self.out_dir, r).name}", "rank": r, "rows": n}
-                       for r, n in enumerate(rows_per_rank)],
+            "shards": [{"path": f"{SHARD_DIR}/{shard_path(self.out_dir, r).name}", "rank": r, "rows": n,
+                        "ids_digest": d} for r, (n, d) in enumerate(zip(rows_per_rank, digests))],
             "total_rows": int(sum(rows_per_rank)),
             "samples_in_statistics": int(self.accumulator.samples),
             "nonfinite_ids": nonfinite,

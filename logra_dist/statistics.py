@@ -33,9 +33,10 @@ class Accumulator(TokenStatistics):
         self.samples = 0.0
 
     def observe(self, name: str, acts: torch.Tensor, grads: torch.Tensor, tokens: float = 0.0) -> None:
-        if self.hessian == "kfac":
-            self.sums[f"{name}/act"].addmm_(acts.T.to(self.dtype), acts.to(self.dtype))
-            self.sums[f"{name}/grad"].addmm_(grads.T.to(self.dtype), grads.to(self.dtype))
+        if self.hessian == "kfac":  # sums may be float64 after load_flat (a resumed job)
+            act, grad = self.sums[f"{name}/act"], self.sums[f"{name}/grad"]
+            act.addmm_(acts.T.to(act.dtype), acts.to(act.dtype))
+            grad.addmm_(grads.T.to(grad.dtype), grads.to(grad.dtype))
         self.tokens[name] += float(tokens)
 
     def update_rows(self, rows: torch.Tensor) -> None:
@@ -45,8 +46,9 @@ class Accumulator(TokenStatistics):
             return
         offset = 0
         for s in self.specs:
-            block = rows[:, offset:offset + s.width].to(self.dtype)
-            self.sums[f"{s.name}/fisher"].addmm_(block.T, block)
+            fisher = self.sums[f"{s.name}/fisher"]
+            block = rows[:, offset:offset + s.width].to(fisher.dtype)
+            fisher.addmm_(block.T, block)
             offset += s.width
 
     def flat(self) -> torch.Tensor:

@@ -1,13 +1,16 @@
 """On-disk index: per-rank HDF5 shards of projected gradients, `stats.h5`, `manifest.json`.
 
 Write side: `ShardWriter` appends rows from a background thread so disk writes overlap the next
-batch. A shard lives under a temporary name (`rank-NNNNN.h5.partial`) until the job finalizes,
-then is renamed, so a reader never sees a half-written shard under its final name. Every flush
-records how many rows are committed together with the statistics that cover exactly those rows,
-which is what makes a killed job resumable without loss or duplication.
+batch. While a job runs, a rank's rows live in a partial shard (`shards/rank-NNNNN.partial/`,
+append-only raw files plus an atomically replaced commit record: see `partial.py`); at finalize
+the committed rows become the HDF5 shard, built as `rank-NNNNN.h5.partial` and renamed to
+`rank-NNNNN.h5`, so a reader never sees a half-written shard under its final name. A shard holds
+`grads`, `ids`, per-block checksums of `grads` (`block_sums`), the rank's local statistics and
+its non-finite ids (so finalize can be re-run from complete shards), and its job's identity
+(config, layout, model, rank, world size) as attributes.
 
-Read side: `GradientStore` opens every shard of an index, checks that they agree, and serves rows
-as float32 by slice, by id, or as prefetched chunks. HDF5 has no bfloat16: bf16 rows are stored
+Read side (`reader.GradientStore`): every shard checked against the manifest when opened, every
+block of rows checked against its checksum when read. HDF5 has no bfloat16: bf16 rows are stored
 as their uint16 bit pattern with a `storage_dtype` attribute saying so. Nothing is pickled.
 """
 from __future__ import annotations
@@ -15,20 +18,23 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable
 
 import h5py
 import numpy as np
 import torch
 
+from .h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
+from .partial import COMMIT, PartialShard, PartialShardError
 from .projection import LayerSpec
 
 SHARD_DIR = "shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class IndexFormatError(ValueError):
@@ -40,7 +46,13 @@ def shard_path(out_dir: str | Path, rank: int) -> Path:
 
 
 def partial_path(path: Path) -> Path:
+    """Where the final HDF5 shard is built before its rename."""
     return path.with_name(path.name + ".partial")
+
+
+def partial_dir(path: Path) -> Path:
+    """Where a running job keeps the rank's rows (`rank-NNNNN.partial/`)."""
+    return path.with_name(path.name[: -len(".h5")] + ".partial")
 
 
 def layout_to_json(specs: list[LayerSpec]) -> str:
@@ -71,95 +83,158 @@ def decode_rows(arr: np.ndarray, storage_dtype: str) -> np.ndarray:
     return arr.astype(np.float32, copy=False)
 
 
-def _h5_dtype(storage_dtype: str) -> np.dtype:
+def h5_dtype(storage_dtype: str) -> np.dtype:
     return np.dtype(np.uint16) if storage_dtype == "bfloat16" else np.dtype(storage_dtype)
+
+
+def chunk_rows_for(width: int, itemsize: int, flush_rows: int) -> int:
+    return max(1, min(flush_rows, (1 << 22) // max(1, width * itemsize)))
+
+
+def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_rows: int) -> str:
+    """Build the final HDF5 shard from a partial's committed rows under a temporary name, then
+    rename it into place; the partial is kept until then, so a kill here loses nothing. Returns
+    the ids digest."""
+    tmp = partial_path(path)
+    n, width, record = partial.record.rows, partial.width, partial.record
+    ids = partial.committed_ids()
+    digest = ids_digest(ids)
+    with h5_writing(tmp) as f:
+        g = f.create_dataset("grads", shape=(n, width), maxshape=(None, width), dtype=partial.row_dtype,
+                             chunks=(chunk_rows, width))
+        sums = np.zeros((n + chunk_rows - 1) // chunk_rows, np.uint64)
+        step = chunk_rows * max(1, (64 << 20) // max(1, chunk_rows * partial.row_bytes))  # ~64 MiB copies
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            rows = partial.read_rows(lo, hi)
+            g[lo:hi] = rows
+            sums[lo // chunk_rows: (hi + chunk_rows - 1) // chunk_rows] = block_checksums(rows, chunk_rows)
+        f.create_dataset("ids", data=ids, maxshape=(None,), chunks=(max(1, min(max(n, 1), 1 << 16)),))
+        f.create_dataset("block_sums", data=sums)
+        f.create_dataset("nonfinite_ids", data=record.nonfinite_ids.astype(np.int64))
+        if record.stats is not None:
+            f.create_dataset("local_stats", data=record.stats)
+        f.attrs.update({**attrs, "format_version": FORMAT_VERSION, "rows": n, "block_rows": chunk_rows,
+                        "ids_digest": digest, "complete": True})
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+    return digest
 
 
 @dataclass
 class ResumeState:
-    """What a previous, interrupted run of this rank left: its committed ids and statistics."""
+    """What an earlier, interrupted run of this rank left: its committed ids, the statistics over
+    exactly them, the ids it found non-finite, and whether its shard was already complete."""
 
     ids: np.ndarray
     stats_flat: np.ndarray | None
+    nonfinite_ids: np.ndarray
+    complete: bool = False
 
 
 class ShardWriter:
-    """Appends (rows, ids) to one rank's shard from a background thread."""
+    """Appends (rows, ids) to one rank's partial shard from a background thread; `close(True)`
+    builds the final HDF5 shard. With resume=True it continues the rank's partial shard (or
+    adopts its already complete shard); see `partial.py` for why this survives any kill."""
 
     write_seconds = 0.0  # time spent handling writes, commits and the close (observability)
 
     def __init__(self, path: Path, specs: list[LayerSpec], config_json: str, storage_dtype: str,
                  rank: int, world_size: int, flush_rows: int = 1024, queue_size: int = 4,
-                 resume: bool = False, asynchronous: bool = True):
-        self.final_path, self.path = path, partial_path(path)
+                 resume: bool = False, asynchronous: bool = True, model_json: str = "null"):
+        self.final_path, self.path = path, partial_dir(path)
         self.storage_dtype, self.flush_rows = storage_dtype, flush_rows
         self.width = sum(s.width for s in specs)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.resume_state = ResumeState(np.zeros(0, np.int64), None)
-        if path.exists():
-            raise IndexFormatError(f"{path}: a complete shard already exists; refusing to overwrite it "
-                              "(choose another --out or delete the index)")
-        if resume and self.path.exists():
-            self.file = h5py.File(self.path, "r+")
-            self._check_resumable(specs, config_json)
-        else:
-            self.file = h5py.File(self.path, "w")
-            self._create(specs, config_json, rank, world_size)
-        self.rows_committed = int(self.file.attrs["rows_committed"])
-        self.bytes_written = 0
-        self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
-        self._error: BaseException | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.attrs = {"layout": layout_to_json(specs), "config": config_json, "storage_dtype": storage_dtype,
+                      "rank": rank, "world_size": world_size, "model": model_json}
+        self.bytes_written, self.ids_digest = 0, ""
+        self.partial: PartialShard | None = None
+        self.complete, self._closed = False, False
         self._thread = None
+        self._error: BaseException | None = None
+        if path.exists():
+            if not resume:
+                raise IndexFormatError(f"{path}: a complete shard already exists; refusing to overwrite it "
+                                       "(choose another --out, delete the index, or pass --resume)")
+            self.resume_state, self.ids_digest = self._adopt_complete()
+            self.rows_total, self.complete = len(self.resume_state.ids), True
+            shutil.rmtree(self.path, ignore_errors=True)  # killed after the rename: leftover partial
+            return
+        if (self.path / COMMIT).exists() and not resume:
+            raise IndexFormatError(f"{self.path}: an unfinished shard of an earlier job exists; pass "
+                                   "resume=True (--resume) to continue it, or delete it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.partial = PartialShard(self.path, h5_dtype(storage_dtype), self.width, self.attrs)
+        except PartialShardError as e:
+            raise IndexFormatError(str(e)) from e
+        except OSError as e:
+            raise IndexFormatError(f"{self.path}: cannot write the partial shard: {e!r}") from e
+        rec = self.partial.record
+        self.resume_state = ResumeState(self.partial.committed_ids(), rec.stats, rec.nonfinite_ids)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         if asynchronous:
             self._thread = threading.Thread(target=self._run, name=f"logra-writer-{rank}", daemon=True)
             self._thread.start()
 
-    def _create(self, specs, config_json, rank, world_size) -> None:
-        f = self.file
-        chunk = (max(1, min(self.flush_rows, max(1, (1 << 22) // max(1, self.width * 2)))), self.width)
-        f.create_dataset("grads", shape=(0, self.width), maxshape=(None, self.width),
-                         dtype=_h5_dtype(self.storage_dtype), chunks=chunk)
-        f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(max(chunk[0], 1024),))
-        f.attrs.update({"format_version": FORMAT_VERSION, "layout": layout_to_json(specs),
-                        "config": config_json, "storage_dtype": self.storage_dtype, "rank": rank,
-                        "world_size": world_size, "complete": False, "rows_committed": 0})
-        f.flush()
-
-    def _check_resumable(self, specs, config_json) -> None:
-        f = self.file
-        if f.attrs.get("layout") != layout_to_json(specs) or f.attrs.get("config") != config_json:
-            raise IndexFormatError(f"{self.path}: cannot resume, the partial shard was written with another "
-                              "config or layer layout")
-        n = int(f.attrs["rows_committed"])
-        f["grads"].resize(n, axis=0)  # discard rows written after the last commit point
-        f["ids"].resize(n, axis=0)
-        stats = f["partial_stats"][()] if "partial_stats" in f else None
-        self.resume_state = ResumeState(f["ids"][:], stats)
+    def _adopt_complete(self) -> tuple[ResumeState, str]:
+        problem = check_shard_attrs(self.final_path, self.attrs)
+        if problem:
+            raise IndexFormatError(f"{self.final_path}: cannot resume, {problem}")
+        with h5py.File(self.final_path, "r") as f:
+            stats = f["local_stats"][()] if "local_stats" in f else None
+            state = ResumeState(f["ids"][:], stats, f["nonfinite_ids"][:], complete=True)
+            return state, str(f.attrs["ids_digest"])
 
     # -- producer side (main thread) -------------------------------------------------------
     def append(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        if self.complete:
+            raise IndexFormatError(f"{self.final_path}: this rank's shard is already complete (resumed "
+                                   "job): skip the ids in Logger.done_ids")
         self._put(("rows", encode_rows(rows, self.storage_dtype), ids.detach().cpu().numpy().astype(np.int64)))
 
-    def commit(self, stats_flat: np.ndarray | None) -> None:
-        """Write everything appended so far, with the statistics that cover exactly those rows."""
-        self._put(("commit", stats_flat, None))
+    def commit(self, stats_flat: np.ndarray | None, nonfinite_ids=()) -> None:
+        """Make everything appended so far durable, with the statistics covering exactly it."""
+        if not self.complete:
+            self._put(("commit", stats_flat, np.asarray(nonfinite_ids, np.int64)))
 
-    def close(self, complete: bool) -> Path:
-        """Drain, mark complete if asked, and (if complete) rename to the final name."""
-        self._put(("close", complete, None))
+    def close(self, complete: bool, stats_flat: np.ndarray | None = None, nonfinite_ids=()) -> Path:
+        """complete=True: commit, build the final shard, return its path (raises if any write
+        failed). complete=False: stop writing and keep the partial shard as of its last commit
+        (never raises: it runs on error paths)."""
+        if self.complete or self._closed:
+            return self.final_path if self.complete else self.path
+        if not complete:
+            self._closed = True
+            self._stop()
+            return self.path
+        self._put(("commit", stats_flat, np.asarray(nonfinite_ids, np.int64)))
+        self._put(("close", True, None))
+        self._closed = True
         if self._thread is not None:
             self._thread.join()
         self._raise_if_failed()
-        if complete:
-            os.replace(self.path, self.final_path)
-            return self.final_path
-        return self.path
+        self.complete = True
+        return self.final_path
+
+    def _stop(self) -> None:
+        if self._thread is None:
+            self.partial.close()
+            return
+        self._queue.put(("close", False, None))  # after an error the thread still drains the queue
+        self._thread.join()
 
     def _put(self, item) -> None:
         self._raise_if_failed()
         if self._thread is None:
-            self._timed_handle(item)
+            try:
+                self._timed_handle(item)
+            except BaseException as e:
+                self._error = e
+                if item[0] == "close":
+                    self.partial.close()
+                raise IndexFormatError(f"{self.path}: write failed: {e!r}; the shard stays resumable from "
+                                       "its last commit (fix the cause, rerun with --resume)") from e
             return
         while True:
             try:
@@ -170,7 +245,8 @@ class ShardWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise IndexFormatError(f"{self.path}: background write failed: {self._error!r}") from self._error
+            raise IndexFormatError(f"{self.path}: write failed: {self._error!r}; the shard stays resumable "
+                                   "from its last commit (fix the cause, rerun with --resume)") from self._error
 
     # -- consumer side (writer thread) -----------------------------------------------------
     def _run(self) -> None:
@@ -182,6 +258,7 @@ class ShardWriter:
             except BaseException as e:  # surfaced in the main thread at the next call
                 self._error = e
             if item[0] == "close":
+                self.partial.close()
                 return
 
     def _timed_handle(self, item) -> None:
@@ -194,42 +271,59 @@ class ShardWriter:
     def _handle(self, item) -> None:
         kind, a, b = item
         if kind == "rows":
-            self._buffer.append((a, b))
-            if sum(len(ids) for _, ids in self._buffer) >= self.flush_rows:
-                self._write_buffer()
+            self.partial.append(a, b)
+            self.bytes_written += a.nbytes + b.nbytes
         elif kind == "commit":
-            self._write_buffer()
-            if a is not None:
-                if "partial_stats" in self.file:
-                    del self.file["partial_stats"]
-                self.file.create_dataset("partial_stats", data=a)
-            self.file.attrs["rows_committed"] = self.file["ids"].shape[0]
-            self.file.flush()
+            self.partial.commit(a, b)
         elif kind == "close":
-            self._write_buffer()
-            self.rows_total = int(self.file["ids"].shape[0])
-            try:
-                if a:
-                    self.file.attrs["rows_committed"] = self.file["ids"].shape[0]
-                    if "partial_stats" in self.file:
-                        del self.file["partial_stats"]
-                    self.file.attrs["complete"] = True
-            finally:
-                self.file.close()
+            self.rows_total = self.partial.rows
+            if a:
+                chunk = chunk_rows_for(self.width, self.partial.row_dtype.itemsize, self.flush_rows)
+                self.ids_digest = write_shard(self.final_path, self.partial, self.attrs, chunk)
+                self.partial.remove()
+            else:
+                self.partial.close()
 
-    def _write_buffer(self) -> None:
-        if not self._buffer:
-            return
-        rows = np.concatenate([r for r, _ in self._buffer])
-        ids = np.concatenate([i for _, i in self._buffer])
-        self._buffer = []
-        g, i = self.file["grads"], self.file["ids"]
-        n = g.shape[0]
-        g.resize(n + len(ids), axis=0)
-        i.resize(n + len(ids), axis=0)
-        g[n:] = rows
-        i[n:] = ids
-        self.bytes_written += rows.nbytes + ids.nbytes
+
+def write_index(out_dir: str | Path, specs: list[LayerSpec], config_json: str, shards: list[Iterable[tuple[Any, Any]]],
+                model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An index from precomputed rows, in one process: for tests, benchmarks and tools. `shards`:
+    per rank, an iterable of (ids, rows) blocks. Shards and manifest are exactly what a logging
+    job writes; no stats.h5 (write_stats adds one). Returns the manifest."""
+    out_dir, model = Path(out_dir), model or {"class": None, "name_or_path": None}
+    config = json.loads(config_json)
+    model_json = json.dumps({k: model.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
+    entries = []
+    for rank, blocks in enumerate(shards):
+        w = ShardWriter(shard_path(out_dir, rank), specs, config_json, config["storage_dtype"], rank, len(shards),
+                        flush_rows=config["flush_rows"], asynchronous=False, model_json=model_json)
+        for ids, rows in blocks:
+            w.append(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
+        w.close(complete=True)
+        entries.append({"path": f"{SHARD_DIR}/{shard_path(out_dir, rank).name}", "rank": rank,
+                        "rows": w.rows_total, "ids_digest": w.ids_digest})
+    manifest = {"format_version": FORMAT_VERSION, "config": config, "layout": layout_to_json(specs),
+                "width": sum(s.width for s in specs), "world_size": len(shards), "shards": entries,
+                "total_rows": sum(e["rows"] for e in entries), "nonfinite_ids": [], "model": model, "metadata": {}}
+    write_json_atomic(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def check_shard_attrs(path: Path, want: dict[str, Any]) -> str | None:
+    """Why the complete shard at `path` does not belong to the job described by `want` (None if
+    it does). Used when resuming; the reader checks shards against the manifest the same way."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            names = set(f.keys())
+    except OSError as e:
+        return f"not a readable HDF5 shard (truncated or corrupted?): {e}"
+    if not attrs.get("complete", False) or not {"grads", "ids", "nonfinite_ids"} <= names:
+        return "the shard is incomplete"
+    for key, value in want.items():
+        if attr_value(attrs.get(key)) != value:
+            return f"it was written with another {key} ({attr_value(attrs.get(key))!r:.120} != {value!r:.120})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +333,7 @@ class ShardWriter:
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 
@@ -246,7 +341,7 @@ def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarr
                 attrs: dict[str, Any]) -> None:
     """stats.h5: one group per layer holding the eigendecomposition (and PCA projections)."""
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    with h5_writing(tmp) as f:
         f.attrs.update({"hessian": kind, "damping": damping, **attrs})
         for key, arr in state.items():
             f.create_dataset(key, data=arr)
@@ -257,12 +352,15 @@ def read_stats(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     if not path.exists():
         raise IndexFormatError(f"{path}: missing; the index was not finalized (Logger.finalize)")
     state: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        attrs = dict(f.attrs)
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
 
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                state[name] = obj[()]
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    state[name] = obj[()]
 
-        f.visititems(visit)
+            f.visititems(visit)
+    except OSError as e:
+        raise IndexFormatError(f"{path}: unreadable statistics (truncated or corrupted?): {e}") from e
     return attrs, state

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .partition import Ranges
-from .reader import GradientStore
+from .reader import GradientStore, StreamCheck
 from .store import IndexFormatError
 
 _STAGE_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
@@ -41,14 +41,16 @@ class ChunkStream:
             raise IndexFormatError(f"{store.root}: unknown storage dtype {self.storage!r}")
 
     def _read(self, files: list[h5py.File], lo: int, hi: int, stage: np.ndarray) -> None:
-        """Rows [lo, hi) of the global row space into stage[:hi - lo], crossing shard boundaries."""
-        for info, f in zip(self.store.shards, files):
+        """Rows [lo, hi) of the global row space into stage[:hi - lo], crossing shard boundaries,
+        each checked against its shard's block checksums (reader.StreamCheck, one per iteration)."""
+        for info, f, check in zip(self.store.shards, files, self._checks):
             a, b = max(lo, info.offset), min(hi, info.offset + info.rows)
             if a < b:
                 try:
                     f["grads"].read_direct(stage, np.s_[a - info.offset:b - info.offset], np.s_[a - lo:b - lo])
                 except OSError as e:
                     raise IndexFormatError(f"{info.path}: rows {a - info.offset}..{b - info.offset} unreadable: {e}") from e
+                check.see(a - info.offset, stage[a - lo:b - lo])
 
     def _widen(self, stage: np.ndarray, out: torch.Tensor, n: int) -> None:
         src = torch.from_numpy(stage[:n])
@@ -71,6 +73,7 @@ class ChunkStream:
 
         def produce() -> None:
             files = [h5py.File(s.path, "r") for s in self.store.shards]
+            self._checks = [StreamCheck(s) for s in self.store.shards]
             try:
                 for lo, hi in self.bounds:
                     item = None
@@ -91,6 +94,8 @@ class ChunkStream:
                     tracker.add_time("read", time.perf_counter() - t0)
                     tracker.count(bytes_read=(hi - lo) * row_bytes)  # bytes as stored on disk
                     ready.put((lo, hi, item, None if self.side is None else self.side(lo, hi)))
+                for check, f in zip(self._checks, files):  # blocks the ranges only partly covered
+                    check.finish(f["grads"])
                 ready.put(None)
             except BaseException as e:  # re-raised in the consumer
                 ready.put(e)

@@ -180,23 +180,19 @@ def reference_topk(scores: np.ndarray, train_ids: np.ndarray, k: int) -> tuple[n
 
 
 def write_synthetic_index(out: Path, shard_rows: list[int], storage_dtype: str, seed: int = 0) -> np.ndarray:
-    """Shards of random rows written with ShardWriter (no model, no stats); returns the float32
-    rows that were given to the writer, in store order."""
+    """Shards of random rows written with store.write_index (no model, no stats); returns the
+    float32 rows that were given to the writer, in store order."""
     from logra_dist.projection import LayerSpec
-    from logra_dist.store import SHARD_DIR, ShardWriter, layout_to_json, shard_path, write_json_atomic
+    from logra_dist.store import write_index
 
     specs = [LayerSpec("a", "linear", 4, 4, 2, 3), LayerSpec("b", "linear", 4, 4, 3, 2)]
-    cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype=storage_dtype)
+    cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype=storage_dtype, flush_rows=3)
     gen = torch.Generator().manual_seed(seed)
-    all_rows, start = [], 0
-    for r, n in enumerate(shard_rows):
-        w = ShardWriter(shard_path(out, r), specs, cfg.to_json(), storage_dtype, r, len(shard_rows), flush_rows=3)
+    shards, all_rows, start = [], [], 0
+    for n in shard_rows:
         rows = torch.randn(n, 12, generator=gen)
-        w.append(rows, torch.arange(start, start + n) * 7 % 1000)
-        w.close(complete=True)
+        shards.append([(torch.arange(start, start + n) * 7 % 1000, rows)])
         all_rows.append(rows)
         start += n
-    write_json_atomic(Path(out) / "manifest.json", {
-        "layout": layout_to_json(specs), "shards": [{"path": f"{SHARD_DIR}/{shard_path(out, r).name}", "rows": n}
-                                                     for r, n in enumerate(shard_rows)]})
+    write_index(out, specs, cfg.to_json(), shards)
     return torch.cat(all_rows).numpy()

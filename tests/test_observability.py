@@ -19,6 +19,7 @@ from logra_dist import LoGraConfig, attach
 from logra_dist.cli import main
 from logra_dist.embedded import load_corpus
 from logra_dist.inspect_index import inspect_index, render
+from logra_dist.partial import read_record, write_record
 from logra_dist.tracking import NULL_TRACKER, Tracker, wandb_mode
 from wandb_offline import read_run
 
@@ -133,26 +134,28 @@ def test_inspect_complete_index(job):
 def test_inspect_partial_index_says_what_is_missing(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
-    logger = attach(model, LoGraConfig(k_in=2, k_out=2, flush_rows=4), tmp_path / "index")
+    logger = attach(model, LoGraConfig(k_in=2, k_out=2, flush_rows=4), tmp_path / "index", commit_seconds=0)
     for start in range(0, 10, 2):  # 10 rows; commits every 4 rows -> 8 committed
         x = torch.randn(2, 8)
         with logger.capture(torch.arange(start, start + 2)):
             logger.backward(model(x).pow(2).sum())
-    logger.close()  # killed before finalize: the shard stays .partial
-    shard = tmp_path / "index" / "shards" / "rank-00000.h5.partial"
-    with h5py.File(shard, "r+") as f:
-        f.attrs["world_size"] = 2  # as if rank 1 of a 2-rank job never wrote anything
+    logger.close()  # killed before finalize: the shard stays partial
+    shard = tmp_path / "index" / "shards" / "rank-00000.partial"
+    record = read_record(shard / "commit.npz")
+    record.meta["world_size"] = 2  # as if rank 1 of a 2-rank job never wrote anything
+    write_record(shard / "commit.npz", record)
     facts = inspect_index(tmp_path / "index")
     assert not facts["complete"]
     problems = "\n".join(facts["problems"])
     assert "manifest.json missing" in problems and "stats.h5 missing" in problems
-    assert "rank-00000.h5.partial: incomplete (10 rows on disk, 8 committed" in problems
+    assert "rank-00000.partial: incomplete (10 rows on disk, 8 committed" in problems
     assert "no shard at all for rank(s) [1]" in problems
     assert facts["sampled_rows"] == 8 and len(facts["layer_norms"]) == 2  # committed rows only
-    # a truncated shard is reported, not a crash
-    (tmp_path / "index" / "shards" / "rank-00001.h5.partial").write_bytes(shard.read_bytes()[:300])
+    # a damaged partial shard is reported, not a crash
+    shutil.copytree(shard, tmp_path / "index" / "shards" / "rank-00001.partial")
+    (tmp_path / "index" / "shards" / "rank-00001.partial" / "commit.npz").write_bytes(b"PK\x03\x04 truncated")
     facts = inspect_index(tmp_path / "index")
-    assert any("rank-00001.h5.partial: unreadable" in p for p in facts["problems"])
+    assert any("rank-00001.partial: unreadable" in p for p in facts["problems"])
     assert "INCOMPLETE" in render(facts) and "ERROR" in render(facts)
 
 

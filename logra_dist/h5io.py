@@ -1,0 +1,127 @@
+"""Low-level file safety for the index: fsync, HDF5 written through an error guard, checksums.
+
+Nothing here knows LoGra; `store` and `reader` build on it.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (after a rename, so the new name survives a power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes through. An I/O error (disk full, file size limit) is recorded and
+    hidden from HDF5, which can crash when it closes a file whose write failed (HDF5 2.0); it is
+    raised once HDF5 is done with the file (`h5_writing`)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self._f, self.error = open(path, "w+b", buffering=0), None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, b) -> int:
+        return self._f.readinto(b)
+
+    def write(self, b) -> int:
+        view = memoryview(b).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += self._f.write(view[done:])
+                return len(view)
+            except OSError as e:
+                self.error = e
+        self._f.seek(len(view), 1)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self._f.truncate(size)
+            except OSError as e:
+                self.error = e
+        return self._f.tell() if size is None else size
+
+    def close(self) -> None:
+        if not self._f.closed:
+            if self.error is None:
+                os.fsync(self._f.fileno())
+            self._f.close()
+        super().close()
+
+
+@contextmanager
+def h5_writing(tmp: Path) -> Iterator[h5py.File]:
+    """A new HDF5 file at `tmp`, durable (fsynced) when the block ends; an I/O error during
+    the block is raised at its end. The caller renames `tmp` into place only after that."""
+    guard = _GuardedFile(tmp)
+    try:
+        with h5py.File(guard, "w") as f:
+            yield f
+    finally:
+        guard.close()
+    if guard.error is not None:
+        raise guard.error
+
+
+def row_checksums(rows: np.ndarray) -> np.ndarray:
+    """uint64 per stored row: the sum (mod 2^64) of its bytes read as little-endian 64-bit words,
+    the tail zero-padded. Any change of one bit changes it; it runs at memory speed (a CRC, or
+    HDF5's fletcher32 filter, halves the read rate here)."""
+    n = len(rows)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    raw = np.ascontiguousarray(rows).reshape(n, -1).view(np.uint8)
+    if raw.shape[1] % 8:
+        padded = np.zeros((n, raw.shape[1] + 8 - raw.shape[1] % 8), np.uint8)
+        padded[:, :raw.shape[1]] = raw
+        raw = padded
+    return raw.view("<u8").sum(axis=1, dtype=np.uint64)
+
+
+def block_checksums(rows: np.ndarray, block_rows: int) -> np.ndarray:
+    """One uint64 per block of `block_rows` rows: the sum of its rows' checksums. Being a sum, a
+    block read in pieces (by a stream, at any boundaries) can be checked from the pieces."""
+    sums = row_checksums(rows)
+    if len(sums) == 0:
+        return sums
+    return np.add.reduceat(sums, np.arange(0, len(sums), block_rows)).astype(np.uint64)
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """96-bit fingerprint of a shard's ids, recorded in the manifest and checked on open."""
+    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()[:24]
+
+
+def attr_value(value):
+    return value.item() if isinstance(value, np.generic) else value

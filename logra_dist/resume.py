@@ -1,0 +1,86 @@
+"""What an interrupted logging job left on disk, and whether this job may continue it.
+
+Every rank inspects its own files (`rank_state`), then the Logger all-reduces one small vector so
+that all ranks start, resume or refuse together: a rank that refused alone would leave the others
+waiting at the next collective. A resume needs the same world size, config, layer layout, storage
+dtype and model: rank r must own exactly the samples it owned before (rank striding) and its
+committed rows must be comparable with the new ones. init="pca" jobs also keep their projections
+(`pca_projections.npz`), since a PCA pass over the remaining samples would give other ones.
+"""
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .partial import COMMIT, PartialShardError, read_record
+from .h5io import fsync_path
+from .store import SHARD_DIR, IndexFormatError, check_shard_attrs, layout_from_json, partial_dir
+
+_RANK_FILE = re.compile(r"^rank-(\d+)\.(h5|partial)$")
+
+
+def rank_state(path: Path, want: dict[str, Any]) -> tuple[str, str | None]:
+    """("none" | "partial" | "complete", why it does not belong to this job, or None) for the
+    files one rank left under the final shard name `path`."""
+    if path.exists():
+        problem = check_shard_attrs(path, want)
+        return "complete", (f"{path}: {problem}" if problem else None)
+    record_path = partial_dir(path) / COMMIT
+    if not record_path.exists():
+        return "none", None
+    try:
+        meta = read_record(record_path).meta
+    except PartialShardError as e:
+        return "partial", str(e)
+    for key, value in want.items():
+        if meta.get(key) != value:
+            return "partial", (f"{record_path.parent}: written with another {key} "
+                               f"({str(meta.get(key))[:120]!r} != {str(value)[:120]!r})")
+    return "partial", None
+
+
+def ranks_on_disk(out_dir: str | Path) -> list[int]:
+    """Ranks that have a shard or a partial shard under `out_dir/shards`."""
+    folder = Path(out_dir) / SHARD_DIR
+    found = {int(m.group(1)) for m in map(_RANK_FILE.match, os.listdir(folder)) if m} if folder.is_dir() else set()
+    return sorted(found)
+
+
+def pca_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / SHARD_DIR / "pca_projections.npz"
+
+
+def write_pca(path: Path, layout_json: str, projections: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The PCA projections of a running job, so a resumed job logs with the same ones."""
+    arrays = {"layout": np.array(layout_json)}
+    for i, s in enumerate(layout_from_json(layout_json)):
+        p_in, p_out = projections[s.name]
+        arrays[f"p_in_{i}"], arrays[f"p_out_{i}"] = p_in.cpu().double().numpy(), p_out.cpu().double().numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+
+
+def read_pca(path: Path, layout_json: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    if not path.exists():
+        raise IndexFormatError(f"{path}: missing, so this init='pca' job cannot resume with the projections "
+                               "it logged with (killed during its PCA pass?); delete the index and start over")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["layout"][()]) != layout_json:
+                raise IndexFormatError(f"{path}: PCA projections of another layer layout")
+            return {s.name: (torch.from_numpy(z[f"p_in_{i}"]), torch.from_numpy(z[f"p_out_{i}"]))
+                    for i, s in enumerate(layout_from_json(layout_json))}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        if isinstance(e, IndexFormatError):
+            raise
+        raise IndexFormatError(f"{path}: unreadable PCA projections ({e})") from e
