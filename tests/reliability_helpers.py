@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAULTS = ROOT / "tests" / "faults"
 MLP_WORKER = FAULTS / "mlp_worker.py"
 CLI_WORKER = FAULTS / "cli_worker.py"
-TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))  # the venv's, whatever PATH says
 
 sys.path.insert(0, str(FAULTS))
 import mlp_worker  # noqa: E402

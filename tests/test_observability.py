@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -126,7 +127,7 @@ def test_inspect_complete_index(job):
     assert facts["shards"][0]["id_range"] == [0, N_TRAIN - 1] and facts["disk_bytes"] > N_TRAIN * facts["width"] * 2
     text = render(facts)
     assert "COMPLETE" in text and "model.layers.0.self_attn.q_proj" in text
-    out = subprocess.run(["python", "-m", "logra_dist.cli", "inspect", "--json", str(job["root"] / "index")],
+    out = subprocess.run([sys.executable, "-m", "logra_dist.cli", "inspect", "--json", str(job["root"] / "index")],
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     assert out.returncode == 0 and json.loads(out.stdout)["rows_on_disk"] == N_TRAIN
 

@@ -109,7 +109,7 @@ class Attributor:
         scorer = Scorer(self.model, out, mode="dot")
         try:
             self._capture_all(scorer, "query", self.query_ids, "data", gen)
-            self._query_rows[key] = scorer.query_rows.clone()
+            self._query_rows[key] = scorer.queries.local_rows().clone()
             if not np.array_equal(scorer.query_ids, self.query_ids):
                 raise RuntimeError("query ids came back in another order")
         finally:
