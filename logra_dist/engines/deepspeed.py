@@ -51,8 +51,9 @@ class DeepSpeedEngineAdapter(Engine):
 
     @contextmanager
     def generation(self) -> Iterator[nn.Module]:
-        """`engine.module.generate`: ZeRO-3's module hooks gather each layer per forward; weights a
-        forward left gathered are re-partitioned afterwards, as after a logging backward."""
+        """`engine.module.generate`: ZeRO-3's module hooks gather each layer per forward. Afterwards,
+        any weight left gathered is re-partitioned, as after a logging backward (none was left on
+        a freshly loaded engine, measured; a trained engine's prefetch trace may keep some)."""
         try:
             yield self.root
         finally:
