@@ -146,7 +146,8 @@ def test_score_prompts_attributes_the_models_own_completions(root, tmp_path):
         rec = records[c.id]
         assert (rec["prompt"], rec["completion"]) == (c.prompt, c.completion) and c.completion
         assert rec["query_text"] == c.prompt + c.completion
-        assert len(c.sample.input_ids) - c.sample.labels.count(-100) == 8  # no EOS from this model: all 8 tokens
+        generated = c.sample.input_ids[c.sample.labels.count(-100):]
+        assert len(generated) == 8 or (len(generated) < 8 and generated[-1] == tokenizer.eos_token_id)
     assert "Open the file and " in (tmp_path / "res" / "topk.md").read_text()
 
 
