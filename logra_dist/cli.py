@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--data", nargs="*", default=None, help="jsonl or text files (default: bundled corpus)")
     log.add_argument("--out", default="runs/index", help="index directory")
     log.add_argument("--max-samples", type=int, default=None, help="log only the first N samples")
-    log.add_argument("--logra", default=None, help="LoGraConfig as a JSON file (flags below override it)")
+    log.add_argument("--logra", default=None, help="LoGraConfig as a JSON file, or an index directory whose "
+                     "config to reuse (e.g. to log queries for `score --query-index`); flags below override it")
     log.add_argument("--k-in", type=int, default=None)
     log.add_argument("--k-out", type=int, default=None)
     log.add_argument("--init", default=None, choices=["random", "pca", "identity"])
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="top-k training examples for each query")
     _add_common(score)
     score.add_argument("--index", required=True, help="index directory written by `log`")
-    score.add_argument("--queries", required=True, help="jsonl: {\"text\"} or {\"prompt\", \"completion\"}")
+    _add_query_sources(score)
     score.add_argument("--topk", type=int, default=10)
     score.add_argument("--mode", default="relatif", choices=["dot", "relatif", "cosine"])
     score.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
@@ -131,7 +132,11 @@ def load_documents(data: Sequence[str] | None) -> list[Document]:
 
 
 def _logra_config(args: argparse.Namespace) -> LoGraConfig:
-    base = json.loads(Path(args.logra).read_text()) if args.logra else {}
+    base: dict[str, Any] = {}
+    if args.logra:  # a JSON file, or an index whose config to reuse
+        path = Path(args.logra)
+        base = json.loads((path / "manifest.json").read_text())["config"] if path.is_dir() \
+            else json.loads(path.read_text())
     for key in ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude"):
         value = getattr(args, key)
         if value is not None:
@@ -229,10 +234,13 @@ def _capture(session, batch, tracker=None) -> None:
 # -- score ----------------------------------------------------------------------------------------
 def run_score(args: argparse.Namespace):
     from .reader import read_manifest
-    from .results import markdown, listing
     from .scorer import Scorer
 
     check_args(args)
+    if args.query_index is not None or args.prompts is not None:
+        from .score_sources import run_score_prompts, run_score_query_index
+
+        return run_score_query_index(args) if args.query_index is not None else run_score_prompts(args)
     _init_distributed()
     queries = read_documents(args.queries)
     index = Path(args.index)
@@ -249,14 +257,22 @@ def run_score(args: argparse.Namespace):
         result = scorer.topk(args.topk)
     tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
                     "score/k": args.topk})
-    if comm.rank() == 0:
-        train_text = {d.id: d.full_text for d in load_documents(_training_data(manifest))}
-        query_text = {q.id: q.full_text for q in queries}
-        if args.out:
-            scorer.write_results(args.out, result, query_text, train_text)
-        print(markdown(listing(result, query_text, train_text), result))
+    from .score_sources import report_scores
+
+    report_scores(args, scorer, result, manifest, {q.id: q.full_text for q in queries})
     scorer.close()
     return result
+
+
+def _add_query_sources(score: argparse.ArgumentParser) -> None:
+    """What to attribute: query texts, a precomputed query index, or the model's own completions."""
+    source = score.add_mutually_exclusive_group(required=True)
+    source.add_argument("--queries", help="jsonl: {\"text\"} or {\"prompt\", \"completion\"}")
+    source.add_argument("--query-index", default=None, help="index of query gradients logged by `log --data "
+                        "QUERIES --logra <the index's config>`: scored without loading the model")
+    source.add_argument("--prompts", default=None, help="jsonl {\"prompt\"} or one prompt per line: the model "
+                        "completes each (greedy) and the completion given its prompt is attributed")
+    score.add_argument("--max-new-tokens", type=int, default=32, help="with --prompts: tokens generated at most")
 
 
 def _training_data(manifest: dict) -> list[str] | None:

@@ -57,3 +57,12 @@ def all_gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_objects(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order (small metadata only: texts, ids)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

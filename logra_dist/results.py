@@ -63,15 +63,18 @@ def read_topk_h5(path: str | Path) -> TopKResult:
     return out
 
 
-def listing(result: TopKResult, query_text: TextLookup = None, train_text: TextLookup = None) -> list[dict[str, Any]]:
-    """One record per query: its text and ranked training examples (with texts when given)."""
+def listing(result: TopKResult, query_text: TextLookup = None, train_text: TextLookup = None,
+            query_fields: Mapping[int, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One record per query: its text and ranked training examples (with texts when given);
+    query_fields: more JSON-able facts per query id (e.g. a prompt and the model's completion)."""
     def ranked(r: TopKResult, q: int) -> list[dict[str, Any]]:
         return [{"rank": j + 1, "train_id": int(t), "score": float(s), "text": _text(train_text, int(t))}
                 for j, (t, s) in enumerate(zip(r.train_ids[q], r.scores[q]))]
 
     records = []
     for q, qid in enumerate(np.asarray(result.query_ids).tolist()):
-        rec = {"query_id": int(qid), "query_text": _text(query_text, int(qid)), "results": ranked(result, q)}
+        rec = {"query_id": int(qid), "query_text": _text(query_text, int(qid)),
+               **(query_fields or {}).get(int(qid), {}), "results": ranked(result, q)}
         if result.groups:
             rec["groups"] = {name: ranked(sub, q) for name, sub in result.groups.items()}
         records.append(rec)
@@ -111,7 +114,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def write_results(out_dir: str | Path, result: TopKResult, *, index_dir: str | Path | None = None,
                   config: Any = None, query_text: TextLookup = None, train_text: TextLookup = None,
-                  attrs: Mapping[str, Any] | None = None) -> dict[str, Path] | None:
+                  attrs: Mapping[str, Any] | None = None,
+                  query_fields: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Path] | None:
     """On rank 0: out_dir/topk.h5, topk.jsonl and topk.md. Returns their paths (None elsewhere).
     config: the index's LoGraConfig (or anything JSON-able) recorded in topk.h5's attributes."""
     if comm.rank() != 0:
@@ -124,7 +128,7 @@ def write_results(out_dir: str | Path, result: TopKResult, *, index_dir: str | P
     if config is not None:
         meta["config"] = config.to_json() if hasattr(config, "to_json") else json.dumps(config, sort_keys=True)
     paths = {"h5": write_topk_h5(out / "topk.h5", result, meta)}
-    records = listing(result, query_text, train_text)
+    records = listing(result, query_text, train_text, query_fields)
     _write_text_atomic(out / "topk.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     _write_text_atomic(out / "topk.md", markdown(records, result))
     paths.update(jsonl=out / "topk.jsonl", md=out / "topk.md")

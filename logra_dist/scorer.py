@@ -295,10 +295,13 @@ class Scorer(GradientSession):
         return values if per_layer else values.sum(1)
 
     def write_results(self, out_dir: str | Path, result: TopKResult, query_text: TextLookup = None,
-                      train_text: TextLookup = None) -> dict[str, Path] | None:
-        """On rank 0 (no collective): topk.h5, topk.jsonl, topk.md with this index's path and config."""
+                      train_text: TextLookup = None, query_fields: dict[int, dict[str, Any]] | None = None
+                      ) -> dict[str, Path] | None:
+        """On rank 0 (no collective): topk.h5, topk.jsonl, topk.md with this index's path and config;
+        query_fields: extra per-query facts for the listing (see results.listing)."""
         return write_results(out_dir, result, index_dir=self.index_dir, config=self.config, query_text=query_text,
-                             train_text=train_text, attrs={"hessian": self.hessian, "world_size": self.world})
+                             train_text=train_text, attrs={"hessian": self.hessian, "world_size": self.world},
+                             query_fields=query_fields)
 
     def close(self) -> None:
         self._cache.close()

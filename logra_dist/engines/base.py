@@ -1,7 +1,7 @@
 """What the orchestrators need from a training stack, and the bare-module implementation."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, ContextManager, Iterator
 
 import torch
@@ -76,6 +76,18 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         with self.sync_disabled():
             loss.backward()
+
+    @property
+    def synced_generation(self) -> bool:
+        """Whether `generate` must keep stepping until every rank is done (Hugging Face's
+        `synced_gpus`): with collective forwards a rank that stopped early would hang its peers."""
+        return self.forward_is_collective and comm.is_distributed()
+
+    @contextmanager
+    def generation(self) -> Iterator[nn.Module]:
+        """The module whose `.generate(...)` runs with this engine's weights (sharded engines
+        gather each layer inside its forward, as for logging). Use under torch.no_grad()."""
+        yield self.root
 
 
 class DDPEngine(Engine):

@@ -9,7 +9,8 @@ forward and again for the activation-gradient backward, and that is the only tra
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -47,6 +48,17 @@ class DeepSpeedEngineAdapter(Engine):
         release = getattr(offload, "partition_all_parameters", None)
         if release is not None:
             release()
+
+    @contextmanager
+    def generation(self) -> Iterator[nn.Module]:
+        """`engine.module.generate`: ZeRO-3's module hooks gather each layer per forward. Afterwards,
+        any weight left gathered is re-partitioned, as after a logging backward (none was left on
+        a freshly loaded engine, measured; a trained engine's prefetch trace may keep some)."""
+        try:
+            yield self.root
+        finally:
+            if self.stage == 3:
+                self._release_leftovers()
 
     @property
     def device(self) -> torch.device:

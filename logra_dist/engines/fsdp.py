@@ -10,6 +10,9 @@ layer names equal the bare model's. FSDP2 keeps names unchanged.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
@@ -23,6 +26,16 @@ class FSDP1Engine(Engine):
         # freeze() acts on whatever `parameters()` yields: FlatParameters with
         # use_orig_params=False, the original parameters with True; FSDP honours either.
         super().__init__(fsdp, fsdp, fsdp)
+
+    @contextmanager
+    def generation(self) -> Iterator[nn.Module]:
+        """FSDP1's wrapper has no `generate`; the inner model's does, but calling it skips the
+        root unit's unshard. So the root unit's own weights (embeddings, final norm, head) are
+        gathered for the duration (recurse=False: the nested units still gather per forward)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(self.wrapped, writeback=False, recurse=False):
+            yield self.wrapped.module
 
 
 class FSDP2Engine(Engine):

@@ -1,0 +1,109 @@
+"""Train the embedded default with plain DeepSpeed ZeRO-3, then log every training sample with LoGra.
+
+    deepspeed --num_gpus 2 launch/train_then_log.py --config configs/zero3.json --steps 50 --log-out runs/train-index
+
+launch/train_zero3.py plus the lines marked `# LoGra` (docs/attach-to-training.md): after the last
+optimizer step, attach to the same engine, capture one pass over the training set (each rank its
+own samples, every sample once) and finalize the index. Score it with launch/score.py.
+"""
+import argparse
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from transformers import LlamaForCausalLM
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import logra_dist  # noqa: E402  # LoGra
+from logra_dist.data import Document, collate, tokenize  # noqa: E402
+from logra_dist.data import summed_lm_loss  # noqa: E402  # LoGra
+from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/zero3.json", help="DeepSpeed config")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=8, help="per rank")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--max-samples", type=int, default=None, help="train on the first N documents")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", default=None, help="save a Hugging Face checkpoint here at the end")
+    p.add_argument("--log-out", default="runs/train-index", help="LoGra index directory")  # LoGra
+    p.add_argument("--local_rank", type=int, default=-1)  # set by the deepspeed launcher
+    return p.parse_args()
+
+
+def main():
+    args = parse_args()
+    if not torch.cuda.is_available():  # CPU (gloo): skip DeepSpeed's 45 s JIT build of a CPU-inference op
+        import deepspeed.comm.torch  # noqa: F401
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    deepspeed.init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+    with open(args.config) as f:
+        ds_config = json.load(f)
+    ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    ds_config.pop("train_batch_size", None)
+    ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # for --save
+
+    tokenizer = build_tokenizer()
+    docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][:args.max_samples]
+    samples = tokenize(docs, tokenizer, args.max_length)
+    pad = tokenizer.pad_token_id
+    sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(samples, batch_size=args.batch_size, sampler=sampler, collate_fn=lambda s: collate(s, pad))
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank (for big models: deepspeed.zero.Init)
+    model = LlamaForCausalLM(default_model_config(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    engine.train()
+    step, epoch = 0, 0
+    while step < args.steps:
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            batch = batch.to(engine.device)
+            loss = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            if rank == 0 and (step % 10 == 0 or step == args.steps):
+                print(f"step {step}: loss {loss.item():.4f}", flush=True)
+            if step == args.steps:
+                break
+        epoch += 1
+
+    if args.save:  # collective: every rank takes part in gathering the ZeRO-3 partitions
+        engine.save_16bit_model(args.save, "pytorch_model.bin")
+        if rank == 0:
+            engine.module.config.save_pretrained(args.save)
+            tokenizer.save_pretrained(args.save)
+
+    # LoGra: one pass over the training set with the trained weights. Under ZeRO-3 every forward is
+    # collective, so a rank out of data runs shadow batches (no ids: hooks run, nothing is recorded).
+    engine.eval()
+    logger = logra_dist.attach(engine, logra_dist.LoGraConfig(k_in=8, k_out=8), args.log_out,
+                               metadata={"data": "embedded", "model_path": args.save})  # for launch/score.py
+    mine = samples[rank::world]  # every sample once (a DistributedSampler pads with repeats)
+    batches = [collate(mine[i:i + args.batch_size], pad) for i in range(0, len(mine), args.batch_size)]
+    shadow = collate(samples[:1], pad)
+    shadow.ids = shadow.ids[:0]
+    for step in range(logger.engine.lockstep_batches(len(batches))):
+        batch = (batches[step] if step < len(batches) else shadow).to(logger.device)
+        with logger.capture(batch.ids, mask=batch.attention_mask):
+            logits = logger.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            logger.backward(summed_lm_loss(logits, batch.labels))  # per-sample losses SUMMED
+    logger.finalize()  # collective: one all-reduce, then rank 0 writes stats.h5 and manifest.json
+    logger.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""`logra-dist score` with other query sources than query texts, and the shared results report.
+
+- `--query-index DIR`: query gradients logged beforehand by `logra-dist log --data QUERIES --logra
+  <the training index's config>` (same model, same projections: `queries.check_query_store`
+  refuses anything else). No model is loaded; each rank scores its contiguous share of the rows.
+- `--prompts FILE`: the model completes each prompt greedily under the scoring engine
+  (`completion.py`), and the completion given its prompt is the query, as the paper attributes
+  LLM outputs. The completions are saved in the listing (`topk.jsonl`: prompt, completion).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from . import comm
+from .cli import _init_distributed, _say, _tracker, _training_data, load_documents, load_engine, run_batches
+
+
+def _index_manifest(path: str | Path, what: str = "index") -> dict:
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        raise SystemExit(f"{what} {path}: no manifest.json (not a finished `logra-dist log` output)")
+    return json.loads(manifest.read_text())
+
+
+def _texts_of(manifest: dict, where: str) -> dict[int, str] | None:
+    """Texts by id of the documents an index was logged from (None, with a note, if unreadable)."""
+    try:
+        return {d.id: d.full_text for d in load_documents(_training_data(manifest))}
+    except (OSError, ValueError) as e:
+        _say(f"note: texts of {where} unavailable ({e}); listing ids and scores only")
+        return None
+
+
+def report_scores(args: argparse.Namespace, scorer, result, manifest: dict, query_text,
+                  query_fields: dict[int, dict[str, Any]] | None = None) -> None:
+    """Rank 0: results files (with --out) and the markdown listing on stdout."""
+    from .results import listing, markdown
+
+    if comm.rank() == 0:
+        train_text = _texts_of(manifest, f"training index {args.index}")
+        if args.out:
+            scorer.write_results(args.out, result, query_text, train_text, query_fields=query_fields)
+        print(markdown(listing(result, query_text, train_text, query_fields), result))
+
+
+def run_score_query_index(args: argparse.Namespace):
+    """Precomputed query gradients (a query index) against the training index: no model at all;
+    each rank loads its contiguous share of the query rows."""
+    from .scorer import Scorer
+
+    _init_distributed()
+    manifest = _index_manifest(args.index)
+    query_manifest = _index_manifest(args.query_index, "query index")
+    tracker = _tracker(args, "score", {"index": str(args.index), "query_index": str(args.query_index),
+                                       "index_config": manifest.get("config")}, query_manifest["total_rows"])
+    scorer = Scorer(None, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
+    scorer.add_query_gradients(args.query_index)
+    with tracker.phase("score"):
+        result = scorer.topk(args.topk)
+    tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
+                    "score/k": args.topk})
+    query_text = _texts_of(query_manifest, f"query index {args.query_index}") if comm.rank() == 0 else None
+    report_scores(args, scorer, result, manifest, query_text)
+    scorer.close()
+    return result
+
+
+def run_score_prompts(args: argparse.Namespace):
+    """The model completes each prompt (greedy, under the scoring engine), then each completion
+    given its prompt is the query. Completions appear in the listing (prompt, completion)."""
+    from .completion import complete, gather_completions, read_prompts
+    from .scorer import Scorer
+
+    _init_distributed()
+    prompts = read_prompts(args.prompts)
+    manifest = _index_manifest(args.index)
+    if args.model is None and manifest.get("metadata", {}).get("model_path"):
+        args.model = manifest["metadata"]["model_path"]
+    model, tokenizer, _ = load_engine(args)
+    tracker = _tracker(args, "score", {"index": str(args.index), "prompts": str(args.prompts),
+                                       "index_config": manifest.get("config")}, len(prompts))
+    with tracker.phase("generate"):
+        completions = complete(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, max_length=args.max_length)
+    scorer = Scorer(model, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    run_batches(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
+    with tracker.phase("score"):
+        result = scorer.topk(args.topk)
+    records = gather_completions(completions)  # collective
+    tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
+                    "score/k": args.topk})
+    query_text = {pid: r["prompt"] + r["completion"] for pid, r in records.items()}
+    report_scores(args, scorer, result, manifest, query_text, records)
+    scorer.close()
+    return result
