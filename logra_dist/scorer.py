@@ -69,6 +69,8 @@ class Scorer(GradientSession):
         if model_or_engine is not None:
             super().__init__(model_or_engine, config, projections)
             if list(self.specs) != self.store.layout:
+                GradientSession.close(self)  # leave the user's model as it was: no hooks, weights unfrozen
+                self.store.close()
                 raise IndexFormatError(f"{self.index_dir}: the model's selected layers do not match the index "
                                        f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.specs][:4]}..., "
                                        f"index: {[(s.name, s.d_in, s.d_out) for s in self.store.layout][:4]}...)")

@@ -315,6 +315,8 @@ def test_scoring_with_a_model_whose_layers_differ(reference):
                                 torch.nn.Linear(6, 3))
     with pytest.raises(ld.IndexFormatError, match="model's selected layers do not match the index layout"):
         ld.Scorer(wider, reference("none3"))
+    assert all(p.requires_grad for p in wider.parameters())  # the failed scorer left the model as it was
+    assert all(not m._forward_hooks for m in wider.modules())
 
 
 # -- 5. bad input -----------------------------------------------------------------------------------
