@@ -28,6 +28,11 @@ from .projection import LayerSpec
 
 SHARD_DIR = "shards"
 FORMAT_VERSION = 1
+# Target bytes per HDF5 chunk of `grads`. HDF5 allocates a shard's last chunk whole, so a shard
+# carries up to chunk_rows - 1 rows of padding: 256 KiB keeps that under 3% of a 1024-row shard
+# at D = 3840 fp16 (4 MiB chunks: 2.1x for 256 rows), and reads of 1024-row slices stayed within
+# measurement noise of 4 MiB chunks (bench/storage.py, bench/README.md).
+CHUNK_BYTES = 1 << 18
 
 
 class IndexFormatError(ValueError):
@@ -114,7 +119,8 @@ class ShardWriter:
 
     def _create(self, specs, config_json, rank, world_size) -> None:
         f = self.file
-        chunk = (max(1, min(self.flush_rows, max(1, (1 << 22) // max(1, self.width * 2)))), self.width)
+        row_bytes = max(1, self.width * _h5_dtype(self.storage_dtype).itemsize)
+        chunk = (max(1, min(self.flush_rows, CHUNK_BYTES // row_bytes)), self.width)
         f.create_dataset("grads", shape=(0, self.width), maxshape=(None, self.width),
                          dtype=_h5_dtype(self.storage_dtype), chunks=chunk)
         f.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(max(chunk[0], 1024),))
