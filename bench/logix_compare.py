@@ -100,7 +100,7 @@ def compare(model_name: str, k: int, reps: int, tmp: Path, covariance: bool = Fa
 
 
 def run_all(quick: bool) -> dict[str, Any]:
-    reps = 3 if quick else 7
+    reps = 3 if quick else 5
     out: dict[str, Any] = {"logix_version": _version("logix-ai"), "torch": torch.__version__, "results": [],
                            "flush_every_steps": FLUSH_STEPS}
     with tempfile.TemporaryDirectory(prefix="logra-logix-") as tmp:

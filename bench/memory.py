@@ -109,8 +109,8 @@ def measure(mode: str, model_name: str, k: int = 16, steps: int = 2, python: str
 def run(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"results": []}
     plan = [("train", "large", 16), ("floor", "large", 16), ("log-none", "large", 16), ("log-kfac", "large", 64),
-            ("log-raw", "large", 16), ("log-raw", "large", 64), ("train", "embedded", 16),
-            ("log-kfac", "embedded", 16), ("naive", "embedded", 16)]
+            ("log-raw", "large", 64), ("train", "embedded", 16), ("log-kfac", "embedded", 16),
+            ("naive", "embedded", 16)]
     if quick:
         plan = [p for p in plan if p[0] in ("train", "log-kfac", "naive") and p[1] == "embedded"] + [
             ("train", "large", 16), ("log-kfac", "large", 16)]
