@@ -51,10 +51,13 @@ def worker(mode: str, out: Path) -> None:
     target = model
     rank, world = 0, 1
     if mode == "zero3":
-        import deepspeed
-        import deepspeed.comm  # noqa: F401
+        import importlib
 
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the 45 s op compile
+        import deepspeed
+
+        # skip the 45 s shm op JIT compile (see shared notes: bind DeepSpeed's module, not torch)
+        importlib.import_module("deepspeed.comm.torch")
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         ds_config = {"train_micro_batch_size_per_gpu": batch_size, "zero_optimization": {"stage": 3},

@@ -38,6 +38,10 @@ def render(res: dict[str, Any]) -> str:
             spread = _spread(v["vs_floor"])
             flops = v.get("flop_overhead_linear")
             note = "" if flops is None else f" (analytic extra FLOPs {100 * flops:.0f}%)"
+            c = v.get("commit")
+            if c:  # left out of the timed blocks: amortized cost of a commit point every flush_rows rows
+                note += (f"; plus a {c['flat_bytes'] / 2**20:.0f} MiB stats commit every {c['flush_rows']} rows: "
+                         f"+{100 * c['amortized_per_step_s'] / m['floor_step_s']:.1f}% of the floor amortized")
             add(1, f"logging / floor, hessian={v['hessian']}", f"{setting}, k={v['k']}, D={v['width_D']}",
                 f"{_fmt(f)} {spread}{note}", "<= 1.10x", _ok(f, 1.10))
             add(1, f"logging / train step, hessian={v['hessian']}", f"{setting}, k={v['k']}", _fmt(t), "<= 0.80x",
@@ -63,7 +67,9 @@ def render(res: dict[str, Any]) -> str:
         add(3, what, f"{r['model']}, rank {r['k']}, D={r['D_ours']}",
             f"{_fmt(r['throughput_ours_over_logix'])} {_spread(r['logix_time_over_ours'])}",
             f">= {tgt}x" if r["hessian"] == "none" else "(report)",
-            _ok(r["throughput_ours_over_logix"], tgt, le=False) if r["hessian"] == "none" else "")
+            (_ok(r["throughput_ours_over_logix"], tgt, le=False) if r["hessian"] == "none" else "")
+            + (f" (LogIX / floor {r['logix_over_floor']['ratio']:.2f}x, ours / floor "
+               f"{r['ours_over_floor']['ratio']:.2f}x)" if "logix_over_floor" in r else ""))
     mem = {(x["mode"], x["k"]): x for x in lx.get("memory", [])}
     for k in (16, 64):
         ours, theirs = mem.get(("log-none", k)), mem.get(("logix", k))
@@ -97,4 +103,7 @@ def render(res: dict[str, Any]) -> str:
             f"{res.get('machine', {}).get('loadavg_at_start')}; quick={res.get('quick')}; "
             f"wall {res.get('wall_s', 0) / 60:.1f} min.",
             "Ratios are medians over interleaved rounds (per-round spread in brackets).", ""]
+    for rerun in res.get("partial_reruns", []):
+        head.insert(-1, f"Re-run afterwards: {', '.join(rerun['only'])} ({rerun.get('wall_s', 0) / 60:.1f} min, "
+                        f"load average {rerun['machine'].get('loadavg_at_start')}).")
     return "\n".join(head + rows) + "\n"
