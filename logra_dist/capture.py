@@ -144,7 +144,9 @@ class GradientCapture:
             pg = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1]).to(self.compute_dtype)
             if p_out is not None:
                 pg = pg @ p_out.T
-            if mask is not None:
+            if mask is not None and self.token_stats is not None:
+                # Rows need the mask on one side only (px is masked: sum_t pg_t (m_t px_t)^T is
+                # exact for a 0/1 mask); the gradient covariance needs pg itself masked.
                 pg = pg * mask
             if self.want_rows:
                 block = torch.bmm(pg.transpose(1, 2), px)  # (B, k_out, k_in)

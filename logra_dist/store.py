@@ -87,8 +87,15 @@ def h5_dtype(storage_dtype: str) -> np.dtype:
     return np.dtype(np.uint16) if storage_dtype == "bfloat16" else np.dtype(storage_dtype)
 
 
+# Target bytes per HDF5 chunk of `grads`. HDF5 allocates a shard's last chunk whole, so a shard
+# carries up to chunk_rows - 1 rows of padding: 256 KiB keeps that under 3% of a 1024-row shard
+# at D = 3840 fp16 (4 MiB chunks: 2.1x for 256 rows), and reads of 1024-row slices stayed within
+# measurement noise of 4 MiB chunks (bench/storage.py, bench/README.md).
+CHUNK_BYTES = 1 << 18
+
+
 def chunk_rows_for(width: int, itemsize: int, flush_rows: int) -> int:
-    return max(1, min(flush_rows, (1 << 22) // max(1, width * itemsize)))
+    return max(1, min(flush_rows, CHUNK_BYTES // max(1, width * itemsize)))
 
 
 def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_rows: int) -> str:

@@ -1,0 +1,61 @@
+"""The benchmark harness itself: interleaving, target evaluation in the table, and that the GPU
+script runs end to end on CPU with its tiny --smoke size (it must never need a GPU here)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import interleaved, ratio  # noqa: E402
+from report import render  # noqa: E402
+
+
+def test_interleaved_rotates_order_blocks_calls_and_pairs_ratios():
+    calls = []
+    steps = {n: (lambda b, n=n: calls.append((n, b))) for n in ("a", "b", "c")}
+    res = interleaved(steps, batches=[0, 1, 2, 3], reps=3, warmup=1, block=2)
+    # warmup: one call each; then 3 rounds x 3 steps x block 2
+    assert len(calls) == 3 + 3 * 3 * 2
+    firsts = [calls[3 + r * 6][0] for r in range(3)]
+    assert firsts == ["b", "c", "a"]  # the order rotates every round
+    assert [c[1] for c in calls[3:5]] == [1, 2]  # a block walks through consecutive batches
+    assert all(len(t) == 3 for t in res["times_s"].values())
+    fake = {"times_s": {"x": [2.0, 3.0, 10.0], "ref": [1.0, 1.0, 2.0]}}
+    r = ratio(fake, "x", "ref")
+    assert r["ratio"] == 3.0 and r["min"] == 2.0 and r["max"] == 5.0
+
+
+def _logging_result(floor_ratio, train_ratio):
+    v = {"k": 16, "hessian": "kfac", "width_D": 3840,
+         "vs_floor": {"ratio": floor_ratio, "min": floor_ratio, "max": floor_ratio},
+         "vs_train": {"ratio": train_ratio}}
+    model = {"name": "large", "parameters": 25e6, "batch_size": 4, "seq_len": 128}
+    return {"models": {"large": {"model": model, "floor_vs_train": {"ratio": 0.7}, "variants": {"k16-kfac": v}}}}
+
+
+def test_table_marks_targets_met_and_missed():
+    met = render({"logging_speed": _logging_result(1.05, 0.75)})
+    assert "1.05x" in met and "**missed**" not in met
+    missed = render({"logging_speed": _logging_result(1.30, 0.9)})
+    line = next(l for l in missed.splitlines() if "logging / floor" in l)
+    assert "1.30x" in line and "**missed**" in line
+    assert "pending" in render({})  # figures without results say so, never "met"
+    assert "met" not in render({}).replace("measured", "")
+
+
+def test_gpu_script_smoke_runs_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--device", "cpu",
+                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    variants = res["figure1_logging"]["variants"]
+    assert set(variants) == {"train", "floor"} | {f"k{k}-{h}" for k in (16, 64) for h in ("none", "kfac", "raw")}
+    assert all(v["step_s"] > 0 for v in variants.values())
+    assert [r["k"] for r in res["figure2_naive"]["results"]] == [16, 64]
+    assert all(r["speedup"] > 0 for r in res["figure2_naive"]["results"])
+    assert res["figure6_scorer"]["status"] in ("pending", "measured")
