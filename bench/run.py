@@ -54,12 +54,19 @@ def _scorer(quick: bool, out: Path) -> dict[str, Any]:
     script = HERE / "scorer_throughput.py"
     if not script.exists():
         return {"status": "pending", "reason": "bench/scorer_throughput.py (branch `scorer`) not merged yet"}
-    target = out / "scorer_throughput.json"
-    cmd = [sys.executable, str(script), "--out", str(target)] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="logra-bench-scorer-") as index:
+        cmd = [sys.executable, str(script), "--out", str(Path(index) / "index"),
+               "--rows", "20000" if quick else "100000", "--rounds", "2" if quick else "4"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise RuntimeError(f"scorer_throughput.py failed:\n{proc.stderr[-4000:]}")
-    return {"status": "measured", "file": target.name}
+    result = json.loads(proc.stdout)
+    (out / "scorer_throughput.json").write_text(json.dumps(result, indent=2))
+    return {"status": "measured", **result}
 
 
 def main(argv: list[str] | None = None) -> int:
