@@ -146,8 +146,12 @@ def floor_step_fn(model: torch.nn.Module) -> Callable[[Any], None]:
 def log_step_fn(logger) -> Callable[[Any], None]:
     """One LoGra logging step through the public protocol (rows go to the shard writer)."""
 
+    seen = [0]  # timing loops reuse batches: every step logs fresh ids (an index refuses repeats)
+
     def step(batch) -> None:
-        with logger.capture(batch.ids, mask=batch.attention_mask):
+        ids = torch.arange(seen[0], seen[0] + len(batch.ids))
+        seen[0] += len(batch.ids)
+        with logger.capture(ids, mask=batch.attention_mask):
             logits = logger.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logger.backward(summed_lm_loss(logits, batch.labels))
 
