@@ -103,6 +103,7 @@ def main():
             logger.backward(summed_lm_loss(logits, batch.labels))  # per-sample losses SUMMED
     logger.finalize()  # collective: one all-reduce, then rank 0 writes stats.h5 and manifest.json
     logger.close()
+    torch.distributed.destroy_process_group()  # a live gloo group at exit can abort the process
 
 
 if __name__ == "__main__":

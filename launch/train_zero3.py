@@ -83,6 +83,7 @@ def main():
         if rank == 0:
             engine.module.config.save_pretrained(args.save)
             tokenizer.save_pretrained(args.save)
+    torch.distributed.destroy_process_group()  # a live gloo group at exit can abort the process
 
 
 if __name__ == "__main__":

@@ -283,10 +283,15 @@ def _training_data(manifest: dict) -> list[str] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.manual_seed(0)
-    if args.command == "log":
-        run_log(args)
-    elif args.command == "score":
-        run_score(args)
+    if args.command in ("log", "score"):
+        from .engines.launch import destroy_distributed
+
+        try:
+            run_log(args) if args.command == "log" else run_score(args)
+        finally:
+            # A gloo process group still alive at interpreter exit can abort the process
+            # ("terminate called without an active exception") after the job succeeded.
+            destroy_distributed()
     elif args.command == "inspect":
         from .inspect_index import inspect_index, render
 

@@ -22,7 +22,7 @@ from torch import nn  # noqa: E402
 import hooks  # noqa: E402
 import logra_dist as ld  # noqa: E402
 from logra_dist import comm  # noqa: E402
-from logra_dist.engines.launch import init_distributed  # noqa: E402
+from logra_dist.engines.launch import destroy_distributed, init_distributed  # noqa: E402
 
 
 def model() -> nn.Module:
@@ -94,3 +94,4 @@ if __name__ == "__main__":
     if comm.rank() == 0:
         print("MANIFEST", json.dumps({"total_rows": manifest["total_rows"],
                                       "nonfinite_ids": manifest["nonfinite_ids"]}), flush=True)
+    destroy_distributed()

@@ -60,3 +60,4 @@ if rank == 0:
         json.dump({"per_rank": per_rank, "engine": type(engine).__name__, "adapter": manifest["engine"],
                    "stage": engine.zero_optimization_stage(), "global_step": trainer.state.global_step}, f)
 torch.distributed.barrier()
+torch.distributed.destroy_process_group()  # a live gloo group at exit can abort the process
