@@ -286,12 +286,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("log", "score"):
         from .engines.launch import destroy_distributed
 
-        try:
-            run_log(args) if args.command == "log" else run_score(args)
-        finally:
-            # A gloo process group still alive at interpreter exit can abort the process
-            # ("terminate called without an active exception") after the job succeeded.
-            destroy_distributed()
+        run_log(args) if args.command == "log" else run_score(args)
+        # A gloo group still alive at interpreter exit can abort a finished process ("terminate
+        # called without an active exception", pytorch#190489). Only on success: after an error
+        # a peer may still sit in a collective, and the launcher tears the job down anyway.
+        destroy_distributed()
     elif args.command == "inspect":
         from .inspect_index import inspect_index, render
 
