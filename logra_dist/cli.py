@@ -17,7 +17,8 @@ import torch
 
 from . import comm
 from .config import LoGraConfig
-from .data import Batch, Document, batches, rank_samples, read_documents, summed_lm_loss, tokenize
+from .data import (Batch, Document, batches, pad_token_id, rank_samples, read_documents, summed_lm_loss,
+                   tokenize)
 
 EMBEDDED = "embedded"
 
@@ -181,7 +182,7 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
                 "max_length": args.max_length, "model_path": model_path}
     tracker = _tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, tracker=tracker)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     todo = [s for s in mine if s.id not in logger.done_ids]
     if logger.needs_pca_pass:
         with logger.pca_pass():
@@ -250,7 +251,7 @@ def run_score(args: argparse.Namespace):
     model, tokenizer, _ = load_engine(args)
     tracker = _tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
     scorer = Scorer(model, index, mode=args.mode, damping=args.damping, tracker=tracker)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
     run_batches(scorer, mine, args.batch_size, pad_id, tracker)
     with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective

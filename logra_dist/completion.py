@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from . import comm
-from .data import IGNORE, TokenizedSample
+from .data import IGNORE, TokenizedSample, pad_token_id
 from .engines import wrap
 
 
@@ -110,7 +110,7 @@ def complete(model_or_engine: Any, tokenizer, prompts: Sequence[Prompt], *, max_
     if max_length - max_new_tokens < 1:
         raise ValueError(f"max_length={max_length} leaves no room for a prompt before {max_new_tokens} new tokens")
     engine = wrap(model_or_engine)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     eos_id = tokenizer.eos_token_id
     mine = list(prompts[comm.rank()::comm.world_size()])
     tokens = [prompt_ids(tokenizer, p.text, max_length - max_new_tokens) for p in mine]

@@ -142,10 +142,6 @@ def summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
                                              shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
 
 
-def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) summed next-token loss of each sample."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    losses = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
-                                               ignore_index=IGNORE, reduction="none")
-    return losses.sum(dim=1)
+def pad_token_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its eos (Llama has no pad)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

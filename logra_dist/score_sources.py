@@ -16,6 +16,7 @@ from typing import Any
 
 from . import comm
 from .cli import _init_distributed, _say, _tracker, _training_data, load_documents, load_engine, run_batches
+from .data import pad_token_id
 
 
 def _index_manifest(path: str | Path, what: str = "index") -> dict:
@@ -86,7 +87,7 @@ def run_score_prompts(args: argparse.Namespace):
         completions = complete(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, max_length=args.max_length)
     scorer = Scorer(model, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_token_id(tokenizer)
     run_batches(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
         result = scorer.topk(args.topk)

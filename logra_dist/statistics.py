@@ -140,9 +140,6 @@ class Preconditioner:
                                  f"lambda={self.lambdas[s.name]}; the matrix is singular without damping "
                                  "(no samples, or all gradients zero)")
 
-    def with_damping(self, damping: float) -> "Preconditioner":
-        return Preconditioner(self.specs, self.kind, damping, self.layers)
-
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, D) -> (n, D): each layer block multiplied by its damped inverse."""
         if self.kind == "none":

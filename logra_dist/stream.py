@@ -23,9 +23,8 @@ import torch
 
 from .partition import Ranges
 from .reader import GradientStore, StreamCheck
-from .store import IndexFormatError
-
-_STAGE_DTYPE = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32}
+from .config import STORAGE_DTYPES
+from .store import IndexFormatError, h5_dtype
 
 
 class ChunkStream:
@@ -37,8 +36,9 @@ class ChunkStream:
         self.bounds = [(s, min(s + chunk_rows, hi)) for lo, hi in ranges for s in range(lo, hi, chunk_rows)]
         self.n_buffers = max(2, buffers)
         self.storage = store.storage_dtype
-        if self.storage not in _STAGE_DTYPE:
+        if self.storage not in STORAGE_DTYPES:
             raise IndexFormatError(f"{store.root}: unknown storage dtype {self.storage!r}")
+        self.stage_dtype = h5_dtype(self.storage)  # as stored: bf16 as its uint16 bits
 
     def _read(self, files: list[h5py.File], lo: int, hi: int, stage: np.ndarray) -> None:
         """Rows [lo, hi) of the global row space into stage[:hi - lo], crossing shard boundaries,
@@ -64,12 +64,12 @@ class ChunkStream:
         width, rows = self.store.width, min(self.chunk_rows, max(hi - lo for lo, hi in self.bounds))
         free: queue.Queue = queue.Queue()
         for _ in range(self.n_buffers):
-            free.put((np.empty((rows, width), _STAGE_DTYPE[self.storage]), torch.empty(rows, width)))
+            free.put((np.empty((rows, width), self.stage_dtype), torch.empty(rows, width)))
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
 
         tracker = self.store.tracker
-        row_bytes = width * np.dtype(_STAGE_DTYPE[self.storage]).itemsize
+        row_bytes = width * self.stage_dtype.itemsize
 
         def produce() -> None:
             files = [h5py.File(s.path, "r") for s in self.store.shards]

@@ -345,9 +345,8 @@ def _dist_rank() -> int:
 
 
 def _all_gather(figures: Figures) -> list[Figures]:
-    dist = _dist()
-    if dist is None or dist.get_world_size() == 1:
+    if _dist() is None:  # no process group (or torch never imported): nothing to gather
         return [figures]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, figures)
-    return out
+    from .comm import all_gather_objects
+
+    return all_gather_objects(figures)
