@@ -87,28 +87,40 @@ class GradientCapture:
 
     @contextmanager
     def active(self, mask: torch.Tensor | None) -> Iterator[None]:
-        self._active, self._mask, self._blocks, self._pending = True, mask, {}, 0
+        self._active, self._blocks, self._pending = True, {}, 0
         self._token_blocks = []
+        self._mask_source, self._mask_cache = mask, {}
+        # A mask of ones (no padding) changes nothing: skip its multiplications in every hook.
+        self._mask = None if mask is None or bool(mask.all()) else mask
         try:
             yield
         finally:
-            self._active, self._mask = False, None
+            self._active, self._mask, self._mask_source, self._mask_cache = False, None, None, {}
 
     @property
     def pending_gradients(self) -> int:
         """Hooked outputs whose gradient has not arrived yet (0 after a complete backward)."""
         return self._pending
 
+    def _as_compute(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) view of an activation or gradient in the compute dtype (no copy if it is)."""
+        t = t.detach()
+        t = t.reshape(t.shape[0], -1, t.shape[-1])
+        return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
+
     def _make_forward_hook(self, name: str) -> Callable:
+        p_in, p_out = self.projections[name]
+        p_in_t = None if p_in is None else p_in.T  # None = identity (full rank): skip a d x d matmul
+        p_out_t = None if p_out is None else p_out.T
+
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
             if not self._active:
                 return None
             x = inputs[0]
-            p_in, _ = self.projections[name]
             mask = self._token_mask(x, name)
-            px = x.detach().reshape(x.shape[0], -1, x.shape[-1]).to(self.compute_dtype)
-            if p_in is not None:  # None = identity (full rank): skip a d x d matmul
-                px = px @ p_in.T
+            px = self._as_compute(x)
+            if p_in_t is not None:
+                px = px @ p_in_t
             if mask is not None:
                 px = px * mask
             returned = None
@@ -118,7 +130,7 @@ class GradientCapture:
                 # output a leaf, nothing of the output's size is kept as `.grad`.
                 output = returned = output + self._anchor(output)
             self._pending += 1
-            output.register_hook(self._make_grad_hook(name, px, mask))
+            output.register_hook(self._make_grad_hook(name, px, mask, p_out_t))
             return returned
 
         return hook
@@ -130,20 +142,28 @@ class GradientCapture:
         return self._anchors[key]
 
     def _token_mask(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        if self._mask is None or x.dim() < 3:
+        """The batch's (B, T, 1) 0/1 mask in the compute dtype on x's device, built once per batch
+        and device; None when there is no padding."""
+        source = self._mask_source
+        if source is None or x.dim() < 3:
             return None
-        mask = self._mask
-        if mask.shape != x.shape[:-1]:
-            raise ValueError(f"layer {name!r}: mask of shape {tuple(mask.shape)} does not match the "
+        if source.shape != x.shape[:-1]:
+            raise ValueError(f"layer {name!r}: mask of shape {tuple(source.shape)} does not match the "
                              f"activations' (batch, tokens) shape {tuple(x.shape[:-1])}")
-        return mask.reshape(x.shape[0], -1, 1).to(device=x.device, dtype=self.compute_dtype)
+        if self._mask is None:
+            return None
+        mask = self._mask_cache.get(x.device)
+        if mask is None:
+            mask = source.reshape(x.shape[0], -1, 1).to(device=x.device, dtype=self.compute_dtype)
+            self._mask_cache[x.device] = mask
+        return mask
 
-    def _make_grad_hook(self, name: str, px: torch.Tensor, mask: torch.Tensor | None) -> Callable:
+    def _make_grad_hook(self, name: str, px: torch.Tensor, mask: torch.Tensor | None,
+                        p_out_t: torch.Tensor | None) -> Callable:
         def hook(grad: torch.Tensor) -> None:
-            _, p_out = self.projections[name]
-            pg = grad.detach().reshape(grad.shape[0], -1, grad.shape[-1]).to(self.compute_dtype)
-            if p_out is not None:
-                pg = pg @ p_out.T
+            pg = self._as_compute(grad)
+            if p_out_t is not None:
+                pg = pg @ p_out_t
             if mask is not None and self.token_stats is not None:
                 # Rows need the mask on one side only (px is masked: sum_t pg_t (m_t px_t)^T is
                 # exact for a 0/1 mask); the gradient covariance needs pg itself masked.
@@ -171,11 +191,19 @@ class GradientCapture:
     def flush_token_statistics(self, keep: torch.Tensor | None = None) -> None:
         """Feed this batch's per-token projections to `token_stats`, only for samples in `keep`
         (so a sample with non-finite gradients never pollutes KFAC factors or covariances)."""
+        if keep is not None and bool(keep.all()):
+            keep = None  # the usual case: no copy of every layer's projections
+        masked_tokens = None  # every layer's mask is the batch's: count it once
         for name, px, pg, mask in self._token_blocks:
             if keep is not None:
                 px, pg = px[keep], pg[keep]
                 mask = mask[keep] if mask is not None else None
-            tokens = float(mask.sum()) if mask is not None else float(px.shape[0] * px.shape[1])
+            if mask is None:
+                tokens = float(px.shape[0] * px.shape[1])
+            else:
+                if masked_tokens is None:
+                    masked_tokens = float(mask.sum())
+                tokens = masked_tokens
             self.token_stats.observe(name, px.reshape(-1, px.shape[-1]), pg.reshape(-1, pg.shape[-1]), tokens)
         self._token_blocks = []
 

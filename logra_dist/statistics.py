@@ -43,8 +43,10 @@ class Accumulator(TokenStatistics):
     def observe(self, name: str, acts: torch.Tensor, grads: torch.Tensor, tokens: float = 0.0) -> None:
         if self.hessian == "kfac":  # sums may be float64 after load_flat (a resumed job)
             act, grad = self.sums[f"{name}/act"], self.sums[f"{name}/grad"]
-            act.addmm_(acts.T.to(act.dtype), acts.to(act.dtype))
-            grad.addmm_(grads.T.to(grad.dtype), grads.to(grad.dtype))
+            acts = acts if acts.dtype == act.dtype else acts.to(act.dtype)
+            grads = grads if grads.dtype == grad.dtype else grads.to(grad.dtype)
+            act.addmm_(acts.T, acts)
+            grad.addmm_(grads.T, grads)
         self.tokens[name] += float(tokens)
 
     def update_rows(self, rows: torch.Tensor) -> None:
