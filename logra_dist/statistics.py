@@ -17,9 +17,13 @@ from .projection import LayerSpec
 
 # hessian="raw": rows are buffered and the Fisher updated by one GEMM per layer every this many
 # rows. A per-batch update with B rows is a rank-B update of a (k_in k_out)^2 matrix: memory
-# bound (the whole matrix is read and written for a few rows); at k=64 (4096 x 4096) a 32-row
-# GEMM is ~5x faster per row than a 4-row one on CPU. Costs 32 x D floats of buffer.
-FISHER_GEMM_ROWS = 32
+# bound (the whole matrix is read and written for a few rows); at k=64 (4096 x 4096) a 64-row
+# update is ~5x faster per row than a 4-row one on CPU. Costs 64 x D floats of buffer.
+FISHER_GEMM_ROWS = 64
+# The Fisher is symmetric: layers wider than two tiles update only the tiles on and above the
+# diagonal (at k=64, 36 of 64 tiles: ~45% fewer FLOPs and bytes moved per row) and mirror them
+# into the lower tiles when the sums are read.
+FISHER_TILE = 512
 
 
 class Accumulator(TokenStatistics):
@@ -39,6 +43,7 @@ class Accumulator(TokenStatistics):
         self.samples = 0.0
         self._pending: list[torch.Tensor] = []  # raw: rows not yet in the Fisher sums
         self._pending_rows = 0
+        self._lower_stale = False  # raw: tiles below the diagonal not yet mirrored
 
     def observe(self, name: str, acts: torch.Tensor, grads: torch.Tensor, tokens: float = 0.0) -> None:
         if self.hessian == "kfac":  # sums may be float64 after load_flat (a resumed job)
@@ -57,11 +62,10 @@ class Accumulator(TokenStatistics):
         self._pending.append(rows.to(self.dtype))
         self._pending_rows += rows.shape[0]
         if self._pending_rows >= FISHER_GEMM_ROWS:
-            self.flush()
+            self._fold()
 
-    def flush(self) -> None:
-        """Fold buffered rows into the Fisher sums (one GEMM per layer). Every reader of `sums`
-        (flat, covariances, preconditioner) calls it first."""
+    def _fold(self) -> None:
+        """Add the buffered rows' outer products to the Fisher sums (upper tiles only)."""
         if not self._pending:
             return
         rows = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending)
@@ -70,8 +74,29 @@ class Accumulator(TokenStatistics):
         for s in self.specs:
             fisher = self.sums[f"{s.name}/fisher"]  # float64 after load_flat (a resumed job)
             block = rows[:, offset:offset + s.width].to(fisher.dtype)
-            fisher.addmm_(block.T, block)
             offset += s.width
+            tiles = _tiles(s.width)
+            if len(tiles) == 1:
+                fisher.addmm_(block.T, block)
+                continue
+            for i, (a0, a1) in enumerate(tiles):
+                left = block[:, a0:a1].T
+                for b0, b1 in tiles[i:]:
+                    fisher[a0:a1, b0:b1].addmm_(left, block[:, b0:b1])
+            self._lower_stale = True
+
+    def flush(self) -> None:
+        """Fold buffered rows into the Fisher sums and complete them below the diagonal. Every
+        reader of `sums` (flat, covariances, preconditioner) calls it first."""
+        self._fold()
+        if not self._lower_stale:
+            return
+        for s in self.specs:
+            fisher, tiles = self.sums[f"{s.name}/fisher"], _tiles(s.width)
+            for i, (a0, a1) in enumerate(tiles):
+                for b0, b1 in tiles[i + 1:]:
+                    fisher[b0:b1, a0:a1] = fisher[a0:a1, b0:b1].T
+        self._lower_stale = False
 
     def flat(self) -> torch.Tensor:
         """Every sum and count in one float64 vector (the only all-reduce of a logging job)."""
@@ -81,7 +106,7 @@ class Accumulator(TokenStatistics):
         return torch.cat(parts + [counts])
 
     def load_flat(self, flat: torch.Tensor) -> None:
-        self._pending, self._pending_rows = [], 0
+        self._pending, self._pending_rows, self._lower_stale = [], 0, False
         offset = 0
         for key, t in self.sums.items():
             n = t.numel()
@@ -116,6 +141,13 @@ class Accumulator(TokenStatistics):
                 layers[s.name] = {"act_evals": ea.clamp_min(0), "act_evecs": va,
                                   "grad_evals": eg.clamp_min(0), "grad_evecs": vg}
         return Preconditioner(self.specs, self.hessian, damping, layers)
+
+
+def _tiles(width: int) -> list[tuple[int, int]]:
+    """[start, end) ranges of FISHER_TILE columns; one range when the layer is narrow."""
+    if width < 2 * FISHER_TILE:
+        return [(0, width)]
+    return [(a, min(a + FISHER_TILE, width)) for a in range(0, width, FISHER_TILE)]
 
 
 def _mean_eigenvalue(kind: str, f: dict[str, torch.Tensor]) -> float:

@@ -27,3 +27,26 @@ def test_buffered_fisher_equals_direct_sum_at_every_read():
     torch.testing.assert_close(fresh.flat(), acc.flat())
     pre = fresh.preconditioner(1.0)
     assert set(pre.layers) == {"a", "b"}
+
+
+def test_tiled_fisher_update_equals_direct_sum(monkeypatch):
+    """Wide layers update only the tiles on and above the diagonal; every read (before and after
+    more updates, widths not a multiple of the tile) must still see the full symmetric sum."""
+    from logra_dist import statistics
+
+    monkeypatch.setattr(statistics, "FISHER_TILE", 4)
+    specs = [LayerSpec("wide", "linear", 8, 8, 5, 3), LayerSpec("narrow", "linear", 8, 8, 2, 3)]  # 15 = 4+4+4+3; 6 < 2 tiles
+    acc = Accumulator(specs, "raw", torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    seen = []
+    for batch in (FISHER_GEMM_ROWS + 3, 2, FISHER_GEMM_ROWS, 5):
+        rows = torch.randn(batch, 21, generator=gen, dtype=torch.float64)
+        acc.update_rows(rows.float())
+        seen.append(rows)
+        all_rows = torch.cat(seen)
+        flat = acc.flat()
+        expect = torch.cat([(all_rows[:, :15].T @ all_rows[:, :15]).reshape(-1),
+                            (all_rows[:, 15:].T @ all_rows[:, 15:]).reshape(-1)])
+        torch.testing.assert_close(flat[:expect.numel()], expect, rtol=1e-5, atol=1e-4)
+    wide = acc.sums["wide/fisher"]
+    torch.testing.assert_close(wide, wide.T, rtol=0, atol=0)
