@@ -204,15 +204,17 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
 
     logits = model_copy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     summed_lm_loss(logits, batch.labels).backward()
-    mask = batch.attention_mask.reshape(b, -1, 1).float()
+    # as the hooks do: a mask without padding is not multiplied in
+    mask = None if bool(batch.attention_mask.all()) else batch.attention_mask.reshape(b, -1, 1).float()
+    masked = (lambda t: t) if mask is None else (lambda t: t * mask)  # noqa: E731
     proj = per_sample = stats = 0.0
     blocks = []
     for spec in lg.specs:
         x, g = seen[spec.name]
         p_in, p_out = lg.projection(spec.name)
         x3, g3 = x.reshape(b, -1, x.shape[-1]), g.reshape(b, -1, g.shape[-1])
-        proj += _median_time(lambda: ((x3 @ p_in.T) * mask, (g3 @ p_out.T) * mask))
-        px, pg = (x3 @ p_in.T) * mask, (g3 @ p_out.T) * mask
+        proj += _median_time(lambda: (masked(x3 @ p_in.T), masked(g3 @ p_out.T)))
+        px, pg = masked(x3 @ p_in.T), masked(g3 @ p_out.T)
         per_sample += _median_time(lambda: torch.bmm(pg.transpose(1, 2), px))
         blocks.append(torch.bmm(pg.transpose(1, 2), px).reshape(b, -1))
         if hessian == "kfac":
@@ -221,19 +223,10 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
             stats += _median_time(lambda: (a.addmm_(pxf.T, pxf), s.addmm_(pgf.T, pgf)))
     rows = torch.cat(blocks, dim=1)
     per_sample += _median_time(lambda: torch.cat(blocks, dim=1))
-    if hessian == "raw":
+    if hessian == "raw":  # the logger's own accumulator: one buffer of rows folded per call
         n = max(fisher_rows(), b)
         big = torch.randn(n, rows.shape[1])
-        f = torch.zeros(max(s.width for s in lg.specs), max(s.width for s in lg.specs))
-
-        def fisher() -> None:
-            off = 0
-            for s in lg.specs:
-                blk = big[:, off:off + s.width]
-                f[:s.width, :s.width].addmm_(blk.T, blk)
-                off += s.width
-
-        stats = _median_time(fisher, reps=3) * b / n
+        stats = _median_time(lambda: lg.accumulator.update_rows(big), reps=3) * b / n
     writes_main = _median_time(lambda: (torch.isfinite(rows).all(dim=1), encode_rows(rows, "float16")))
     import h5py
 
