@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-os.environ.setdefault("WANDB_MODE", "disabled")
+_USER_WANDB_MODE = os.environ.get("WANDB_MODE")  # what --wandb restores (unset: online with a key, else offline)
+os.environ.setdefault("WANDB_MODE", "disabled")  # no figure's own jobs talk to W&B
 
 import torch  # noqa: E402
 
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["logging", "naive", "logix", "distributed", "scorer", "storage", "memory"])
     ap.add_argument("--no-logix", action="store_true", help="do not create bench/.bench-venv if missing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
+    ap.add_argument("--wandb", action="store_true",
+                    help="send the figures and the target table to W&B (online with an API key, else offline)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -132,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / "results.json", results)
     (out / "README-table.md").write_text(render(results))
     print((out / "README-table.md").read_text())
+    if a.wandb:
+        from wandb_log import log_results
+
+        if _USER_WANDB_MODE is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = _USER_WANDB_MODE
+        print(f"[bench] W&B run: {log_results(results, render(results))}", flush=True)
     if failed:
         print(f"[bench] FAILED figures: {failed}", file=sys.stderr)
     return 1 if failed else 0

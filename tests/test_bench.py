@@ -59,3 +59,30 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     assert [r["k"] for r in res["figure2_naive"]["results"]] == [16, 64]
     assert all(r["speedup"] > 0 for r in res["figure2_naive"]["results"])
     assert res["figure6_scorer"]["status"] in ("pending", "measured")
+
+
+def test_wandb_receives_every_figure_and_the_target_table(tmp_path, monkeypatch):
+    """`run.py --wandb`: the numeric leaves of results.json in the summary, the README rows as a
+    table (read back from the offline run's log)."""
+    from wandb_log import log_results, numeric_leaves, table_rows
+    from wandb_offline import read_run
+
+    results = {"machine": {"cpus": 2}, "command": "bench/run.py", "quick": True,
+               "logging_speed": _logging_result(1.30, 0.9), "storage": {"results": [{"ratio": 1.02, "k": 16, "storage_dtype": "float16",
+                                                                   "hessian": "none", "samples": 64, "D": 3840}]}}
+    leaves = dict(numeric_leaves(results))
+    assert leaves["logging_speed/models/large/variants/k16-kfac/vs_floor/ratio"] == 1.30
+    assert leaves["storage/results/0/ratio"] == 1.02
+    markdown = render(results)
+    rows = table_rows(markdown)
+    assert any(r[1].startswith("logging / floor") and r[5] == "**missed**" for r in rows)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run_dir = log_results(results, markdown)
+    run = read_run(Path(run_dir).parent)
+    assert run["job_type"] == "bench" and run["config"]["machine"] == {"cpus": 2}
+    assert run["summary"]["logging_speed/models/large/variants/k16-kfac/vs_floor/ratio"] == 1.30
+    logged = next(row for row in run["history"] if row.get("targets/_type") == "table-file")
+    assert logged["targets/nrows"] == len(rows) and logged["targets/ncols"] == 6
+    table = json.loads((Path(run_dir) / logged["targets/path"]).read_text())
+    assert table["columns"][5] == "status" and table["data"] == rows
