@@ -59,3 +59,22 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     assert [r["k"] for r in res["figure2_naive"]["results"]] == [16, 64]
     assert all(r["speedup"] > 0 for r in res["figure2_naive"]["results"])
     assert res["figure6_scorer"]["status"] in ("pending", "measured")
+
+
+def test_exclusive_timers_split_nested_phases_and_sum_to_wall():
+    import time
+
+    from phase_timers import ExclusiveTimers
+
+    t = ExclusiveTimers()
+    inner = t.wrap("inner", lambda: time.sleep(0.02))
+    t0 = time.perf_counter()
+    with t.phase("outer"):
+        time.sleep(0.01)
+        inner()
+        inner()
+    wall = time.perf_counter() - t0
+    s = t.snapshot()
+    assert t.calls == {"outer": 1, "inner": 2} and not t.stack
+    assert s["inner"] >= 0.04 and 0.01 <= s["outer"] < 0.04  # outer excludes its nested calls (>= 0.05 if not)
+    assert abs(s["inner"] + s["outer"] - wall) < 2e-3
