@@ -84,7 +84,30 @@ def render(res: dict[str, Any]) -> str:
         add(4, "writes on / off (async HDF5 writer vs no writer)", f"{w['model']['name']}, k={v['k']}, D={v['width_D']}",
             f"{_fmt(v['on_vs_off']['ratio'], 3)} {_spread(v['on_vs_off'])}", "<= 1.05x", _ok(v["on_vs_off"]["ratio"], 1.05))
     d = res.get("distributed", {})
-    if d.get("status") == "measured":
+    if d.get("status") == "measured" and "single_1thread" in d:
+        def where(r: dict[str, Any]) -> str:  # one rank's step split into parts (they sum to its wall)
+            b = r["breakdown"]
+            parts = ", ".join(f"{n} {1e3 * s:.0f} ms ({100 * b['share'][n]:.0f}%)" for n, s in b["s_per_step"].items()
+                              if s >= 5e-4)
+            return (f"{1e3 * b['wall_step_s']:.0f} ms/step = {parts}; sum of parts {1e3 * b['sum_of_parts_s']:.0f} ms"
+                    + ("; weight gathering = " + ", ".join(f"{n} {1e3 * s:.0f} ms" for n, s in
+                                                            b["weight_gathering_s"].items())
+                       + f"; {r['allgather_MB_per_step']:.0f} MB gathered/step; collective calls/step: "
+                       + ", ".join(f"{n} {c:.2f}" for n, c in r["collective_calls_per_step"].items())
+                       if r["mode"] == "zero3" else "")
+                    + f"; writer thread {1e3 * b['writer_thread_s']:.1f} ms (overlapped)")
+        s2, s1 = d["single_2threads"], d["single_1thread"]
+        setting = f"large, B={s1['batch_size']}/process, T=128, k=16, kfac, {d['samples']} samples"
+        add(5, "ZeRO-3 2 ranks (1 thread each) / 1 process 2 threads, samples/s", setting,
+            _fmt(d["throughput_ratio_zero3_over_single"]), "(report)",
+            f"vs 1 process 1 thread: {d['throughput_ratio_zero3_over_single_1thread']:.2f}x; "
+            f"samples/s of 2 threads / 1 thread in that process {s2['samples_per_s'] / s1['samples_per_s']:.2f}x")
+        for r in d["zero3_2ranks"]["ranks"]:
+            add(5, f"where a ZeRO-3 step goes, rank {r['rank']}", setting, where(r), "(report)", "same timed steps")
+        for r in (s2, s1):
+            add(5, f"where a 1-process step goes, {r['torch_threads']} thread(s)", setting, where(r), "(report)",
+                "same timed steps")
+    elif d.get("status") == "measured":
         add(5, "ZeRO-3 2 ranks / 1 process, samples/s", "large, k=16", _fmt(d["throughput_ratio_zero3_over_single"]),
             "(report)", "")
     else:

@@ -5,7 +5,8 @@
 
 Figures: 1 logging step vs train step and floor (+ profile), 2 naive per-sample baseline,
 3 LogIX (in bench/.bench-venv, created by bench/setup_logix.sh when missing, skip with
---no-logix), 4 writes on/off, 5 distributed (pending until the DeepSpeed adapter is merged),
+--no-logix; seconds: layered on the product venv), 4 writes on/off, 5 distributed (ZeRO-3 vs
+1 process, with where the time goes),
 6 scorer throughput (bench/scorer_throughput.py when present), 7 storage, 8 memory,
 9 GPU (bench/gpu.py, not run here). One failing figure is recorded and the others still run;
 the exit status is 1 if any failed.
@@ -36,10 +37,14 @@ LOGIX_VENV = HERE / ".bench-venv"
 
 def _logix(quick: bool, out: Path, setup: bool) -> dict[str, Any]:
     py = LOGIX_VENV / "bin" / "python"
+    setup_s = 0.0
     if not py.exists():
         if not setup:
             return {"status": "pending", "reason": "no bench/.bench-venv: run `bash bench/setup_logix.sh`"}
-        subprocess.run(["bash", str(HERE / "setup_logix.sh")], check=True, cwd=ROOT)
+        t0 = time.perf_counter()  # layered on this interpreter's venv: only logix-ai is installed
+        subprocess.run(["bash", str(HERE / "setup_logix.sh")], check=True, cwd=ROOT,
+                       env={**os.environ, "LOGRA_PRODUCT_PYTHON": sys.executable})
+        setup_s = time.perf_counter() - t0
     target = out / "logix.json"
     cmd = [str(py), str(HERE / "logix_compare.py"), "--out", str(target)] + (["--quick"] if quick else [])
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -48,7 +53,7 @@ def _logix(quick: bool, out: Path, setup: bool) -> dict[str, Any]:
         raise RuntimeError(f"logix_compare.py failed:\n{proc.stderr[-4000:]}")
     import json
 
-    return {"status": "measured", **json.loads(target.read_text())}
+    return {"status": "measured", "venv_setup_s": setup_s, **json.loads(target.read_text())}
 
 
 def _scorer(quick: bool, out: Path) -> dict[str, Any]:

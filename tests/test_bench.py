@@ -86,3 +86,22 @@ def test_wandb_receives_every_figure_and_the_target_table(tmp_path, monkeypatch)
     assert logged["targets/nrows"] == len(rows) and logged["targets/ncols"] == 6
     table = json.loads((Path(run_dir) / logged["targets/path"]).read_text())
     assert table["columns"][5] == "status" and table["data"] == rows
+
+
+def test_exclusive_timers_split_nested_phases_and_sum_to_wall():
+    import time
+
+    from phase_timers import ExclusiveTimers
+
+    t = ExclusiveTimers()
+    inner = t.wrap("inner", lambda: time.sleep(0.02))
+    t0 = time.perf_counter()
+    with t.phase("outer"):
+        time.sleep(0.01)
+        inner()
+        inner()
+    wall = time.perf_counter() - t0
+    s = t.snapshot()
+    assert t.calls == {"outer": 1, "inner": 2} and not t.stack
+    assert s["inner"] >= 0.04 and 0.01 <= s["outer"] < 0.04  # outer excludes its nested calls (>= 0.05 if not)
+    assert abs(s["inner"] + s["outer"] - wall) < 2e-3
