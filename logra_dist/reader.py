@@ -62,16 +62,34 @@ class StreamCheck:
 
     def see(self, lo: int, rows: np.ndarray) -> None:
         """Stored rows lo, lo+1, ... of the shard (local indexes), just read."""
-        if not len(rows):
+        self.see_sums(lo, row_checksums(rows))
+
+    def see_sums(self, lo: int, sums: np.ndarray) -> None:
+        """The row checksums of stored rows lo, lo+1, ... of the shard, just read. Blocks read
+        whole in one call are checked at once; the others are summed up piece by piece."""
+        if not len(sums):
             return
-        sums, size, hi = row_checksums(rows), self.info.block_rows, lo + len(rows)
-        for b in range(lo // size, (hi - 1) // size + 1):
+        size, hi = self.info.block_rows, lo + len(sums)
+        b0, b1 = lo // size, (hi - 1) // size
+        cuts = np.maximum(np.arange(b0, b1 + 1, dtype=np.int64) * size - lo, 0)
+        parts = np.add.reduceat(sums, cuts, dtype=np.uint64)  # each touched block's rows here
+        whole = [b0 + i for i in range(len(parts)) if (b0 + i) * size >= lo
+                 and min((b0 + i + 1) * size, self.info.rows) <= hi and (b0 + i) not in self._open]
+        if whole:
+            i = np.array(whole) - b0
+            bad = np.nonzero(parts[i] != self.info.block_sums[np.array(whole)])[0]
+            if len(bad):
+                self._check(whole[int(bad[0])], int(parts[i[bad[0]]]))
+        done = set(whole)
+        for b in range(b0, b1 + 1):
+            if b in done:
+                continue
             a, z = max(lo, b * size), min(hi, (b + 1) * size)
             total, seen = self._open.get(b, (0, []))
             if any(a < z1 and a1 < z for a1, z1 in seen):  # read twice: check it whole at finish
                 self._open[b] = (total, seen + [(-1, -1)])
                 continue
-            total = (total + int(sums[a - lo:z - lo].sum(dtype=np.uint64))) % (1 << 64)
+            total = (total + int(parts[b - b0])) % (1 << 64)
             seen = seen + [(a, z)]
             first, last = self._block_rows(b)
             if sum(z1 - a1 for a1, z1 in seen) == last - first:
