@@ -73,17 +73,16 @@ class StreamCheck:
         b0, b1 = lo // size, (hi - 1) // size
         cuts = np.maximum(np.arange(b0, b1 + 1, dtype=np.int64) * size - lo, 0)
         parts = np.add.reduceat(sums, cuts, dtype=np.uint64)  # each touched block's rows here
-        whole = [b0 + i for i in range(len(parts)) if (b0 + i) * size >= lo
-                 and min((b0 + i + 1) * size, self.info.rows) <= hi and (b0 + i) not in self._open]
-        if whole:
-            i = np.array(whole) - b0
-            bad = np.nonzero(parts[i] != self.info.block_sums[np.array(whole)])[0]
-            if len(bad):
-                self._check(whole[int(bad[0])], int(parts[i[bad[0]]]))
-        done = set(whole)
-        for b in range(b0, b1 + 1):
-            if b in done:
-                continue
+        w0 = -(-lo // size)  # blocks [w0, w1) lie whole in [lo, hi)
+        w1 = b1 + 1 if hi == self.info.rows or hi % size == 0 else b1
+        done = set(range(w0, w1)) - set(self._open)  # a block begun earlier is summed up below
+        if w0 < w1:
+            bad = np.nonzero(parts[w0 - b0:w1 - b0] != self.info.block_sums[w0:w1])[0]
+            bad = [w0 + int(i) for i in bad if w0 + int(i) in done]
+            if bad:
+                self._check(bad[0], int(parts[bad[0] - b0]))
+        edges = {b0, b1} | (set(range(w0, w1)) & set(self._open))
+        for b in sorted(edges - done):
             a, z = max(lo, b * size), min(hi, (b + 1) * size)
             total, seen = self._open.get(b, (0, []))
             if any(a < z1 and a1 < z for a1, z1 in seen):  # read twice: check it whole at finish
@@ -97,6 +96,11 @@ class StreamCheck:
                 self._check(b, total)
             else:
                 self._open[b] = (total, seen)
+
+    @property
+    def pending(self) -> bool:
+        """Blocks only partly read so far: finish() must read their other rows."""
+        return bool(self._open)
 
     def finish(self, grads: h5py.Dataset) -> None:
         for b, (total, seen) in sorted(self._open.items()):

@@ -18,6 +18,7 @@ import queue
 import sys
 import threading
 import time
+import weakref
 from bisect import bisect_right
 from typing import Any, Callable, Iterator
 
@@ -33,6 +34,7 @@ from .store import IndexFormatError, h5_dtype
 
 PIECE_BYTES = 512 << 10  # read + checksum + widen unit: stays in a core's L2 cache
 IO_PIECE_BYTES = 4 << 20  # read + checksum unit when rows are kept as stored (fewer calls)
+_KNOWN_RUNS: "weakref.WeakKeyDictionary[GradientStore, dict]" = weakref.WeakKeyDictionary()
 
 
 def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
@@ -64,23 +66,33 @@ def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
 
 
 class _Source:
-    """One shard's rows, read with preadv where they are plain bytes, else through h5py."""
+    """One shard's rows, read with preadv where they are plain bytes, else through h5py.
+    `known` caches plain_runs per shard path for the store's lifetime (the shards are final)."""
 
-    def __init__(self, info: ShardInfo, itemsize: int, row_bytes: int):
-        self.info, self.row_bytes, self.fd = info, row_bytes, None
+    def __init__(self, info: ShardInfo, itemsize: int, row_bytes: int, known: dict[str, np.ndarray | None]):
+        self.info, self.row_bytes, self.fd, self._file = info, row_bytes, None, None
         try:
-            self.file = h5py.File(info.path, "r")
-        except OSError as e:
-            raise IndexFormatError(f"{info.path}: not a readable HDF5 shard (truncated or corrupted?): {e}") from e
-        try:
-            self.dset = self.file["grads"]
-            self.runs = plain_runs(self.dset, itemsize)
+            key = str(info.path)
+            if key not in known:
+                known[key] = plain_runs(self.dset, itemsize)
+            self.runs = known[key]
             if self.runs is not None:  # plain lists: bisect and int arithmetic per read, no numpy calls
                 self.run_rows, self.run_bytes = self.runs[:, 0].tolist(), self.runs[:, 1].tolist()
                 self.fd = os.open(info.path, os.O_RDONLY)
         except BaseException:
-            self.file.close()
+            self.close()
             raise
+
+    @property
+    def dset(self) -> h5py.Dataset:
+        """The shard's grads through HDF5, opened on first use (fallback reads, range ends)."""
+        if self._file is None:
+            try:
+                self._file = h5py.File(self.info.path, "r")
+            except OSError as e:
+                raise IndexFormatError(f"{self.info.path}: not a readable HDF5 shard (truncated or corrupted?): "
+                                       f"{e}") from e
+        return self._file["grads"]
 
     def read(self, lo: int, hi: int, dst: np.ndarray, view: memoryview) -> None:
         """Stored rows [lo, hi) of the shard into dst (C-contiguous, hi - lo rows; `view`: its bytes)."""
@@ -104,7 +116,8 @@ class _Source:
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
-        self.file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class ChunkStream:
@@ -173,8 +186,9 @@ class ChunkStream:
         def produce() -> None:
             files: list[_Source] = []
             try:
+                known = _KNOWN_RUNS.setdefault(self.store, {})
                 for s in self.store.shards:
-                    files.append(_Source(s, self.stage_dtype.itemsize, self.row_bytes))
+                    files.append(_Source(s, self.stage_dtype.itemsize, self.row_bytes, known))
                 self._checks = [StreamCheck(s) for s in self.store.shards]
                 for lo, hi in self.bounds:
                     item = None
@@ -191,7 +205,8 @@ class ChunkStream:
                     tracker.count(bytes_read=(hi - lo) * self.row_bytes)  # bytes as stored on disk
                     ready.put((lo, hi, item, None if self.side is None else self.side(lo, hi)))
                 for check, src in zip(self._checks, files):  # blocks the ranges only partly covered
-                    check.finish(src.dset)
+                    if check.pending:
+                        check.finish(src.dset)
                 ready.put(None)
             except BaseException as e:  # re-raised in the consumer
                 ready.put(e)

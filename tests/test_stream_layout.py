@@ -68,7 +68,7 @@ def _interleaved_shard(path: Path, n: int = 23, width: int = 5, chunk: int = 3) 
 def test_raw_reads_equal_h5py_across_scattered_chunks(tmp_path):
     path = tmp_path / "s.h5"
     rows = _interleaved_shard(path)
-    src = _Source(ShardInfo(path, len(rows), 0), 2, rows.shape[1] * 2)
+    src = _Source(ShardInfo(path, len(rows), 0), 2, rows.shape[1] * 2, {})
     try:
         assert src.runs is not None and len(src.runs) > 2  # several runs: the boundaries are exercised
         for lo, hi in [(0, 23), (0, 1), (2, 4), (3, 6), (5, 22), (22, 23), (7, 7)]:
@@ -130,3 +130,35 @@ def test_a_flipped_byte_fails_the_stream_on_either_path(tmp_path, monkeypatch, r
                 with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.h5: rows 9\.\.12 fail their checksum"):
                     list(ChunkStream(store, ranges, chunk, decode=decode))
         assert sum(len(i) for _, i, _, _ in ChunkStream(store, [(0, 9), (12, 20)], 4)) == 17  # clean blocks
+
+
+def test_stream_check_sees_every_block_at_any_piece_boundaries():
+    from logra_dist.h5io import block_checksums, row_checksums
+    from logra_dist.reader import StreamCheck
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 2**16, (50, 6), dtype=np.uint16)
+    sums = block_checksums(rows, 7)
+    for trial in range(40):
+        cuts = np.unique(np.r_[0, rng.integers(0, 51, rng.integers(0, 12)), 50])
+        bad = int(rng.integers(0, len(sums)))
+        info = ShardInfo(Path("x.h5"), 50, 0, 7, sums.copy())
+        info.block_sums[bad] += np.uint64(trial % 2)  # odd trials: one block's recorded sum is wrong
+        check = StreamCheck(info)
+        lo, hi = sorted(int(x) for x in rng.integers(0, 51, 2))
+        pieces = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if a < hi and b > lo]
+        pieces = [(max(a, lo), min(b, hi)) for a, b in pieces]
+        if trial % 4 == 3 and pieces:  # a piece read twice
+            pieces.append(pieces[0])
+        touched = {b for a, z in pieces for b in range(a // 7, (z - 1) // 7 + 1)}
+        try:
+            for a, z in pieces:
+                check.see_sums(a, row_checksums(rows[a:z]))
+            check.finish(rows)
+            failed = None
+        except ld.IndexFormatError as e:
+            failed = str(e)
+        if trial % 2 and bad in touched:
+            assert failed is not None and f"rows {bad * 7}..{min(bad * 7 + 7, 50)} fail" in failed, (trial, pieces)
+        else:
+            assert failed is None, (trial, pieces, failed)
+            assert not check.pending
