@@ -98,9 +98,13 @@ def render(res: dict[str, Any]) -> str:
         add(6, "scorer pairs/s end to end from HDF5 shards: dot / RelatIF (cached) / dot with split queries",
             setting, f"{pps['dot'] / 1e6:.1f}M / {pps['relatif_warm'] / 1e6:.1f}M / {pps['dot_split'] / 1e6:.1f}M",
             "(report)", f"in-memory matmul {pps['matmul'] / 1e6:.1f}M pairs/s")
+        gc = sc.get("gemm_rate_vs_matmul_chunked", {})  # the scorer's own GEMM shapes, when measured
         for key, what in (("dot", "dot"), ("dot_split", f"dot, queries in {sc['query_chunks']['dot_split']} query chunks")):
+            worst = min([g[key]["ratio"]] + ([gc[key]["ratio"]] if key in gc else []))
             add(6, f"scorer GEMM rate ({what}, end to end) / torch.matmul of the same shapes", setting,
-                f"{_fmt(g[key]['ratio'])} {_spread(g[key])}", ">= 0.70x", _ok(g[key]["ratio"], 0.70, le=False))
+                f"{_fmt(g[key]['ratio'])} {_spread(g[key])} vs one matmul"
+                + (f"; {_fmt(gc[key]['ratio'])} {_spread(gc[key])} vs matmul in the same chunks" if key in gc else ""),
+                ">= 0.70x", _ok(worst, 0.70, le=False) + " (on the stricter reference)")
         into = sc.get("read_rate_vs_raw_readinto", {})  # the stricter floor, when measured
         for key, what, target in (("read_io", "read rate (stored bytes into memory, checksums verified)", ">= 0.70x"),
                                   ("read", "read + widening to float32", "(report)")):
