@@ -62,16 +62,33 @@ class StreamCheck:
 
     def see(self, lo: int, rows: np.ndarray) -> None:
         """Stored rows lo, lo+1, ... of the shard (local indexes), just read."""
-        if not len(rows):
+        self.see_sums(lo, row_checksums(rows))
+
+    def see_sums(self, lo: int, sums: np.ndarray) -> None:
+        """The row checksums of stored rows lo, lo+1, ... of the shard, just read. Blocks read
+        whole in one call are checked at once; the others are summed up piece by piece."""
+        if not len(sums):
             return
-        sums, size, hi = row_checksums(rows), self.info.block_rows, lo + len(rows)
-        for b in range(lo // size, (hi - 1) // size + 1):
+        size, hi = self.info.block_rows, lo + len(sums)
+        b0, b1 = lo // size, (hi - 1) // size
+        cuts = np.maximum(np.arange(b0, b1 + 1, dtype=np.int64) * size - lo, 0)
+        parts = np.add.reduceat(sums, cuts, dtype=np.uint64)  # each touched block's rows here
+        w0 = -(-lo // size)  # blocks [w0, w1) lie whole in [lo, hi)
+        w1 = b1 + 1 if hi == self.info.rows or hi % size == 0 else b1
+        done = set(range(w0, w1)) - set(self._open)  # a block begun earlier is summed up below
+        if w0 < w1:
+            bad = np.nonzero(parts[w0 - b0:w1 - b0] != self.info.block_sums[w0:w1])[0]
+            bad = [w0 + int(i) for i in bad if w0 + int(i) in done]
+            if bad:
+                self._check(bad[0], int(parts[bad[0] - b0]))
+        edges = {b0, b1} | (set(range(w0, w1)) & set(self._open))
+        for b in sorted(edges - done):
             a, z = max(lo, b * size), min(hi, (b + 1) * size)
             total, seen = self._open.get(b, (0, []))
             if any(a < z1 and a1 < z for a1, z1 in seen):  # read twice: check it whole at finish
                 self._open[b] = (total, seen + [(-1, -1)])
                 continue
-            total = (total + int(sums[a - lo:z - lo].sum(dtype=np.uint64))) % (1 << 64)
+            total = (total + int(parts[b - b0])) % (1 << 64)
             seen = seen + [(a, z)]
             first, last = self._block_rows(b)
             if sum(z1 - a1 for a1, z1 in seen) == last - first:
@@ -79,6 +96,11 @@ class StreamCheck:
                 self._check(b, total)
             else:
                 self._open[b] = (total, seen)
+
+    @property
+    def pending(self) -> bool:
+        """Blocks only partly read so far: finish() must read their other rows."""
+        return bool(self._open)
 
     def finish(self, grads: h5py.Dataset) -> None:
         for b, (total, seen) in sorted(self._open.items()):

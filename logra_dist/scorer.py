@@ -40,13 +40,15 @@ Chunk = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]  # start, id
 class Scorer(GradientSession):
     """Pass the model (or engine) to compute query gradients, or None to score precomputed ones.
 
-    chunk_rows: training rows per streamed chunk. block_bytes: bound on one score block
+    chunk_rows: training rows per streamed chunk. 512 rows keep the chunked GEMM as fast as one
+    big matmul (the queries are re-read once per chunk) and the stream's buffers small enough to
+    stay in cache: 4096 read 35% slower (bench/scorer_throughput.py). block_bytes: bound on one score block
     (query_chunk x chunk_rows floats per layer-group atom); queries are processed in chunks of
     that size against each training chunk. cache_self_influence=False never writes to the index.
     """
 
     def __init__(self, model_or_engine: Any, index_dir: str | Path, *, mode: str = "relatif",
-                 damping: float | None = None, chunk_rows: int = 4096, block_bytes: int = 256 << 20,
+                 damping: float | None = None, chunk_rows: int = 512, block_bytes: int = 256 << 20,
                  dtype: torch.dtype = torch.float32, cache_self_influence: bool = True, tracker=None):
         if tracker is not None:  # phase timers (logra_dist.tracking.Tracker)
             self.tracker = tracker

@@ -175,9 +175,10 @@ class RunningTopK:
     """Per-query top-k over a stream of score blocks; memory O(n_q x (k + block)).
 
     Slots start empty (score -inf, id ID_PAD). A block only enters the sort through the entries
-    at or above each query's current k-th score (found with torch.topk, linear time), so once the
-    lists fill, a chunk costs a threshold test instead of a full sort. Entries equal to the k-th
-    score always enter, which keeps the smaller-id tie rule exact.
+    at or above each query's current k-th score (found with torch.topk, linear time), and only
+    for the queries whose best score in the block reaches it, so once the lists fill, a chunk
+    costs a row maximum instead of a full sort. Entries equal to the k-th score always enter,
+    which keeps the smaller-id tie rule exact.
     """
 
     def __init__(self, n_queries: int, k: int, dtype: torch.dtype = torch.float32):
@@ -194,16 +195,34 @@ class RunningTopK:
             raise ValueError(f"top-k update: {scores.shape[0]} score rows for {cur_s.shape[0]} queries")
         if scores.shape[1] == 0:
             return
-        scores = scores.to(cur_s.dtype)
-        if ids.dim() == 1:
-            ids = ids[None, :].expand(scores.shape[0], -1)
-        ids = ids.to(torch.int64)
-        m = int((scores >= cur_s[:, -1:]).sum(1).max())
+        scores, ids = scores.to(cur_s.dtype), ids.to(torch.int64)
+        best = scores.amax(1)  # a query whose best score is below its k-th cannot change (NaN: let it try)
+        live = torch.nonzero((best >= cur_s[:, -1]) | best.isnan()).reshape(-1)
+        if len(live) == 0:
+            return
+        if len(live) < scores.shape[0]:
+            scores, cur_s, cur_i = scores[live], cur_s[live], cur_i[live]
+            ids = ids if ids.dim() == 1 else ids[live]
+            rows = torch.arange(self.scores.shape[0])[rows][live]
+        enter = scores >= cur_s[:, -1:]
+        counts = enter.sum(1)
+        m = int(counts.max())
         if m == 0:
             return
-        if m < scores.shape[1]:
-            scores, pos = torch.topk(scores, m, dim=1, sorted=False)
-            ids = ids.gather(1, pos)
+        if m < scores.shape[1] // 4 and not best.isnan().any():  # few enter: gather them, padded with empty slots
+            r, c = torch.nonzero(enter, as_tuple=True)
+            slot = torch.arange(len(r)) - (torch.cumsum(counts, 0) - counts)[r]
+            cand_s = torch.full((len(scores), m), -torch.inf, dtype=scores.dtype)
+            cand_i = torch.full((len(scores), m), ID_PAD, dtype=torch.int64)
+            cand_s[r, slot] = scores[r, c]
+            cand_i[r, slot] = ids[c] if ids.dim() == 1 else ids[r, c]
+            scores, ids = cand_s, cand_i
+        else:
+            if m < scores.shape[1]:
+                scores, pos = torch.topk(scores, m, dim=1, sorted=False)  # NaN ranks first, as it always did
+                ids = ids[pos] if ids.dim() == 1 else ids.gather(1, pos)
+            elif ids.dim() == 1:
+                ids = ids[None, :].expand(scores.shape[0], -1)
         new_s, new_i = select_topk(torch.cat([cur_s, scores], 1), torch.cat([cur_i, ids], 1), self.k)
         self.scores[rows], self.ids[rows] = new_s, new_i
 

@@ -1,80 +1,195 @@
 """Streaming training rows for scoring at memory speed: raw reads into reused buffers, in a thread.
 
 `GradientStore.iter_chunks` returns fresh float32 arrays decoded by numpy; for scoring that is
-the bottleneck (float16 -> float32 through numpy runs at ~0.3 GB/s here, and every fresh 60 MB
-array page-faults). This reader keeps a small ring of buffers: a background thread reads the
-stored dtype straight into a staging array (`read_direct`, no allocation), widens it into a
-float32 tensor with torch (vectorized), and hands it over; the consumer's previous buffer goes
-back to the ring when it asks for the next chunk. Rows are therefore only valid until the next
+the bottleneck. This reader keeps a small ring of float32 buffers filled by a background thread.
+A shard's rows are unfiltered HDF5 chunks of whole rows, so they lie in the file as plain bytes
+(in a few runs of consecutive chunks): the thread reads them with `os.preadv` (no HDF5 call, no
+lock held while the GEMM runs) in cache-sized pieces, and checksums and widens each piece to
+float32 while it is hot in cache, so the stored bytes cross memory once. A shard laid out any
+other way (filters, another byte order) is read through HDF5 instead. Rows are only valid until the next
 iteration: score them, do not keep them. `side(start, stop)` reads companion data of the same
 rows (the self-influence cache) in the same thread: h5py serializes all HDF5 calls behind one
 lock, so a small read in the main thread would wait for the current large read to finish.
 """
 from __future__ import annotations
 
+import os
 import queue
+import sys
 import threading
 import time
+import weakref
+from bisect import bisect_right
 from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
 import torch
 
-from .partition import Ranges
-from .reader import GradientStore, StreamCheck
 from .config import STORAGE_DTYPES
+from .h5io import row_checksums
+from .partition import Ranges
+from .reader import GradientStore, ShardInfo, StreamCheck
 from .store import IndexFormatError, h5_dtype
+
+PIECE_BYTES = 512 << 10  # read + checksum + widen unit: stays in a core's L2 cache
+IO_PIECE_BYTES = 4 << 20  # read + checksum unit when rows are kept as stored (fewer calls)
+_KNOWN_RUNS: "weakref.WeakKeyDictionary[GradientStore, dict]" = weakref.WeakKeyDictionary()
+
+
+def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
+    """(runs, 2) [first row, byte offset] of the file ranges holding `dset`'s rows as plain
+    little-endian bytes in row order, or None when they are not stored that way (filters, a
+    chunk shape cutting rows, unallocated chunks, another byte order)."""
+    dcpl, ftype = dset.id.get_create_plist(), dset.id.get_type()
+    if (dset.ndim != 2 or not hasattr(dset.id, "chunk_iter") or dcpl.get_nfilters() or ftype.get_size() != itemsize or sys.byteorder != "little"
+            or ftype.get_order() != h5py.h5t.ORDER_LE or not hasattr(os, "preadv")):
+        return None
+    n, width = dset.shape
+    if n == 0:
+        return np.zeros((0, 2), np.int64)
+    if dset.chunks is None:
+        offset = dset.id.get_offset()
+        return None if offset is None else np.array([[0, offset]], np.int64)
+    rows = dset.chunks[0]
+    if dset.chunks[1] != width or dset.id.get_num_chunks() != -(-n // rows):
+        return None
+    found: list[tuple[int, int, int]] = []
+    dset.id.chunk_iter(lambda c: found.append((c.chunk_offset[0], c.byte_offset, c.size)))
+    found.sort()
+    size = rows * width * itemsize
+    starts, offsets, sizes = (np.array(v, np.int64) for v in zip(*found))
+    if (starts != np.arange(len(found)) * rows).any() or (sizes != size).any():
+        return None
+    new_run = np.r_[True, offsets[1:] != offsets[:-1] + size]
+    return np.stack([starts[new_run], offsets[new_run]], 1)
+
+
+class _Source:
+    """One shard's rows, read with preadv where they are plain bytes, else through h5py.
+    `known` caches plain_runs per shard path for the store's lifetime (the shards are final)."""
+
+    def __init__(self, info: ShardInfo, itemsize: int, row_bytes: int, known: dict[str, np.ndarray | None]):
+        self.info, self.row_bytes, self.fd, self._file = info, row_bytes, None, None
+        try:
+            key = str(info.path)
+            if key not in known:
+                known[key] = plain_runs(self.dset, itemsize)
+            self.runs = known[key]
+            if self.runs is not None:  # plain lists: bisect and int arithmetic per read, no numpy calls
+                self.run_rows, self.run_bytes = self.runs[:, 0].tolist(), self.runs[:, 1].tolist()
+                self.fd = os.open(info.path, os.O_RDONLY)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def dset(self) -> h5py.Dataset:
+        """The shard's grads through HDF5, opened on first use (fallback reads, range ends)."""
+        if self._file is None:
+            try:
+                self._file = h5py.File(self.info.path, "r")
+            except OSError as e:
+                raise IndexFormatError(f"{self.info.path}: not a readable HDF5 shard (truncated or corrupted?): "
+                                       f"{e}") from e
+        return self._file["grads"]
+
+    def read(self, lo: int, hi: int, dst: np.ndarray, view: memoryview) -> None:
+        """Stored rows [lo, hi) of the shard into dst (C-contiguous, hi - lo rows; `view`: its bytes)."""
+        try:
+            if self.runs is None:
+                self.dset.read_direct(dst, np.s_[lo:hi], np.s_[0:hi - lo])
+                return
+            rb, done, want = self.row_bytes, 0, (hi - lo) * self.row_bytes
+            while done < want:  # one preadv per run of chunks crossed; more only on short reads
+                row, within = divmod(done, rb)
+                r = bisect_right(self.run_rows, lo + row) - 1
+                stop = want if r + 1 == len(self.run_rows) else min(want, (self.run_rows[r + 1] - lo) * rb)
+                pos = self.run_bytes[r] + (lo + row - self.run_rows[r]) * rb + within
+                got = os.preadv(self.fd, [view[done:stop]], pos)
+                if got == 0:
+                    raise OSError(f"end of file at byte {pos} (truncated?)")
+                done += got
+        except OSError as e:
+            raise IndexFormatError(f"{self.info.path}: rows {lo}..{hi} unreadable: {e}") from e
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+        if self._file is not None:
+            self._file.close()
 
 
 class ChunkStream:
-    """(start, ids, float32 rows, side data or None) chunks over the given row ranges of a store."""
+    """(start, ids, float32 rows, side data or None) chunks over the given row ranges of a store.
+    decode=False yields the rows as stored instead (numpy; bfloat16 as its uint16 bits), still
+    checked against the checksums: for copying them, or for timing the I/O alone."""
 
     def __init__(self, store: GradientStore, ranges: Ranges, chunk_rows: int, buffers: int = 3,
-                 side: Callable[[int, int], Any] | None = None):
-        self.store, self.chunk_rows, self.side = store, chunk_rows, side
+                 side: Callable[[int, int], Any] | None = None, decode: bool = True):
+        self.store, self.chunk_rows, self.side, self.decode = store, chunk_rows, side, decode
         self.bounds = [(s, min(s + chunk_rows, hi)) for lo, hi in ranges for s in range(lo, hi, chunk_rows)]
         self.n_buffers = max(2, buffers)
         self.storage = store.storage_dtype
         if self.storage not in STORAGE_DTYPES:
             raise IndexFormatError(f"{store.root}: unknown storage dtype {self.storage!r}")
         self.stage_dtype = h5_dtype(self.storage)  # as stored: bf16 as its uint16 bits
+        self.row_bytes = store.width * self.stage_dtype.itemsize
+        self.piece_rows = max(1, PIECE_BYTES // max(1, self.row_bytes))  # read, checked, widened
+        self.io_rows = max(1, IO_PIECE_BYTES // max(1, self.row_bytes))  # read and checked in place
 
-    def _read(self, files: list[h5py.File], lo: int, hi: int, stage: np.ndarray) -> None:
-        """Rows [lo, hi) of the global row space into stage[:hi - lo], crossing shard boundaries,
-        each checked against its shard's block checksums (reader.StreamCheck, one per iteration)."""
-        for info, f, check in zip(self.store.shards, files, self._checks):
-            a, b = max(lo, info.offset), min(hi, info.offset + info.rows)
+    def _read(self, files: list[_Source], lo: int, hi: int, dest: tuple[np.ndarray | None, torch.Tensor]) -> None:
+        """Rows [lo, hi) of the global row space into dest (stored rows, float32 rows), crossing
+        shard boundaries, each checked against its shard's block checksums (reader.StreamCheck,
+        one per iteration). Pieces to decode pass through a small buffer, hot in cache."""
+        stage, out = dest
+        rows = out.numpy() if self.storage == "float32" else stage
+        if rows is not None:
+            piece_rows, target = self.io_rows, (rows, memoryview(rows.reshape(-1).view(np.uint8)))
+        else:
+            piece_rows, target = self.piece_rows, self._piece
+        sums, rb = self._sums[:hi - lo], self.row_bytes
+        for src, check in zip(files, self._checks):
+            a, b = max(lo, src.info.offset), min(hi, src.info.offset + src.info.rows)
+            for p in range(a, b, piece_rows):
+                q = min(b, p + piece_rows)
+                start = p - lo if rows is not None else 0
+                piece = target[0][start:start + q - p]
+                src.read(p - src.info.offset, q - src.info.offset, piece, target[1][start * rb:(start + q - p) * rb])
+                if rb % 8 == 0:  # h5io.row_checksums, without its copies: rows of whole 64-bit words
+                    np.add.reduce(piece.view(np.uint64), axis=1, out=sums[p - lo:q - lo])
+                else:
+                    sums[p - lo:q - lo] = row_checksums(piece)
+                if rows is None:
+                    out[p - lo:q - lo].copy_(target[2][:q - p])
             if a < b:
-                try:
-                    f["grads"].read_direct(stage, np.s_[a - info.offset:b - info.offset], np.s_[a - lo:b - lo])
-                except OSError as e:
-                    raise IndexFormatError(f"{info.path}: rows {a - info.offset}..{b - info.offset} unreadable: {e}") from e
-                check.see(a - info.offset, stage[a - lo:b - lo])
+                check.see_sums(a - src.info.offset, sums[a - lo:b - lo])
 
-    def _widen(self, stage: np.ndarray, out: torch.Tensor, n: int) -> None:
-        src = torch.from_numpy(stage[:n])
-        if self.storage == "bfloat16":
-            src = src.view(torch.bfloat16)
-        out[:n].copy_(src)
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray, torch.Tensor, Any]]:
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, Any, Any]]:
         if not self.bounds:
             return
         width, rows = self.store.width, min(self.chunk_rows, max(hi - lo for lo, hi in self.bounds))
         free: queue.Queue = queue.Queue()
+        keep_stored = not self.decode and self.storage != "float32"
         for _ in range(self.n_buffers):
-            free.put((np.empty((rows, width), self.stage_dtype), torch.empty(rows, width)))
+            free.put((np.empty((rows, width), self.stage_dtype) if keep_stored else None,
+                      torch.empty(rows, width) if self.decode or self.storage == "float32" else None))
+        piece = np.empty((self.piece_rows, width), self.stage_dtype)
+        piece_t = torch.from_numpy(piece)
+        self._piece = (piece, memoryview(piece.reshape(-1).view(np.uint8)),
+                       piece_t.view(torch.bfloat16) if self.storage == "bfloat16" else piece_t)
+        self._sums = np.empty(rows, np.uint64)
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
-
         tracker = self.store.tracker
-        row_bytes = width * self.stage_dtype.itemsize
 
         def produce() -> None:
-            files = [h5py.File(s.path, "r") for s in self.store.shards]
-            self._checks = [StreamCheck(s) for s in self.store.shards]
+            files: list[_Source] = []
             try:
+                known = _KNOWN_RUNS.setdefault(self.store, {})
+                for s in self.store.shards:
+                    files.append(_Source(s, self.stage_dtype.itemsize, self.row_bytes, known))
+                self._checks = [StreamCheck(s) for s in self.store.shards]
                 for lo, hi in self.bounds:
                     item = None
                     while item is None and not stop.is_set():
@@ -84,24 +199,20 @@ class ChunkStream:
                             pass
                     if stop.is_set():
                         return
-                    stage, out = item
                     t0 = time.perf_counter()
-                    if self.storage == "float32":
-                        self._read(files, lo, hi, out.numpy())
-                    else:
-                        self._read(files, lo, hi, stage)
-                        self._widen(stage, out, hi - lo)
+                    self._read(files, lo, hi, item)
                     tracker.add_time("read", time.perf_counter() - t0)
-                    tracker.count(bytes_read=(hi - lo) * row_bytes)  # bytes as stored on disk
+                    tracker.count(bytes_read=(hi - lo) * self.row_bytes)  # bytes as stored on disk
                     ready.put((lo, hi, item, None if self.side is None else self.side(lo, hi)))
-                for check, f in zip(self._checks, files):  # blocks the ranges only partly covered
-                    check.finish(f["grads"])
+                for check, src in zip(self._checks, files):  # blocks the ranges only partly covered
+                    if check.pending:
+                        check.finish(src.dset)
                 ready.put(None)
             except BaseException as e:  # re-raised in the consumer
                 ready.put(e)
             finally:
-                for f in files:
-                    f.close()
+                for src in files:
+                    src.close()
 
         thread = threading.Thread(target=produce, name="logra-score-stream", daemon=True)
         thread.start()
@@ -114,7 +225,9 @@ class ChunkStream:
                 if isinstance(got, BaseException):
                     raise got
                 lo, hi, item, side = got
-                yield lo, self.store.ids[lo:hi], item[1][:hi - lo], side
+                stage, out = item
+                rows = out[:hi - lo] if self.decode else (stage if stage is not None else out.numpy())[:hi - lo]
+                yield lo, self.store.ids[lo:hi], rows, side
                 free.put(item)
         finally:
             stop.set()
