@@ -79,6 +79,9 @@ def test_wandb_receives_every_figure_and_the_target_table(tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     run_dir = log_results(results, markdown)
+    import wandb
+
+    wandb.teardown()  # the service writes the run's log asynchronously: wait for it to exit
     run = read_run(Path(run_dir).parent)
     assert run["job_type"] == "bench" and run["config"]["machine"] == {"cpus": 2}
     assert run["summary"]["logging_speed/models/large/variants/k16-kfac/vs_floor/ratio"] == 1.30
