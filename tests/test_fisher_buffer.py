@@ -27,3 +27,37 @@ def test_buffered_fisher_equals_direct_sum_at_every_read():
     torch.testing.assert_close(fresh.flat(), acc.flat())
     pre = fresh.preconditioner(1.0)
     assert set(pre.layers) == {"a", "b"}
+
+
+def test_lent_statistics_stay_exactly_those_of_the_rows_before_the_commit():
+    """A commit lends views of the sums to the writer thread (no copy): rows arriving until it
+    releases them are buffered, not folded in, and past the sums' size the logger waits."""
+    import threading
+    import time
+
+    import numpy as np
+
+    specs = [LayerSpec("a", "linear", 16, 16, 8, 12), LayerSpec("b", "linear", 16, 16, 4, 1)]  # widths 96, 4
+    acc = Accumulator(specs, "raw", torch.float32)
+    assert acc._lend_rows == (96 * 96 + 16) // 100 > 2 * FISHER_GEMM_ROWS
+    gen = torch.Generator().manual_seed(0)
+    fisher = lambda r: torch.cat([(r[:, :96].T @ r[:, :96]).reshape(-1), (r[:, 96:].T @ r[:, 96:]).reshape(-1)])  # noqa: E731
+    before = torch.randn(FISHER_GEMM_ROWS + 3, 100, generator=gen)
+    acc.update_rows(before)
+    parts, released = acc.lend()
+    after = torch.randn(2 * FISHER_GEMM_ROWS, 100, generator=gen)
+    acc.update_rows(after)  # full buffers, but the sums are lent: not folded in
+    got = np.concatenate([p.ravel() for p in parts[:-1]])
+    np.testing.assert_allclose(got, fisher(before).numpy(), rtol=1e-5, atol=1e-4)
+    assert parts[-1][0] == len(before) and parts[0].dtype == np.float32  # counts at the commit, own dtype
+    threading.Timer(0.3, released.set).start()  # past the cap update_rows waits for the release
+    start = time.monotonic()
+    more = torch.randn(acc._lend_rows, 100, generator=gen)
+    acc.update_rows(more)
+    assert time.monotonic() - start >= 0.25 and released.is_set()
+    flat = acc.flat()
+    torch.testing.assert_close(flat[:-3], fisher(torch.cat([before, after, more])).double(), rtol=1e-5, atol=1e-3)
+    # a snapshot restores exactly: its parts' float64 concatenation is flat()
+    fresh = Accumulator(specs, "raw", torch.float32)
+    fresh.load_snapshot(acc.snapshot())
+    torch.testing.assert_close(fresh.flat(), flat)
