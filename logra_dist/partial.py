@@ -150,6 +150,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     fsync_path(dst.parent)
 
 
+@dataclass
+class ResumeState:
+    """What an earlier, interrupted run of this rank left: its committed ids, the statistics over
+    exactly them (`Accumulator.snapshot` parts), its non-finite ids, whether its shard is complete."""
+
+    ids: np.ndarray
+    stats: list[np.ndarray] | None
+    nonfinite_ids: np.ndarray
+    complete: bool = False
+
+
 class PartialShard:
     """Append-only writer over one rank's partial directory (single thread: the shard writer)."""
 

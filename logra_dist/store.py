@@ -21,7 +21,6 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from .h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
-from .partial import COMMIT, PartialShard, PartialShardError, rank_stats_path, read_rank_stats
+from .partial import COMMIT, PartialShard, PartialShardError, ResumeState, rank_stats_path, read_rank_stats
 from .projection import LayerSpec
 
 SHARD_DIR = "shards"
@@ -127,17 +126,6 @@ def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_
     return digest
 
 
-@dataclass
-class ResumeState:
-    """What an earlier, interrupted run of this rank left: its committed ids, the statistics over
-    exactly them (`Accumulator.snapshot` parts), its non-finite ids, whether its shard is complete."""
-
-    ids: np.ndarray
-    stats: list[np.ndarray] | None
-    nonfinite_ids: np.ndarray
-    complete: bool = False
-
-
 class ShardWriter:
     """Appends (rows, ids) to one rank's partial shard from a background thread; `close(True)`
     builds the final HDF5 shard. With resume=True it continues the rank's partial shard (or
@@ -216,8 +204,7 @@ class ShardWriter:
 
     def commit(self, stats: list[np.ndarray] | None, nonfinite_ids=(), released: threading.Event | None = None) -> None:
         """Make everything appended so far durable, with the statistics covering exactly it
-        (`Accumulator.snapshot` parts the caller leaves unchanged until `released` is set here,
-        once they are written or the write failed: `Accumulator.lend`)."""
+        (parts left unchanged until `released` is set, once written or failed: `Accumulator.lend`)."""
         if self.complete:
             return
         self._commits_put += 1
