@@ -102,41 +102,40 @@ def _time_model(model: str, ks: list[int], hessians: list[str], reps: int, raw_r
                                             "vs_train": {"ratio": ratio(res, "raw", "floor")["ratio"]
                                                          * out["floor_vs_train"]["ratio"],
                                                          "derived": "vs_floor x floor_vs_train"}}
-            out["variants"][f"k{k}-raw"]["commit"] = commit_cost(lg, b, tmp / f"{model}-{k}-commit.h5")
+            out["variants"][f"k{k}-raw"]["commit"] = commit_cost(lg, b, tmp / f"{model}-{k}-commit.npz",
+                                                                 res["median_s"]["raw"])
             lg.close()
             del lg
     return out
 
 
-def commit_cost(lg, batch_size: int, path: Path, max_bytes: int = 1 << 30) -> dict[str, Any]:
-    """What the timed blocks leave out: every `flush_rows` rows the Logger commits, i.e. packs
-    every statistic into one float64 buffer (`Accumulator.flat`) and the writer thread stores it
-    in the shard as `partial_stats` (for resume). Timed once here, amortized per step. A flat
-    buffer over `max_bytes` is not built (at k=64 on the large model it is 7.6 GB, plus as much
-    again in transients): one layer's share is timed and scaled by the number of layers."""
-    import h5py
+def commit_cost(lg, batch_size: int, path: Path, step_s: float, max_bytes: int = 1 << 30) -> dict[str, Any]:
+    """What the timed blocks leave out: a commit point, where the Logger lends its statistics to
+    the writer thread (`Accumulator.lend`: views, nothing copied on the main thread) which writes
+    them to their own file and fsyncs it (`partial.write_stats`). Commits come after
+    `flush_rows` rows, at most once per commit_seconds and per 1/COMMIT_SHARE x their cost, so
+    amortized per step: cost x step_s / interval. Parts over `max_bytes`: one layer's part is
+    written and scaled by the bytes. (Keys kept for report.py: flat_s = main-thread time.)"""
+    from logra_dist.logger import COMMIT_SHARE
+    from logra_dist.partial import write_stats
 
-    acc = lg.accumulator
-    acc.flush()
-    total = sum(t.numel() for t in acc.sums.values()) * 8
-    parts = list(acc.sums.values())
-    measured = total <= max_bytes
-    if not measured:
-        parts = parts[:1]
     t0 = time.perf_counter()
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in parts]).numpy()
-    flat_s = time.perf_counter() - t0
+    parts, released = lg.accumulator.lend()
+    lend_s = time.perf_counter() - t0
+    total = sum(p.nbytes for p in parts)
+    timed = parts if total <= max_bytes else parts[:1]
     t0 = time.perf_counter()
-    with h5py.File(path, "w") as f:
-        f.create_dataset("partial_stats", data=flat)
+    write_stats(path, timed, 0)
     write_s = time.perf_counter() - t0
+    released.set()
     path.unlink()
-    scale = total / flat.nbytes
-    steps_per_commit = lg.config.flush_rows / batch_size
-    return {"flat_bytes": int(total), "flat_s": flat_s * scale, "write_s": write_s * scale,
-            "how": "measured" if measured else f"one of {len(acc.sums)} layers timed, scaled x{scale:.0f}",
-            "flush_rows": lg.config.flush_rows,
-            "amortized_per_step_s": (flat_s + write_s) * scale / steps_per_commit}
+    scale = total / sum(p.nbytes for p in timed)
+    cost = lend_s + write_s * scale
+    interval = max(lg._commit_seconds, cost / COMMIT_SHARE, lg.config.flush_rows / batch_size * step_s)
+    return {"flat_bytes": int(total), "flat_s": lend_s, "write_s": write_s * scale,
+            "how": "measured" if timed is parts else f"one of {len(parts) - 1} layers timed, scaled x{scale:.0f}",
+            "flush_rows": lg.config.flush_rows, "interval_s": interval,
+            "amortized_per_step_s": cost * step_s / interval}
 
 
 def writes_on_off(model: str, ks: list[int], reps: int, tmp: Path) -> dict[str, Any]:
@@ -293,6 +292,8 @@ def main() -> None:
                     print(f"{m} {name}: {v['step_s']:.3f}s  vs floor {v['vs_floor']['ratio']:.3f} "
                           f"[{v['vs_floor']['min']:.3f}, {v['vs_floor']['max']:.3f}]  "
                           f"vs train {v['vs_train']['ratio']:.3f}")
+                    if v.get("commit"):
+                        print(f"{m} {name} commit: {v['commit']}")
                 print(f"{m} train {r['train_step_s']:.3f}s floor {r['floor_step_s']:.3f}s")
         return
     r = run(a.quick, Path(a.out), a.model, a.k, a.hessian)

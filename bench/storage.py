@@ -1,9 +1,10 @@
 """Figure 7: bytes on disk per logged sample vs the payload D x itemsize.
 
 An end-to-end Logger run on the embedded model (N samples, finalized) for float16 and bfloat16,
-with hessian="none" and the default "raw"; the shard file's size over N is compared with
-D x itemsize (plus the 8-byte id every row carries, reported separately). stats.h5 and
-manifest.json are per-index costs, reported apart.
+with hessian="none" and the default "raw"; the per-sample bytes of the finished index (every
+file under shards/: the shard, and anything else left there) over N are compared with
+D x itemsize (plus the 8-byte id every row carries, reported separately). stats.h5 (the global
+curvature, per model, not per sample) and manifest.json are per-index costs, reported apart.
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ def one(bench, k: int, dtype: str, hessian: str, n_batches: int, tmp: Path) -> d
         step(batch)
     manifest = lg.finalize()
     n = manifest["total_rows"]
-    shard = out_dir / manifest["shards"][0]["path"]
-    size = shard.stat().st_size
+    files = {str(p.relative_to(out_dir)): p.stat().st_size for p in (out_dir / "shards").rglob("*") if p.is_file()}
+    size = sum(files.values())
     item = 2
     payload = n * lg.width * item
     return {"k": k, "storage_dtype": dtype, "hessian": hessian, "samples": n, "D": lg.width,
-            "shard_bytes": size, "bytes_per_sample": size / n, "payload_bytes_per_sample": lg.width * item,
+            "shard_bytes": size, "shard_files": files, "bytes_per_sample": size / n, "payload_bytes_per_sample": lg.width * item,
             "ratio": size / payload, "ratio_without_ids": (size - 8 * n) / payload,
             "stats_h5_bytes": (out_dir / "stats.h5").stat().st_size,
             "manifest_bytes": (out_dir / "manifest.json").stat().st_size}

@@ -88,7 +88,7 @@ def _partial_facts(path: Path, facts: dict[str, Any], sample_rows: int,
     rows_on_disk = (path / GRADS).stat().st_size // max(1, dtype.itemsize * width) if (path / GRADS).exists() else 0
     facts.update(rows=int(rows_on_disk), width=width, complete=False, rows_committed=record.rows,
                  storage_dtype=str(meta.get("storage_dtype", "?")), stored_as=str(dtype),
-                 world_size=int(meta.get("world_size", 0)), chunks=[], has_partial_stats=record.stats is not None,
+                 world_size=int(meta.get("world_size", 0)), chunks=[], has_partial_stats=record.has_stats,
                  config=json.loads(meta["config"]) if "config" in meta else None)
     usable = min(record.rows, rows_on_disk)
     positions = _sample_positions(usable, sample_rows)

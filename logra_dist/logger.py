@@ -4,9 +4,10 @@ Per batch nothing crosses ranks: rows go to this rank's shard through a backgrou
 statistics accumulate locally. `finalize()` is the collective point of the epoch: one all-reduce
 of every statistic and count, then rank 0 writes `stats.h5` and `manifest.json`. `attach()` does
 one tiny all-reduce too, so that every rank agrees to start, resume (resume=True) or refuse
-(docs/reliability.md). Every `flush_rows` logged rows the shard commits them with the statistics
-covering exactly them; a killed job resumed with the same command and resume=True re-logs only
-the samples after each rank's last commit, and ends with every id logged exactly once.
+(docs/reliability.md). Every `flush_rows` logged rows (at most once per `commit_seconds`, and
+per 20x the last commit's cost) the shard commits them with the statistics covering exactly
+them; a killed job resumed with the same command and resume=True re-logs only the samples after
+each rank's last commit, and ends with every id logged exactly once.
 """
 from __future__ import annotations
 
@@ -29,10 +30,17 @@ from .config import LoGraConfig
 from .projection import LayerSpec
 from .session import GradientSession
 from .statistics import Accumulator
-from .resume import pca_path, rank_state, ranks_on_disk, read_pca, write_pca
-from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, ShardWriter, layout_to_json, partial_dir,
-                    shard_path, write_json_atomic, write_stats)
+from .partial import rank_stats_path
+from .resume import agree_on_state, pca_path, read_pca, write_pca
+from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, ShardWriter, layout_to_json, shard_path,
+                    write_json_atomic, write_stats)
 from .tracking import NullTracker
+
+# A commit (statistics snapshot + its file + fsyncs) may take at most this share of the time:
+# commits are spaced by at least its cost / COMMIT_SHARE. A raw Fisher at k=64 is GBs (float32:
+# 0.74 GB on the embedded model, 3.7 GB on the 25M one), whose commit takes seconds, so flush_rows
+# and the time floor alone could spend a large share of a fast model's time on commits.
+COMMIT_SHARE = 0.05
 
 
 def model_identity(root: torch.nn.Module) -> dict[str, Any]:
@@ -75,7 +83,8 @@ class Logger(GradientSession):
                  commit_seconds: float | None = None, tracker: NullTracker | None = None):
         """resume: continue the interrupted job in out_dir (see `done_ids`; starts fresh if there
         is none); commit_seconds: commit at most this often (default $LOGRA_DIST_COMMIT_SECONDS or
-        30), and only after `flush_rows` new rows, bounding the work a kill loses; metadata: JSON-able
+        30), only after `flush_rows` new rows and at most once per 20x the last commit's cost,
+        bounding the work a kill loses (0: at every `flush_rows` rows, whatever the cost); metadata: JSON-able
         facts about the job (data source, model path) recorded in the manifest; tracker: phase
         timers and I/O counters (logra_dist.tracking.Tracker), none by default."""
         self.out_dir = Path(out_dir)
@@ -96,7 +105,8 @@ class Logger(GradientSession):
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or model_identity(self.engine.root)
         try:
-            self._resuming = self._agree_on_state()
+            self._resuming, self._finished = agree_on_state(self.out_dir, self.rank, self.world_size,
+                                                            self._shard_attrs(), resume)
             if self._resuming and config.init == "pca":  # log with the projections of the first attempt
                 self._install({k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
                                for k, (a, b) in read_pca(pca_path(self.out_dir), layout_to_json(self.specs)).items()})
@@ -111,36 +121,6 @@ class Logger(GradientSession):
                 "storage_dtype": self.config.storage_dtype, "rank": self.rank,
                 "world_size": self.world_size, "model": _shard_model(self.model_info)}
 
-    def _agree_on_state(self) -> bool:
-        """Collective: every rank learns what every rank left in out_dir, so that all of them
-        start, resume or refuse together. Returns whether this job continues an earlier one."""
-        kind, problem = rank_state(shard_path(self.out_dir, self.rank), self._shard_attrs())
-        w = self.world_size
-        flags = torch.zeros(2 * w, dtype=torch.float64)
-        flags[self.rank] = {"none": 0, "partial": 1, "complete": 2}[kind]
-        flags[w + self.rank] = problem is not None
-        flags = comm.all_reduce_sum(flags)
-        kinds, problems = flags[:w].long().tolist(), [r for r in range(w) if flags[w + r] > 0]
-        shards = self.out_dir / SHARD_DIR
-        extra = [r for r in ranks_on_disk(self.out_dir) if r >= w]
-        if extra:
-            raise IndexFormatError(f"{shards}: holds shards of rank(s) {extra[:8]}, written by a job with more "
-                                   f"than {w} ranks; resume with the world size of that job, or use an empty "
-                                   "directory")
-        started = [r for r in range(w) if kinds[r]]
-        if started and not self._resume:
-            done = [r for r in range(w) if kinds[r] == 2]
-            first = (f"{shard_path(self.out_dir, done[0])}: a complete shard already exists; refusing to "
-                     "overwrite it" if done else f"{partial_dir(shard_path(self.out_dir, started[0]))}: an "
-                     "unfinished shard of an earlier job exists")
-            raise IndexFormatError(f"{first} (rank(s) {started[:8]} have shards, {done[:8]} complete); pass "
-                                   "resume=True (--resume) to continue that job, or use an empty directory")
-        if problems:
-            raise IndexFormatError(problem if problem is not None else
-                                   f"{shards}: cannot resume, rank(s) {problems[:8]} found shards of another "
-                                   "job (their error names the file)")
-        return bool(started)
-
     def _start_writing(self) -> None:
         self.accumulator = Accumulator(self.specs, self.config.hessian, self.compute_dtype)
         self._capture.token_stats = self.accumulator if self._logged_batches_feed_statistics else None
@@ -149,11 +129,11 @@ class Logger(GradientSession):
                                    self.config.flush_rows, self.config.writer_queue, resume=self._resuming,
                                    asynchronous=self._asynchronous, model_json=_shard_model(self.model_info))
         state = self._writer.resume_state
-        if state.stats_flat is not None:
-            self.accumulator.load_flat(torch.from_numpy(state.stats_flat))
+        if state.stats is not None:
+            self.accumulator.load_snapshot(state.stats)
         self.nonfinite_ids = [int(i) for i in state.nonfinite_ids]
         self.done_ids = set(int(i) for i in state.ids) | set(self.nonfinite_ids)
-        self._rows_since_commit, self._last_commit = 0, time.monotonic()
+        self._rows_since_commit, self._last_commit, self._snapshot_seconds = 0, time.monotonic(), 0.0
 
     @property
     def needs_pca_pass(self) -> bool:
@@ -249,10 +229,28 @@ class Logger(GradientSession):
             self.accumulator.update_rows(rows)
         self._writer.append(rows, ids)
         self._rows_since_commit += len(ids)
-        if (self._rows_since_commit >= self.config.flush_rows
-                and time.monotonic() - self._last_commit >= self._commit_seconds):
-            self._writer.commit(self.accumulator.flat().numpy(), self.nonfinite_ids)
-            self._rows_since_commit, self._last_commit = 0, time.monotonic()
+        if self._commit_due():
+            self._commit()
+
+    def _commit_due(self) -> bool:
+        """flush_rows new rows, and (unless commit_seconds=0) commit_seconds since the last commit
+        began and its cost (snapshot here + file and fsyncs in the writer) <= COMMIT_SHARE of
+        the time since; never while the last one is still being written (one snapshot in memory)."""
+        if self._rows_since_commit < self.config.flush_rows:
+            return False
+        if self._commit_seconds <= 0:
+            return True
+        cost = self._snapshot_seconds + self._writer.last_commit_seconds
+        return (self._writer.commits_pending == 0
+                and time.monotonic() - self._last_commit >= max(self._commit_seconds, cost / COMMIT_SHARE))
+
+    def _commit(self) -> None:
+        """Hand the writer the statistics over exactly the rows appended so far (lent, not
+        copied: `Accumulator.lend`)."""
+        start, self._last_commit = time.perf_counter(), time.monotonic()
+        parts, released = self.accumulator.lend()
+        self._writer.commit(parts, self.nonfinite_ids, released)
+        self._snapshot_seconds, self._rows_since_commit = time.perf_counter() - start, 0
 
     def _writer_figures(self) -> dict[str, float]:
         """The background writer's own time and bytes (for the tracker)."""
@@ -272,11 +270,40 @@ class Logger(GradientSession):
         to re-run after a kill (resume=True): complete shards are adopted, not rebuilt."""
         if self._writer is None:
             raise RuntimeError("finalize() before any projection exists (init='pca' needs pca_pass())")
-        with self.tracker.phase("write-drain"):
-            self._writer.close(complete=True, stats_flat=self.accumulator.flat().numpy(),
+        with self.tracker.phase("write-drain"):  # close() waits for the writer: views, no copy
+            self._writer.close(complete=True, stats=self.accumulator.snapshot(copy=False),
                                nonfinite_ids=self.nonfinite_ids)
         self.bytes_written = self._writer.bytes_written
         self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
+        manifest = self._finished_manifest() if self._finished else self._reduce_and_write()
+        comm.barrier()  # manifest.json exists: the per-rank statistics are no longer needed
+        rank_stats_path(shard_path(self.out_dir, self.rank)).unlink(missing_ok=True)
+        self._writer = None
+        return manifest
+
+    def _finished_manifest(self) -> dict[str, Any]:
+        """A resumed job whose manifest was already written (killed after it, or resumed once
+        done): the index is complete and its statistics may be gone, so nothing is recomputed."""
+        path = self.out_dir / "manifest.json"
+        try:
+            manifest = json.loads(path.read_text())
+            mine = manifest["shards"][self.rank]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise IndexFormatError(f"{path}: unreadable manifest of the finished index ({e!r})") from e
+        if (mine.get("rows"), mine.get("ids_digest")) != (self._writer.rows_total, self._writer.ids_digest):
+            raise IndexFormatError(f"{path}: lists rank {self.rank}'s shard with other rows or ids than "
+                                   f"{shard_path(self.out_dir, self.rank)} holds; the index was altered")
+        self._warn_nonfinite(manifest.get("nonfinite_ids", []))
+        return manifest
+
+    def _warn_nonfinite(self, nonfinite: list[int]) -> None:
+        if self.rank == 0 and nonfinite:
+            warnings.warn(f"{len(nonfinite)} sample(s) had non-finite gradients and were left out of the "
+                          f"index and its statistics: ids {nonfinite[:10]}{' ...' if len(nonfinite) > 10 else ''}"
+                          " (all listed in manifest.json 'nonfinite_ids')", RuntimeWarning, stacklevel=4)
+
+    def _reduce_and_write(self) -> dict[str, Any]:
+        """The one all-reduce of statistics, counts and fingerprints; rank 0 writes the files."""
         w = self.world_size
         info = torch.zeros(3 * w + 1, dtype=torch.float64)
         info[self.rank] = self._writer.rows_total
@@ -296,16 +323,11 @@ class Logger(GradientSession):
             raise ValueError(f"{self.out_dir}: no sample was logged ({len(nonfinite)} had non-finite "
                              "gradients); an index needs at least one")
         manifest = self._manifest(counts[:w], digests, nonfinite)
+        self._warn_nonfinite(nonfinite)
         if self.rank == 0:
-            if nonfinite:
-                warnings.warn(f"{len(nonfinite)} sample(s) had non-finite gradients and were left out of the "
-                              f"index and its statistics: ids {nonfinite[:10]}{' ...' if len(nonfinite) > 10 else ''}"
-                              " (all listed in manifest.json 'nonfinite_ids')", RuntimeWarning, stacklevel=2)
             with self.tracker.phase("stats"):  # eigendecomposition, damping, stats.h5
                 self._write_stats(manifest)
             write_json_atomic(self.out_dir / "manifest.json", manifest)
-        comm.barrier()
-        self._writer = None
         return manifest
 
     def _gather_nonfinite(self, total: int) -> list[int]:

@@ -7,18 +7,30 @@ rewritten:
 
     shards/rank-00003.partial/grads.bin   rows, appended (raw bytes, storage dtype)
     shards/rank-00003.partial/ids.bin     their sample ids, appended (int64 little endian)
-    shards/rank-00003.partial/commit.npz  rows committed + the statistics covering exactly them
+    shards/rank-00003.partial/stats-00000007.npz  the statistics over exactly the committed rows
+    shards/rank-00003.partial/commit.npz  rows committed, the name of their statistics file
 
-`commit()` flushes and fsyncs the two data files, then writes the record to a temporary file,
-fsyncs it and renames it over the old one (`os.replace`, atomic on POSIX). A kill at any point
-leaves either the old record or the new one, and the data files hold at least as many rows as
-the record says; rows past it are cut off when the shard is reopened (and logged again). The
-record is read with `allow_pickle=False`: a partial from elsewhere is only parsed.
+`commit()` flushes and fsyncs the two data files, writes the statistics to a new file (a fresh
+name: the one the current record names is never touched), then writes the record to a temporary
+file, fsyncs it and renames it over the old one (`os.replace`, atomic on POSIX), and only then
+deletes the previous statistics file. A kill at any point leaves either the old record or the
+new one, each with its statistics file, and the data files hold at least as many rows as the
+record says; rows past it are cut off when the shard is reopened (and logged again), statistics
+files it does not name are deleted. Files are read with `allow_pickle=False`: a partial from
+elsewhere is only parsed. The statistics are kept out of the small record so that reading a
+record (attach, inspect) never reads them, and so that finalize can hard-link the last ones
+beside the shard instead of copying them (`store.write_shard`).
+
+At finalize the last statistics go beside the complete shard as `rank-00003.stats.npz` (renamed
+into place before the shard): the finalize's one all-reduce needs every rank's statistics, so an
+interrupted finalize is re-run from them. Once `manifest.json` exists every rank deletes its own:
+a finished index holds per-sample data and the global `stats.h5` only.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -29,6 +41,7 @@ import numpy as np
 from .h5io import fsync_path
 
 GRADS, IDS, COMMIT = "grads.bin", "ids.bin", "commit.npz"
+_STATS_FILE = re.compile(r"^stats-\d+\.npz(\.tmp)?$")
 
 
 class PartialShardError(ValueError):
@@ -41,18 +54,24 @@ class CommitRecord:
 
     rows: int
     meta: dict  # layout, config, storage dtype, rank, world size, model: must match to resume
-    stats: np.ndarray | None = None  # the rank's local statistics (Accumulator.flat) over `rows`
+    stats_file: str | None = None  # file in the partial with the statistics over `rows` (write_stats)
     nonfinite_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    seq: int = 0  # commits so far: numbers the next statistics file
+    inline_stats: np.ndarray | None = None  # records of older versions held a flat float64 vector
+
+    @property
+    def has_stats(self) -> bool:
+        return self.stats_file is not None or self.inline_stats is not None
 
 
 def write_record(path: Path, record: CommitRecord) -> None:
     """Write `commit.npz` atomically: a reader sees the old record or the new one, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
     meta = np.frombuffer(json.dumps(record.meta, sort_keys=True).encode(), np.uint8)
-    arrays = {"rows": np.array(record.rows, np.int64), "meta": meta,
+    arrays = {"rows": np.array(record.rows, np.int64), "meta": meta, "seq": np.array(record.seq, np.int64),
               "nonfinite_ids": np.asarray(record.nonfinite_ids, np.int64)}
-    if record.stats is not None:
-        arrays["stats"] = np.asarray(record.stats, np.float64)
+    if record.stats_file is not None:
+        arrays["stats_file"] = np.array(record.stats_file)
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
@@ -65,11 +84,81 @@ def read_record(path: Path) -> CommitRecord:
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(z["meta"].tobytes().decode())
-            stats = z["stats"] if "stats" in z.files else None
-            return CommitRecord(int(z["rows"]), meta, stats, z["nonfinite_ids"].astype(np.int64))
+            stats_file = str(z["stats_file"][()]) if "stats_file" in z.files else None
+            if stats_file is not None and not _STATS_FILE.match(stats_file):
+                raise ValueError(f"bad statistics file name {stats_file!r}")
+            return CommitRecord(int(z["rows"]), meta, stats_file, z["nonfinite_ids"].astype(np.int64),
+                                int(z["seq"]) if "seq" in z.files else 0,
+                                z["stats"] if "stats" in z.files else None)
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise PartialShardError(f"{path}: unreadable commit record ({e}); delete {path.parent} to "
                                 "log this rank again from the start") from e
+
+
+def write_stats(path: Path, parts: list[np.ndarray], rows: int) -> None:
+    """Statistics (`Accumulator.snapshot` parts) over `rows` rows, durable under `path` once this
+    returns (temporary name, fsync, rename; the caller fsyncs the folder). Written part by part
+    in the parts' own dtypes: no float64 copy of the whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, rows=np.array(rows, np.int64), **{f"part_{i}": p for i, p in enumerate(parts)})
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_stats(path: Path) -> tuple[int, list[np.ndarray]]:
+    """(rows covered, parts) of a `write_stats` file."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            count = sum(1 for name in z.files if name.startswith("part_"))
+            return int(z["rows"]), [z[f"part_{i}"] for i in range(count)]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise PartialShardError(f"{path}: unreadable statistics ({e})") from e
+
+
+def rank_stats_path(shard: Path) -> Path:
+    """`rank-NNNNN.stats.npz`: the last commit's statistics beside the complete shard `shard`,
+    kept from the shard's rename until the manifest exists, so an interrupted finalize can be
+    re-run (its one all-reduce needs every rank's local statistics); then deleted."""
+    return shard.with_name(shard.name[: -len(".h5")] + ".stats.npz")
+
+
+def read_rank_stats(shard: Path, rows: int) -> list[np.ndarray] | None:
+    """The statistics beside the complete shard `shard` of `rows` rows (None: there are none)."""
+    path = rank_stats_path(shard)
+    if not path.exists():
+        return None
+    covered, parts = read_stats(path)
+    if covered != rows:
+        raise PartialShardError(f"{path}: statistics over {covered} rows, but {shard.name} holds {rows}: "
+                                "they belong to different jobs")
+    return parts
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`src` under the name `dst`, atomically and durably: a hard link (no copy of up to GBs;
+    the partial holding `src` is deleted later) or, where links fail, a copy."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+        fsync_path(tmp)
+    os.replace(tmp, dst)
+    fsync_path(dst.parent)
+
+
+@dataclass
+class ResumeState:
+    """What an earlier, interrupted run of this rank left: its committed ids, the statistics over
+    exactly them (`Accumulator.snapshot` parts), its non-finite ids, whether its shard is complete."""
+
+    ids: np.ndarray
+    stats: list[np.ndarray] | None
+    nonfinite_ids: np.ndarray
+    complete: bool = False
 
 
 class PartialShard:
@@ -83,6 +172,7 @@ class PartialShard:
             self.record = read_record(directory / COMMIT)
             self._check(meta)
             self._truncate(self.record.rows)
+            self._drop_stray_stats()
         else:  # fresh, or killed before its first record: nothing in it counts
             shutil.rmtree(directory, ignore_errors=True)
             directory.mkdir(parents=True)
@@ -113,6 +203,38 @@ class PartialShard:
                                         f"delete {self.dir} to log this rank again")
             os.truncate(path, size)
 
+    def _drop_stray_stats(self) -> None:
+        """Statistics files the record does not name: written by a commit killed before its record."""
+        for name in os.listdir(self.dir):
+            if _STATS_FILE.match(name) and name != self.record.stats_file:
+                (self.dir / name).unlink()
+
+    @property
+    def stats_path(self) -> Path | None:
+        return None if self.record.stats_file is None else self.dir / self.record.stats_file
+
+    def stats(self) -> list[np.ndarray] | None:
+        """The committed statistics (`Accumulator.snapshot` parts), None if none were committed."""
+        if self.record.inline_stats is not None:
+            return [self.record.inline_stats]
+        if self.stats_path is None:
+            return None
+        rows, parts = read_stats(self.stats_path)
+        if rows != self.record.rows:
+            raise PartialShardError(f"{self.stats_path}: statistics over {rows} rows, the commit record says "
+                                    f"{self.record.rows}; delete {self.dir} to log this rank again")
+        return parts
+
+    def publish_stats(self, dst: Path) -> None:
+        """The committed statistics under `dst` (`rank_stats_path`), durable; none: no file."""
+        if self.stats_path is not None:
+            _link_or_copy(self.stats_path, dst)
+        elif self.record.inline_stats is not None:  # a partial of an older version
+            write_stats(dst, [self.record.inline_stats], self.record.rows)
+            fsync_path(dst.parent)
+        else:
+            dst.unlink(missing_ok=True)
+
     def committed_ids(self) -> np.ndarray:
         return np.fromfile(self.dir / IDS, dtype="<i8", count=self.record.rows)
 
@@ -125,13 +247,20 @@ class PartialShard:
             self._ids.write(np.ascontiguousarray(ids, dtype="<i8").data)
             self.rows += len(ids)
 
-    def commit(self, stats: np.ndarray | None, nonfinite_ids: np.ndarray) -> None:
+    def commit(self, stats: list[np.ndarray] | None, nonfinite_ids: np.ndarray) -> None:
         """Make every appended row durable together with the statistics covering exactly them."""
         for f in (self._grads, self._ids):
             f.flush()
             os.fsync(f.fileno())
-        self.record = CommitRecord(self.rows, self.record.meta, stats, np.asarray(nonfinite_ids, np.int64))
-        write_record(self.dir / COMMIT, self.record)
+        seq, old = self.record.seq + 1, self.stats_path
+        name = None
+        if stats is not None:
+            name = f"stats-{seq:08d}.npz"
+            write_stats(self.dir / name, stats, self.rows)
+        self.record = CommitRecord(self.rows, self.record.meta, name, np.asarray(nonfinite_ids, np.int64), seq)
+        write_record(self.dir / COMMIT, self.record)  # fsyncs the folder: the new statistics file too
+        if old is not None and old.name != name:
+            old.unlink(missing_ok=True)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         """Committed rows [start, stop) as stored (for building the final shard)."""

@@ -1,8 +1,8 @@
 """What an interrupted logging job left on disk, and whether this job may continue it.
 
-Every rank inspects its own files (`rank_state`), then the Logger all-reduces one small vector so
-that all ranks start, resume or refuse together: a rank that refused alone would leave the others
-waiting at the next collective. A resume needs the same world size, config, layer layout, storage
+Every rank inspects its own files (`rank_state`), then all-reduces one small vector
+(`agree_on_state`) so that all ranks start, resume or refuse together: a rank that refused alone
+would leave the others waiting at the next collective. A resume needs the same world size, config, layer layout, storage
 dtype and model: rank r must own exactly the samples it owned before (rank striding) and its
 committed rows must be comparable with the new ones. init="pca" jobs also keep their projections
 (`pca_projections.npz`), since a PCA pass over the remaining samples would give other ones.
@@ -15,12 +15,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 
-from .partial import COMMIT, PartialShardError, read_record
+from . import comm
+from .partial import COMMIT, PartialShardError, rank_stats_path, read_record
 from .h5io import fsync_path
-from .store import SHARD_DIR, IndexFormatError, check_shard_attrs, layout_from_json, partial_dir
+from .store import SHARD_DIR, IndexFormatError, check_shard_attrs, layout_from_json, partial_dir, shard_path
 
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(h5|partial)$")
 
@@ -43,6 +45,59 @@ def rank_state(path: Path, want: dict[str, Any]) -> tuple[str, str | None]:
             return "partial", (f"{record_path.parent}: written with another {key} "
                                f"({str(meta.get(key))[:120]!r} != {str(value)[:120]!r})")
     return "partial", None
+
+
+def has_rank_stats(path: Path) -> bool:
+    """Whether the complete shard at `path` still has the local statistics that re-running its
+    finalize needs (deleted once the manifest is written; format-2 shards held them inside)."""
+    if rank_stats_path(path).exists():
+        return True
+    try:
+        with h5py.File(path, "r") as f:
+            return "local_stats" in f
+    except OSError:
+        return False
+
+
+def agree_on_state(out_dir: Path, rank: int, w: int, want: dict[str, Any], resume: bool) -> tuple[bool, bool]:
+    """Collective: every rank learns what every rank left in out_dir, so that all of them start,
+    resume or refuse together. Returns (this job continues an earlier one, that one was finalized:
+    every shard complete and manifest.json written, so its per-rank statistics may be gone)."""
+    mine = shard_path(out_dir, rank)
+    kind, problem = rank_state(mine, want)
+    flags = torch.zeros(3 * w + 1, dtype=torch.float64)
+    flags[rank] = {"none": 0, "partial": 1, "complete": 2}[kind]
+    flags[w + rank] = problem is not None
+    flags[2 * w + rank] = kind == "complete" and not has_rank_stats(mine)
+    flags[-1] = rank == 0 and (out_dir / "manifest.json").exists()
+    flags = comm.all_reduce_sum(flags)
+    kinds, problems = flags[:w].long().tolist(), [r for r in range(w) if flags[w + r] > 0]
+    no_stats = [r for r in range(w) if flags[2 * w + r] > 0]
+    finished = resume and all(k == 2 for k in kinds) and bool(flags[-1] > 0)
+    shards = out_dir / SHARD_DIR
+    extra = [r for r in ranks_on_disk(out_dir) if r >= w]
+    if extra:
+        raise IndexFormatError(f"{shards}: holds shards of rank(s) {extra[:8]}, written by a job with more "
+                               f"than {w} ranks; resume with the world size of that job, or use an empty directory")
+    started = [r for r in range(w) if kinds[r]]
+    if started and not resume:
+        done = [r for r in range(w) if kinds[r] == 2]
+        first = (f"{shard_path(out_dir, done[0])}: a complete shard already exists; refusing to overwrite it"
+                 if done else f"{partial_dir(shard_path(out_dir, started[0]))}: an unfinished shard of an earlier "
+                 "job exists")
+        raise IndexFormatError(f"{first} (rank(s) {started[:8]} have shards, {done[:8]} complete); pass "
+                               "resume=True (--resume) to continue that job, or use an empty directory")
+    if problems:
+        raise IndexFormatError(problem if problem is not None else
+                               f"{shards}: cannot resume, rank(s) {problems[:8]} found shards of another "
+                               "job (their error names the file)")
+    if no_stats and not finished:
+        first = shard_path(out_dir, no_stats[0])
+        raise IndexFormatError(f"{first}: cannot re-run the finalize: the statistics of this complete shard "
+                               f"({rank_stats_path(first).name}; rank(s) {no_stats[:8]}) are deleted once a "
+                               f"manifest is written, and {out_dir / 'manifest.json'} is gone or other shards "
+                               "are missing; delete the index to log again")
+    return bool(started), finished
 
 
 def ranks_on_disk(out_dir: str | Path) -> list[int]:

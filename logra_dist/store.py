@@ -5,9 +5,9 @@ batch. While a job runs, a rank's rows live in a partial shard (`shards/rank-NNN
 append-only raw files plus an atomically replaced commit record: see `partial.py`); at finalize
 the committed rows become the HDF5 shard, built as `rank-NNNNN.h5.partial` and renamed to
 `rank-NNNNN.h5`, so a reader never sees a half-written shard under its final name. A shard holds
-`grads`, `ids`, per-block checksums of `grads` (`block_sums`), the rank's local statistics and
-its non-finite ids (so finalize can be re-run from complete shards), and its job's identity
-(config, layout, model, rank, world size) as attributes.
+`grads`, `ids`, per-block checksums of `grads` (`block_sums`), its non-finite ids, and its job's
+identity (config, layout, model, rank, world size) as attributes. The rank's local statistics
+(to re-run an interrupted finalize) sit beside it until the manifest exists: `partial.py`.
 
 Read side (`reader.GradientStore`): every shard checked against the manifest when opened, every
 block of rows checked against its checksum when read. HDF5 has no bfloat16: bf16 rows are stored
@@ -21,7 +21,6 @@ import queue
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from .h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
-from .partial import COMMIT, PartialShard, PartialShardError
+from .partial import COMMIT, PartialShard, PartialShardError, ResumeState, rank_stats_path, read_rank_stats
 from .projection import LayerSpec
 
 SHARD_DIR = "shards"
@@ -100,8 +99,8 @@ def chunk_rows_for(width: int, itemsize: int, flush_rows: int) -> int:
 
 def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_rows: int) -> str:
     """Build the final HDF5 shard from a partial's committed rows under a temporary name, then
-    rename it into place; the partial is kept until then, so a kill here loses nothing. Returns
-    the ids digest."""
+    rename it into place, after its statistics (`rank_stats_path`); the partial is kept until
+    then, so a kill here loses nothing. Returns the ids digest."""
     tmp = partial_path(path)
     n, width, record = partial.record.rows, partial.width, partial.record
     ids = partial.committed_ids()
@@ -119,24 +118,12 @@ def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_
         f.create_dataset("ids", data=ids, maxshape=(None,), chunks=(max(1, min(max(n, 1), 1 << 16)),))
         f.create_dataset("block_sums", data=sums)
         f.create_dataset("nonfinite_ids", data=record.nonfinite_ids.astype(np.int64))
-        if record.stats is not None:
-            f.create_dataset("local_stats", data=record.stats)
         f.attrs.update({**attrs, "format_version": FORMAT_VERSION, "rows": n, "block_rows": chunk_rows,
                         "ids_digest": digest, "complete": True})
+    partial.publish_stats(rank_stats_path(path))
     os.replace(tmp, path)
     fsync_path(path.parent)
     return digest
-
-
-@dataclass
-class ResumeState:
-    """What an earlier, interrupted run of this rank left: its committed ids, the statistics over
-    exactly them, the ids it found non-finite, and whether its shard was already complete."""
-
-    ids: np.ndarray
-    stats_flat: np.ndarray | None
-    nonfinite_ids: np.ndarray
-    complete: bool = False
 
 
 class ShardWriter:
@@ -145,6 +132,8 @@ class ShardWriter:
     adopts its already complete shard); see `partial.py` for why this survives any kill."""
 
     write_seconds = 0.0  # time spent handling writes, commits and the close (observability)
+    last_commit_seconds = 0.0  # the writer's time for its latest commit (statistics file + fsyncs)
+    _commits_put = _commits_done = 0
 
     def __init__(self, path: Path, specs: list[LayerSpec], config_json: str, storage_dtype: str,
                  rank: int, world_size: int, flush_rows: int = 1024, queue_size: int = 4,
@@ -177,8 +166,11 @@ class ShardWriter:
             raise IndexFormatError(str(e)) from e
         except OSError as e:
             raise IndexFormatError(f"{self.path}: cannot write the partial shard: {e!r}") from e
-        rec = self.partial.record
-        self.resume_state = ResumeState(self.partial.committed_ids(), rec.stats, rec.nonfinite_ids)
+        try:
+            stats = self.partial.stats()
+        except PartialShardError as e:
+            raise IndexFormatError(str(e)) from e
+        self.resume_state = ResumeState(self.partial.committed_ids(), stats, self.partial.record.nonfinite_ids)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         if asynchronous:
             self._thread = threading.Thread(target=self._run, name=f"logra-writer-{rank}", daemon=True)
@@ -189,9 +181,14 @@ class ShardWriter:
         if problem:
             raise IndexFormatError(f"{self.final_path}: cannot resume, {problem}")
         with h5py.File(self.final_path, "r") as f:
-            stats = f["local_stats"][()] if "local_stats" in f else None
+            stats = [f["local_stats"][()]] if "local_stats" in f else None  # format-2 shards of before
             state = ResumeState(f["ids"][:], stats, f["nonfinite_ids"][:], complete=True)
-            return state, str(f.attrs["ids_digest"])
+            digest = str(f.attrs["ids_digest"])
+        try:
+            state.stats = read_rank_stats(self.final_path, len(state.ids)) or state.stats
+        except PartialShardError as e:
+            raise IndexFormatError(f"{e}; cannot re-run the finalize (delete the index to log again)") from e
+        return state, digest
 
     # -- producer side (main thread) -------------------------------------------------------
     def append(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
@@ -200,22 +197,36 @@ class ShardWriter:
                                    "job): skip the ids in Logger.done_ids")
         self._put(("rows", encode_rows(rows, self.storage_dtype), ids.detach().cpu().numpy().astype(np.int64)))
 
-    def commit(self, stats_flat: np.ndarray | None, nonfinite_ids=()) -> None:
-        """Make everything appended so far durable, with the statistics covering exactly it."""
-        if not self.complete:
-            self._put(("commit", stats_flat, np.asarray(nonfinite_ids, np.int64)))
+    @property
+    def commits_pending(self) -> int:
+        """Commits queued or being written (the Logger waits for them before taking another)."""
+        return self._commits_put - self._commits_done
 
-    def close(self, complete: bool, stats_flat: np.ndarray | None = None, nonfinite_ids=()) -> Path:
+    def commit(self, stats: list[np.ndarray] | None, nonfinite_ids=(), released: threading.Event | None = None) -> None:
+        """Make everything appended so far durable, with the statistics covering exactly it
+        (parts left unchanged until `released` is set, once written or failed: `Accumulator.lend`)."""
+        if self.complete:
+            return
+        self._commits_put += 1
+        try:
+            self._put(("commit", (stats, np.asarray(nonfinite_ids, np.int64)), released))
+        except BaseException:
+            if released is not None:
+                released.set()
+            raise
+
+    def close(self, complete: bool, stats: list[np.ndarray] | None = None, nonfinite_ids=()) -> Path:
         """complete=True: commit, build the final shard, return its path (raises if any write
-        failed). complete=False: stop writing and keep the partial shard as of its last commit
-        (never raises: it runs on error paths)."""
+        failed); `stats` may be views of live tensors, as this waits for the writer.
+        complete=False: stop writing and keep the partial shard as of its last commit (never
+        raises: it runs on error paths)."""
         if self.complete or self._closed:
             return self.final_path if self.complete else self.path
         if not complete:
             self._closed = True
             self._stop()
             return self.path
-        self._put(("commit", stats_flat, np.asarray(nonfinite_ids, np.int64)))
+        self.commit(stats, nonfinite_ids)
         self._put(("close", True, None))
         self._closed = True
         if self._thread is not None:
@@ -264,6 +275,9 @@ class ShardWriter:
                     self._timed_handle(item)
             except BaseException as e:  # surfaced in the main thread at the next call
                 self._error = e
+            finally:
+                if item[0] == "commit" and item[2] is not None:
+                    item[2].set()  # even after an error: the caller may wait for it
             if item[0] == "close":
                 self.partial.close()
                 return
@@ -281,7 +295,14 @@ class ShardWriter:
             self.partial.append(a, b)
             self.bytes_written += a.nbytes + b.nbytes
         elif kind == "commit":
-            self.partial.commit(a, b)
+            start = time.perf_counter()
+            try:
+                self.partial.commit(*a)
+                if b is not None:
+                    b.set()
+            finally:
+                self.last_commit_seconds = time.perf_counter() - start
+                self._commits_done += 1
         elif kind == "close":
             self.rows_total = self.partial.rows
             if a:

@@ -78,8 +78,9 @@ def test_sigkill_then_resume_logs_every_id_once(tmp_path, reference, name, fault
         assert committed_rows(out) == 8 and (shards / "rank-00000.partial" / "grads.bin").stat().st_size == 19 * 12 * 4
     elif fault == "kill_in_build":
         assert (shards / "rank-00000.h5.partial").exists() and committed_rows(out) == N - 1
-    elif fault == "kill_before_manifest":
+    elif fault == "kill_before_manifest":  # the statistics a re-run finalize needs are beside the shard
         assert (shards / "rank-00000.h5").exists() and not (shards / "rank-00000.partial").exists()
+        assert (shards / "rank-00000.stats.npz").exists() and "local_stats" not in h5py.File(shards / "rank-00000.h5")
     else:  # the writer thread may lag the kill: commits at 8 and 19 rows may or may not have landed
         assert committed_rows(out) in (0, 8, 19)
     if name == "pca":
@@ -97,14 +98,77 @@ def test_sigkill_then_resume_logs_every_id_once(tmp_path, reference, name, fault
     assert_same_index(out, reference(name))
 
 
-def test_resume_of_a_finished_index_only_refinalizes(tmp_path, reference):
+def test_finalized_index_holds_no_per_rank_statistics(reference):
+    """The per-rank statistics serve only a re-run finalize: gone once manifest.json exists, and
+    not inside the shard either (its bytes are rows, ids and checksums)."""
+    shards = reference("raw") / "shards"
+    assert os.listdir(shards) == ["rank-00000.h5"]
+    with h5py.File(shards / "rank-00000.h5") as f:
+        assert sorted(f) == ["block_sums", "grads", "ids", "nonfinite_ids"]
+
+
+def test_resume_of_a_finished_index_changes_nothing(tmp_path, reference):
     out = tmp_path / "index"
     shutil.copytree(reference("raw"), out)
-    before = (out / "shards" / "rank-00000.h5").read_bytes()
+    before = {p: (out / p).read_bytes() for p in ("shards/rank-00000.h5", "stats.h5", "manifest.json")}
     with pytest.warns(RuntimeWarning, match=r"ids \[13\]"):
         manifest = mlp_worker.run(mlp_args(out, *CONFIGS["raw"], "--resume"))
-    assert manifest["total_rows"] == N - 1 and (out / "shards" / "rank-00000.h5").read_bytes() == before
+    assert manifest["total_rows"] == N - 1 and all((out / p).read_bytes() == b for p, b in before.items())
     assert_same_index(out, reference("raw"))
+    (out / "manifest.json").unlink()  # finalized, then damaged: the statistics to re-finalize are gone
+    with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.h5: cannot re-run the finalize: the statistics of "
+                                                  r"this complete shard \(rank-00000\.stats\.npz"):
+        mlp_worker.run(mlp_args(out, *CONFIGS["raw"], "--resume"))
+
+
+def test_kill_after_the_manifest_then_resume_only_cleans_up(tmp_path, reference):
+    out = tmp_path / "index"
+    killed = run_mlp(out, *CONFIGS["raw"], fault="kill_after_manifest")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sorted(os.listdir(out / "shards")) == ["rank-00000.h5", "rank-00000.stats.npz"]
+    manifest = (out / "manifest.json").read_bytes()
+    assert_same_index(out, reference("raw"))  # already a complete index
+    with pytest.warns(RuntimeWarning, match=r"ids \[13\]"):
+        mlp_worker.run(mlp_args(out, *CONFIGS["raw"], "--resume"))
+    assert os.listdir(out / "shards") == ["rank-00000.h5"] and (out / "manifest.json").read_bytes() == manifest
+
+
+def test_finalize_resumes_from_a_format_2_shard_holding_its_statistics(tmp_path, reference):
+    """Shards written before the statistics moved beside them held them as `local_stats`."""
+    out = tmp_path / "index"
+    assert run_mlp(out, *CONFIGS["raw"], fault="kill_before_manifest").returncode == -9
+    side = out / "shards" / "rank-00000.stats.npz"
+    with np.load(side) as z:
+        flat = np.concatenate([z[f"part_{i}"].astype(np.float64).ravel() for i in range(len(z.files) - 1)])
+    with h5py.File(out / "shards" / "rank-00000.h5", "a") as f:
+        f.create_dataset("local_stats", data=flat)
+    side.unlink()
+    with pytest.warns(RuntimeWarning, match=r"ids \[13\]"):
+        mlp_worker.run(mlp_args(out, *CONFIGS["raw"], "--resume"))
+    assert_same_index(out, reference("raw"))
+
+
+def test_commits_are_spaced_by_their_cost(tmp_path):
+    """commit_seconds > 0: a commit waits until its last cost is <= 5% of the time since the last
+    one; commit_seconds=0 commits at every flush_rows rows whatever the cost."""
+    X, Y = mlp_worker.data(32)
+    for seconds in (1e-9, 0):
+        out = tmp_path / str(seconds)
+        logger = ld.attach(mlp_worker.model(), mlp_worker.config(mlp_args(out, "--flush-rows", "4")), out,
+                           commit_seconds=seconds, asynchronous_writes=False)
+        record = out / "shards" / "rank-00000.partial" / "commit.npz"
+        committed = []
+        for step in range(8):
+            ids = torch.arange(4 * step, 4 * step + 4)
+            with logger.capture(ids):
+                logger.backward(torch.nn.functional.cross_entropy(logger.model(X[ids]), Y[ids], reduction="sum"))
+            committed.append(committed_rows(out))
+            # the cost the next step sees: an hour after steps 2 and 3 (so 3 and 4 must not commit), else none
+            logger._writer.last_commit_seconds, logger._snapshot_seconds = (3600.0 if 2 <= step <= 3 else 0.0), 0.0
+        stats = sorted(p.name for p in record.parent.glob("stats-*.npz"))
+        assert committed == ([4, 8, 12, 12, 12, 24, 28, 32] if seconds else [4 * (s + 1) for s in range(8)]), committed
+        assert len(stats) == 1, stats  # the record's own; earlier ones deleted once replaced
+        logger.close()
 
 
 def test_torchrun_rank_killed_then_resumed_with_the_same_command(tmp_path):

@@ -10,6 +10,7 @@ hot path carries no fault code. Spec: `kind[:count][@rank]`, several joined by c
     kill_in_commit:K       SIGKILL inside the K-th commit: data fsynced, record not yet replaced
     kill_in_build          SIGKILL while the final HDF5 shard is being written (before the rename)
     kill_before_manifest   SIGKILL after the shards were renamed, before manifest.json is written
+    kill_after_manifest    SIGKILL right after manifest.json is written (per-rank statistics left)
     fsize:BYTES            RLIMIT_FSIZE = BYTES with SIGXFSZ ignored (a full disk, per file)
 """
 from __future__ import annotations
@@ -91,6 +92,19 @@ def _kill_before_manifest(_: int) -> None:
     logger.write_json_atomic = write_json_atomic
 
 
+def _kill_after_manifest(_: int) -> None:
+    from logra_dist import logger
+
+    original = logger.write_json_atomic
+
+    def write_json_atomic(path, data):
+        original(path, data)
+        if path.name == "manifest.json":
+            _die()
+
+    logger.write_json_atomic = write_json_atomic
+
+
 def _fsize(limit: int) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
@@ -103,5 +117,6 @@ _INSTALL = {
     "kill_in_commit": _kill_in_commit,
     "kill_in_build": _kill_in_build,
     "kill_before_manifest": _kill_before_manifest,
+    "kill_after_manifest": _kill_after_manifest,
     "fsize": _fsize,
 }
