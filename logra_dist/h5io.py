@@ -94,19 +94,22 @@ def h5_writing(tmp: Path) -> Iterator[h5py.File]:
         raise guard.error
 
 
-def row_checksums(rows: np.ndarray) -> np.ndarray:
+def row_checksums(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """uint64 per stored row: the sum (mod 2^64) of its bytes read as little-endian 64-bit words,
     the tail zero-padded. Any change of one bit changes it; it runs at memory speed (a CRC, or
-    HDF5's fletcher32 filter, halves the read rate here)."""
+    HDF5's fletcher32 filter, halves the read rate here). Contiguous rows of whole words are
+    summed in place, into `out` if given (the scorer's stream: no copy, no allocation)."""
     n = len(rows)
+    if out is None:
+        out = np.empty(n, np.uint64)
     if n == 0:
-        return np.zeros(0, np.uint64)
+        return out
     raw = np.ascontiguousarray(rows).reshape(n, -1).view(np.uint8)
     if raw.shape[1] % 8:
         padded = np.zeros((n, raw.shape[1] + 8 - raw.shape[1] % 8), np.uint8)
         padded[:, :raw.shape[1]] = raw
         raw = padded
-    return raw.view("<u8").sum(axis=1, dtype=np.uint64)
+    return np.add.reduce(raw.view("<u8"), axis=1, dtype=np.uint64, out=out)
 
 
 def block_checksums(rows: np.ndarray, block_rows: int) -> np.ndarray:

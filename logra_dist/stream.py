@@ -156,10 +156,7 @@ class ChunkStream:
                 start = p - lo if rows is not None else 0
                 piece = target[0][start:start + q - p]
                 src.read(p - src.info.offset, q - src.info.offset, piece, target[1][start * rb:(start + q - p) * rb])
-                if rb % 8 == 0:  # h5io.row_checksums, without its copies: rows of whole 64-bit words
-                    np.add.reduce(piece.view(np.uint64), axis=1, out=sums[p - lo:q - lo])
-                else:
-                    sums[p - lo:q - lo] = row_checksums(piece)
+                row_checksums(piece, out=sums[p - lo:q - lo])
                 if rows is None:
                     out[p - lo:q - lo].copy_(target[2][:q - p])
             if a < b:
