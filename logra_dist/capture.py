@@ -73,7 +73,9 @@ class GradientCapture:
         self.token_stats: TokenStatistics | None = None
         self.want_rows = True
         self._active = False
-        self._mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None  # the batch's (B, T) attention mask, as given
+        self._padded = False  # whether it masks anything out (a mask of ones is not multiplied in)
+        self._mask_cache: dict[torch.device, torch.Tensor] = {}
         self._blocks: dict[str, torch.Tensor] = {}
         self._pending = 0
         self._anchors: dict[tuple, torch.Tensor] = {}
@@ -89,13 +91,12 @@ class GradientCapture:
     def active(self, mask: torch.Tensor | None) -> Iterator[None]:
         self._active, self._blocks, self._pending = True, {}, 0
         self._token_blocks = []
-        self._mask_source, self._mask_cache = mask, {}
-        # A mask of ones (no padding) changes nothing: skip its multiplications in every hook.
-        self._mask = None if mask is None or bool(mask.all()) else mask
+        self._mask, self._mask_cache = mask, {}
+        self._padded = mask is not None and not bool(mask.all())
         try:
             yield
         finally:
-            self._active, self._mask, self._mask_source, self._mask_cache = False, None, None, {}
+            self._active, self._mask, self._padded, self._mask_cache = False, None, False, {}
 
     @property
     def pending_gradients(self) -> int:
@@ -144,13 +145,13 @@ class GradientCapture:
     def _token_mask(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """The batch's (B, T, 1) 0/1 mask in the compute dtype on x's device, built once per batch
         and device; None when there is no padding."""
-        source = self._mask_source
+        source = self._mask
         if source is None or x.dim() < 3:
             return None
         if source.shape != x.shape[:-1]:
             raise ValueError(f"layer {name!r}: mask of shape {tuple(source.shape)} does not match the "
                              f"activations' (batch, tokens) shape {tuple(x.shape[:-1])}")
-        if self._mask is None:
+        if not self._padded:
             return None
         mask = self._mask_cache.get(x.device)
         if mask is None:
