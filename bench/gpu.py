@@ -95,7 +95,7 @@ def figure1(model, batches, info, device, reps: int, tmp: Path, smoke: bool = Fa
             steps[f"k{k}-{h}"] = synced(log_step_fn(lg), device)
     mem = {n: peak_memory(s, batches[0], device) for n, s in steps.items()}
     # Raw Fisher GEMMs run every FISHER_GEMM_ROWS rows: time whole buffers.
-    from logra_dist import statistics as st
+    from logra_dist.core import curvature as st
 
     block = 1 if smoke else max(1, -(-getattr(st, "FISHER_GEMM_ROWS", 1) // info["batch_size"]))
     res = interleaved(steps, batches, reps=reps, warmup=1, block=block)

@@ -35,7 +35,7 @@ SIZES = {"embedded": (8, 128), "large": (4, 128)}
 
 
 def fisher_rows() -> int:
-    from logra_dist import statistics as st
+    from logra_dist.core import curvature as st
 
     return int(getattr(st, "FISHER_GEMM_ROWS", 1))
 
@@ -117,7 +117,7 @@ def commit_cost(lg, batch_size: int, path: Path, step_s: float, max_bytes: int =
     amortized per step: cost x step_s / interval. Parts over `max_bytes`: one layer's part is
     written and scaled by the bytes. (Keys kept for report.py: flat_s = main-thread time.)"""
     from logra_dist.logger import COMMIT_SHARE
-    from logra_dist.partial import write_stats
+    from logra_dist.index.partial import write_stats
 
     t0 = time.perf_counter()
     parts, released = lg.accumulator.lend()
@@ -178,7 +178,7 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
     projection (x P_in^T, g P_out^T and the masks), per-sample products (bmm + row assembly),
     statistics (raw Fisher GEMM amortized per row / KFAC factors) and writes (main thread:
     finite check + fp16 encode + enqueue; writer thread: HDF5 append, overlapped)."""
-    from logra_dist.store import encode_rows
+    from logra_dist.index.store import encode_rows
 
     b, t = SIZES[model]
     bench = make_bench(model, b, t)

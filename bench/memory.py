@@ -69,7 +69,7 @@ def worker(mode: str, model_name: str, k: int, steps: int) -> dict[str, Any]:
     elif mode == "logix":
         from logix_compare import logix_session
 
-        from logra_dist.capture import find_layers
+        from logra_dist.core.capture import find_layers
 
         cfg = logra_config(model_name, k, "none")
         layers = find_layers(model, cfg.include, cfg.exclude)

@@ -100,7 +100,7 @@ def patch_method(cls: type, attr: str, timers: ExclusiveTimers, name: str) -> No
 def instrument_logra(timers: ExclusiveTimers) -> None:
     """LoGra's forward hooks (input projection) and gradient hooks (output projection and
     per-sample products) as `logra-hooks`; KFAC/covariance updates as `statistics`."""
-    from logra_dist.capture import GradientCapture
+    from logra_dist.core.capture import GradientCapture
     from logra_dist.engines.deepspeed import DeepSpeedEngineAdapter
 
     for maker in ("_make_forward_hook", "_make_grad_hook"):

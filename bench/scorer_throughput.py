@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from logra_dist import GradientStore, LoGraConfig, Scorer
-from logra_dist.projection import LayerSpec
-from logra_dist.statistics import Accumulator
-from logra_dist.stream import ChunkStream
-from logra_dist.store import h5_dtype, layout_to_json, write_index, write_stats
+from logra_dist.core.projection import LayerSpec
+from logra_dist.core.curvature import Accumulator
+from logra_dist.index.stream import ChunkStream
+from logra_dist.index.store import h5_dtype, layout_to_json, write_index, write_stats
 
 
 def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -> None:

@@ -11,14 +11,13 @@
     ... capture queries the same way ...
     top = scorer.topk(10)
 """
-__version__ = "0.1.0"
-
-from .config import ConfigError, LoGraConfig  # noqa: E402
-from .logger import Logger, attach  # noqa: E402
-from .reader import GradientStore  # noqa: E402
-from .scorer import Scorer  # noqa: E402
-from .scoring import TopKResult  # noqa: E402
-from .store import IndexFormatError  # noqa: E402
+from logra_dist.version import __version__
+from logra_dist.config import ConfigError, LoGraConfig  # noqa: E402
+from logra_dist.logger import Logger, attach  # noqa: E402
+from logra_dist.index.reader import GradientStore  # noqa: E402
+from logra_dist.scoring.scorer import Scorer  # noqa: E402
+from logra_dist.scoring.kernels import TopKResult  # noqa: E402
+from logra_dist.index.store import IndexFormatError  # noqa: E402
 
 __all__ = ["LoGraConfig", "ConfigError", "attach", "Logger", "GradientStore", "Scorer", "TopKResult",
            "IndexFormatError", "__version__"]

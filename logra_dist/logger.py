@@ -11,10 +11,8 @@ each rank's last commit, and ends with every id logged exactly once.
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
-import platform
 import time
 import warnings
 from contextlib import contextmanager
@@ -24,17 +22,18 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import __version__, comm
-from .capture import GradientCapture
-from .config import LoGraConfig
-from .projection import LayerSpec
-from .session import GradientSession
-from .statistics import Accumulator
-from .partial import rank_stats_path
-from .resume import agree_on_state, pca_path, read_pca, write_pca
-from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, ShardWriter, layout_to_json, shard_path,
+from logra_dist.version import versions
+from logra_dist import comm
+from logra_dist.core.capture import GradientCapture
+from logra_dist.config import LoGraConfig
+from logra_dist.core.projection import LayerSpec
+from logra_dist.session import GradientSession
+from logra_dist.core.curvature import Accumulator
+from logra_dist.index.partial import rank_stats_path
+from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
+from logra_dist.index.store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, ShardWriter, layout_to_json, shard_path,
                     write_json_atomic, write_stats)
-from .tracking import NullTracker
+from logra_dist.tracking import NullTracker
 
 # A commit (statistics snapshot + its file + fsyncs) may take at most this share of the time:
 # commits are spaced by at least its cost / COMMIT_SHARE. A raw Fisher at k=64 is GBs (float32:
@@ -60,16 +59,6 @@ def _shard_model(info: dict[str, Any]) -> str:
 def _digest_words(digest: str) -> tuple[int, int]:
     """A 96-bit hex digest as two 48-bit integers (exact in the float64 all-reduce)."""
     return int(digest[:12], 16), int(digest[12:24], 16)
-
-
-def versions() -> dict[str, str]:
-    out = {"logra_dist": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    for dist_name in ("transformers", "deepspeed", "h5py"):
-        try:  # metadata only: importing deepspeed just for its version costs seconds
-            out[dist_name] = importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 class Logger(GradientSession):

@@ -7,11 +7,12 @@ from typing import Any, Iterator
 
 import torch
 
-from .capture import GradientCapture, find_layers
-from .config import ConfigError, LoGraConfig
-from .engines import Engine, wrap
-from .projection import LayerSpec, build_projections
-from .tracking import NULL_TRACKER, NullTracker
+from logra_dist.core.capture import GradientCapture, find_layers
+from logra_dist.config import ConfigError, LoGraConfig
+from logra_dist.engines import Engine, wrap
+from logra_dist.core.projection import LayerSpec, build_projections
+from logra_dist.data import Batch, batches, summed_lm_loss
+from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 Projections = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 
@@ -138,3 +139,33 @@ class GradientSession:
         if self._capture is not None:
             self._capture.remove()
         self.engine.unfreeze()
+
+
+def run_batches(session, samples, batch_size: int, pad_id: int, tracker=None) -> int:
+    """Capture this rank's samples batch by batch; returns its token count. Under ZeRO-3/FSDP
+    every forward is collective, so a rank with fewer batches than its peers runs shadow batches
+    (no ids: hooks fire, nothing is recorded) until all ranks have run the same number."""
+    mine = list(batches(samples, batch_size, pad_id))
+    steps = session.engine.lockstep_batches(len(mine))
+    shadow = Batch(torch.zeros(0, dtype=torch.long), torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long),
+                   torch.full((1, 2), pad_id))
+    tokens = 0
+    for i in range(steps):
+        batch = mine[i] if i < len(mine) else shadow
+        capture_batch(session, batch, tracker)
+        tokens += int(batch.attention_mask.sum()) if i < len(mine) else 0
+    return tokens
+
+
+def capture_batch(session, batch, tracker=None) -> None:
+    """One batch through capture; with a tracker: forward/backward timed, samples and tokens counted."""
+    tracker = tracker or NULL_TRACKER
+    tokens = int(batch.attention_mask.sum())  # on the CPU copy: no device sync
+    batch = batch.to(session.device)
+    with session.capture(batch.ids, mask=batch.attention_mask):
+        with tracker.phase("forward"):
+            out = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            loss = summed_lm_loss(out.logits, batch.labels)
+        with tracker.phase("backward"):
+            session.backward(loss)
+    tracker.step(samples=len(batch.ids), tokens=tokens)

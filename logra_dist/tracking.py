@@ -347,6 +347,6 @@ def _dist_rank() -> int:
 def _all_gather(figures: Figures) -> list[Figures]:
     if _dist() is None:  # no process group (or torch never imported): nothing to gather
         return [figures]
-    from .comm import all_gather_objects
+    from logra_dist.comm import all_gather_objects
 
     return all_gather_objects(figures)

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import logra_dist as ld  # noqa: E402
 from logra_dist import comm  # noqa: E402
-from logra_dist.stream import ChunkStream  # noqa: E402
+from logra_dist.index.stream import ChunkStream  # noqa: E402
 from scorer_helpers import (GROUPS, MODES, Bilinear, TinyNet, capture_batches, capture_int,  # noqa: E402
                             log_index, log_int_index)
 

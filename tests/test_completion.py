@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from logra_dist.cli import build_parser
-from logra_dist.completion import Prompt, _cut, complete, read_prompts
+from logra_dist.cli.parser import build_parser
+from logra_dist.scoring.completion import Prompt, _cut, complete, read_prompts
 from logra_dist.data import IGNORE
 
 

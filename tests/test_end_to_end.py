@@ -6,7 +6,7 @@ import json
 import h5py
 import numpy as np
 
-from logra_dist.cli import main
+from logra_dist.cli.main import main
 from logra_dist.embedded import load_corpus
 
 N_TRAIN, N_QUERIES = 200, 50

@@ -2,8 +2,8 @@
 rows: every reader must see exactly sum_i g_i g_i^T over ALL rows added so far."""
 import torch
 
-from logra_dist.projection import LayerSpec
-from logra_dist.statistics import FISHER_GEMM_ROWS, Accumulator
+from logra_dist.core.projection import LayerSpec
+from logra_dist.core.curvature import FISHER_GEMM_ROWS, Accumulator
 
 
 def test_buffered_fisher_equals_direct_sum_at_every_read():
@@ -32,7 +32,7 @@ def test_buffered_fisher_equals_direct_sum_at_every_read():
 def test_tiled_fisher_update_equals_direct_sum(monkeypatch):
     """Wide layers update only the tiles on and above the diagonal; every read (before and after
     more updates, widths not a multiple of the tile) must still see the full symmetric sum."""
-    from logra_dist import statistics
+    from logra_dist.core import curvature as statistics
 
     monkeypatch.setattr(statistics, "FISHER_TILE", 4)
     specs = [LayerSpec("wide", "linear", 8, 8, 5, 3), LayerSpec("narrow", "linear", 8, 8, 2, 3)]  # 15 = 4+4+4+3; 6 < 2 tiles
@@ -61,7 +61,7 @@ def test_lent_statistics_stay_exactly_those_of_the_rows_before_the_commit(monkey
 
     import numpy as np
 
-    from logra_dist import statistics
+    from logra_dist.core import curvature as statistics
 
     monkeypatch.setattr(statistics, "FISHER_TILE", 64)
     specs = [LayerSpec("a", "linear", 16, 16, 12, 16), LayerSpec("b", "linear", 16, 16, 4, 1)]  # widths 192, 4

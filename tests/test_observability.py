@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from logra_dist import LoGraConfig, attach
-from logra_dist.cli import main
+from logra_dist.cli.main import main
 from logra_dist.embedded import load_corpus
-from logra_dist.inspect_index import inspect_index, render
-from logra_dist.partial import read_record, write_record
+from logra_dist.index.inspect import inspect_index, render
+from logra_dist.index.partial import read_record, write_record
 from logra_dist.tracking import NULL_TRACKER, Tracker, wandb_mode
 from wandb_offline import read_run
 
@@ -180,7 +180,7 @@ def test_report_renders_queries_and_their_top_training_texts(job, tmp_path):
         pytest.skip("chromium not installed (apt-get install chromium); CI installs it")
     from PIL import Image
 
-    from logra_dist.report import write_report
+    from logra_dist.cli.report import write_report
 
     page = write_report(job["root"] / "results", tmp_path / "report.html")
     listing = [json.loads(line) for line in (job["root"] / "results" / "topk.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import logra_dist as ld
-from logra_dist.cli import main
+from logra_dist.cli.main import main
 from reliability_helpers import (CLI_WORKER, MLP_WORKER, ROOT, assert_same_index, bare_ranks, committed_rows,
                                  fisher_matrices, mlp_args, mlp_worker, rows_by_id, run_mlp, torchrun)
 
@@ -482,10 +482,10 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
         assert not (tmp_path / "index" / "shards").exists(), argv
     with pytest.raises(SystemExit):  # argparse: an unknown storage dtype never reaches the job
         main(["log", "--out", str(tmp_path / "index"), "--storage-dtype", "int8"])
-    from logra_dist.cli import _default_model_path, check_context  # `score` runs the same check
+    from logra_dist.cli.jobs import check_context, default_model_path  # `score` runs the same check
     with pytest.raises(SystemExit, match=r"--max-length 999 exceeds the context"):
-        check_context(_default_model_path(), 999)
-    check_context(_default_model_path(), 256)
+        check_context(default_model_path(), 999)
+    check_context(default_model_path(), 256)
 
 
 def test_nothing_is_unpickled():
@@ -499,8 +499,8 @@ def test_nothing_is_unpickled():
 
 
 def test_write_index_from_precomputed_rows_reads_back(tmp_path):
-    from logra_dist.projection import LayerSpec
-    from logra_dist.store import write_index
+    from logra_dist.core.projection import LayerSpec
+    from logra_dist.index.store import write_index
     specs = [LayerSpec("a", "linear", 4, 4, 2, 3), LayerSpec("b", "linear", 4, 4, 3, 2)]
     cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype="float32", flush_rows=3)
     rows = np.random.default_rng(0).standard_normal((9, 12)).astype(np.float32)
@@ -524,7 +524,7 @@ def test_damaged_commit_record_is_an_error_naming_it(tmp_path):
 def test_scoring_streams_check_every_row_they_serve(tmp_path, reference):
     """The scorer reads shards through its own stream: a flipped byte must fail it too, whether
     the damaged block lies inside a chunk, across two chunks, or at the end of a rank's range."""
-    from logra_dist.stream import ChunkStream
+    from logra_dist.index.stream import ChunkStream
     index = _copy(reference("none3"), tmp_path / "index")  # 40 rows, checksum blocks of 8 rows
     shard = index / "shards" / "rank-00000.h5"
     with ld.GradientStore(index) as store:

@@ -202,7 +202,7 @@ def test_result_files(root, queries):
 def test_many_queries_use_several_query_chunks(root):
     """The cases above stream 21 queries in blocks of a few: check the configuration does that."""
     import logra_dist as ld
-    from logra_dist.scoring import GroupPlan
+    from logra_dist.scoring.kernels import GroupPlan
     sc = ld.Scorer(None, root / "idx2", chunk_rows=5, block_bytes=worker.SMALL_BLOCK)
     plan = GroupPlan(sc.store.layout, GROUPS)
     assert 1 <= sc._query_chunk(len(worker.QUERY_IDS), len(plan.atom_layers)) < len(worker.QUERY_IDS) / 2

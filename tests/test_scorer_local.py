@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import logra_dist as ld
-from logra_dist.partition import SHARD_SPLIT_SLACK, assign_rows
-from logra_dist.scoring import (ID_PAD, GroupPlan, LayerSelfInfluence, RunningTopK, layer_self_influence,
+from logra_dist.index.partition import SHARD_SPLIT_SLACK, assign_rows
+from logra_dist.scoring.kernels import (ID_PAD, GroupPlan, LayerSelfInfluence, RunningTopK, layer_self_influence,
                                 select_topk, self_influence)
-from logra_dist.statistics import Accumulator
+from logra_dist.core.curvature import Accumulator
 from scorer_helpers import (GROUPS, MODES, TinyNet, capture_batches, config, group_mask, inverse_hessian,
                             log_index, raw_rows, reference_scores, reference_topk)
 
@@ -77,7 +77,7 @@ def test_assign_rows_falls_back_to_ranges_when_shards_are_unbalanced():
 def test_layer_self_influence_equals_applied_preconditioner(kind):
     """Per layer and in total; layers b, c share a width (batched into one bmm for raw)."""
     torch.manual_seed(0)
-    LayerSpec = ld.projection.LayerSpec
+    LayerSpec = ld.core.projection.LayerSpec
     specs = [LayerSpec("a", "linear", 5, 4, 3, 2), LayerSpec("b", "linear", 4, 6, 2, 4),
              LayerSpec("c", "linear", 6, 4, 4, 2), LayerSpec("d", "linear", 4, 6, 2, 3)]
     acc = Accumulator(specs, kind, torch.float64)
@@ -98,13 +98,13 @@ def test_layer_self_influence_equals_applied_preconditioner(kind):
 
 
 def _only(pre, i):
-    from logra_dist.statistics import Preconditioner
+    from logra_dist.core.curvature import Preconditioner
     spec = pre.specs[i]
     return Preconditioner([spec], pre.kind, pre.damping, {spec.name: pre.layers[spec.name]})
 
 
 def test_group_plan_overlapping_groups():
-    specs = [ld.projection.LayerSpec(n, "linear", 4, 4, 2, 2) for n in ("self_attn.q", "mlp.fc1", "mlp.fc2", "head")]
+    specs = [ld.core.projection.LayerSpec(n, "linear", 4, 4, 2, 2) for n in ("self_attn.q", "mlp.fc1", "mlp.fc2", "head")]
     plan = GroupPlan(specs, {"mlp": "mlp", "fc1q": r"fc1|\.q$"})
     assert plan.names == ["total", "mlp", "fc1q"]
     x = torch.arange(16.0)[None]
@@ -195,7 +195,7 @@ def test_model_layers_must_match_index(indexes):
 # -- streaming ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("storage", ["float16", "bfloat16", "float32"])
 def test_chunk_stream_equals_store_reads_across_shard_boundaries(tmp_path, storage):
-    from logra_dist.stream import ChunkStream
+    from logra_dist.index.stream import ChunkStream
     from scorer_helpers import write_synthetic_index
     given = write_synthetic_index(tmp_path, [5, 0, 9, 4], storage)
     store = ld.GradientStore(tmp_path)
@@ -213,7 +213,7 @@ def test_chunk_stream_equals_store_reads_across_shard_boundaries(tmp_path, stora
 
 
 def test_chunk_stream_stops_cleanly_when_abandoned(tmp_path):
-    from logra_dist.stream import ChunkStream
+    from logra_dist.index.stream import ChunkStream
     from scorer_helpers import write_synthetic_index
     import threading
     write_synthetic_index(tmp_path, [40], "float16")
@@ -225,7 +225,7 @@ def test_chunk_stream_stops_cleanly_when_abandoned(tmp_path):
 
 
 def test_self_influence_part_writer_batches_and_merges(tmp_path, monkeypatch):
-    from logra_dist.selfinf import PartWriter, SelfInfluenceCache
+    from logra_dist.scoring.selfinf import PartWriter, SelfInfluenceCache
     from scorer_helpers import write_synthetic_index
     write_synthetic_index(tmp_path, [6, 5], "float32")
     cache = SelfInfluenceCache(tmp_path, "raw", 1.0, 11, ld.GradientStore(tmp_path).manifest["layout"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import logra_dist as ld
-from logra_dist.store import decode_rows, encode_rows
+from logra_dist.index.store import decode_rows, encode_rows
 from reference import log_classifier, mlp
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import logra_dist as ld
-from logra_dist import stream
-from logra_dist.reader import ShardInfo
-from logra_dist.stream import ChunkStream, _Source, plain_runs
+from logra_dist.index import stream
+from logra_dist.index.reader import ShardInfo
+from logra_dist.index.stream import ChunkStream, _Source, plain_runs
 from scorer_helpers import write_synthetic_index
 
 
@@ -102,8 +102,8 @@ def test_stream_in_small_pieces_equals_store_reads(tmp_path, monkeypatch, storag
                         assert rows.dtype == torch.float32
                         np.testing.assert_array_equal(rows.numpy(), want)
                     else:
-                        assert rows.dtype == ld.store.h5_dtype(storage)
-                        np.testing.assert_array_equal(ld.store.decode_rows(rows, storage), want)
+                        assert rows.dtype == ld.index.store.h5_dtype(storage)
+                        np.testing.assert_array_equal(ld.index.store.decode_rows(rows, storage), want)
                     seen += list(range(start, start + len(ids)))
                 assert seen == [r for lo, hi in ranges for r in range(lo, hi)]
 
@@ -133,8 +133,8 @@ def test_a_flipped_byte_fails_the_stream_on_either_path(tmp_path, monkeypatch, r
 
 
 def test_stream_check_sees_every_block_at_any_piece_boundaries():
-    from logra_dist.h5io import block_checksums, row_checksums
-    from logra_dist.reader import StreamCheck
+    from logra_dist.index.h5io import block_checksums, row_checksums
+    from logra_dist.index.reader import StreamCheck
     rng = np.random.default_rng(1)
     rows = rng.integers(0, 2**16, (50, 6), dtype=np.uint16)
     sums = block_checksums(rows, 7)

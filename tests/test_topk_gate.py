@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from logra_dist.scoring import ID_PAD, RunningTopK
+from logra_dist.scoring.kernels import ID_PAD, RunningTopK
 from scorer_helpers import reference_topk
 
 

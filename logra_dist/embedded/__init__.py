@@ -4,10 +4,10 @@ They let the package (and its tests) run end to end offline, through the same
 Hugging Face loading path a real local Llama checkpoint uses.
 """
 
-from .cache import default_cache_dir, ensure_default_model, load_model_and_tokenizer, load_tokenizer
-from .corpus import CORPUS_PATH, corpus_sha256, load_corpus
-from .model import default_model_config, train_default_model
-from .tokenizer import build_tokenizer
+from logra_dist.embedded.cache import default_cache_dir, ensure_default_model, load_model_and_tokenizer, load_tokenizer
+from logra_dist.embedded.corpus import CORPUS_PATH, corpus_sha256, load_corpus
+from logra_dist.embedded.model import default_model_config, train_default_model
+from logra_dist.embedded.tokenizer import build_tokenizer
 
 __all__ = [
     "CORPUS_PATH",

@@ -155,7 +155,7 @@ def write(docs: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .corpus import CORPUS_PATH, corpus_sha256
+    from logra_dist.embedded.corpus import CORPUS_PATH, corpus_sha256
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=CORPUS_PATH)

@@ -17,8 +17,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .corpus import corpus_sha256
-from .model import MARKER, train_default_model
+from logra_dist.embedded.corpus import corpus_sha256
+from logra_dist.embedded.model import MARKER, train_default_model
 
 DEFAULT_MODEL_SUBDIR = "default-model-v1"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", MARKER)

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from ..data import Document, collate, tokenize
-from .corpus import corpus_sha256, load_corpus
-from .tokenizer import build_tokenizer
+from logra_dist.data import Document, collate, tokenize
+from logra_dist.embedded.corpus import corpus_sha256, load_corpus
+from logra_dist.embedded.tokenizer import build_tokenizer
 
 MARKER = "logra_default.json"
 DEFAULT_STEPS = 600

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import DDPEngine, Engine
+from logra_dist.engines.base import DDPEngine, Engine
 
 
 def wrap(obj: Any) -> Engine:
@@ -18,15 +18,15 @@ def wrap(obj: Any) -> Engine:
     cls = type(obj)
     module = cls.__module__ or ""
     if module.startswith("deepspeed"):
-        from .deepspeed import DeepSpeedEngineAdapter
+        from logra_dist.engines.deepspeed import DeepSpeedEngineAdapter
 
         return DeepSpeedEngineAdapter(obj)
     if cls.__name__ == "FullyShardedDataParallel":
-        from .fsdp import FSDP1Engine
+        from logra_dist.engines.fsdp import FSDP1Engine
 
         return FSDP1Engine(obj)
     if any(c.__name__ == "FSDPModule" for c in cls.__mro__):
-        from .fsdp import FSDP2Engine
+        from logra_dist.engines.fsdp import FSDP2Engine
 
         return FSDP2Engine(obj)
     if cls.__name__ == "DistributedDataParallel":

@@ -7,7 +7,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import torch
 from torch import nn
 
-from .. import comm
+from logra_dist import comm
 
 
 class Engine:

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .base import Engine
+from logra_dist.engines.base import Engine
 
 
 class DeepSpeedEngineAdapter(Engine):

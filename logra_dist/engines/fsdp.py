@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .base import Engine
+from logra_dist.engines.base import Engine
 
 
 class FSDP1Engine(Engine):

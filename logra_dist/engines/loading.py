@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import HFCheckpoint, causal_lm_class, construct_uninitialized, persistent_buffers, source_names
-from .launch import DistInfo, init_distributed, skip_deepspeed_shm_build
-from .spec import EngineConfigError, EngineSpec, deepspeed_config_for, default_spec, parse_dtype, read_spec
+from logra_dist.engines.checkpoint import HFCheckpoint, causal_lm_class, construct_uninitialized, persistent_buffers, source_names
+from logra_dist.engines.launch import DistInfo, init_distributed, skip_deepspeed_shm_build
+from logra_dist.engines.spec import EngineConfigError, EngineSpec, deepspeed_config_for, default_spec, parse_dtype, read_spec
 
 
 @dataclass
@@ -204,7 +204,7 @@ def load_causal_lm(path: str | Path, engine: str = "none", dtype: Any = None,
     Initializes the process group from the launcher's environment if that is not done yet."""
     if spec is None:
         if ds_config is not None:
-            from .spec import spec_from_dict
+            from logra_dist.engines.spec import spec_from_dict
 
             spec = spec_from_dict(ds_config, "ds_config", dtype)
             if engine not in ("none", spec.engine):

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .report import write_markdown
-from .runner import run_benchmark
+from logra_dist.eval.report import write_markdown
+from logra_dist.eval.runner import run_benchmark
 
 BENCHMARKS = ("digits", "lm", "synthetic")
 

@@ -14,9 +14,9 @@ import torch
 from torch.nn import functional as F
 from transformers import LlamaForCausalLM
 
-from ..data import Document, collate, tokenize
-from ..embedded import build_tokenizer, corpus_sha256, default_model_config, load_corpus
-from .tasks import Batch, Task, TaskSpec
+from logra_dist.data import Document, collate, tokenize
+from logra_dist.embedded import build_tokenizer, corpus_sha256, default_model_config, load_corpus
+from logra_dist.eval.tasks import Batch, Task, TaskSpec
 
 
 class LMTask(Task):

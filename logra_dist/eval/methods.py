@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import LoGraConfig
-from ..logger import attach
-from ..projection import LayerSpec
-from ..scorer import Scorer
-from ..scoring import score_block, self_influence
-from ..statistics import Accumulator
-from .tasks import Task
+from logra_dist.config import LoGraConfig
+from logra_dist.logger import attach
+from logra_dist.core.projection import LayerSpec
+from logra_dist.scoring.scorer import Scorer
+from logra_dist.scoring.kernels import score_block, self_influence
+from logra_dist.core.curvature import Accumulator
+from logra_dist.eval.tasks import Task
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .methods import Method
-from .tasks import TaskSpec
+from logra_dist.eval.methods import Method
+from logra_dist.eval.tasks import TaskSpec
 
 
 @dataclass

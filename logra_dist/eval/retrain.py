@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .tasks import Task, TaskSpec, cached_task
+from logra_dist.eval.catalog import cached_task
+from logra_dist.eval.tasks import Task, TaskSpec
 
 
 def subset_hash(train_ids: np.ndarray) -> str:

@@ -13,12 +13,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .. import __version__
-from .methods import Attributor
-from .metrics import brittleness, lds, spearman_rows, summarize
-from .plans import Plan, plan_for
-from .retrain import Job, RetrainCache, make_job
-from .tasks import cached_task
+from logra_dist.version import __version__
+from logra_dist.eval.methods import Attributor
+from logra_dist.eval.metrics import brittleness, lds, spearman_rows, summarize
+from logra_dist.eval.plans import Plan, plan_for
+from logra_dist.eval.retrain import Job, RetrainCache, make_job
+from logra_dist.eval.catalog import cached_task
 
 
 def lds_subsets(n_train: int, count: int, fraction: float, seed: int) -> np.ndarray:

@@ -196,25 +196,4 @@ class ClassificationTask(Task):
         return torch.cat([g[k].reshape(len(batch["x"]), -1) for k in params], dim=1)
 
 
-def make_task(spec: TaskSpec) -> Task:
-    if spec.name in ("digits", "synthetic"):
-        return ClassificationTask(TaskSpec(spec.name, {"data": spec.name, **spec.params}))
-    if spec.name == "lm":
-        from .lm_task import LMTask
-
-        return LMTask(spec)
-    raise ValueError(f"unknown benchmark {spec.name!r}; known: digits, synthetic, lm")
-
-
-_TASKS: dict[str, Task] = {}
-
-
-def cached_task(spec: TaskSpec) -> Task:
-    """One task object per process (data loading and tokenization happen once per worker)."""
-    key = json.dumps(spec.to_dict(), sort_keys=True)
-    if key not in _TASKS:
-        _TASKS[key] = make_task(spec)
-    return _TASKS[key]
-
-
-__all__ = ["Task", "TaskSpec", "ClassificationTask", "make_task", "cached_task"]
+__all__ = ["Task", "TaskSpec", "ClassificationTask"]

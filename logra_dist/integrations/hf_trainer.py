@@ -28,11 +28,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from .. import comm
-from ..config import LoGraConfig
-from ..data import IGNORE, summed_lm_loss
-from ..logger import attach
-from ..tracking import NULL_TRACKER, NullTracker
+from logra_dist import comm
+from logra_dist.config import LoGraConfig
+from logra_dist.data import IGNORE, summed_lm_loss
+from logra_dist.logger import attach
+from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
 

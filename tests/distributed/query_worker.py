@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from logra_dist import Scorer, comm  # noqa: E402
-from logra_dist.cli import run_batches  # noqa: E402
-from logra_dist.completion import Prompt, complete, gather_completions  # noqa: E402
+from logra_dist.session import run_batches  # noqa: E402
+from logra_dist.scoring.completion import Prompt, complete, gather_completions  # noqa: E402
 from logra_dist.data import IGNORE, read_documents, rank_samples, tokenize  # noqa: E402
 from logra_dist.embedded import ensure_default_model, load_tokenizer  # noqa: E402
 from logra_dist.engines import launch, wrap  # noqa: E402

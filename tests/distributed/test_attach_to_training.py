@@ -56,7 +56,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_zero3_training_then_logging_equals_one_process_on_the_trained_weights(trained, tmp_path):
-    from logra_dist.cli import main
+    from logra_dist.cli.main import main
     from logra_dist.embedded import build_tokenizer, default_model_config
     from transformers import LlamaForCausalLM
 

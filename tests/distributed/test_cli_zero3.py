@@ -22,7 +22,7 @@ import torch
 import query_worker as qw
 from jobs import REPO, deepspeed_cmd, free_port, run_job
 from logra_dist import GradientStore
-from logra_dist.cli import main
+from logra_dist.cli.main import main
 
 pytestmark = pytest.mark.distributed
 N, K = 40, 5
@@ -119,8 +119,8 @@ def test_score_query_index_needs_no_model(root, single, monkeypatch, tmp_path):
     def no_model(*_args, **_kwargs):
         raise AssertionError("score --query-index loaded a model")
 
-    monkeypatch.setattr("logra_dist.cli.load_engine", no_model)
-    monkeypatch.setattr("logra_dist.score_sources.load_engine", no_model)
+    monkeypatch.setattr("logra_dist.cli.jobs.load_engine", no_model)
+    monkeypatch.setattr("logra_dist.cli.sources.load_engine", no_model)
     assert main(["score", "--index", str(root / "index"), "--query-index", str(tmp_path / "qidx"), "--topk", str(K),
                  "--out", str(tmp_path / "res"), "--no-wandb"]) == 0
     # query rows went through fp16 storage (measured: scores within 3.4e-5 of the largest)
@@ -130,7 +130,7 @@ def test_score_query_index_needs_no_model(root, single, monkeypatch, tmp_path):
 
 
 def test_score_prompts_attributes_the_models_own_completions(root, tmp_path):
-    from logra_dist.completion import complete, read_prompts
+    from logra_dist.scoring.completion import complete, read_prompts
     from logra_dist.embedded import ensure_default_model, load_model_and_tokenizer
 
     prompts = tmp_path / "prompts.txt"  # one prompt per line

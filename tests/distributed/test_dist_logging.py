@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 import worker  # noqa: E402
 
 from logra_dist import GradientStore  # noqa: E402
-from logra_dist.store import read_stats  # noqa: E402
+from logra_dist.index.store import read_stats  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 N, BATCH = 11, 3

@@ -6,7 +6,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", ".."), HERE]
 
 import hooks  # noqa: E402
-from logra_dist.cli import main  # noqa: E402
+from logra_dist.cli.main import main  # noqa: E402
 
 if __name__ == "__main__":
     hooks.install()

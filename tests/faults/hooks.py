@@ -56,7 +56,7 @@ def _raise() -> None:
 
 
 def _kill_in_commit(k: int) -> None:
-    from logra_dist import partial
+    from logra_dist.index import partial
 
     original, seen = partial.write_record, [0]
 
@@ -71,7 +71,7 @@ def _kill_in_commit(k: int) -> None:
 
 
 def _kill_in_build(_: int) -> None:
-    from logra_dist.partial import PartialShard
+    from logra_dist.index.partial import PartialShard
 
     def read_rows(self, start, stop):  # the HDF5 file exists under its temporary name, half made
         _die()

@@ -14,9 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import comm
-from .cli import _init_distributed, _say, _tracker, _training_data, load_documents, load_engine, run_batches
-from .data import pad_token_id
+from logra_dist import comm
+from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, training_data
+from logra_dist.engines.launch import init_distributed
+from logra_dist.session import run_batches
+from logra_dist.cli.parser import check_args
+from logra_dist.data import pad_token_id, rank_samples, read_documents, tokenize
 
 
 def _index_manifest(path: str | Path, what: str = "index") -> dict:
@@ -29,16 +32,16 @@ def _index_manifest(path: str | Path, what: str = "index") -> dict:
 def _texts_of(manifest: dict, where: str) -> dict[int, str] | None:
     """Texts by id of the documents an index was logged from (None, with a note, if unreadable)."""
     try:
-        return {d.id: d.full_text for d in load_documents(_training_data(manifest))}
+        return {d.id: d.full_text for d in load_documents(training_data(manifest))}
     except (OSError, ValueError) as e:
-        _say(f"note: texts of {where} unavailable ({e}); listing ids and scores only")
+        say(f"note: texts of {where} unavailable ({e}); listing ids and scores only")
         return None
 
 
 def report_scores(args: argparse.Namespace, scorer, result, manifest: dict, query_text,
                   query_fields: dict[int, dict[str, Any]] | None = None) -> None:
     """Rank 0: results files (with --out) and the markdown listing on stdout."""
-    from .results import listing, markdown
+    from logra_dist.scoring.results import listing, markdown
 
     if comm.rank() == 0:
         train_text = _texts_of(manifest, f"training index {args.index}")
@@ -50,12 +53,12 @@ def report_scores(args: argparse.Namespace, scorer, result, manifest: dict, quer
 def run_score_query_index(args: argparse.Namespace):
     """Precomputed query gradients (a query index) against the training index: no model at all;
     each rank loads its contiguous share of the query rows."""
-    from .scorer import Scorer
+    from logra_dist.scoring.scorer import Scorer
 
-    _init_distributed()
+    init_distributed()
     manifest = _index_manifest(args.index)
     query_manifest = _index_manifest(args.query_index, "query index")
-    tracker = _tracker(args, "score", {"index": str(args.index), "query_index": str(args.query_index),
+    tracker = make_tracker(args, "score", {"index": str(args.index), "query_index": str(args.query_index),
                                        "index_config": manifest.get("config")}, query_manifest["total_rows"])
     scorer = Scorer(None, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
     scorer.add_query_gradients(args.query_index)
@@ -72,16 +75,16 @@ def run_score_query_index(args: argparse.Namespace):
 def run_score_prompts(args: argparse.Namespace):
     """The model completes each prompt (greedy, under the scoring engine), then each completion
     given its prompt is the query. Completions appear in the listing (prompt, completion)."""
-    from .completion import complete, gather_completions, read_prompts
-    from .scorer import Scorer
+    from logra_dist.scoring.completion import complete, gather_completions, read_prompts
+    from logra_dist.scoring.scorer import Scorer
 
-    _init_distributed()
+    init_distributed()
     prompts = read_prompts(args.prompts)
     manifest = _index_manifest(args.index)
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
     model, tokenizer, _ = load_engine(args)
-    tracker = _tracker(args, "score", {"index": str(args.index), "prompts": str(args.prompts),
+    tracker = make_tracker(args, "score", {"index": str(args.index), "prompts": str(args.prompts),
                                        "index_config": manifest.get("config")}, len(prompts))
     with tracker.phase("generate"):
         completions = complete(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
@@ -96,5 +99,34 @@ def run_score_prompts(args: argparse.Namespace):
                     "score/k": args.topk})
     query_text = {pid: r["prompt"] + r["completion"] for pid, r in records.items()}
     report_scores(args, scorer, result, manifest, query_text, records)
+    scorer.close()
+    return result
+
+
+# -- score ----------------------------------------------------------------------------------------
+def run_score(args: argparse.Namespace):
+    from logra_dist.index.reader import read_manifest
+    from logra_dist.scoring.scorer import Scorer
+
+    check_args(args)
+    if args.query_index is not None or args.prompts is not None:
+            return run_score_query_index(args) if args.query_index is not None else run_score_prompts(args)
+    init_distributed()
+    queries = read_documents(args.queries)
+    index = Path(args.index)
+    manifest = read_manifest(index / "manifest.json")
+    if args.model is None and manifest.get("metadata", {}).get("model_path"):
+        args.model = manifest["metadata"]["model_path"]
+    model, tokenizer, _ = load_engine(args)
+    tracker = make_tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
+    scorer = Scorer(model, index, mode=args.mode, damping=args.damping, tracker=tracker)
+    pad_id = pad_token_id(tokenizer)
+    mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
+    run_batches(scorer, mine, args.batch_size, pad_id, tracker)
+    with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective
+        result = scorer.topk(args.topk)
+    tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
+                    "score/k": args.topk})
+    report_scores(args, scorer, result, manifest, {q.id: q.full_text for q in queries})
     scorer.close()
     return result

@@ -26,11 +26,11 @@ import h5py
 import numpy as np
 import torch
 
-from .config import STORAGE_DTYPES
-from .h5io import row_checksums
-from .partition import Ranges
-from .reader import GradientStore, ShardInfo, StreamCheck
-from .store import IndexFormatError, h5_dtype
+from logra_dist.config import STORAGE_DTYPES
+from logra_dist.index.h5io import row_checksums
+from logra_dist.index.partition import Ranges
+from logra_dist.index.reader import GradientStore, ShardInfo, StreamCheck
+from logra_dist.index.store import IndexFormatError, h5_dtype
 
 PIECE_BYTES = 512 << 10  # read + checksum + widen unit: stays in a core's L2 cache
 IO_PIECE_BYTES = 4 << 20  # read + checksum unit when rows are kept as stored (fewer calls)

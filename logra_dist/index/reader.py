@@ -12,12 +12,12 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .config import LoGraConfig
-from .projection import LayerSpec
-from .h5io import attr_value, block_checksums, ids_digest, row_checksums
-from .store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, decode_rows, h5_dtype, layout_from_json, partial_dir,
+from logra_dist.config import LoGraConfig
+from logra_dist.core.projection import LayerSpec
+from logra_dist.index.h5io import attr_value, block_checksums, ids_digest, row_checksums
+from logra_dist.index.store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, decode_rows, h5_dtype, layout_from_json, partial_dir,
                     partial_path)
-from .tracking import NULL_TRACKER, NullTracker
+from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 
 def read_manifest(path: Path) -> dict:

@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping, Union
 import h5py
 import numpy as np
 
-from . import comm
-from .scoring import TopKResult
+from logra_dist import comm
+from logra_dist.scoring.kernels import TopKResult
 
 FORMAT_VERSION = 1
 TextLookup = Union[Mapping[int, str], Callable[[int], str], None]

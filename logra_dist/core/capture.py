@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .projection import LayerSpec
+from logra_dist.core.projection import LayerSpec
 
 # Segments that wrappers insert into module names; removed so names (and hence projection seeds
 # and the stored layout) are the same under every engine.

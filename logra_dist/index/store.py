@@ -28,9 +28,9 @@ import h5py
 import numpy as np
 import torch
 
-from .h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
-from .partial import COMMIT, PartialShard, PartialShardError, ResumeState, rank_stats_path, read_rank_stats
-from .projection import LayerSpec
+from logra_dist.index.h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
+from logra_dist.index.partial import COMMIT, PartialShard, PartialShardError, ResumeState, rank_stats_path, read_rank_stats
+from logra_dist.core.projection import LayerSpec
 
 SHARD_DIR = "shards"
 FORMAT_VERSION = 2

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .config import SCORE_MODES
-from .projection import LayerSpec
-from .statistics import Preconditioner
+from logra_dist.config import SCORE_MODES
+from logra_dist.core.projection import LayerSpec
+from logra_dist.core.curvature import Preconditioner
 
 _TINY = 1e-30
 ID_PAD = torch.iinfo(torch.int64).max  # id of an empty top-k slot: sorts after every real id

@@ -19,8 +19,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .partition import Ranges
-from .store import IndexFormatError
+from logra_dist.index.partition import Ranges
+from logra_dist.index.store import IndexFormatError
 
 FILE_NAME = "selfinf.h5"
 _COPY_ROWS = 1 << 16

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .h5io import fsync_path
+from logra_dist.index.h5io import fsync_path
 
 GRADS, IDS, COMMIT = "grads.bin", "ids.bin", "commit.npz"
 _STATS_FILE = re.compile(r"^stats-\d+\.npz(\.tmp)?$")

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import comm
-from .partition import split_rows
-from .projection import LayerSpec
-from .reader import GradientStore
-from .scoring import layer_self_influence
-from .statistics import Preconditioner
-from .store import IndexFormatError, read_stats
+from logra_dist import comm
+from logra_dist.index.partition import split_rows
+from logra_dist.core.projection import LayerSpec
+from logra_dist.index.reader import GradientStore
+from logra_dist.scoring.kernels import layer_self_influence
+from logra_dist.core.curvature import Preconditioner
+from logra_dist.index.store import IndexFormatError, read_stats
 
 
 @dataclass

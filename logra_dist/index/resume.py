@@ -19,10 +19,10 @@ import h5py
 import numpy as np
 import torch
 
-from . import comm
-from .partial import COMMIT, PartialShardError, rank_stats_path, read_record
-from .h5io import fsync_path
-from .store import SHARD_DIR, IndexFormatError, check_shard_attrs, layout_from_json, partial_dir, shard_path
+from logra_dist import comm
+from logra_dist.index.partial import COMMIT, PartialShardError, rank_stats_path, read_record
+from logra_dist.index.h5io import fsync_path
+from logra_dist.index.store import SHARD_DIR, IndexFormatError, check_shard_attrs, layout_from_json, partial_dir, shard_path
 
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(h5|partial)$")
 

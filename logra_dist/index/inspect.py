@@ -16,8 +16,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .partial import COMMIT, GRADS, IDS, PartialShardError, read_record
-from .store import SHARD_DIR, decode_rows
+from logra_dist.index.partial import COMMIT, GRADS, IDS, PartialShardError, read_record
+from logra_dist.index.store import SHARD_DIR, decode_rows
 
 _SHARD = re.compile(r"^rank-(\d+)\.(h5|partial|h5\.partial)$")
 

@@ -21,18 +21,18 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from . import comm
-from .config import SCORE_MODES, ConfigError
-from .partition import assign_rows
-from .queries import GatheredQueries, QuerySet
-from .reader import GradientStore
-from .results import TextLookup, write_results
-from .scoring import GroupPlan, LayerSelfInfluence, RunningTopK, TopKResult, normalize, select_topk
-from .selfinf import SelfInfluenceCache
-from .stream import ChunkStream
-from .session import GradientSession
-from .statistics import Preconditioner
-from .store import IndexFormatError, layout_to_json, read_stats
+from logra_dist import comm
+from logra_dist.config import SCORE_MODES, ConfigError
+from logra_dist.index.partition import assign_rows
+from logra_dist.scoring.queries import GatheredQueries, QuerySet
+from logra_dist.index.reader import GradientStore
+from logra_dist.scoring.results import TextLookup, write_results
+from logra_dist.scoring.kernels import GroupPlan, LayerSelfInfluence, RunningTopK, TopKResult, normalize, select_topk
+from logra_dist.scoring.selfinf import SelfInfluenceCache
+from logra_dist.index.stream import ChunkStream
+from logra_dist.session import GradientSession
+from logra_dist.core.curvature import Preconditioner
+from logra_dist.index.store import IndexFormatError, layout_to_json, read_stats
 
 Chunk = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]  # start, ids, rows, self (c, L)
 

@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from . import comm
-from .data import IGNORE, TokenizedSample, pad_token_id
-from .engines import wrap
+from logra_dist import comm
+from logra_dist.data import IGNORE, TokenizedSample, pad_token_id
+from logra_dist.engines import wrap
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .capture import TokenStatistics
-from .projection import LayerSpec
+from logra_dist.core.capture import TokenStatistics
+from logra_dist.core.projection import LayerSpec
 
 # hessian="raw": rows are buffered and the Fisher updated by one GEMM per layer every this many
 # rows. A per-batch update with B rows is a rank-B update of a (k_in k_out)^2 matrix: memory

@@ -1,0 +1,44 @@
+"""`logra-dist log|score|inspect|report ...`: dispatch to the jobs (`launch/log.py`, `launch/score.py` wrap the first two)."""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Sequence
+
+import torch
+
+from logra_dist.cli.parser import build_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(0)
+    if args.command in ("log", "score"):
+        from logra_dist.engines.launch import destroy_distributed
+
+        if args.command == "log":
+            from logra_dist.cli.jobs import run_log
+
+            run_log(args)
+        else:
+            from logra_dist.cli.sources import run_score
+
+            run_score(args)
+        # A gloo group still alive at interpreter exit can abort a finished process ("terminate
+        # called without an active exception", pytorch#190489). Only on success: after an error
+        # a peer may still sit in a collective, and the launcher tears the job down anyway.
+        destroy_distributed()
+    elif args.command == "inspect":
+        from logra_dist.index.inspect import inspect_index, render
+
+        facts = inspect_index(args.index, sample_rows=args.sample_rows)
+        print(json.dumps(facts, indent=2) if args.json else render(facts))
+    elif args.command == "report":
+        from logra_dist.cli.report import write_report
+
+        print(write_report(args.results, args.out, max_queries=args.max_queries, max_chars=args.max_chars))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
