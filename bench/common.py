@@ -5,6 +5,7 @@ repetitions of steps run INTERLEAVED with their reference in one process (A B A 
 rotated each round), reported as the median of the per-round ratios. Absolute times are also
 recorded, but only ratios are meant to be compared across machines.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,9 +17,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -46,11 +48,27 @@ class Bench:
 
     def describe(self) -> dict[str, Any]:
         cfg = getattr(self.model, "config", None)
-        out = {"name": self.name, "parameters": self.params, "batch_size": self.batch_size,
-               "seq_len": self.seq_len, "tokens_per_step": self.batch_size * self.seq_len}
+        out = {
+            "name": self.name,
+            "parameters": self.params,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+            "tokens_per_step": self.batch_size * self.seq_len,
+        }
         if cfg is not None:
-            out.update({k: getattr(cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                       "num_attention_heads", "num_key_value_heads", "vocab_size")})
+            out.update(
+                {
+                    k: getattr(cfg, k)
+                    for k in (
+                        "hidden_size",
+                        "intermediate_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "num_key_value_heads",
+                        "vocab_size",
+                    )
+                }
+            )
         return out
 
 
@@ -66,11 +84,21 @@ def large_config(tok, hidden: int = 512, layers: int = 8, intermediate: int = 15
     feeds it."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       max_position_embeddings=1024, hidden_act="silu", rms_norm_eps=1e-5,
-                       tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=1024,
+        hidden_act="silu",
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
 
 
 def build_model(config, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -101,7 +129,7 @@ def fixed_batches(tok, batch_size: int, seq_len: int, n_batches: int, offset: in
     if len(samples) < need:
         raise ValueError(f"corpus has {len(samples)} documents of >= {seq_len} tokens, need {need}")
     samples = samples[offset:need]
-    return [collate(samples[i:i + batch_size], tok.pad_token_id) for i in range(0, len(samples), batch_size)]
+    return [collate(samples[i : i + batch_size], tok.pad_token_id) for i in range(0, len(samples), batch_size)]
 
 
 def make_bench(name: str, batch_size: int, seq_len: int, n_batches: int = 4) -> Bench:
@@ -164,9 +192,14 @@ def copy_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # -- timing ---------------------------------------------------------------------------------
-def interleaved(steps: dict[str, Callable[[Any], None]], batches: list[Any], reps: int,
-                warmup: int = 1, block: int = 1,
-                between: Callable[[], None] | None = None) -> dict[str, Any]:
+def interleaved(
+    steps: dict[str, Callable[[Any], None]],
+    batches: list[Any],
+    reps: int,
+    warmup: int = 1,
+    block: int = 1,
+    between: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Run every step once per round (a round = `block` consecutive calls of one step, so
     periodic work such as a buffered GEMM every N rows is inside each timed unit), rotating the
     order each round; `reps` timed rounds after `warmup` untimed ones. `between` runs once after
@@ -177,7 +210,7 @@ def interleaved(steps: dict[str, Callable[[Any], None]], batches: list[Any], rep
     for r in range(warmup + reps):
         if r == warmup and between is not None:
             between()
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             gc.collect()
             t0 = time.perf_counter()
@@ -188,8 +221,12 @@ def interleaved(steps: dict[str, Callable[[Any], None]], batches: list[Any], rep
             if r >= warmup:
                 times[n].append(dt)
         cursor += block if r >= warmup else 1
-    return {"reps": reps, "block": block, "times_s": times,
-            "median_s": {n: statistics.median(t) for n, t in times.items()}}
+    return {
+        "reps": reps,
+        "block": block,
+        "times_s": times,
+        "median_s": {n: statistics.median(t) for n, t in times.items()},
+    }
 
 
 def ratio(res: dict[str, Any], name: str, reference: str) -> dict[str, Any]:
@@ -198,8 +235,14 @@ def ratio(res: dict[str, Any], name: str, reference: str) -> dict[str, Any]:
     shared machine only ever adds time)."""
     a_t, b_t = res["times_s"][name], res["times_s"][reference]
     pairs = [a / b for a, b in zip(a_t, b_t)]
-    return {"ratio": statistics.median(pairs), "min": min(pairs), "max": max(pairs), "rounds": len(pairs),
-            "ratio_of_mins": min(a_t) / min(b_t), "vs": reference}
+    return {
+        "ratio": statistics.median(pairs),
+        "min": min(pairs),
+        "max": max(pairs),
+        "rounds": len(pairs),
+        "ratio_of_mins": min(a_t) / min(b_t),
+        "vs": reference,
+    }
 
 
 def peak_rss_bytes() -> int:
@@ -214,9 +257,14 @@ def current_rss_bytes() -> int:
 
 def machine() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "loadavg_at_start": load}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "loadavg_at_start": load,
+    }
 
 
 def write_json(path: Path, data: Any) -> None:

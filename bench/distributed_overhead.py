@@ -17,6 +17,7 @@ work), LoGra's hooks, its statistics, and rows + hand-off to the writer; they su
 step's wall time. The HDF5 writer thread's own time (overlapped) and every torch.distributed
 collective called in the timed steps are reported beside.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,15 @@ HERE = Path(__file__).resolve().parent
 N_SAMPLES = 64
 BATCH = 4
 # exclusive timer phases -> the figure's parts
-PARTS = {"compute": ("forward", "backward"),
-         "weight gathering": ("allgather-post", "allgather-wait", "zero3-fetch", "zero3-release", "zero3-hooks"),
-         "other collectives": ("other-collectives",), "logra hooks": ("logra-hooks",), "logra statistics": ("statistics",),
-         "rows + write hand-off": ("rows", "batch-end"), "other": ("step",)}
+PARTS = {
+    "compute": ("forward", "backward"),
+    "weight gathering": ("allgather-post", "allgather-wait", "zero3-fetch", "zero3-release", "zero3-hooks"),
+    "other collectives": ("other-collectives",),
+    "logra hooks": ("logra-hooks",),
+    "logra statistics": ("statistics",),
+    "rows + write hand-off": ("rows", "batch-end"),
+    "other": ("step",),
+}
 
 
 def worker(mode: str, out: Path, n_samples: int) -> None:
@@ -68,14 +74,18 @@ def worker(mode: str, out: Path, n_samples: int) -> None:
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend="gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-        ds_config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": 3},
-                     "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
-        target, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                          config=ds_config)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": BATCH,
+            "zero_optimization": {"stage": 3},
+            "gradient_clipping": 0.0,
+            "zero_allow_untested_optimizer": True,
+        }
+        target, *_ = deepspeed.initialize(
+            model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), config=ds_config
+        )
     batches = fixed_batches(tok, BATCH, 128, n_samples // BATCH)[rank::world]
     tracker = TimerTracker(timers)
-    logger = logra_dist.attach(target, LoGraConfig(k_in=16, k_out=16, hessian="kfac"), out / "index",
-                               tracker=tracker)
+    logger = logra_dist.attach(target, LoGraConfig(k_in=16, k_out=16, hessian="kfac"), out / "index", tracker=tracker)
     seen = [0]
 
     def step(batch) -> None:
@@ -99,7 +109,7 @@ def worker(mode: str, out: Path, n_samples: int) -> None:
     timing[0] = True
     before_bytes, before_calls = timers.bytes["allgather"], timers.calls["allgather-post"]
     for i, batch in enumerate(batches):
-        for t in settings[i % len(settings):] + settings[:i % len(settings)]:
+        for t in settings[i % len(settings) :] + settings[: i % len(settings)]:
             torch.set_num_threads(t)
             s0, w0, t0 = timers.snapshot(), tracker.writer_seconds(), time.perf_counter()
             step(batch)
@@ -116,14 +126,23 @@ def worker(mode: str, out: Path, n_samples: int) -> None:
     logger.finalize()
     for t, r in runs.items():
         n = len(r["steps"])
-        result = {"mode": mode, "torch_threads": t, "rank": rank, "world_size": world, "batch_size": BATCH,
-                  "steps": n, "samples": n * BATCH, "seconds": r["elapsed"], "step_s": r["steps"],
-                  "phases_s_per_step": {k: v / n for k, v in sorted(r["phases"].items())},
-                  "writer_thread_s_per_step": r["writer_s"] / n,
-                  "collective_calls_per_step": {k: v / n for k, v in collectives.items()},
-                  "allgather_MB_per_step": gathered_bytes / len(batches) / 1e6,
-                  "allgather_calls_per_step": gather_calls / len(batches),
-                  "foreign_thread_calls": timers.foreign_calls}
+        result = {
+            "mode": mode,
+            "torch_threads": t,
+            "rank": rank,
+            "world_size": world,
+            "batch_size": BATCH,
+            "steps": n,
+            "samples": n * BATCH,
+            "seconds": r["elapsed"],
+            "step_s": r["steps"],
+            "phases_s_per_step": {k: v / n for k, v in sorted(r["phases"].items())},
+            "writer_thread_s_per_step": r["writer_s"] / n,
+            "collective_calls_per_step": {k: v / n for k, v in collectives.items()},
+            "allgather_MB_per_step": gathered_bytes / len(batches) / 1e6,
+            "allgather_calls_per_step": gather_calls / len(batches),
+            "foreign_thread_calls": timers.foreign_calls,
+        }
         (out / f"{mode}-{t}t-rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -133,18 +152,28 @@ def breakdown(res: dict[str, Any]) -> dict[str, Any]:
     parts = {name: sum(ph.get(p, 0.0) for p in phases) for name, phases in PARTS.items()}
     unknown = sorted(set(ph) - {p for phases in PARTS.values() for p in phases})
     wall = res["seconds"] / res["steps"]
-    return {"s_per_step": parts, "share": {k: v / wall for k, v in parts.items()},
-            "sum_of_parts_s": sum(parts.values()), "wall_step_s": wall, "unmapped_phases": unknown,
-            "weight_gathering_s": {p: ph.get(p, 0.0) for p in PARTS["weight gathering"]},
-            "writer_thread_s": res["writer_thread_s_per_step"]}
+    return {
+        "s_per_step": parts,
+        "share": {k: v / wall for k, v in parts.items()},
+        "sum_of_parts_s": sum(parts.values()),
+        "wall_step_s": wall,
+        "unmapped_phases": unknown,
+        "weight_gathering_s": {p: ph.get(p, 0.0) for p in PARTS["weight gathering"]},
+        "writer_thread_s": res["writer_thread_s_per_step"],
+    }
 
 
 def _launch(mode: str, out: Path, n_samples: int) -> list[dict[str, Any]]:
     threads = "1" if mode == "zero3" else "2"
     # PASSIVE: OpenMP threads sleep at barriers instead of spinning; with the 2 cores shared, a
     # spinning 2-thread process was 3.5x slower (6 s vs 1.7 s a step at load average 4.7).
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": threads,
-           "OMP_WAIT_POLICY": "PASSIVE"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(HERE.parent),
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": threads,
+        "OMP_WAIT_POLICY": "PASSIVE",
+    }
     script = [str(Path(__file__).resolve()), "--worker", mode, str(out), str(n_samples)]
     if mode == "zero3":  # --standalone: a free rendezvous port, no clash with other jobs on 29500
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script]
@@ -168,13 +197,19 @@ def run(quick: bool = False) -> dict[str, Any]:
         single = {r["torch_threads"]: r for r in _launch("single", Path(tmp) / "single", n)}
         zero3 = sorted(_launch("zero3", Path(tmp) / "zero3", n), key=lambda r: r["rank"])
     ref, ref1, z = _throughput([single[2]]), _throughput([single[1]]), _throughput(zero3)
-    return {"status": "measured", "model": "large", "k": 16, "hessian": "kfac", "samples": n,
-            "method": "one timed run per job; breakdown from exclusive main-thread timers in the same steps",
-            "single_2threads": {**single[2], "samples_per_s": ref, "breakdown": breakdown(single[2])},
-            "single_1thread": {**single[1], "samples_per_s": ref1, "breakdown": breakdown(single[1])},
-            "zero3_2ranks": {"samples_per_s": z, "ranks": [{**r, "breakdown": breakdown(r)} for r in zero3]},
-            "throughput_ratio_zero3_over_single": z / ref,
-            "throughput_ratio_zero3_over_single_1thread": z / ref1}
+    return {
+        "status": "measured",
+        "model": "large",
+        "k": 16,
+        "hessian": "kfac",
+        "samples": n,
+        "method": "one timed run per job; breakdown from exclusive main-thread timers in the same steps",
+        "single_2threads": {**single[2], "samples_per_s": ref, "breakdown": breakdown(single[2])},
+        "single_1thread": {**single[1], "samples_per_s": ref1, "breakdown": breakdown(single[1])},
+        "zero3_2ranks": {"samples_per_s": z, "ranks": [{**r, "breakdown": breakdown(r)} for r in zero3]},
+        "throughput_ratio_zero3_over_single": z / ref,
+        "throughput_ratio_zero3_over_single_1thread": z / ref1,
+    }
 
 
 if __name__ == "__main__":

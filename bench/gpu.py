@@ -9,6 +9,7 @@ tokens/s and peak GPU memory of every variant, and the naive per-sample-gradient
 (measured per-sample gradients on a sub-batch, dense projection extrapolated from a slice).
 Figure 6 runs bench/scorer_throughput.py when it exists, else says pending.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -33,10 +35,26 @@ from logra_dist import LoGraConfig  # noqa: E402
 from logra_dist.data import Batch  # noqa: E402
 
 SIZES = {  # Llama-3.2-1B-like (~1.0B with its 32k vocab) / tiny for --smoke
-    "full": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=32000, batch_size=8, seq_len=512),
-    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=300, batch_size=2, seq_len=32),
+    "full": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        batch_size=8,
+        seq_len=512,
+    ),
+    "smoke": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=300,
+        batch_size=2,
+        seq_len=32,
+    ),
 }
 
 
@@ -59,10 +77,20 @@ def build(size: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn
     batches = []
     for i in range(4):
         ids = torch.randint(0, s["vocab_size"], (b, t), generator=gen)
-        batches.append(Batch(torch.arange(i * b, (i + 1) * b), ids.to(device), torch.ones_like(ids).to(device),
-                             ids.to(device)))
-    return model, batches, {"parameters": sum(p.numel() for p in model.parameters()), "batch_size": b,
-                            "seq_len": t, "dtype": str(dtype), **s}
+        batches.append(
+            Batch(torch.arange(i * b, (i + 1) * b), ids.to(device), torch.ones_like(ids).to(device), ids.to(device))
+        )
+    return (
+        model,
+        batches,
+        {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "batch_size": b,
+            "seq_len": t,
+            "dtype": str(dtype),
+            **s,
+        },
+    )
 
 
 def synced(fn: Callable, device: torch.device) -> Callable:
@@ -70,6 +98,7 @@ def synced(fn: Callable, device: torch.device) -> Callable:
         fn(batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
     return step
 
 
@@ -85,8 +114,10 @@ def peak_memory(fn: Callable, batch, device: torch.device) -> int | None:
 
 def figure1(model, batches, info, device, reps: int, tmp: Path, smoke: bool = False) -> dict[str, Any]:
     tokens = info["batch_size"] * info["seq_len"]
-    steps = {"train": synced(train_step_fn(copy_model(model)), device),
-             "floor": synced(floor_step_fn(copy_model(model)), device)}
+    steps = {
+        "train": synced(train_step_fn(copy_model(model)), device),
+        "floor": synced(floor_step_fn(copy_model(model)), device),
+    }
     loggers = {}
     for k in (16, 64):
         for h in ("none", "kfac", "raw"):
@@ -101,8 +132,11 @@ def figure1(model, batches, info, device, reps: int, tmp: Path, smoke: bool = Fa
     res = interleaved(steps, batches, reps=reps, warmup=1, block=block)
     out = {"tokens_per_step": tokens, "block_steps": block, "variants": {}}
     for n in steps:
-        out["variants"][n] = {"step_s": res["median_s"][n], "tokens_per_s": tokens / res["median_s"][n],
-                              "peak_memory_bytes": mem[n]}
+        out["variants"][n] = {
+            "step_s": res["median_s"][n],
+            "tokens_per_s": tokens / res["median_s"][n],
+            "peak_memory_bytes": mem[n],
+        }
         if n != "floor":
             out["variants"][n]["vs_floor"] = ratio(res, n, "floor")
         if n not in ("train", "floor"):
@@ -113,8 +147,9 @@ def figure1(model, batches, info, device, reps: int, tmp: Path, smoke: bool = Fa
     return out
 
 
-def figure2(model, batches, info, device, reps: int, tmp: Path, naive_batch: int,
-            slice_bytes: int = 4 << 30) -> dict[str, Any]:
+def figure2(
+    model, batches, info, device, reps: int, tmp: Path, naive_batch: int, slice_bytes: int = 4 << 30
+) -> dict[str, Any]:
     from naive_baseline import per_sample_grad_fn
 
     out = []
@@ -123,8 +158,12 @@ def figure2(model, batches, info, device, reps: int, tmp: Path, naive_batch: int
         names, D = [f"{s.name}.weight" for s in lg.specs], lg.width
         P = sum(s.d_in * s.d_out for s in lg.specs)
         psg = per_sample_grad_fn(model, names)
-        sub = [Batch(b.ids[:naive_batch], b.input_ids[:naive_batch], b.attention_mask[:naive_batch],
-                     b.labels[:naive_batch]) for b in batches]
+        sub = [
+            Batch(
+                b.ids[:naive_batch], b.input_ids[:naive_batch], b.attention_mask[:naive_batch], b.labels[:naive_batch]
+            )
+            for b in batches
+        ]
         log_step = synced(log_step_fn(lg), device)
 
         def naive(batch) -> None:
@@ -154,9 +193,18 @@ def figure2(model, batches, info, device, reps: int, tmp: Path, naive_batch: int
         del proj, flat
         per_sample_logra = statistics.median(ts_log) / info["batch_size"]
         per_sample_naive = (statistics.median(ts_naive) + statistics.median(tp[1:]) * P / p_slice) / naive_batch
-        out.append({"k": k, "D": D, "P": P, "naive_batch": naive_batch, "logra_s_per_sample": per_sample_logra,
-                    "naive_s_per_sample": per_sample_naive, "speedup": per_sample_naive / per_sample_logra,
-                    "projection": "measured" if p_slice == P else f"extrapolated from {p_slice / P:.2%} of P"})
+        out.append(
+            {
+                "k": k,
+                "D": D,
+                "P": P,
+                "naive_batch": naive_batch,
+                "logra_s_per_sample": per_sample_logra,
+                "naive_s_per_sample": per_sample_naive,
+                "speedup": per_sample_naive / per_sample_logra,
+                "projection": "measured" if p_slice == P else f"extrapolated from {p_slice / P:.2%} of P",
+            }
+        )
     return {"results": out}
 
 
@@ -168,10 +216,23 @@ def figure6(quick: bool, out: Path) -> dict[str, Any]:
 
     target = out.with_name("gpu_scorer.json")
     with tempfile.TemporaryDirectory(prefix="logra-gpu-scorer-") as index:
-        args = [sys.executable, str(script), "--out", str(Path(index) / "index"),
-                "--rows", "2000" if quick else "1000000", "--rounds", "1" if quick else "3"]
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=300 if quick else 900,
-                              env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        args = [
+            sys.executable,
+            str(script),
+            "--out",
+            str(Path(index) / "index"),
+            "--rows",
+            "2000" if quick else "1000000",
+            "--rounds",
+            "1" if quick else "3",
+        ]
+        proc = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=300 if quick else 900,
+            env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+        )
     if proc.returncode != 0:
         return {"status": "failed", "stderr": proc.stderr[-2000:]}
     target.write_text(proc.stdout)
@@ -196,12 +257,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reps = 1 if a.smoke else a.reps
     if device.type == "cpu":
         torch.set_num_threads(1)
-    result: dict[str, Any] = {"machine": machine(), "device": torch.cuda.get_device_name(device)
-                              if device.type == "cuda" else "cpu", "model": info, "smoke": a.smoke}
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "model": info,
+        "smoke": a.smoke,
+    }
     with tempfile.TemporaryDirectory(prefix="logra-gpu-") as tmp:
         result["figure1_logging"] = figure1(model, batches, info, device, reps, Path(tmp), a.smoke)
-        result["figure2_naive"] = figure2(model, batches, info, device, reps, Path(tmp), naive_batch=2,
-                                          slice_bytes=(16 << 20) if a.smoke else (4 << 30))
+        result["figure2_naive"] = figure2(
+            model,
+            batches,
+            info,
+            device,
+            reps,
+            Path(tmp),
+            naive_batch=2,
+            slice_bytes=(16 << 20) if a.smoke else (4 << 30),
+        )
     result["figure6_scorer"] = figure6(a.smoke, Path(a.out))
     result["wall_s"] = time.perf_counter() - t0
     write_json(Path(a.out), result)

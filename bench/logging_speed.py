@@ -12,6 +12,7 @@ timed in blocks of whole buffers (the periodic GEMM is inside every timed unit).
 `python bench/logging_speed.py --model large --k 64 --hessian raw` runs one slice (used for the
 before/after numbers of core changes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from common import (copy_model, floor_step_fn, interleaved, log_step_fn, make_bench, ratio, train_step_fn,
-                    write_json)
+from common import copy_model, floor_step_fn, interleaved, log_step_fn, make_bench, ratio, train_step_fn, write_json
 
 import logra_dist
 from logra_dist import LoGraConfig
@@ -55,14 +54,13 @@ def flop_overhead(specs, tokens: int, batch: int, hessian: str) -> float:
     base = sum(4 * tokens * s.d_in * s.d_out for s in specs)
     extra = sum(2 * tokens * (s.d_in * s.k_in + s.d_out * s.k_out + s.k_in * s.k_out) for s in specs)
     if hessian == "raw":
-        extra += sum(2 * batch * s.width ** 2 for s in specs)
+        extra += sum(2 * batch * s.width**2 for s in specs)
     elif hessian == "kfac":
-        extra += sum(2 * tokens * (s.k_in ** 2 + s.k_out ** 2) for s in specs)
+        extra += sum(2 * tokens * (s.k_in**2 + s.k_out**2) for s in specs)
     return extra / base
 
 
-def _time_model(model: str, ks: list[int], hessians: list[str], reps: int, raw_reps: int,
-                tmp: Path) -> dict[str, Any]:
+def _time_model(model: str, ks: list[int], hessians: list[str], reps: int, raw_reps: int, tmp: Path) -> dict[str, Any]:
     b, t = SIZES[model]
     bench = make_bench(model, b, t)
     out: dict[str, Any] = {"model": bench.describe(), "variants": {}}
@@ -82,10 +80,15 @@ def _time_model(model: str, ks: list[int], hessians: list[str], reps: int, raw_r
         if name in ("train", "floor"):
             continue
         lg = loggers[name]
-        out["variants"][name] = {"k": lg.config.k_in, "hessian": lg.config.hessian, "width_D": lg.width,
-                                 "flop_overhead_linear": flop_overhead(lg.specs, b * t, b, lg.config.hessian),
-                                 "step_s": res["median_s"][name], "vs_floor": ratio(res, name, "floor"),
-                                 "vs_train": ratio(res, name, "train")}
+        out["variants"][name] = {
+            "k": lg.config.k_in,
+            "hessian": lg.config.hessian,
+            "width_D": lg.width,
+            "flop_overhead_linear": flop_overhead(lg.specs, b * t, b, lg.config.hessian),
+            "step_s": res["median_s"][name],
+            "vs_floor": ratio(res, name, "floor"),
+            "vs_train": ratio(res, name, "train"),
+        }
         lg.close()
     out["train_step_s"], out["floor_step_s"] = res["median_s"]["train"], res["median_s"]["floor"]
     out["floor_vs_train"] = ratio(res, "floor", "train")
@@ -94,16 +97,30 @@ def _time_model(model: str, ks: list[int], hessians: list[str], reps: int, raw_r
         for k in ks:  # one raw logger alive at a time: its Fisher is (k^2)^2 floats per layer
             lg = logra_dist.attach(copy_model(bench.model), logra_config(model, k, "raw"), tmp / f"{model}-{k}-raw")
             steps = {"floor": floor, "raw": log_step_fn(lg)}  # train: derived (blocks are long)
-            res = interleaved(steps, bench.batches, reps=raw_reps, warmup=1, block=block,
-                              between=getattr(lg.accumulator, "flush", None))
-            out["variants"][f"k{k}-raw"] = {"k": k, "hessian": "raw", "width_D": lg.width, "block_steps": block,
-                                            "flop_overhead_linear": flop_overhead(lg.specs, b * t, b, "raw"),
-                                            "step_s": res["median_s"]["raw"], "vs_floor": ratio(res, "raw", "floor"),
-                                            "vs_train": {"ratio": ratio(res, "raw", "floor")["ratio"]
-                                                         * out["floor_vs_train"]["ratio"],
-                                                         "derived": "vs_floor x floor_vs_train"}}
-            out["variants"][f"k{k}-raw"]["commit"] = commit_cost(lg, b, tmp / f"{model}-{k}-commit.npz",
-                                                                 res["median_s"]["raw"])
+            res = interleaved(
+                steps,
+                bench.batches,
+                reps=raw_reps,
+                warmup=1,
+                block=block,
+                between=getattr(lg.accumulator, "flush", None),
+            )
+            out["variants"][f"k{k}-raw"] = {
+                "k": k,
+                "hessian": "raw",
+                "width_D": lg.width,
+                "block_steps": block,
+                "flop_overhead_linear": flop_overhead(lg.specs, b * t, b, "raw"),
+                "step_s": res["median_s"]["raw"],
+                "vs_floor": ratio(res, "raw", "floor"),
+                "vs_train": {
+                    "ratio": ratio(res, "raw", "floor")["ratio"] * out["floor_vs_train"]["ratio"],
+                    "derived": "vs_floor x floor_vs_train",
+                },
+            }
+            out["variants"][f"k{k}-raw"]["commit"] = commit_cost(
+                lg, b, tmp / f"{model}-{k}-commit.npz", res["median_s"]["raw"]
+            )
             lg.close()
             del lg
     return out
@@ -116,8 +133,8 @@ def commit_cost(lg, batch_size: int, path: Path, step_s: float, max_bytes: int =
     `flush_rows` rows, at most once per commit_seconds and per 1/COMMIT_SHARE x their cost, so
     amortized per step: cost x step_s / interval. Parts over `max_bytes`: one layer's part is
     written and scaled by the bytes. (Keys kept for report.py: flat_s = main-thread time.)"""
-    from logra_dist.logger import COMMIT_SHARE
     from logra_dist.index.partial import write_stats
+    from logra_dist.logger import COMMIT_SHARE
 
     t0 = time.perf_counter()
     parts, released = lg.accumulator.lend()
@@ -132,10 +149,15 @@ def commit_cost(lg, batch_size: int, path: Path, step_s: float, max_bytes: int =
     scale = total / sum(p.nbytes for p in timed)
     cost = lend_s + write_s * scale
     interval = max(lg._commit_seconds, cost / COMMIT_SHARE, lg.config.flush_rows / batch_size * step_s)
-    return {"flat_bytes": int(total), "flat_s": lend_s, "write_s": write_s * scale,
-            "how": "measured" if timed is parts else f"one of {len(parts) - 1} layers timed, scaled x{scale:.0f}",
-            "flush_rows": lg.config.flush_rows, "interval_s": interval,
-            "amortized_per_step_s": cost * step_s / interval}
+    return {
+        "flat_bytes": int(total),
+        "flat_s": lend_s,
+        "write_s": write_s * scale,
+        "how": "measured" if timed is parts else f"one of {len(parts) - 1} layers timed, scaled x{scale:.0f}",
+        "flush_rows": lg.config.flush_rows,
+        "interval_s": interval,
+        "amortized_per_step_s": cost * step_s / interval,
+    }
 
 
 def writes_on_off(model: str, ks: list[int], reps: int, tmp: Path) -> dict[str, Any]:
@@ -154,10 +176,16 @@ def writes_on_off(model: str, ks: list[int], reps: int, tmp: Path) -> dict[str, 
         on.close()  # drain the writer: what is still queued is part of the cost
         drain = time.perf_counter() - t0
         off.close()
-        out["variants"][f"k{k}"] = {"k": k, "width_D": on.width, "on_step_s": res["median_s"]["on"],
-                                    "off_step_s": res["median_s"]["off"], "on_vs_off": ratio(res, "on", "off"),
-                                    "drain_at_close_s": drain, "rows_per_step": b,
-                                    "bytes_per_step": b * on.width * 2}
+        out["variants"][f"k{k}"] = {
+            "k": k,
+            "width_D": on.width,
+            "on_step_s": res["median_s"]["on"],
+            "off_step_s": res["median_s"]["off"],
+            "on_vs_off": ratio(res, "on", "off"),
+            "drain_at_close_s": drain,
+            "rows_per_step": b,
+            "bytes_per_step": b * on.width * 2,
+        }
     return out
 
 
@@ -195,9 +223,11 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
     seen: dict[str, list[torch.Tensor]] = {}
     modules = dict(model_copy.named_modules())
     for spec in lg.specs:
+
         def fwd(mod, inputs, output, name=spec.name):
             seen[name] = [inputs[0].detach()]
             output.register_hook(lambda g, name=name: seen[name].append(g.detach()))
+
         modules[spec.name].register_forward_hook(fwd)
     from logra_dist.data import summed_lm_loss
 
@@ -205,7 +235,7 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
     summed_lm_loss(logits, batch.labels).backward()
     # as the hooks do: a mask without padding is not multiplied in
     mask = None if bool(batch.attention_mask.all()) else batch.attention_mask.reshape(b, -1, 1).float()
-    masked = (lambda t: t) if mask is None else (lambda t: t * mask)  # noqa: E731
+    masked = (lambda t: t) if mask is None else (lambda t: t * mask)
     proj = per_sample = stats = 0.0
     blocks = []
     for spec in lg.specs:
@@ -231,8 +261,13 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
 
     arr = encode_rows(rows, "float16")
     with h5py.File(tmp / f"p-{model}-{k}-{hessian}.h5", "w") as h5:
-        ds = h5.create_dataset("grads", shape=(0, rows.shape[1]), maxshape=(None, rows.shape[1]),
-                               dtype=np.float16, chunks=(max(1, min(1024, (1 << 22) // (rows.shape[1] * 2))), rows.shape[1]))
+        ds = h5.create_dataset(
+            "grads",
+            shape=(0, rows.shape[1]),
+            maxshape=(None, rows.shape[1]),
+            dtype=np.float16,
+            chunks=(max(1, min(1024, (1 << 22) // (rows.shape[1] * 2))), rows.shape[1]),
+        )
 
         def append() -> None:
             n0 = ds.shape[0]
@@ -242,18 +277,35 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
         writes_thread = _median_time(append)
     log_s, floor_s = res["median_s"]["log"], res["median_s"]["floor"]
     overhead = log_s - floor_s
-    phases = {"projection": proj, "per_sample_products": per_sample, "statistics": stats,
-              "writes_main_thread": writes_main}
-    return {"model": model, "k": k, "hessian": hessian, "log_step_s": log_s, "floor_step_s": floor_s,
-            "measured_overhead_s": overhead, "phases_s": phases, "sum_of_phases_s": sum(phases.values()),
-            "share_of_log_step": {n: v / log_s for n, v in phases.items()},
-            "writes_writer_thread_s": writes_thread,
-            "note": "phases replay the hooks' ops on one real batch; the writer-thread HDF5 append "
-                    "overlaps the next batch and is not part of the step"}
+    phases = {
+        "projection": proj,
+        "per_sample_products": per_sample,
+        "statistics": stats,
+        "writes_main_thread": writes_main,
+    }
+    return {
+        "model": model,
+        "k": k,
+        "hessian": hessian,
+        "log_step_s": log_s,
+        "floor_step_s": floor_s,
+        "measured_overhead_s": overhead,
+        "phases_s": phases,
+        "sum_of_phases_s": sum(phases.values()),
+        "share_of_log_step": {n: v / log_s for n, v in phases.items()},
+        "writes_writer_thread_s": writes_thread,
+        "note": "phases replay the hooks' ops on one real batch; the writer-thread HDF5 append "
+        "overlaps the next batch and is not part of the step",
+    }
 
 
-def run(quick: bool, out_dir: Path, models: list[str] | None = None, ks: list[int] | None = None,
-        hessians: list[str] | None = None) -> dict[str, Any]:
+def run(
+    quick: bool,
+    out_dir: Path,
+    models: list[str] | None = None,
+    ks: list[int] | None = None,
+    hessians: list[str] | None = None,
+) -> dict[str, Any]:
     models = models or ["embedded", "large"]
     ks = ks or [16, 64]
     hessians = hessians or ["none", "kfac", "raw"]
@@ -286,12 +338,15 @@ def main() -> None:
     if a.only_timing:
         with tempfile.TemporaryDirectory(prefix="logra-bench-") as tmp:
             for m in a.model or ["large"]:
-                r = _time_model(m, a.k or [16, 64], a.hessian or ["none", "kfac", "raw"], a.reps,
-                                max(2, a.reps // 2), Path(tmp))
+                r = _time_model(
+                    m, a.k or [16, 64], a.hessian or ["none", "kfac", "raw"], a.reps, max(2, a.reps // 2), Path(tmp)
+                )
                 for name, v in r["variants"].items():
-                    print(f"{m} {name}: {v['step_s']:.3f}s  vs floor {v['vs_floor']['ratio']:.3f} "
-                          f"[{v['vs_floor']['min']:.3f}, {v['vs_floor']['max']:.3f}]  "
-                          f"vs train {v['vs_train']['ratio']:.3f}")
+                    print(
+                        f"{m} {name}: {v['step_s']:.3f}s  vs floor {v['vs_floor']['ratio']:.3f} "
+                        f"[{v['vs_floor']['min']:.3f}, {v['vs_floor']['max']:.3f}]  "
+                        f"vs train {v['vs_train']['ratio']:.3f}"
+                    )
                     if v.get("commit"):
                         print(f"{m} {name} commit: {v['commit']}")
                 print(f"{m} train {r['train_step_s']:.3f}s floor {r['floor_step_s']:.3f}s")

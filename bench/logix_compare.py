@@ -15,10 +15,10 @@ final flush (LogIX finalize / our finalize) is timed separately.
 The secondary comparison adds the raw projected Fisher on both sides (LogIX `covariance` on
 grad, per-batch update; logra_dist hessian="raw"), float32 rows.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -41,22 +41,36 @@ from logra_dist.data import summed_lm_loss  # noqa: E402
 FLUSH_STEPS = 2
 
 
-def logix_session(model: torch.nn.Module, k: int, root: Path, layer_names: list[str], width: int,
-                  batch_size: int, covariance: bool = False):
+def logix_session(
+    model: torch.nn.Module,
+    k: int,
+    root: Path,
+    layer_names: list[str],
+    width: int,
+    batch_size: int,
+    covariance: bool = False,
+):
     """(LogIX run, step function) on `model` (modified in place by LogIX's LoRA wrapping)."""
-    import yaml
     import logix
+    import yaml
     from logix.utils import get_logger
 
     get_logger().setLevel(logging.WARNING)
     root.mkdir(parents=True, exist_ok=True)
     cfg = root / "logix.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "root_dir": str(root),
-        "logging": {"flush_threshold": FLUSH_STEPS * batch_size * width - 1, "num_workers": 1,
-                    "log_dtype": "none" if covariance else "float16"},
-        "lora": {"init": "random", "rank": k},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "root_dir": str(root),
+                "logging": {
+                    "flush_threshold": FLUSH_STEPS * batch_size * width - 1,
+                    "num_workers": 1,
+                    "log_dtype": "none" if covariance else "float16",
+                },
+                "lora": {"init": "random", "rank": k},
+            }
+        )
+    )
     run = logix.LogIX(project="bench", config=str(cfg))
     run.watch(model, name_filter=layer_names)
     run.add_lora(name_filter=layer_names)
@@ -76,20 +90,29 @@ def compare(model_name: str, k: int, reps: int, tmp: Path, covariance: bool = Fa
     b, t = SIZES[model_name]
     bench = make_bench(model_name, b, t)
     hessian = "raw" if covariance else "none"
-    ours = logra_dist.attach(copy_model(bench.model),
-                             logra_config(model_name, k, hessian, flush_rows=FLUSH_STEPS * b,
-                                          storage_dtype="float32" if covariance else "float16"),
-                             tmp / f"ours-{model_name}-{k}-{hessian}")
+    ours = logra_dist.attach(
+        copy_model(bench.model),
+        logra_config(
+            model_name, k, hessian, flush_rows=FLUSH_STEPS * b, storage_dtype="float32" if covariance else "float16"
+        ),
+        tmp / f"ours-{model_name}-{k}-{hessian}",
+    )
     names = [s.name for s in ours.specs]
     theirs_model = copy_model(bench.model)
-    run, theirs = logix_session(theirs_model, k, tmp / f"logix-{model_name}-{k}-{hessian}", names, ours.width, b,
-                                covariance)
+    run, theirs = logix_session(
+        theirs_model, k, tmp / f"logix-{model_name}-{k}-{hessian}", names, ours.width, b, covariance
+    )
     theirs_width = sum(m.logix_lora_B.weight.numel() for m in theirs_model.modules() if hasattr(m, "logix_lora_B"))
     # The floor (frozen weights, activation gradients) bounds what any hook-based logger can
     # gain: logix/floor is the most logra_dist could be faster than LogIX on this model.
     floor = floor_step_fn(copy_model(bench.model))
-    res = interleaved({"logra_dist": log_step_fn(ours), "logix": theirs, "floor": floor}, bench.batches,
-                      reps=reps, warmup=1, block=2 if model_name == "embedded" else 1)
+    res = interleaved(
+        {"logra_dist": log_step_fn(ours), "logix": theirs, "floor": floor},
+        bench.batches,
+        reps=reps,
+        warmup=1,
+        block=2 if model_name == "embedded" else 1,
+    )
     t0 = time.perf_counter()
     ours.finalize()
     ours_final = time.perf_counter() - t0
@@ -97,19 +120,34 @@ def compare(model_name: str, k: int, reps: int, tmp: Path, covariance: bool = Fa
     run.finalize()
     theirs_final = time.perf_counter() - t0
     r = ratio(res, "logix", "logra_dist")
-    return {"model": model_name, "k": k, "hessian": hessian, "D_ours": ours.width, "D_logix": theirs_width,
-            "layers": len(names), "batch_size": b, "seq_len": t,
-            "step_s": res["median_s"], "logix_time_over_ours": r,
-            "logix_over_floor": ratio(res, "logix", "floor"), "ours_over_floor": ratio(res, "logra_dist", "floor"),
-            "throughput_ours_over_logix": r["ratio"], "finalize_s": {"logra_dist": ours_final, "logix": theirs_final}}
+    return {
+        "model": model_name,
+        "k": k,
+        "hessian": hessian,
+        "D_ours": ours.width,
+        "D_logix": theirs_width,
+        "layers": len(names),
+        "batch_size": b,
+        "seq_len": t,
+        "step_s": res["median_s"],
+        "logix_time_over_ours": r,
+        "logix_over_floor": ratio(res, "logix", "floor"),
+        "ours_over_floor": ratio(res, "logra_dist", "floor"),
+        "throughput_ours_over_logix": r["ratio"],
+        "finalize_s": {"logra_dist": ours_final, "logix": theirs_final},
+    }
 
 
 def run_all(quick: bool) -> dict[str, Any]:
     reps = 3 if quick else 5
-    out: dict[str, Any] = {"logix_version": _version("logix-ai"), "torch": torch.__version__, "results": [],
-                           "flush_every_steps": FLUSH_STEPS}
+    out: dict[str, Any] = {
+        "logix_version": _version("logix-ai"),
+        "torch": torch.__version__,
+        "results": [],
+        "flush_every_steps": FLUSH_STEPS,
+    }
     with tempfile.TemporaryDirectory(prefix="logra-logix-") as tmp:
-        for m in (["large"] if quick else ["embedded", "large"]):
+        for m in ["large"] if quick else ["embedded", "large"]:
             for k in (16, 64):
                 out["results"].append(compare(m, k, reps, Path(tmp)))
         if not quick:
@@ -118,12 +156,15 @@ def run_all(quick: bool) -> dict[str, Any]:
             # snapshots the whole Fisher in float64 (7.6 GB for this model) into the writer
             # queue, which ran the machine out of memory; see logging_speed.json "commit".
             out["results"].append(compare("large", 16, max(3, reps // 2), Path(tmp), covariance=True))
-            out["skipped"] = {"large, rank 64, raw Fisher on both": "commit snapshots of the 7.6 GB Fisher "
-                                                                      "every 2 steps exhaust memory"}
+            out["skipped"] = {
+                "large, rank 64, raw Fisher on both": "commit snapshots of the 7.6 GB Fisher "
+                "every 2 steps exhaust memory"
+            }
     from memory import measure
 
-    out["memory"] = [measure(mode, "large", k, python=sys.executable) for k in (16, 64)
-                     for mode in ("log-none", "logix")]
+    out["memory"] = [
+        measure(mode, "large", k, python=sys.executable) for k in (16, 64) for mode in ("log-none", "logix")
+    ]
     return out
 
 

@@ -7,6 +7,7 @@ writer; or the naive method's dense matrix) and run `steps` steps. Reported: VmH
 that RSS, i.e. everything the method adds to a loaded model (state and transients), and the
 absolute peak.
 """
+
 from __future__ import annotations
 
 import json
@@ -82,7 +83,7 @@ def worker(mode: str, model_name: str, k: int, steps: int) -> dict[str, Any]:
         names, D = [f"{s.name}.weight" for s in lg.specs], lg.width
         lg.close()
         P = sum(s.d_in * s.d_out for s in lg.specs)
-        proj = torch.randn(P, D).div_(D ** 0.5)  # the dense projection must be held (or regenerated)
+        proj = torch.randn(P, D).div_(D**0.5)  # the dense projection must be held (or regenerated)
         psg = per_sample_grad_fn(model, names)
 
         def step(batch) -> None:
@@ -93,8 +94,16 @@ def worker(mode: str, model_name: str, k: int, steps: int) -> dict[str, Any]:
     for i in range(steps):
         step(bench.batches[i % len(bench.batches)])
     peak = _vm("VmHWM")
-    return {"mode": mode, "model": model_name, "k": k, "steps": steps, "rss_model_loaded": before,
-            "peak_rss": peak, "peak_increment": peak - before, "peak_reset": reset}
+    return {
+        "mode": mode,
+        "model": model_name,
+        "k": k,
+        "steps": steps,
+        "rss_model_loaded": before,
+        "peak_rss": peak,
+        "peak_increment": peak - before,
+        "peak_reset": reset,
+    }
 
 
 def measure(mode: str, model_name: str, k: int = 16, steps: int = 2, python: str | None = None) -> dict[str, Any]:
@@ -108,12 +117,21 @@ def measure(mode: str, model_name: str, k: int = 16, steps: int = 2, python: str
 
 def run(quick: bool) -> dict[str, Any]:
     out: dict[str, Any] = {"results": []}
-    plan = [("train", "large", 16), ("floor", "large", 16), ("log-none", "large", 16), ("log-kfac", "large", 64),
-            ("log-raw", "large", 16), ("train", "embedded", 16), ("log-kfac", "embedded", 16),
-            ("naive", "embedded", 16)]
+    plan = [
+        ("train", "large", 16),
+        ("floor", "large", 16),
+        ("log-none", "large", 16),
+        ("log-kfac", "large", 64),
+        ("log-raw", "large", 16),
+        ("train", "embedded", 16),
+        ("log-kfac", "embedded", 16),
+        ("naive", "embedded", 16),
+    ]
     if quick:
         plan = [p for p in plan if p[0] in ("train", "log-kfac", "naive") and p[1] == "embedded"] + [
-            ("train", "large", 16), ("log-kfac", "large", 16)]
+            ("train", "large", 16),
+            ("log-kfac", "large", 16),
+        ]
     for mode, m, k in plan:
         out["results"].append(measure(mode, m, k))
     return out

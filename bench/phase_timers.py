@@ -12,14 +12,16 @@ compute (aten ops, autograd, model Python). Cost: two perf_counter calls per wra
 A timer that the main thread does not own (gloo's worker threads, the HDF5 writer thread)
 never enters the stack: the writer thread's time is read from the logger (overlapped work).
 """
+
 from __future__ import annotations
 
 import functools
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from logra_dist.tracking import NullTracker
 
@@ -137,8 +139,12 @@ def instrument_zero3(timers: ExclusiveTimers) -> None:
 
     patch_method(PartitionedParameterCoordinator, "fetch_sub_module", timers, "zero3-fetch")
     patch_method(PartitionedParameterCoordinator, "release_sub_module", timers, "zero3-release")
-    for hook in ("pre_sub_module_forward_function", "post_sub_module_forward_function",
-                 "pre_sub_module_backward_function", "post_sub_module_backward_function"):
+    for hook in (
+        "pre_sub_module_forward_function",
+        "post_sub_module_forward_function",
+        "pre_sub_module_backward_function",
+        "post_sub_module_backward_function",
+    ):
         patch_method(parameter_offload.DeepSpeedZeRoOffload, hook, timers, "zero3-hooks")
     original = partition_parameters._dist_allgather_fn
 
@@ -151,9 +157,22 @@ def instrument_zero3(timers: ExclusiveTimers) -> None:
 
 
 GATHERS = ("all_gather_into_tensor", "_all_gather_base")
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter_tensor",
-               "reduce_scatter", "reduce", "broadcast", "barrier", "all_gather_object", "gather_object",
-               "broadcast_object_list", "all_to_all_single", "all_reduce_coalesced")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "_all_gather_base",
+    "reduce_scatter_tensor",
+    "reduce_scatter",
+    "reduce",
+    "broadcast",
+    "barrier",
+    "all_gather_object",
+    "gather_object",
+    "broadcast_object_list",
+    "all_to_all_single",
+    "all_reduce_coalesced",
+)
 
 
 def count_collectives(timers: ExclusiveTimers, counts: dict[str, int], active: Callable[[], bool]) -> None:

@@ -11,6 +11,7 @@ Figures: 1 logging step vs train step and floor (+ profile), 2 naive per-sample 
 9 GPU (bench/gpu.py, not run here). One failing figure is recorded and the others still run;
 the exit status is 1 if any failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -28,7 +30,6 @@ _USER_WANDB_MODE = os.environ.get("WANDB_MODE")  # what --wandb restores (unset:
 os.environ.setdefault("WANDB_MODE", "disabled")  # no figure's own jobs talk to W&B
 
 import torch  # noqa: E402
-
 from common import ROOT, machine, write_json  # noqa: E402
 from report import render  # noqa: E402
 
@@ -42,13 +43,16 @@ def _logix(quick: bool, out: Path, setup: bool) -> dict[str, Any]:
         if not setup:
             return {"status": "pending", "reason": "no bench/.bench-venv: run `bash bench/setup_logix.sh`"}
         t0 = time.perf_counter()  # layered on this interpreter's venv: only logix-ai is installed
-        subprocess.run(["bash", str(HERE / "setup_logix.sh")], check=True, cwd=ROOT,
-                       env={**os.environ, "LOGRA_PRODUCT_PYTHON": sys.executable})
+        subprocess.run(
+            ["bash", str(HERE / "setup_logix.sh")],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "LOGRA_PRODUCT_PYTHON": sys.executable},
+        )
         setup_s = time.perf_counter() - t0
     target = out / "logix.json"
     cmd = [str(py), str(HERE / "logix_compare.py"), "--out", str(target)] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         raise RuntimeError(f"logix_compare.py failed:\n{proc.stderr[-4000:]}")
     import json
@@ -64,10 +68,19 @@ def _scorer(quick: bool, out: Path) -> dict[str, Any]:
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="logra-bench-scorer-") as index:
-        cmd = [sys.executable, str(script), "--out", str(Path(index) / "index"),
-               "--rows", "20000" if quick else "100000", "--rounds", "2" if quick else "4"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cmd = [
+            sys.executable,
+            str(script),
+            "--out",
+            str(Path(index) / "index"),
+            "--rows",
+            "20000" if quick else "100000",
+            "--rounds",
+            "2" if quick else "4",
+        ]
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"scorer_throughput.py failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout)
@@ -79,12 +92,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--quick", action="store_true", help="fewer rounds and sizes (a few minutes)")
-    ap.add_argument("--only", nargs="*", default=None,
-                    choices=["logging", "naive", "logix", "distributed", "scorer", "storage", "memory"])
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        choices=["logging", "naive", "logix", "distributed", "scorer", "storage", "memory"],
+    )
     ap.add_argument("--no-logix", action="store_true", help="do not create bench/.bench-venv if missing")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
-    ap.add_argument("--wandb", action="store_true",
-                    help="send the figures and the target table to W&B (online with an API key, else offline)")
+    ap.add_argument(
+        "--wandb",
+        action="store_true",
+        help="send the figures and the target table to W&B (online with an API key, else offline)",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     out = Path(a.out)
@@ -114,8 +134,15 @@ def main(argv: list[str] | None = None) -> int:
         "storage": lambda: storage.run(a.quick),
         "memory": lambda: memory.run(a.quick),
     }
-    keys = {"logging": "logging_speed", "naive": "naive_baseline", "logix": "logix", "distributed": "distributed",
-            "scorer": "scorer", "storage": "storage", "memory": "memory"}
+    keys = {
+        "logging": "logging_speed",
+        "naive": "naive_baseline",
+        "logix": "logix",
+        "distributed": "distributed",
+        "scorer": "scorer",
+        "storage": "storage",
+        "memory": "memory",
+    }
     failed = []
     for name, fn in figures.items():
         if a.only and name not in a.only:

@@ -22,6 +22,7 @@ the GEMM rate (1.0 = as fast as the in-memory GEMM; also against matmul_chunked,
 scorer's own shapes), raw_read and raw_readinto / x for the read rates. The page
 cache is warm (the index was just written or read). Prints one JSON object.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,10 @@ import numpy as np
 import torch
 
 from logra_dist import GradientStore, LoGraConfig, Scorer
-from logra_dist.core.projection import LayerSpec
 from logra_dist.core.curvature import Accumulator
-from logra_dist.index.stream import ChunkStream
+from logra_dist.core.projection import LayerSpec
 from logra_dist.index.store import h5_dtype, layout_to_json, write_index, write_stats
+from logra_dist.index.stream import ChunkStream
 
 
 def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -> None:
@@ -63,8 +64,14 @@ def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -
     cfg.flush_rows = 4096
     write_index(out, specs, cfg.to_json(), [blocks(r) for r in range(shards)])
     pre = acc.preconditioner(cfg.damping)
-    write_stats(out / "stats.h5", "raw", cfg.damping, pre.state(),
-                {"samples": acc.samples, "layout": layout_to_json(specs), "config": cfg.to_json()})
+    write_stats(
+        out / "stats.h5",
+        "raw",
+        cfg.damping,
+        pre.state(),
+        {"samples": acc.samples, "layout": layout_to_json(specs), "config": cfg.to_json()},
+    )
+
 
 def timed(fn, repeat: int = 1) -> tuple[float, object]:
     best, out = float("inf"), None
@@ -86,16 +93,33 @@ def peak_only(out: Path, args: argparse.Namespace) -> None:
         times.setdefault(mode, []).append(timed(lambda: sc.topk(args.k))[0])
         sc.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"rows": len(GradientStore(out)), "width": d, "queries": args.queries,
-                      "chunk_rows": args.chunk_rows, "peak_rss_mb": peak / 1024,
-                      "rss_before_scoring_mb": base / 1024, "times_s": times}, indent=2))
+    print(
+        json.dumps(
+            {
+                "rows": len(GradientStore(out)),
+                "width": d,
+                "queries": args.queries,
+                "chunk_rows": args.chunk_rows,
+                "peak_rss_mb": peak / 1024,
+                "rss_before_scoring_mb": base / 1024,
+                "times_s": times,
+            },
+            indent=2,
+        )
+    )
 
 
 def rate_ratio(times: dict[str, list[float]], ref: str, name: str) -> dict[str, float]:
     """time[ref] / time[name] per round (higher = faster): median, spread, fastest rounds."""
     per_round = [r / x for r, x in zip(times[ref], times[name])]
-    return {"ratio": float(np.median(per_round)), "min": min(per_round), "max": max(per_round),
-            "ratio_of_mins": min(times[ref]) / min(times[name]), "rounds": len(per_round), "vs": ref}
+    return {
+        "ratio": float(np.median(per_round)),
+        "min": min(per_round),
+        "max": max(per_round),
+        "ratio_of_mins": min(times[ref]) / min(times[name]),
+        "rounds": len(per_round),
+        "vs": ref,
+    }
 
 
 def main() -> None:
@@ -105,17 +129,28 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--queries", type=int, default=256)
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--chunk-rows", type=int, default=inspect.signature(Scorer).parameters["chunk_rows"].default,
-                    help="training rows per streamed chunk (default: the Scorer's)")
-    ap.add_argument("--query-chunks", type=int, default=4,
-                    help="dot_split: block_bytes set so the queries take this many query chunks")
+    ap.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=inspect.signature(Scorer).parameters["chunk_rows"].default,
+        help="training rows per streamed chunk (default: the Scorer's)",
+    )
+    ap.add_argument(
+        "--query-chunks",
+        type=int,
+        default=4,
+        help="dot_split: block_bytes set so the queries take this many query chunks",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
     ap.add_argument("--out", default="/tmp/logra-bench-scorer")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rebuild", action="store_true")
-    ap.add_argument("--scorer-only", action="store_true",
-                    help="only run the scorer (dot, then relatif) and report this process's peak RSS: "
-                         "compare indexes of different sizes to see memory independent of N")
+    ap.add_argument(
+        "--scorer-only",
+        action="store_true",
+        help="only run the scorer (dot, then relatif) and report this process's peak RSS: "
+        "compare indexes of different sizes to see memory independent of N",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -169,47 +204,67 @@ def main() -> None:
         return t
 
     t_cold = score("relatif")  # computes and caches the self-influence
-    steps = {"matmul": lambda: q @ rows.T,
-             "matmul_chunked": lambda: [q @ rows[s:s + args.chunk_rows].T for s in range(0, n, args.chunk_rows)],
-             "raw_read": raw_read, "raw_readinto": raw_readinto,
-             "read_io": lambda: stream(False), "read": lambda: stream(True),
-             "dot": lambda: score("dot"), "dot_split": lambda: score("dot", split_bytes),
-             "relatif_warm": lambda: score("relatif")}
+    steps = {
+        "matmul": lambda: q @ rows.T,
+        "matmul_chunked": lambda: [q @ rows[s : s + args.chunk_rows].T for s in range(0, n, args.chunk_rows)],
+        "raw_read": raw_read,
+        "raw_readinto": raw_readinto,
+        "read_io": lambda: stream(False),
+        "read": lambda: stream(True),
+        "dot": lambda: score("dot"),
+        "dot_split": lambda: score("dot", split_bytes),
+        "relatif_warm": lambda: score("relatif"),
+    }
     names = list(steps)
     times: dict[str, list[float]] = {k: [] for k in names}
     load = [os.getloadavg()]
     for r in range(args.rounds):  # the machine may be shared: order rotated, ratios within a round
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t, value = timed(steps[name])
             times[name].append(value if name in ("dot", "dot_split", "relatif_warm") else t)
         load.append(os.getloadavg())
     best = {k: min(v) for k, v in times.items()}
     med = {k: float(np.median(v)) for k, v in times.items()}
     result = {
-        "rows": n, "width": d, "queries": args.queries, "k": args.k, "chunk_rows": args.chunk_rows,
-        "storage_dtype": store.storage_dtype, "shards": len(store.shards), "index_bytes": stored_bytes,
+        "rows": n,
+        "width": d,
+        "queries": args.queries,
+        "k": args.k,
+        "chunk_rows": args.chunk_rows,
+        "storage_dtype": store.storage_dtype,
+        "shards": len(store.shards),
+        "index_bytes": stored_bytes,
         "query_chunks": {"dot": query_chunks[256 << 20], "dot_split": query_chunks[split_bytes]},
-        "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "build_s": t_build,
-        "relatif_cold_s": t_cold, "best_s": best, "median_s": med, "all_times_s": times,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "build_s": t_build,
+        "relatif_cold_s": t_cold,
+        "best_s": best,
+        "median_s": med,
+        "all_times_s": times,
         "load_average": load,
         "pairs_per_s_median": {k: pairs / med[k] for k in ("matmul", "dot", "dot_split", "relatif_warm")},
-        "read_gb_per_s_stored_median": {k: stored_bytes / med[k] / 1e9
-                                        for k in ("raw_read", "raw_readinto", "read_io", "read")},
+        "read_gb_per_s_stored_median": {
+            k: stored_bytes / med[k] / 1e9 for k in ("raw_read", "raw_readinto", "read_io", "read")
+        },
         # the figures: rate ratios within each round, medians over rounds
-        "gemm_rate_vs_matmul": {k: rate_ratio(times, "matmul", k)
-                                for k in ("matmul_chunked", "dot", "dot_split", "relatif_warm")},
+        "gemm_rate_vs_matmul": {
+            k: rate_ratio(times, "matmul", k) for k in ("matmul_chunked", "dot", "dot_split", "relatif_warm")
+        },
         # the scorer's own GEMM shapes (chunk_rows rows per call), often faster than one big call
-        "gemm_rate_vs_matmul_chunked": {k: rate_ratio(times, "matmul_chunked", k)
-                                        for k in ("dot", "dot_split", "relatif_warm")},
+        "gemm_rate_vs_matmul_chunked": {
+            k: rate_ratio(times, "matmul_chunked", k) for k in ("dot", "dot_split", "relatif_warm")
+        },
         "read_rate_vs_raw_read": {k: rate_ratio(times, "raw_read", k) for k in ("read_io", "read")},
         "read_rate_vs_raw_readinto": {k: rate_ratio(times, "raw_readinto", k) for k in ("read_io", "read")},
-        "read_includes": {"read_io": "preadv of every row's stored bytes into the stream's reused buffers + "
-                                     "block checksum verification, in the reader thread",
-                          "read": "read_io + widening to float32 (the rows the GEMM consumes)",
-                          "raw_read": "open + read(16 MiB) of the whole shard files (headers included), "
-                                      "no verification, no decoding",
-                          "raw_readinto": "the same with readinto() a reused 1 MiB buffer: the fastest plain "
-                                          "read measured here (the destination stays in cache)"},
+        "read_includes": {
+            "read_io": "preadv of every row's stored bytes into the stream's reused buffers + "
+            "block checksum verification, in the reader thread",
+            "read": "read_io + widening to float32 (the rows the GEMM consumes)",
+            "raw_read": "open + read(16 MiB) of the whole shard files (headers included), no verification, no decoding",
+            "raw_readinto": "the same with readinto() a reused 1 MiB buffer: the fastest plain "
+            "read measured here (the destination stays in cache)",
+        },
     }
     print(json.dumps(result, indent=2))
 

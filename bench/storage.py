@@ -6,6 +6,7 @@ file under shards/: the shard, and anything else left there) over N are compared
 D x itemsize (plus the 8-byte id every row carries, reported separately). stats.h5 (the global
 curvature, per model, not per sample) and manifest.json are per-index costs, reported apart.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -13,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from common import copy_model, log_step_fn, make_bench
+from logging_speed import logra_config
 
 import logra_dist
-from logging_speed import logra_config
 
 
 def one(bench, k: int, dtype: str, hessian: str, n_batches: int, tmp: Path) -> dict[str, Any]:
@@ -32,11 +32,21 @@ def one(bench, k: int, dtype: str, hessian: str, n_batches: int, tmp: Path) -> d
     size = sum(files.values())
     item = 2
     payload = n * lg.width * item
-    return {"k": k, "storage_dtype": dtype, "hessian": hessian, "samples": n, "D": lg.width,
-            "shard_bytes": size, "shard_files": files, "bytes_per_sample": size / n, "payload_bytes_per_sample": lg.width * item,
-            "ratio": size / payload, "ratio_without_ids": (size - 8 * n) / payload,
-            "stats_h5_bytes": (out_dir / "stats.h5").stat().st_size,
-            "manifest_bytes": (out_dir / "manifest.json").stat().st_size}
+    return {
+        "k": k,
+        "storage_dtype": dtype,
+        "hessian": hessian,
+        "samples": n,
+        "D": lg.width,
+        "shard_bytes": size,
+        "shard_files": files,
+        "bytes_per_sample": size / n,
+        "payload_bytes_per_sample": lg.width * item,
+        "ratio": size / payload,
+        "ratio_without_ids": (size - 8 * n) / payload,
+        "stats_h5_bytes": (out_dir / "stats.h5").stat().st_size,
+        "manifest_bytes": (out_dir / "manifest.json").stat().st_size,
+    }
 
 
 def run(quick: bool) -> dict[str, Any]:

@@ -5,10 +5,12 @@ numeric leaf of results.json under a slash path (e.g. `logging_speed/models/larg
 k64-kfac/vs_floor/ratio`), and a `targets` table holds the README table's rows (figure,
 setting, measured, target, met/missed). Mode follows logra_dist's rules: online with an API key,
 else offline (upload later with `wandb sync`)."""
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from logra_dist.tracking import start_wandb
 
@@ -42,8 +44,12 @@ def table_rows(markdown: str) -> list[list[str]]:
 
 def log_results(results: dict[str, Any], markdown: str, *, project: str | None = None) -> str | None:
     """Log one bench run; returns the W&B run directory (None when W&B is disabled)."""
-    run = start_wandb("bench", {"machine": results.get("machine", {}), "command": results.get("command"),
-                                "quick": results.get("quick")}, project=project, rank=0)
+    run = start_wandb(
+        "bench",
+        {"machine": results.get("machine", {}), "command": results.get("command"), "quick": results.get("quick")},
+        project=project,
+        rank=0,
+    )
     if run is None:
         return None
     try:

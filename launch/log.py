@@ -1,11 +1,12 @@
 """Log projected per-sample gradients: `python launch/log.py` (one process) or
 `deepspeed --num_gpus 2 launch/log.py --config configs/zero3.json` / `torchrun ...`."""
+
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from logra_dist.cli.main import main  # noqa: E402
+from logra_dist.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["log", *sys.argv[1:]]))

@@ -1,11 +1,12 @@
 """Score queries against an index: `python launch/score.py --index DIR --queries FILE` or
 `deepspeed --num_gpus 2 launch/score.py --config configs/zero3.json` / `torchrun ...`."""
+
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from logra_dist.cli.main import main  # noqa: E402
+from logra_dist.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["score", *sys.argv[1:]]))

@@ -6,22 +6,26 @@ launch/train_zero3.py plus the lines marked `# LoGra` (docs/attach-to-training.m
 optimizer step, attach to the same engine, capture one pass over the training set (each rank its
 own samples, every sample once) and finalize the index. Score it with launch/score.py.
 """
+
 import argparse
 import json
 import os
 import sys
 
-import deepspeed
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import logra_dist  # noqa: E402  # LoGra
-from logra_dist.data import Document, collate, tokenize  # noqa: E402
-from logra_dist.data import summed_lm_loss  # noqa: E402  # LoGra
-from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus  # noqa: E402
+import logra_dist  # LoGra
+from logra_dist.data import (
+    Document,
+    collate,
+    summed_lm_loss,  # LoGra
+    tokenize,
+)
+from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus
 
 
 def parse_args():
@@ -42,7 +46,8 @@ def parse_args():
 def main():
     args = parse_args()
     if not torch.cuda.is_available():  # CPU (gloo): skip DeepSpeed's 45 s JIT build of a CPU-inference op
-        import deepspeed.comm.torch  # noqa: F401
+        import deepspeed.comm.torch
+
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -54,7 +59,7 @@ def main():
     ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # for --save
 
     tokenizer = build_tokenizer()
-    docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][:args.max_samples]
+    docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][: args.max_samples]
     samples = tokenize(docs, tokenizer, args.max_length)
     pad = tokenizer.pad_token_id
     sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
@@ -90,10 +95,14 @@ def main():
     # LoGra: one pass over the training set with the trained weights. Under ZeRO-3 every forward is
     # collective, so a rank out of data runs shadow batches (no ids: hooks run, nothing is recorded).
     engine.eval()
-    logger = logra_dist.attach(engine, logra_dist.LoGraConfig(k_in=8, k_out=8), args.log_out,
-                               metadata={"data": "embedded", "model_path": args.save})  # for launch/score.py
+    logger = logra_dist.attach(
+        engine,
+        logra_dist.LoGraConfig(k_in=8, k_out=8),
+        args.log_out,
+        metadata={"data": "embedded", "model_path": args.save},
+    )  # for launch/score.py
     mine = samples[rank::world]  # every sample once (a DistributedSampler pads with repeats)
-    batches = [collate(mine[i:i + args.batch_size], pad) for i in range(0, len(mine), args.batch_size)]
+    batches = [collate(mine[i : i + args.batch_size], pad) for i in range(0, len(mine), args.batch_size)]
     shadow = collate(samples[:1], pad)
     shadow.ids = shadow.ids[:0]
     for step in range(logger.engine.lockstep_batches(len(batches))):

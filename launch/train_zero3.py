@@ -6,20 +6,20 @@ An ordinary DeepSpeed training script: nothing of LoGra in it. launch/train_then
 same script plus the few lines that log every training sample at the end of training
 (docs/attach-to-training.md shows the difference).
 """
+
 import argparse
 import json
 import os
 import sys
 
-import deepspeed
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from logra_dist.data import Document, collate, tokenize  # noqa: E402
-from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus  # noqa: E402
+from logra_dist.data import Document, collate, tokenize
+from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus
 
 
 def parse_args():
@@ -39,7 +39,8 @@ def parse_args():
 def main():
     args = parse_args()
     if not torch.cuda.is_available():  # CPU (gloo): skip DeepSpeed's 45 s JIT build of a CPU-inference op
-        import deepspeed.comm.torch  # noqa: F401
+        import deepspeed.comm.torch
+
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -51,7 +52,7 @@ def main():
     ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # for --save
 
     tokenizer = build_tokenizer()
-    docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][:args.max_samples]
+    docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][: args.max_samples]
     samples = tokenize(docs, tokenizer, args.max_length)
     pad = tokenizer.pad_token_id
     sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)

@@ -3,6 +3,7 @@
 Every function here is collective when a process group exists: all ranks must call it, in the
 same order. Engines initialize the group (DeepSpeed, torchrun, MPI); this module only uses it.
 """
+
 from __future__ import annotations
 
 import torch

@@ -3,6 +3,7 @@
 Every shard, `stats.h5` and `manifest.json` carries the config as JSON, so an index can be
 re-opened, compared against another index, or scored, without the original command line.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,19 +63,30 @@ class LoGraConfig:
 
         for name in ("k_in", "k_out", "flush_rows", "writer_queue"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name} must be a positive integer, got {value!r}")
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                f"{name} must be a positive integer, got {value!r}",
+            )
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative int, got {self.seed!r}")
-        for name, allowed in (("init", INITS), ("hessian", HESSIANS), ("fisher", FISHERS),
-                              ("storage_dtype", STORAGE_DTYPES), ("compute_dtype", COMPUTE_DTYPES)):
+        for name, allowed in (
+            ("init", INITS),
+            ("hessian", HESSIANS),
+            ("fisher", FISHERS),
+            ("storage_dtype", STORAGE_DTYPES),
+            ("compute_dtype", COMPUTE_DTYPES),
+        ):
             value = getattr(self, name)
             need(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
-        need(isinstance(self.damping, (int, float)) and self.damping >= 0,
-             f"damping must be a non-negative number, got {self.damping!r}")
+        need(
+            isinstance(self.damping, (int, float)) and self.damping >= 0,
+            f"damping must be a non-negative number, got {self.damping!r}",
+        )
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
-            need(isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns),
-                 f"{name} must be a list of regular expressions, got {patterns!r}")
+            need(
+                isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns),
+                f"{name} must be a list of regular expressions, got {patterns!r}",
+            )
             for p in patterns:
                 try:
                     re.compile(p)
@@ -94,7 +106,7 @@ class LoGraConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LoGraConfig":
+    def from_dict(cls, data: dict[str, Any]) -> LoGraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -102,5 +114,5 @@ class LoGraConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "LoGraConfig":
+    def from_json(cls, text: str) -> LoGraConfig:
         return cls.from_dict(json.loads(text))

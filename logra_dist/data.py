@@ -4,12 +4,13 @@ A sample's id is its position in the document list (or the record's integer "id"
 before any sharding, so `--max-samples N` selects the same N samples whatever the world size,
 and rank r takes samples r, r + world, r + 2 world, ... of them.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
@@ -35,8 +36,9 @@ def _record_to_document(record: dict, index: int, where: str) -> Document:
         return Document(doc_id, record["text"])
     if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
         return Document(doc_id, record["completion"], record["prompt"])
-    raise ValueError(f"{where}: expected {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}}, "
-                     f"got keys {sorted(record)}")
+    raise ValueError(
+        f'{where}: expected {{"text": ...}} or {{"prompt": ..., "completion": ...}}, got keys {sorted(record)}'
+    )
 
 
 def read_documents(paths: str | Path | Sequence[str | Path]) -> list[Document]:
@@ -84,7 +86,11 @@ def tokenize(docs: Sequence[Document], tokenizer, max_length: int) -> list[Token
     """Prompt tokens get label IGNORE; documents longer than max_length are truncated."""
     out = []
     for d in docs:
-        prompt_ids = tokenizer(d.prompt, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"] if d.prompt else []
+        prompt_ids = (
+            tokenizer(d.prompt, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+            if d.prompt
+            else []
+        )
         full_ids = tokenizer(d.full_text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
         if tokenizer.eos_token_id is not None and (not full_ids or full_ids[-1] != tokenizer.eos_token_id):
             full_ids = full_ids + [tokenizer.eos_token_id]
@@ -104,7 +110,7 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), IGNORE on prompt and padding
 
-    def to(self, device) -> "Batch":
+    def to(self, device) -> Batch:
         return Batch(self.ids, self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
 
 
@@ -121,8 +127,9 @@ def collate(samples: Sequence[TokenizedSample], pad_id: int) -> Batch:
     return Batch(torch.tensor([s.id for s in samples], dtype=torch.long), input_ids, mask, labels)
 
 
-def rank_samples(samples: Sequence[TokenizedSample], rank: int, world_size: int,
-                 max_samples: int | None = None) -> list[TokenizedSample]:
+def rank_samples(
+    samples: Sequence[TokenizedSample], rank: int, world_size: int, max_samples: int | None = None
+) -> list[TokenizedSample]:
     """The first max_samples samples, strided over ranks (uneven counts are fine)."""
     chosen = samples[:max_samples] if max_samples is not None else samples
     return list(chosen[rank::world_size])
@@ -130,7 +137,7 @@ def rank_samples(samples: Sequence[TokenizedSample], rank: int, world_size: int,
 
 def batches(samples: Sequence[TokenizedSample], batch_size: int, pad_id: int) -> Iterator[Batch]:
     for start in range(0, len(samples), batch_size):
-        yield collate(samples[start:start + batch_size], pad_id)
+        yield collate(samples[start : start + batch_size], pad_id)
 
 
 def summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -138,8 +145,9 @@ def summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     summed loss are what LoGra projects; a mean would rescale every sample differently)."""
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    return torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
-                                             shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def pad_token_id(tokenizer) -> int:

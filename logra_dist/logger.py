@@ -9,31 +9,41 @@ per 20x the last commit's cost) the shard commits them with the statistics cover
 them; a killed job resumed with the same command and resume=True re-logs only the samples after
 each rank's last commit, and ends with every id logged exactly once.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from logra_dist.version import versions
 from logra_dist import comm
-from logra_dist.core.capture import GradientCapture
 from logra_dist.config import LoGraConfig
-from logra_dist.core.projection import LayerSpec
-from logra_dist.session import GradientSession
+from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import Accumulator
+from logra_dist.core.projection import LayerSpec
 from logra_dist.index.partial import rank_stats_path
 from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
-from logra_dist.index.store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, ShardWriter, layout_to_json, shard_path,
-                    write_json_atomic, write_stats)
+from logra_dist.index.store import (
+    FORMAT_VERSION,
+    SHARD_DIR,
+    IndexFormatError,
+    ShardWriter,
+    layout_to_json,
+    shard_path,
+    write_json_atomic,
+    write_stats,
+)
+from logra_dist.session import GradientSession
 from logra_dist.tracking import NullTracker
+from logra_dist.version import versions
 
 # A commit (statistics snapshot + its file + fsyncs) may take at most this share of the time:
 # commits are spaced by at least its cost / COMMIT_SHARE. A raw Fisher at k=64 is GBs (float32:
@@ -47,8 +57,11 @@ def model_identity(root: torch.nn.Module) -> dict[str, Any]:
     numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
     # FSDP2 swaps in a generated subclass "FSDP<Name>": name the user's class under every engine
     cls = next(c for c in type(root).__mro__ if not c.__name__.startswith("FSDP"))
-    return {"class": f"{cls.__module__}.{cls.__qualname__}",
-            "name_or_path": getattr(cfg, "_name_or_path", None) or None, "parameters": numel}
+    return {
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "parameters": numel,
+    }
 
 
 def _shard_model(info: dict[str, Any]) -> str:
@@ -66,10 +79,19 @@ class Logger(GradientSession):
 
     _written = (0.0, 0)  # (seconds, bytes) of this logger's writers already closed (tracker figures)
 
-    def __init__(self, model_or_engine: Any, config: LoGraConfig, out_dir: str | Path, *,
-                 resume: bool = False, model_info: dict[str, Any] | None = None,
-                 metadata: dict[str, Any] | None = None, asynchronous_writes: bool = True,
-                 commit_seconds: float | None = None, tracker: NullTracker | None = None):
+    def __init__(
+        self,
+        model_or_engine: Any,
+        config: LoGraConfig,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        model_info: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        asynchronous_writes: bool = True,
+        commit_seconds: float | None = None,
+        tracker: NullTracker | None = None,
+    ):
         """resume: continue the interrupted job in out_dir (see `done_ids`; starts fresh if there
         is none); commit_seconds: commit at most this often (default $LOGRA_DIST_COMMIT_SECONDS or
         30), only after `flush_rows` new rows and at most once per 20x the last commit's cost,
@@ -84,8 +106,9 @@ class Logger(GradientSession):
         self._resume = resume
         self.metadata = metadata or {}
         self._asynchronous = asynchronous_writes
-        self._commit_seconds = (float(os.environ.get("LOGRA_DIST_COMMIT_SECONDS") or 30.0)
-                                if commit_seconds is None else commit_seconds)
+        self._commit_seconds = (
+            float(os.environ.get("LOGRA_DIST_COMMIT_SECONDS") or 30.0) if commit_seconds is None else commit_seconds
+        )
         self._covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.nonfinite_ids: list[int] = []
         self.done_ids: set[int] = set()  # handled by this rank (logged or non-finite), resumed ones too
@@ -94,11 +117,16 @@ class Logger(GradientSession):
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or model_identity(self.engine.root)
         try:
-            self._resuming, self._finished = agree_on_state(self.out_dir, self.rank, self.world_size,
-                                                            self._shard_attrs(), resume)
+            self._resuming, self._finished = agree_on_state(
+                self.out_dir, self.rank, self.world_size, self._shard_attrs(), resume
+            )
             if self._resuming and config.init == "pca":  # log with the projections of the first attempt
-                self._install({k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
-                               for k, (a, b) in read_pca(pca_path(self.out_dir), layout_to_json(self.specs)).items()})
+                self._install(
+                    {
+                        k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
+                        for k, (a, b) in read_pca(pca_path(self.out_dir), layout_to_json(self.specs)).items()
+                    }
+                )
             if self._capture is not None:
                 self._start_writing()
         except BaseException:
@@ -106,17 +134,31 @@ class Logger(GradientSession):
             raise
 
     def _shard_attrs(self) -> dict[str, Any]:
-        return {"layout": layout_to_json(self.specs), "config": self.config.to_json(),
-                "storage_dtype": self.config.storage_dtype, "rank": self.rank,
-                "world_size": self.world_size, "model": _shard_model(self.model_info)}
+        return {
+            "layout": layout_to_json(self.specs),
+            "config": self.config.to_json(),
+            "storage_dtype": self.config.storage_dtype,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "model": _shard_model(self.model_info),
+        }
 
     def _start_writing(self) -> None:
         self.accumulator = Accumulator(self.specs, self.config.hessian, self.compute_dtype)
         self._capture.token_stats = self.accumulator if self._logged_batches_feed_statistics else None
-        self._writer = ShardWriter(shard_path(self.out_dir, self.rank), self.specs, self.config.to_json(),
-                                   self.config.storage_dtype, self.rank, self.world_size,
-                                   self.config.flush_rows, self.config.writer_queue, resume=self._resuming,
-                                   asynchronous=self._asynchronous, model_json=_shard_model(self.model_info))
+        self._writer = ShardWriter(
+            shard_path(self.out_dir, self.rank),
+            self.specs,
+            self.config.to_json(),
+            self.config.storage_dtype,
+            self.rank,
+            self.world_size,
+            self.config.flush_rows,
+            self.config.writer_queue,
+            resume=self._resuming,
+            asynchronous=self._asynchronous,
+            model_json=_shard_model(self.model_info),
+        )
         state = self._writer.resume_state
         if state.stats is not None:
             self.accumulator.load_snapshot(state.stats)
@@ -135,8 +177,9 @@ class Logger(GradientSession):
         """Collect full-width activation and gradient covariances (capture batches as usual inside
         the block; nothing is written), then build PCA projections. Collective at exit."""
         if not self.needs_pca_pass:
-            raise RuntimeError("pca_pass() is only for config.init='pca', once, and not in a resumed job "
-                               "(check Logger.needs_pca_pass)")
+            raise RuntimeError(
+                "pca_pass() is only for config.init='pca', once, and not in a resumed job (check Logger.needs_pca_pass)"
+            )
         full = [LayerSpec(s.name, s.kind, s.d_in, s.d_out, s.d_in, s.d_out) for s in self.specs]
         acc = Accumulator(full, "kfac", self.compute_dtype)
         self._capture = GradientCapture(full, self._modules, {s.name: (None, None) for s in full}, self.compute_dtype)
@@ -171,8 +214,10 @@ class Logger(GradientSession):
         either order; the statistics are sums). Not collective: use it per batch, any number of
         times, before `finalize()`."""
         if self.config.fisher != "true":
-            raise RuntimeError("statistics_pass() is for fisher='true'; with fisher='empirical' the "
-                               "logged batches themselves feed the statistics")
+            raise RuntimeError(
+                "statistics_pass() is for fisher='true'; with fisher='empirical' the "
+                "logged batches themselves feed the statistics"
+            )
         if self._writer is None:
             raise RuntimeError("statistics_pass() needs the projections (init='pca': run pca_pass() first)")
         self._statistics_only = True
@@ -210,8 +255,10 @@ class Logger(GradientSession):
         batch_ids = ids.tolist()
         again = self.done_ids.intersection(batch_ids)
         if again or len(set(batch_ids)) != len(batch_ids):
-            raise ValueError(f"rank {self.rank}: sample id(s) {sorted(again)[:8] or batch_ids} logged twice; "
-                             "skip the ids in Logger.done_ids when resuming (Logger.pending)")
+            raise ValueError(
+                f"rank {self.rank}: sample id(s) {sorted(again)[:8] or batch_ids} logged twice; "
+                "skip the ids in Logger.done_ids when resuming (Logger.pending)"
+            )
         self.done_ids.update(batch_ids)  # finite or not, these samples are handled
         ids, rows = self._drop_nonfinite(ids, rows, logged=True)
         if self.config.fisher == "empirical":
@@ -230,8 +277,9 @@ class Logger(GradientSession):
         if self._commit_seconds <= 0:
             return True
         cost = self._snapshot_seconds + self._writer.last_commit_seconds
-        return (self._writer.commits_pending == 0
-                and time.monotonic() - self._last_commit >= max(self._commit_seconds, cost / COMMIT_SHARE))
+        return self._writer.commits_pending == 0 and time.monotonic() - self._last_commit >= max(
+            self._commit_seconds, cost / COMMIT_SHARE
+        )
 
     def _commit(self) -> None:
         """Hand the writer the statistics over exactly the rows appended so far (lent, not
@@ -260,8 +308,9 @@ class Logger(GradientSession):
         if self._writer is None:
             raise RuntimeError("finalize() before any projection exists (init='pca' needs pca_pass())")
         with self.tracker.phase("write-drain"):  # close() waits for the writer: views, no copy
-            self._writer.close(complete=True, stats=self.accumulator.snapshot(copy=False),
-                               nonfinite_ids=self.nonfinite_ids)
+            self._writer.close(
+                complete=True, stats=self.accumulator.snapshot(copy=False), nonfinite_ids=self.nonfinite_ids
+            )
         self.bytes_written = self._writer.bytes_written
         self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
         manifest = self._finished_manifest() if self._finished else self._reduce_and_write()
@@ -280,16 +329,22 @@ class Logger(GradientSession):
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             raise IndexFormatError(f"{path}: unreadable manifest of the finished index ({e!r})") from e
         if (mine.get("rows"), mine.get("ids_digest")) != (self._writer.rows_total, self._writer.ids_digest):
-            raise IndexFormatError(f"{path}: lists rank {self.rank}'s shard with other rows or ids than "
-                                   f"{shard_path(self.out_dir, self.rank)} holds; the index was altered")
+            raise IndexFormatError(
+                f"{path}: lists rank {self.rank}'s shard with other rows or ids than "
+                f"{shard_path(self.out_dir, self.rank)} holds; the index was altered"
+            )
         self._warn_nonfinite(manifest.get("nonfinite_ids", []))
         return manifest
 
     def _warn_nonfinite(self, nonfinite: list[int]) -> None:
         if self.rank == 0 and nonfinite:
-            warnings.warn(f"{len(nonfinite)} sample(s) had non-finite gradients and were left out of the "
-                          f"index and its statistics: ids {nonfinite[:10]}{' ...' if len(nonfinite) > 10 else ''}"
-                          " (all listed in manifest.json 'nonfinite_ids')", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"{len(nonfinite)} sample(s) had non-finite gradients and were left out of the "
+                f"index and its statistics: ids {nonfinite[:10]}{' ...' if len(nonfinite) > 10 else ''}"
+                " (all listed in manifest.json 'nonfinite_ids')",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _reduce_and_write(self) -> dict[str, Any]:
         """The one all-reduce of statistics, counts and fingerprints; rank 0 writes the files."""
@@ -303,14 +358,18 @@ class Logger(GradientSession):
             reduced = comm.all_reduce_sum(torch.cat([local, info]))
         self.accumulator.load_flat(reduced[: local.numel()])
         if self.config.fisher == "true" and self.config.hessian != "none" and self.accumulator.samples == 0:
-            raise RuntimeError("fisher='true' but no batch was captured inside statistics_pass(): the "
-                               "Fisher has no samples (capture each batch there with sampled labels)")
-        counts = [int(c) for c in reduced[local.numel():].tolist()]
-        digests = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[w:2 * w], counts[2 * w:3 * w])]
+            raise RuntimeError(
+                "fisher='true' but no batch was captured inside statistics_pass(): the "
+                "Fisher has no samples (capture each batch there with sampled labels)"
+            )
+        counts = [int(c) for c in reduced[local.numel() :].tolist()]
+        digests = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[w : 2 * w], counts[2 * w : 3 * w])]
         nonfinite = self._gather_nonfinite(counts[-1])
         if sum(counts[:w]) == 0:
-            raise ValueError(f"{self.out_dir}: no sample was logged ({len(nonfinite)} had non-finite "
-                             "gradients); an index needs at least one")
+            raise ValueError(
+                f"{self.out_dir}: no sample was logged ({len(nonfinite)} had non-finite "
+                "gradients); an index needs at least one"
+            )
         manifest = self._manifest(counts[:w], digests, nonfinite)
         self._warn_nonfinite(nonfinite)
         if self.rank == 0:
@@ -334,8 +393,10 @@ class Logger(GradientSession):
             "layout": layout_to_json(self.specs),
             "width": self.width,
             "world_size": self.world_size,
-            "shards": [{"path": f"{SHARD_DIR}/{shard_path(self.out_dir, r).name}", "rank": r, "rows": n,
-                        "ids_digest": d} for r, (n, d) in enumerate(zip(rows_per_rank, digests))],
+            "shards": [
+                {"path": f"{SHARD_DIR}/{shard_path(self.out_dir, r).name}", "rank": r, "rows": n, "ids_digest": d}
+                for r, (n, d) in enumerate(zip(rows_per_rank, digests))
+            ],
             "total_rows": int(sum(rows_per_rank)),
             "samples_in_statistics": int(self.accumulator.samples),
             "nonfinite_ids": nonfinite,
@@ -357,9 +418,13 @@ class Logger(GradientSession):
                 state[f"{name}/p_in"] = p_in.cpu().numpy()
                 state[f"{name}/p_out"] = p_out.cpu().numpy()
         manifest["lambdas"] = lambdas
-        write_stats(self.out_dir / "stats.h5", self.config.hessian, self.config.damping, state,
-                    {"samples": self.accumulator.samples, "layout": manifest["layout"],
-                     "config": self.config.to_json()})
+        write_stats(
+            self.out_dir / "stats.h5",
+            self.config.hessian,
+            self.config.damping,
+            state,
+            {"samples": self.accumulator.samples, "layout": manifest["layout"], "config": self.config.to_json()},
+        )
 
     def close(self) -> None:
         if self._writer is not None:  # not finalized: keep the partial shard for resume

@@ -1,17 +1,19 @@
 """What the Logger and the Scorer share: an engine, the selected layers, their projections, hooks,
 and the capture/backward protocol that yields per-sample projected-gradient rows."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from logra_dist.core.capture import GradientCapture, find_layers
 from logra_dist.config import ConfigError, LoGraConfig
-from logra_dist.engines import Engine, wrap
+from logra_dist.core.capture import GradientCapture, find_layers
 from logra_dist.core.projection import LayerSpec, build_projections
 from logra_dist.data import Batch, batches, summed_lm_loss
+from logra_dist.engines import Engine, wrap
 from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 Projections = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
@@ -22,8 +24,10 @@ def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec],
     found = find_layers(engine.root, config.include, config.exclude)
     if not found:
         names = [n for n, _ in engine.root.named_modules()][:20]
-        raise ConfigError(f"include={config.include} exclude={config.exclude} select no Linear/Conv1D "
-                          f"layer of {type(engine.root).__name__}; some module names: {names}")
+        raise ConfigError(
+            f"include={config.include} exclude={config.exclude} select no Linear/Conv1D "
+            f"layer of {type(engine.root).__name__}; some module names: {names}"
+        )
     specs, modules = [], {}
     for name, kind, module, d_in, d_out in found:
         if config.init == "identity":
@@ -31,9 +35,11 @@ def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec],
         else:
             k_in, k_out = config.k_in, config.k_out
             if k_in > d_in or k_out > d_out:
-                raise ConfigError(f"layer {name!r} ({kind}, d_in={d_in}, d_out={d_out}) is narrower than "
-                                  f"the projection ranks k_in={k_in}, k_out={k_out}; lower the ranks or "
-                                  "exclude the layer")
+                raise ConfigError(
+                    f"layer {name!r} ({kind}, d_in={d_in}, d_out={d_out}) is narrower than "
+                    f"the projection ranks k_in={k_in}, k_out={k_out}; lower the ranks or "
+                    "exclude the layer"
+                )
         specs.append(LayerSpec(name, kind, d_in, d_out, k_in, k_out))
         modules[name] = module
     return specs, modules
@@ -63,8 +69,9 @@ class GradientSession:
     def _build_projections(self, covariances=None) -> Projections:
         if self.config.init == "identity":
             return {s.name: (None, None) for s in self.specs}
-        return build_projections(self.specs, self.config.init, self.config.seed, self.compute_dtype,
-                                 self.device, covariances)
+        return build_projections(
+            self.specs, self.config.init, self.config.seed, self.compute_dtype, self.device, covariances
+        )
 
     def _install(self, projections: Projections) -> None:
         missing = [s.name for s in self.specs if s.name not in projections]
@@ -109,16 +116,20 @@ class GradientSession:
         if ids.numel() == 0:  # a shadow batch: see Engine.forward_is_collective
             ids = ids.reshape(0).to(torch.int64)
         if ids.dim() != 1 or ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"capture(ids): ids must be a 1-D integer tensor of sample ids, got "
-                             f"shape {tuple(ids.shape)} dtype {ids.dtype}")
+            raise ValueError(
+                f"capture(ids): ids must be a 1-D integer tensor of sample ids, got "
+                f"shape {tuple(ids.shape)} dtype {ids.dtype}"
+            )
         self._backward_done = False
         with self._capture.active(mask):
             yield
             if not self._backward_done:
                 raise RuntimeError("capture() block ended without backward(loss)")
             if self._capture.pending_gradients:
-                raise RuntimeError(f"{self._capture.pending_gradients} hooked layer outputs received no "
-                                   "gradient: the loss does not depend on them")
+                raise RuntimeError(
+                    f"{self._capture.pending_gradients} hooked layer outputs received no "
+                    "gradient: the loss does not depend on them"
+                )
             if len(ids) == 0:  # shadow batch: hooks ran so the engine's collectives matched; keep nothing
                 return
             with self.tracker.phase("rows"):
@@ -147,8 +158,12 @@ def run_batches(session, samples, batch_size: int, pad_id: int, tracker=None) ->
     (no ids: hooks fire, nothing is recorded) until all ranks have run the same number."""
     mine = list(batches(samples, batch_size, pad_id))
     steps = session.engine.lockstep_batches(len(mine))
-    shadow = Batch(torch.zeros(0, dtype=torch.long), torch.full((1, 2), pad_id), torch.ones(1, 2, dtype=torch.long),
-                   torch.full((1, 2), pad_id))
+    shadow = Batch(
+        torch.zeros(0, dtype=torch.long),
+        torch.full((1, 2), pad_id),
+        torch.ones(1, 2, dtype=torch.long),
+        torch.full((1, 2), pad_id),
+    )
     tokens = 0
     for i in range(steps):
         batch = mine[i] if i < len(mine) else shadow

@@ -17,6 +17,7 @@ offline folders by the world size for figures that only matter side by side.
 Mode: `disabled` with `--no-wandb` or WANDB_MODE=disabled; WANDB_MODE when set; otherwise
 `online` when an API key is configured (WANDB_API_KEY or a netrc entry), else `offline`.
 """
+
 from __future__ import annotations
 
 import netrc
@@ -25,7 +26,8 @@ import resource
 import sys
 import threading
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, TextIO
 
 Figures = dict[str, float]
 _TIME, _COUNT = "time/", "count/"
@@ -46,12 +48,12 @@ def peak_memory() -> Figures:
 class _Phase:
     """Context manager adding the wall time of its block to one phase."""
 
-    __slots__ = ("tracker", "name", "start")
+    __slots__ = ("name", "start", "tracker")
 
-    def __init__(self, tracker: "Tracker", name: str):
+    def __init__(self, tracker: Tracker, name: str):
         self.tracker, self.name, self.start = tracker, name, 0.0
 
-    def __enter__(self) -> "_Phase":
+    def __enter__(self) -> _Phase:
         if self.tracker.sync_cuda:
             self.tracker._sync()
         self.start = time.perf_counter()
@@ -115,10 +117,19 @@ class Tracker(NullTracker):
 
     enabled = True
 
-    def __init__(self, name: str = "job", *, total: int | None = None, log_every: int = 10,
-                 wandb_run: "WandbRun | None" = None, rank: int | None = None,
-                 progress: bool = True, progress_interval_s: float = 30.0, sync_cuda: bool = False,
-                 stream: TextIO | None = None):
+    def __init__(
+        self,
+        name: str = "job",
+        *,
+        total: int | None = None,
+        log_every: int = 10,
+        wandb_run: WandbRun | None = None,
+        rank: int | None = None,
+        progress: bool = True,
+        progress_interval_s: float = 30.0,
+        sync_cuda: bool = False,
+        stream: TextIO | None = None,
+    ):
         self.name, self.total, self.log_every = name, total, max(1, int(log_every))
         self.rank = _dist_rank() if rank is None else rank
         self.wandb = wandb_run if (wandb_run is not None and self.rank == 0) else None
@@ -170,9 +181,9 @@ class Tracker(NullTracker):
         for source in self._sources:
             for key, value in source().items():
                 if key.startswith(_TIME):
-                    times[key[len(_TIME):]] = times.get(key[len(_TIME):], 0.0) + float(value)
+                    times[key[len(_TIME) :]] = times.get(key[len(_TIME) :], 0.0) + float(value)
                 elif key.startswith(_COUNT):
-                    counts[key[len(_COUNT):]] = counts.get(key[len(_COUNT):], 0.0) + float(value)
+                    counts[key[len(_COUNT) :]] = counts.get(key[len(_COUNT) :], 0.0) + float(value)
         elapsed = self.elapsed()
         out: Figures = {"time/elapsed": elapsed, "count/batches": float(self.batches)}
         out.update({_TIME + k: v for k, v in sorted(times.items())})
@@ -236,8 +247,11 @@ class _Progress:
         of = f"/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)" if self.total else ""
         eta = f", eta {(self.total - self.done) / rate:.0f}s" if self.total and rate > 0 else ""
         tokens = tracker.counts.get("tokens", 0.0) / elapsed
-        print(f"[logra-dist {self.name}] {self.done}{of} samples, {rate:.1f} samples/s, "
-              f"{tokens:.0f} tokens/s{eta}", file=self.stream, flush=True)
+        print(
+            f"[logra-dist {self.name}] {self.done}{of} samples, {rate:.1f} samples/s, {tokens:.0f} tokens/s{eta}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self, tracker: Tracker) -> None:
         if self.bar is not None:
@@ -248,7 +262,7 @@ class _Progress:
 
 # -- W&B ----------------------------------------------------------------------------------------
 def wandb_mode(no_wandb: bool = False, env: dict[str, str] | None = None) -> str:
-    """"disabled" | "offline" | "online" (rules in the module docstring)."""
+    """ "disabled" | "offline" | "online" (rules in the module docstring)."""
     env = os.environ if env is None else env
     if no_wandb:
         return "disabled"
@@ -274,8 +288,16 @@ class WandbRun:
     """The job's W&B run (rank 0 only). Reuses a run the user already opened (e.g. the Hugging
     Face Trainer's) instead of starting a second one, and then leaves it open."""
 
-    def __init__(self, job_type: str, config: dict[str, Any], *, mode: str, project: str | None = None,
-                 name: str | None = None, directory: str | None = None):
+    def __init__(
+        self,
+        job_type: str,
+        config: dict[str, Any],
+        *,
+        mode: str,
+        project: str | None = None,
+        name: str | None = None,
+        directory: str | None = None,
+    ):
         import wandb
 
         self._wandb = wandb
@@ -284,9 +306,15 @@ class WandbRun:
             self.run, self.owned, self.prefix = wandb.run, False, "logra/"
             self.run.config.update({"logra": config}, allow_val_change=True)
         else:
-            self.run = wandb.init(project=project or os.environ.get("WANDB_PROJECT") or "logra-dist",
-                                  job_type=job_type, name=name, config=config, mode=mode, dir=directory,
-                                  settings=wandb.Settings(console="off", silent=True))
+            self.run = wandb.init(
+                project=project or os.environ.get("WANDB_PROJECT") or "logra-dist",
+                job_type=job_type,
+                name=name,
+                config=config,
+                mode=mode,
+                dir=directory,
+                settings=wandb.Settings(console="off", silent=True),
+            )
             self.owned = True
         self.mode = mode
         self.dir = getattr(self.run, "dir", None)
@@ -317,12 +345,23 @@ class WandbRun:
             where = self.dir
             self.run.finish()
             if self.mode == "offline" and where:
-                print(f"[logra-dist] W&B offline run in {os.path.dirname(where)}; upload it with "
-                      f"`wandb sync {os.path.dirname(where)}`", file=sys.stderr, flush=True)
+                print(
+                    f"[logra-dist] W&B offline run in {os.path.dirname(where)}; upload it with "
+                    f"`wandb sync {os.path.dirname(where)}`",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
-def start_wandb(job_type: str, config: dict[str, Any], *, no_wandb: bool = False, project: str | None = None,
-                name: str | None = None, rank: int | None = None) -> WandbRun | None:
+def start_wandb(
+    job_type: str,
+    config: dict[str, Any],
+    *,
+    no_wandb: bool = False,
+    project: str | None = None,
+    name: str | None = None,
+    rank: int | None = None,
+) -> WandbRun | None:
     """Open the job's W&B run on rank 0 (None on other ranks and when disabled)."""
     mode = wandb_mode(no_wandb)
     if mode == "disabled" or (_dist_rank() if rank is None else rank) != 0:

@@ -1,6 +1,8 @@
 """The package version and the versions of the stack an index or a job ran with."""
+
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 
@@ -14,8 +16,6 @@ def versions() -> dict[str, str]:
 
     out = {"logra_dist": __version__, "torch": torch.__version__, "python": platform.python_version()}
     for dist_name in ("transformers", "deepspeed", "h5py"):
-        try:  # metadata only: importing deepspeed just for its version costs seconds
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # metadata only: no import
             out[dist_name] = importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return out

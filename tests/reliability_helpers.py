@@ -1,4 +1,5 @@
 """Shared pieces of the reliability tests: run fault workers as real processes, compare indexes."""
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,28 @@ import mlp_worker  # noqa: E402
 
 def env(fault: str | None = None, **extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOGRA_DIST_FAULT")}
-    e.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "LOGRA_DIST_COMMIT_SECONDS": "0",
-              "CUDA_VISIBLE_DEVICES": "", **extra})  # gloo even on a GPU machine: 2 ranks, 1 device
+    e.update(
+        {
+            "PYTHONPATH": str(ROOT),
+            "OMP_NUM_THREADS": "1",
+            "LOGRA_DIST_COMMIT_SECONDS": "0",
+            "CUDA_VISIBLE_DEVICES": "",
+            **extra,
+        }
+    )  # gloo even on a GPU machine: 2 ranks, 1 device
     if fault:
         e["LOGRA_DIST_FAULT"] = fault
     return e
 
 
 def run_mlp(out: Path, *args: str, fault: str | None = None, timeout: float = 120, **extra: str):
-    return subprocess.run([sys.executable, str(MLP_WORKER), "--out", str(out), *args], env=env(fault, **extra),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(MLP_WORKER), "--out", str(out), *args],
+        env=env(fault, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -45,21 +58,46 @@ def free_port() -> int:
 
 
 def torchrun(script: Path, *args: str, fault: str | None = None, timeout: float = 240, nproc: int = 2, **extra: str):
-    cmd = [TORCHRUN, "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(script), *args]
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
     start = time.monotonic()
     proc = subprocess.run(cmd, env=env(fault, **extra), capture_output=True, text=True, timeout=timeout)
     proc.elapsed = time.monotonic() - start
     return proc
 
 
-def bare_ranks(script: Path, *args: str, fault: str | None = None, world: int = 2, **extra: str) -> list[subprocess.Popen]:
+def bare_ranks(
+    script: Path, *args: str, fault: str | None = None, world: int = 2, **extra: str
+) -> list[subprocess.Popen]:
     """`world` processes that form a gloo group themselves: no launcher to tear them down."""
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, str(script), *args],
-                             env=env(fault, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
-                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **extra),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    return [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=env(
+                fault,
+                RANK=str(r),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(r),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                **extra,
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
 
 
 def mlp_args(out: Path, *args: str):

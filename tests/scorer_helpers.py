@@ -1,6 +1,7 @@
 """Shared by the scorer tests and their torchrun worker: tiny models, deterministic samples,
 logging an index, and a float64 numpy brute-force reference that shares no code with the
 Scorer (rows read straight from the shard files, H^-1 rebuilt from stats.h5 with numpy)."""
+
 from __future__ import annotations
 
 import json
@@ -58,7 +59,7 @@ def capture_batches(session, ids, batch: int = 5) -> None:
     """Run the capture protocol (Logger or Scorer) over `ids` in batches."""
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     for s in range(0, len(ids), batch):
-        b = torch.from_numpy(ids[s:s + batch])
+        b = torch.from_numpy(ids[s : s + batch])
         x, y = samples(b)
         with session.capture(b):
             logits = session.model(x)
@@ -102,7 +103,7 @@ def int_samples(ids) -> tuple[torch.Tensor, torch.Tensor]:
 def capture_int(session, ids, batch: int = 4) -> None:
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     for s in range(0, len(ids), batch):
-        b = torch.from_numpy(ids[s:s + batch])
+        b = torch.from_numpy(ids[s : s + batch])
         x, t = int_samples(b)
         with session.capture(b):
             session.backward((session.model.self_attn.q(x) * t).sum())  # per-sample grad t x^T
@@ -133,31 +134,31 @@ def raw_rows(index: Path) -> tuple[np.ndarray, np.ndarray, list[dict]]:
 
 def inverse_hessian(index: Path, layout: list[dict], damping: float | None = None) -> np.ndarray:
     """Block-diagonal (D, D) damped inverse built with numpy from stats.h5's eigendecompositions."""
-    d = sum(l["k_in"] * l["k_out"] for l in layout)
+    d = sum(layer["k_in"] * layer["k_out"] for layer in layout)
     out = np.zeros((d, d))
     with h5py.File(Path(index) / "stats.h5", "r") as f:
         kind = str(f.attrs["hessian"])
         damping = float(f.attrs["damping"]) if damping is None else damping
-        for l in layout:
-            w, o, name = l["k_in"] * l["k_out"], l["offset"], l["name"]
+        for layer in layout:
+            w, o, name = layer["k_in"] * layer["k_out"], layer["offset"], layer["name"]
             if kind == "none":
-                out[o:o + w, o:o + w] = np.eye(w)
+                out[o : o + w, o : o + w] = np.eye(w)
             elif kind == "raw":
                 e, v = f[f"{name}/evals"][()].astype(np.float64), f[f"{name}/evecs"][()].astype(np.float64)
-                out[o:o + w, o:o + w] = (v / (e + damping * e.mean())) @ v.T
+                out[o : o + w, o : o + w] = (v / (e + damping * e.mean())) @ v.T
             else:  # kfac: rows are vec of (k_out, k_in) blocks, row-major -> kron(grad, act)
                 ea, va = f[f"{name}/act_evals"][()].astype(np.float64), f[f"{name}/act_evecs"][()].astype(np.float64)
                 eg, vg = f[f"{name}/grad_evals"][()].astype(np.float64), f[f"{name}/grad_evecs"][()].astype(np.float64)
                 e, v = np.kron(eg, ea), np.kron(vg, va)
-                out[o:o + w, o:o + w] = (v / (e + damping * eg.mean() * ea.mean())) @ v.T
+                out[o : o + w, o : o + w] = (v / (e + damping * eg.mean() * ea.mean())) @ v.T
     return out
 
 
 def group_mask(layout: list[dict], pattern: str | None) -> np.ndarray:
-    mask = np.zeros(sum(l["k_in"] * l["k_out"] for l in layout), bool)
-    for l in layout:
-        if pattern is None or re.search(pattern, l["name"]):
-            mask[l["offset"]:l["offset"] + l["k_in"] * l["k_out"]] = True
+    mask = np.zeros(sum(layer["k_in"] * layer["k_out"] for layer in layout), bool)
+    for layer in layout:
+        if pattern is None or re.search(pattern, layer["name"]):
+            mask[layer["offset"] : layer["offset"] + layer["k_in"] * layer["k_out"]] = True
     return mask
 
 

@@ -6,6 +6,7 @@
 `score_phase(root)` also runs in a single process (world size 1) from the test itself. Every rank
 saves what it got to ROOT/results/W<world>/<case>.rank<r>.npz; the test compares against numpy.
 """
+
 from __future__ import annotations
 
 import sys
@@ -17,16 +18,16 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import logra_dist as ld  # noqa: E402
-from logra_dist import comm  # noqa: E402
-from logra_dist.index.stream import ChunkStream  # noqa: E402
-from scorer_helpers import (GROUPS, MODES, Bilinear, TinyNet, capture_batches, capture_int,  # noqa: E402
-                            log_index, log_int_index)
+from scorer_helpers import GROUPS, MODES, Bilinear, TinyNet, capture_batches, capture_int, log_index, log_int_index
 
-QUERY_IDS = np.arange(1000, 1021)   # 21 queries: several query chunks
+import logra_dist as ld
+from logra_dist import comm
+from logra_dist.index.stream import ChunkStream
+
+QUERY_IDS = np.arange(1000, 1021)  # 21 queries: several query chunks
 DUP_QUERY_IDS = np.arange(100, 107)
-K = 12                              # larger than the rows of most shards
-SMALL_BLOCK = 480                   # forces query chunks of 4 (and top-k merges of 1 query)
+K = 12  # larger than the rows of most shards
+SMALL_BLOCK = 480  # forces query chunks of 4 (and top-k merges of 1 query)
 
 
 def blocks(ids: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
@@ -61,7 +62,7 @@ def result_arrays(res: ld.TopKResult) -> dict[str, np.ndarray]:
 
 def my_share(ids: np.ndarray) -> np.ndarray:
     """The caller distributes queries: interleaved, so ranks hold different counts and orders."""
-    return ids[comm.rank()::comm.world_size()]
+    return ids[comm.rank() :: comm.world_size()]
 
 
 def score_phase(root: Path) -> None:
@@ -92,8 +93,15 @@ def score_phase(root: Path) -> None:
     # self-influence = diagonal of the pairwise dot-score matrix (training index as query index)
     sc = ld.Scorer(None, root / "idx2", mode="dot", chunk_rows=8)
     sc.add_query_gradients(root / "idx2")
-    save(root, "selfinf", pairwise=sc.scores(), query_ids=np.sort(sc.store.ids), store_ids=sc.store.ids,
-         selfinf=sc.train_self_influence(), selfinf_layers=sc.train_self_influence(per_layer=True))
+    save(
+        root,
+        "selfinf",
+        pairwise=sc.scores(),
+        query_ids=np.sort(sc.store.ids),
+        store_ids=sc.store.ids,
+        selfinf=sc.train_self_influence(),
+        selfinf_layers=sc.train_self_influence(per_layer=True),
+    )
     sc.close()
     # fewer rows than ranks: a rank without rows still takes part in every collective
     sc = ld.Scorer(None, root / "tiny", mode="relatif")
@@ -104,8 +112,12 @@ def score_phase(root: Path) -> None:
     sc = ld.Scorer(None, root / "idx4", mode="relatif", chunk_rows=8)
     sc.add_query_gradients(root / "qidx")
     res = sc.topk(3, groups=GROUPS)
-    sc.write_results(root / "out" / f"W{world}", res, query_text=lambda i: f"query {i} | text",
-                     train_text={i: f"train {i}" for i in range(48)})
+    sc.write_results(
+        root / "out" / f"W{world}",
+        res,
+        query_text=lambda i: f"query {i} | text",
+        train_text={i: f"train {i}" for i in range(48)},
+    )
     sc.close()
     failure_phase(root)
 
@@ -118,8 +130,10 @@ def failure_phase(root: Path) -> None:
     bad = world - 1
     original = ChunkStream._read
     if comm.rank() == bad:
+
         def broken(self, files, start, stop, stage):
             raise OSError(f"injected read failure at rows {start}..{stop}")
+
         ChunkStream._read = broken
     try:
         sc.topk(2)

@@ -1,6 +1,7 @@
 """The package's layers, checked from its source: every import (lazy ones inside functions too)
 points to a lower layer or, inside one subpackage, to a sibling; there is no import cycle; only
 `engines/` imports DeepSpeed or FSDP. docs/architecture.md describes the same layers."""
+
 from __future__ import annotations
 
 import ast
@@ -11,13 +12,21 @@ PKG = Path(__file__).resolve().parents[1] / "logra_dist"
 # Lower number = lower layer. A module may import modules of strictly lower layers, and
 # modules of its own subpackage (then the no-cycle check keeps the order inside it).
 LAYERS = {
-    "version": 0, "config": 0, "comm": 0, "tracking": 0, "data": 0,
-    "core": 1, "embedded": 1,
+    "version": 0,
+    "config": 0,
+    "comm": 0,
+    "tracking": 0,
+    "data": 0,
+    "core": 1,
+    "embedded": 1,
     "index": 2,
     "engines": 3,
     "session": 4,
-    "logger": 5, "scoring": 5,
-    "cli": 6, "eval": 6, "integrations": 6,
+    "logger": 5,
+    "scoring": 5,
+    "cli": 6,
+    "eval": 6,
+    "integrations": 6,
 }
 ENGINE_LIBRARIES = ("deepspeed", "torch.distributed.fsdp", "torch.distributed._composable.fsdp")
 MAX_TOP_LEVEL_MODULES = 10
@@ -104,7 +113,7 @@ def test_no_import_cycles():
             if t == "logra_dist":
                 continue
             if state.get(t) == 1:
-                cycles.append(stack[stack.index(t):] + [t])
+                cycles.append(stack[stack.index(t) :] + [t])
             elif t not in state:
                 visit(t, stack + [t])
         state[m] = 2
@@ -116,9 +125,13 @@ def test_no_import_cycles():
 
 
 def test_only_engines_know_deepspeed_and_fsdp():
-    wrong = [f"{p.relative_to(PKG.parent)}:{line} imports {target}"
-             for p in PKG.rglob("*.py") if _module_name(p).split(".")[1:2] != ["engines"]
-             for line, target in _imports(p) if target.startswith(ENGINE_LIBRARIES)]
+    wrong = [
+        f"{p.relative_to(PKG.parent)}:{line} imports {target}"
+        for p in PKG.rglob("*.py")
+        if _module_name(p).split(".")[1:2] != ["engines"]
+        for line, target in _imports(p)
+        if target.startswith(ENGINE_LIBRARIES)
+    ]
     assert not wrong, "\n".join(wrong)
 
 

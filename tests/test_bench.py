@@ -1,5 +1,6 @@
 """The benchmark harness itself: interleaving, target evaluation in the table, and that the GPU
 script runs end to end on CPU with its tiny --smoke size (it must never need a GPU here)."""
+
 import json
 import os
 import subprocess
@@ -29,9 +30,13 @@ def test_interleaved_rotates_order_blocks_calls_and_pairs_ratios():
 
 
 def _logging_result(floor_ratio, train_ratio):
-    v = {"k": 16, "hessian": "kfac", "width_D": 3840,
-         "vs_floor": {"ratio": floor_ratio, "min": floor_ratio, "max": floor_ratio},
-         "vs_train": {"ratio": train_ratio}}
+    v = {
+        "k": 16,
+        "hessian": "kfac",
+        "width_D": 3840,
+        "vs_floor": {"ratio": floor_ratio, "min": floor_ratio, "max": floor_ratio},
+        "vs_train": {"ratio": train_ratio},
+    }
     model = {"name": "large", "parameters": 25e6, "batch_size": 4, "seq_len": 128}
     return {"models": {"large": {"model": model, "floor_vs_train": {"ratio": 0.7}, "variants": {"k16-kfac": v}}}}
 
@@ -40,7 +45,7 @@ def test_table_marks_targets_met_and_missed():
     met = render({"logging_speed": _logging_result(1.05, 0.75)})
     assert "1.05x" in met and "**missed**" not in met
     missed = render({"logging_speed": _logging_result(1.30, 0.9)})
-    line = next(l for l in missed.splitlines() if "logging / floor" in l)
+    line = next(text for text in missed.splitlines() if "logging / floor" in text)
     assert "1.30x" in line and "**missed**" in line
     assert "pending" in render({})  # figures without results say so, never "met"
     assert "met" not in render({}).replace("measured", "")
@@ -49,8 +54,13 @@ def test_table_marks_targets_met_and_missed():
 def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--device", "cpu",
-                           "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--device", "cpu", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     variants = res["figure1_logging"]["variants"]
@@ -67,9 +77,17 @@ def test_wandb_receives_every_figure_and_the_target_table(tmp_path, monkeypatch)
     from wandb_log import log_results, numeric_leaves, table_rows
     from wandb_offline import read_run
 
-    results = {"machine": {"cpus": 2}, "command": "bench/run.py", "quick": True,
-               "logging_speed": _logging_result(1.30, 0.9), "storage": {"results": [{"ratio": 1.02, "k": 16, "storage_dtype": "float16",
-                                                                   "hessian": "none", "samples": 64, "D": 3840}]}}
+    results = {
+        "machine": {"cpus": 2},
+        "command": "bench/run.py",
+        "quick": True,
+        "logging_speed": _logging_result(1.30, 0.9),
+        "storage": {
+            "results": [
+                {"ratio": 1.02, "k": 16, "storage_dtype": "float16", "hessian": "none", "samples": 64, "D": 3840}
+            ]
+        },
+    }
     leaves = dict(numeric_leaves(results))
     assert leaves["logging_speed/models/large/variants/k16-kfac/vs_floor/ratio"] == 1.30
     assert leaves["storage/results/0/ratio"] == 1.02

@@ -1,12 +1,13 @@
 """Prompts for `score --prompts`: reading, batched greedy completion, the query built from it."""
+
 import json
 
 import pytest
 import torch
 
 from logra_dist.cli.parser import build_parser
-from logra_dist.scoring.completion import Prompt, _cut, complete, read_prompts
 from logra_dist.data import IGNORE
+from logra_dist.scoring.completion import Prompt, _cut, complete, read_prompts
 
 
 def test_read_prompts_jsonl_and_text_lines(tmp_path):
@@ -16,13 +17,17 @@ def test_read_prompts_jsonl_and_text_lines(tmp_path):
     text = tmp_path / "p.txt"
     text.write_text("first prompt \n\nsecond\n")
     assert read_prompts(text) == [Prompt(0, "first prompt "), Prompt(1, "second")]
-    for body, message in [('{"text": "x"}\n', r"p\.jsonl:1: expected \{\"prompt\""), ("nope\n", "not valid JSON"),
-                          ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "duplicate prompt ids"),
-                          ('{"prompt": "a", "id": -1}\n', "'id' must be a non-negative integer"), ("\n", "no prompts")]:
+    for body, message in [
+        ('{"text": "x"}\n', r"p\.jsonl:1: expected \{\"prompt\""),
+        ("nope\n", "not valid JSON"),
+        ('{"prompt": "a", "id": 1}\n{"prompt": "b", "id": 1}\n', "duplicate prompt ids"),
+        ('{"prompt": "a", "id": -1}\n', "'id' must be a non-negative integer"),
+        ("\n", "no prompts"),
+    ]:
         jsonl.write_text(body)
         with pytest.raises(ValueError, match=message):
             read_prompts(jsonl)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         read_prompts(tmp_path / "missing.txt")
 
 
@@ -53,10 +58,10 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny):
         prompt_tokens = tokenizer(p.text)["input_ids"]
         s = c.sample
         assert c.id == s.id == p.id and c.prompt == p.text
-        assert s.input_ids[:len(prompt_tokens)] == prompt_tokens  # the prompt, then what the model said
-        assert s.labels == [IGNORE] * len(prompt_tokens) + s.input_ids[len(prompt_tokens):]
+        assert s.input_ids[: len(prompt_tokens)] == prompt_tokens  # the prompt, then what the model said
+        assert s.labels == [IGNORE] * len(prompt_tokens) + s.input_ids[len(prompt_tokens) :]
         assert 1 <= len(s.input_ids) - len(prompt_tokens) <= 6
-        assert c.completion == tokenizer.decode(s.input_ids[len(prompt_tokens):], skip_special_tokens=True)
+        assert c.completion == tokenizer.decode(s.input_ids[len(prompt_tokens) :], skip_special_tokens=True)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         complete(model, tokenizer, prompts, max_new_tokens=0)
     with pytest.raises(ValueError, match="leaves no room for a prompt"):

@@ -153,7 +153,10 @@ def test_ensure_default_model_concurrent_calls_train_once(tmp_path: Path) -> Non
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _CHILD, str(tmp_path / "cache"), str(counter)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(2)
     ]
@@ -165,5 +168,5 @@ def test_ensure_default_model_concurrent_calls_train_once(tmp_path: Path) -> Non
     path = paths.pop()
     assert _is_complete(path)
     assert ensure_default_model(tmp_path / "cache") == path  # cached: returns without training
-    model, tok = load_model_and_tokenizer(path)
+    model, _tok = load_model_and_tokenizer(path)
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 15

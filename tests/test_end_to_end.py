@@ -1,6 +1,7 @@
 """The main job on the embedded default: log the bundled corpus with the bundled tiny Llama,
 then query with training documents themselves. Any mix-up of ids or rows between logging,
 storage and scoring breaks 'each document is its own top-1 (RelatIF)'."""
+
 import json
 
 import h5py
@@ -19,10 +20,10 @@ def test_each_training_document_is_its_own_top1(tmp_path, capsys):
     queries = tmp_path / "queries.jsonl"
     # queries are the training documents, in shuffled order, with ids that differ from theirs
     order = np.random.default_rng(0).permutation(N_TRAIN)[:N_QUERIES]
-    queries.write_text("".join(json.dumps({"id": 1000 + i, "text": corpus[j]["text"]}) + "\n"
-                               for i, j in enumerate(order)))
-    assert main(["score", "--index", str(index), "--queries", str(queries), "--topk", "3",
-                 "--out", str(out)]) == 0
+    queries.write_text(
+        "".join(json.dumps({"id": 1000 + i, "text": corpus[j]["text"]}) + "\n" for i, j in enumerate(order))
+    )
+    assert main(["score", "--index", str(index), "--queries", str(queries), "--topk", "3", "--out", str(out)]) == 0
     with h5py.File(out / "topk.h5") as f:
         query_ids, train_ids, scores = f["query_ids"][:], f["train_ids"][:], f["scores"][:]
         assert f.attrs["mode"] == "relatif"

@@ -1,4 +1,5 @@
 """Counterfactual evaluation (logra_dist.eval): metrics, cache, and the fast end-to-end runs."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,9 @@ def test_rankdata_and_spearman_match_definitions():
 def test_lds_sign_convention_rewards_scores_that_predict_lower_loss():
     rng = np.random.default_rng(0)
     n, q, m = 40, 3, 30
-    true_effect = rng.normal(size=(q, n))            # how much each example lowers each query's loss
+    true_effect = rng.normal(size=(q, n))  # how much each example lowers each query's loss
     masks = lds_subsets(n, m, 0.5, seed=1)
-    loss = 5.0 - masks @ true_effect.T               # (M, Q): including helpful examples lowers loss
+    loss = 5.0 - masks @ true_effect.T  # (M, Q): including helpful examples lowers loss
     assert lds(true_effect, masks, loss)["mean"] == pytest.approx(1.0)
     assert lds(-true_effect, masks, loss)["mean"] == pytest.approx(-1.0)
     assert abs(lds(rng.normal(size=(q, n)), masks, loss)["mean"]) < 0.5
@@ -60,9 +61,24 @@ def test_cache_keys_depend_on_subset_and_seed_only():
 
 def _run(args: list[str], tmp: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "logra_dist.eval", "run", *args, "--out", str(tmp / "acc"),
-                           "--cache", str(tmp / "cache")], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "logra_dist.eval",
+            "run",
+            *args,
+            "--out",
+            str(tmp / "acc"),
+            "--cache",
+            str(tmp / "cache"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -84,16 +100,20 @@ def test_fast_classification_end_to_end_and_cache_hit(tmp_path):
     for name in plan.brittle_methods:
         assert np.isfinite(first["methods"][name]["brittleness"]["delta_top_mean"])
     # equal storage: every rank group's baselines store exactly LoGra's D
-    assert first["methods"]["dense-fisher-D48"]["storage_per_example"] == \
-        first["methods"]["logra-random-k4"]["storage_per_example"] == 48
+    assert (
+        first["methods"]["dense-fisher-D48"]["storage_per_example"]
+        == first["methods"]["logra-random-k4"]["storage_per_example"]
+        == 48
+    )
 
     _run(["--benchmark", "synthetic", "--fast"], tmp_path)  # same recipe: nothing retrained
     second = json.loads((tmp_path / "acc" / "synthetic-fast.json").read_text())
     assert second["cache"]["misses"] == 0
     assert second["cache"]["hits"] == first["cache"]["hits"] + first["cache"]["misses"]
     for name in first["methods"]:
-        np.testing.assert_allclose(second["methods"][name]["lds"]["mean"], first["methods"][name]["lds"]["mean"],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            second["methods"][name]["lds"]["mean"], first["methods"][name]["lds"]["mean"], atol=1e-6
+        )
     table = (tmp_path / "acc.md").read_text()
     assert all(f"| {name} |" in table for name in first["methods"])
 

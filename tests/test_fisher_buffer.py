@@ -1,9 +1,10 @@
 """hessian="raw" buffers rows and folds them into the Fisher with one GEMM per FISHER_GEMM_ROWS
 rows: every reader must see exactly sum_i g_i g_i^T over ALL rows added so far."""
+
 import torch
 
-from logra_dist.core.projection import LayerSpec
 from logra_dist.core.curvature import FISHER_GEMM_ROWS, Accumulator
+from logra_dist.core.projection import LayerSpec
 
 
 def test_buffered_fisher_equals_direct_sum_at_every_read():
@@ -17,9 +18,10 @@ def test_buffered_fisher_equals_direct_sum_at_every_read():
         seen.append(rows)
         all_rows = torch.cat(seen)
         flat = acc.flat()  # a commit point reads mid-buffer
-        expect = torch.cat([(all_rows[:, :6].T @ all_rows[:, :6]).reshape(-1),
-                            (all_rows[:, 6:].T @ all_rows[:, 6:]).reshape(-1)])
-        torch.testing.assert_close(flat[:expect.numel()], expect)
+        expect = torch.cat(
+            [(all_rows[:, :6].T @ all_rows[:, :6]).reshape(-1), (all_rows[:, 6:].T @ all_rows[:, 6:]).reshape(-1)]
+        )
+        torch.testing.assert_close(flat[: expect.numel()], expect)
         assert flat[expect.numel()] == all_rows.shape[0]
     fresh = Accumulator(specs, "raw", torch.float64)
     fresh.update_rows(torch.randn(2, 10, dtype=torch.float64))  # pending rows are dropped by a load
@@ -35,7 +37,10 @@ def test_tiled_fisher_update_equals_direct_sum(monkeypatch):
     from logra_dist.core import curvature as statistics
 
     monkeypatch.setattr(statistics, "FISHER_TILE", 4)
-    specs = [LayerSpec("wide", "linear", 8, 8, 5, 3), LayerSpec("narrow", "linear", 8, 8, 2, 3)]  # 15 = 4+4+4+3; 6 < 2 tiles
+    specs = [
+        LayerSpec("wide", "linear", 8, 8, 5, 3),
+        LayerSpec("narrow", "linear", 8, 8, 2, 3),
+    ]  # 15 = 4+4+4+3; 6 < 2 tiles
     acc = Accumulator(specs, "raw", torch.float32)
     gen = torch.Generator().manual_seed(1)
     seen = []
@@ -45,9 +50,10 @@ def test_tiled_fisher_update_equals_direct_sum(monkeypatch):
         seen.append(rows)
         all_rows = torch.cat(seen)
         flat = acc.flat()
-        expect = torch.cat([(all_rows[:, :15].T @ all_rows[:, :15]).reshape(-1),
-                            (all_rows[:, 15:].T @ all_rows[:, 15:]).reshape(-1)])
-        torch.testing.assert_close(flat[:expect.numel()], expect, rtol=1e-5, atol=1e-4)
+        expect = torch.cat(
+            [(all_rows[:, :15].T @ all_rows[:, :15]).reshape(-1), (all_rows[:, 15:].T @ all_rows[:, 15:]).reshape(-1)]
+        )
+        torch.testing.assert_close(flat[: expect.numel()], expect, rtol=1e-5, atol=1e-4)
     wide = acc.sums["wide/fisher"]
     torch.testing.assert_close(wide, wide.T, rtol=0, atol=0)
 

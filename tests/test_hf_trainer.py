@@ -3,6 +3,7 @@ logs every training sample exactly once, with the rows a plain single-process mo
 trained weights gives, and the tracker's offline W&B run holds both ranks' figures.
 
 One process launch covers the Trainer path and the 2-rank W&B case (each launch costs ~20 s)."""
+
 import json
 import os
 import signal
@@ -14,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from wandb_offline import read_run
 
 from logra_dist import GradientStore, LoGraConfig, attach
 from logra_dist.data import summed_lm_loss
 from logra_dist.integrations.hf_trainer import rank_batches
-from wandb_offline import read_run
 
 sys.path.insert(0, str(Path(__file__).parent / "workers"))
-from hf_texts import Texts  # noqa: E402
+from hf_texts import Texts
 
 N = 11  # odd: the ranks hold 6 and 5 samples
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,21 +49,39 @@ def zero3_run(tmp_path_factory):
     import accelerate  # noqa: F401  (transformers.Trainer needs it: pip install -e '.[test]')
 
     out = tmp_path_factory.mktemp("hf_zero3")
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(out), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "workers"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(out),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests" / "workers"), os.environ.get("PYTHONPATH", "")]),
+    }
     with socket.socket() as sock:  # torchrun's static rendezvous needs a real port number
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(ROOT / "tests" / "workers" / "hf_trainer_zero3.py"), str(out), str(N)]
-    proc = subprocess.Popen(cmd, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # own process group: a hang is killed with its workers
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(port),
+        str(ROOT / "tests" / "workers" / "hf_trainer_zero3.py"),
+        str(out),
+        str(N),
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )  # own process group: a hang is killed with its workers
     try:
         stdout, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"2-rank Trainer job hung (killed after 300 s):\n{stdout[-3000:]}\n{stderr[-6000:]}")
+        raise AssertionError(
+            f"2-rank Trainer job hung (killed after 300 s):\n{stdout[-3000:]}\n{stderr[-6000:]}"
+        ) from None
     assert proc.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return out, json.loads((out / "result.json").read_text())
 

@@ -1,12 +1,13 @@
 """Scores against exact influence, self-influence vs the pairwise diagonal, PCA vs an independent
 eigendecomposition, and the modes' definitions."""
+
 import numpy as np
 import pytest
 import torch
+from reference import log_classifier, mlp, per_sample_weight_grads
 from torch import nn
 
 import logra_dist as ld
-from reference import log_classifier, mlp, per_sample_weight_grads
 
 
 class _Loss:
@@ -14,7 +15,7 @@ class _Loss:
         self.X, self.Y, self.n = X, Y, len(X)
 
     def __call__(self, call, p, i):
-        return nn.functional.cross_entropy(call(p, self.X[i:i + 1]), self.Y[i:i + 1], reduction="sum")
+        return nn.functional.cross_entropy(call(p, self.X[i : i + 1]), self.Y[i : i + 1], reduction="sum")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,9 @@ def _scorer(model, index, Xq, Yq, **kw):
 @pytest.mark.parametrize("damping", [0.1, 1.0])
 def test_full_rank_identity_scores_equal_exact_influence(problem, tmp_path, damping):
     model, X, Y, Xq, Yq = problem
-    cfg = ld.LoGraConfig(init="identity", hessian="raw", damping=damping, compute_dtype="float64",
-                         storage_dtype="float32")
+    cfg = ld.LoGraConfig(
+        init="identity", hessian="raw", damping=damping, compute_dtype="float64", storage_dtype="float32"
+    )
     log_classifier(model, X, Y, tmp_path, cfg, batch_size=5)
     scorer = _scorer(model, tmp_path, Xq, Yq, mode="dot", dtype=torch.float64)
     got = scorer.scores()
@@ -70,8 +72,10 @@ def test_self_influence_is_pairwise_diagonal_and_modes_agree(problem, tmp_path, 
     self_inf = scorer.train_self_influence()
     np.testing.assert_allclose(np.diag(pairwise), self_inf, rtol=1e-5)
     assert (self_inf > 0).all()
-    for mode, expect in (("relatif", pairwise / np.sqrt(self_inf)[None, :]),
-                         ("cosine", pairwise / np.sqrt(np.outer(self_inf, self_inf)))):
+    for mode, expect in (
+        ("relatif", pairwise / np.sqrt(self_inf)[None, :]),
+        ("cosine", pairwise / np.sqrt(np.outer(self_inf, self_inf))),
+    ):
         scorer.mode = mode
         np.testing.assert_allclose(scorer.scores(), expect, rtol=1e-5)
     np.testing.assert_allclose(np.diag(scorer.scores()), 1.0, rtol=1e-5)  # cosine of a row with itself
@@ -108,8 +112,8 @@ def test_kfac_preconditioner_matches_explicit_kronecker_inverse(problem, tmp_pat
         S = f["grad_evecs"] @ torch.diag(f["grad_evals"]) @ f["grad_evecs"].T
         K = torch.kron(S, A)  # vec of a row-major (k_out x k_in) block
         lam = cfg.damping * torch.linalg.eigvalsh(K).mean()
-        want = torch.linalg.solve(K + lam * torch.eye(len(K), dtype=K.dtype), v[:, offset:offset + spec.width].T).T
-        torch.testing.assert_close(got[:, offset:offset + spec.width], want, rtol=1e-8, atol=1e-10)
+        want = torch.linalg.solve(K + lam * torch.eye(len(K), dtype=K.dtype), v[:, offset : offset + spec.width].T).T
+        torch.testing.assert_close(got[:, offset : offset + spec.width], want, rtol=1e-8, atol=1e-10)
         offset += spec.width
     scorer.close()
 
@@ -121,7 +125,7 @@ def test_pca_projection_is_top_eigenvectors_of_independent_covariances(problem, 
     with logger.pca_pass():
         for s in range(0, 24, 8):
             with logger.capture(torch.arange(s, s + 8)):
-                logger.backward(nn.functional.cross_entropy(logger.model(X[s:s + 8]), Y[s:s + 8], reduction="sum"))
+                logger.backward(nn.functional.cross_entropy(logger.model(X[s : s + 8]), Y[s : s + 8], reduction="sum"))
     # independent covariances: inputs and output gradients of each Linear via plain autograd
     projections = {n: logger.projection(n) for n in ("0", "2", "4")}
     logger.close()  # hooks off, weights trainable again: the reference below is plain autograd
@@ -133,6 +137,7 @@ def test_pca_projection_is_top_eigenvectors_of_independent_covariances(problem, 
             acts[name] = inputs[0]
             output.retain_grad()
             outs[name] = output
+
         return hook
 
     hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
@@ -146,7 +151,7 @@ def test_pca_projection_is_top_eigenvectors_of_independent_covariances(problem, 
         A, S = a.T @ a / len(X), g.T @ g / len(X)
         p_in, p_out = projections[name]
         for P, C, k in ((p_in, A, 3), (p_out, S, 2)):
-            evals, evecs = torch.linalg.eigh(C)
+            _evals, evecs = torch.linalg.eigh(C)
             top = evecs[:, -k:].flip(1).T
             # same subspace and same vectors up to sign
             torch.testing.assert_close((P.double() @ top.T).abs(), torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-6)

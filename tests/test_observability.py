@@ -1,7 +1,9 @@
 """Observability on the embedded default job: the offline W&B run of `logra-dist log` holds
 plausible figures, `--no-wandb` records nothing, `inspect` describes complete and partial
 indexes, and `report` renders in headless Chromium with the queries and their top texts."""
+
 import io
+import itertools
 import json
 import os
 import shutil
@@ -11,10 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from wandb_offline import read_run
 
 from logra_dist import LoGraConfig, attach
 from logra_dist.cli.main import main
@@ -22,7 +24,6 @@ from logra_dist.embedded import load_corpus
 from logra_dist.index.inspect import inspect_index, render
 from logra_dist.index.partial import read_record, write_record
 from logra_dist.tracking import NULL_TRACKER, Tracker, wandb_mode
-from wandb_offline import read_run
 
 N_TRAIN, N_QUERIES, BATCH = 64, 6, 8
 
@@ -71,18 +72,53 @@ def job(tmp_path_factory):
     corpus = load_corpus()
     queries = root / "queries.jsonl"
     picks = [3, 17, 29, 40, 51, 60][:N_QUERIES]
-    queries.write_text("".join(json.dumps({"id": 500 + i, "prompt": corpus[j]["text"][:40],
-                                           "completion": corpus[j]["text"][40:160]}) + "\n"
-                               for i, j in enumerate(picks)))
+    queries.write_text(
+        "".join(
+            json.dumps({"id": 500 + i, "prompt": corpus[j]["text"][:40], "completion": corpus[j]["text"][40:160]})
+            + "\n"
+            for i, j in enumerate(picks)
+        )
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_DIR", str(root))
         mp.delenv("WANDB_API_KEY", raising=False)
-        assert main(["log", "--out", str(root / "index"), "--max-samples", str(N_TRAIN), "--batch-size",
-                     str(BATCH), "--log-every", "2", "--storage-dtype", "float16"]) == 0
+        assert (
+            main(
+                [
+                    "log",
+                    "--out",
+                    str(root / "index"),
+                    "--max-samples",
+                    str(N_TRAIN),
+                    "--batch-size",
+                    str(BATCH),
+                    "--log-every",
+                    "2",
+                    "--storage-dtype",
+                    "float16",
+                ]
+            )
+            == 0
+        )
         runs_after_log = sorted((root / "wandb").glob("offline-run-*"))
-        assert main(["score", "--index", str(root / "index"), "--queries", str(queries), "--topk", "4",
-                     "--out", str(root / "results"), "--no-wandb"]) == 0
+        assert (
+            main(
+                [
+                    "score",
+                    "--index",
+                    str(root / "index"),
+                    "--queries",
+                    str(queries),
+                    "--topk",
+                    "4",
+                    "--out",
+                    str(root / "results"),
+                    "--no-wandb",
+                ]
+            )
+            == 0
+        )
     return {"root": root, "runs_after_log": runs_after_log, "corpus": corpus, "picks": picks}
 
 
@@ -97,9 +133,11 @@ def test_log_job_wandb_offline_run_has_plausible_figures(job):
 
     history = [row for row in run["history"] if "count/samples" in row]
     batches = N_TRAIN // BATCH
-    assert [row["count/samples"] for row in history[:batches // 2]] == [2 * BATCH * (i + 1) for i in range(batches // 2)]
+    assert [row["count/samples"] for row in history[: batches // 2]] == [
+        2 * BATCH * (i + 1) for i in range(batches // 2)
+    ]
     forward = [row["time/forward"] for row in history]
-    assert all(b >= a for a, b in zip(forward, forward[1:])) and forward[0] > 0  # cumulative
+    assert all(b >= a for a, b in itertools.pairwise(forward)) and forward[0] > 0  # cumulative
 
     s = run["summary"]
     manifest = json.loads((job["root"] / "index" / "manifest.json").read_text())
@@ -123,12 +161,17 @@ def test_inspect_complete_index(job):
     assert facts["complete"] and facts["problems"] == []
     assert facts["rows_on_disk"] == facts["rows_in_manifest"] == N_TRAIN and facts["world_size"] == 1
     assert facts["storage_dtype"] == "float16" and len(facts["layout"]) == 15 == len(facts["layer_norms"])
-    assert facts["sampled_rows"] == 16 and all(0 < l["mean_norm"] <= l["max_norm"] for l in facts["layer_norms"])
+    assert facts["sampled_rows"] == 16
+    assert all(0 < layer["mean_norm"] <= layer["max_norm"] for layer in facts["layer_norms"])
     assert facts["shards"][0]["id_range"] == [0, N_TRAIN - 1] and facts["disk_bytes"] > N_TRAIN * facts["width"] * 2
     text = render(facts)
     assert "COMPLETE" in text and "model.layers.0.self_attn.q_proj" in text
-    out = subprocess.run([sys.executable, "-m", "logra_dist.cli", "inspect", "--json", str(job["root"] / "index")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    out = subprocess.run(
+        [sys.executable, "-m", "logra_dist.cli", "inspect", "--json", str(job["root"] / "index")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     assert out.returncode == 0 and json.loads(out.stdout)["rows_on_disk"] == N_TRAIN
 
 
@@ -162,15 +205,24 @@ def test_inspect_partial_index_says_what_is_missing(tmp_path):
 
 # -- report ---------------------------------------------------------------------------------------
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--hide-scrollbars"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def _chromium(*args: str) -> subprocess.CompletedProcess:
     with tempfile.TemporaryDirectory() as profile:
-        return subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=120)
+        return subprocess.run(
+            [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120
+        )
 
 
 def test_report_renders_queries_and_their_top_training_texts(job, tmp_path):
@@ -191,7 +243,7 @@ def test_report_renders_queries_and_their_top_training_texts(job, tmp_path):
     assert image.size == (1200, 1600)
     pixels = np.asarray(image).astype(np.int32)
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50 and pixels.std() > 20  # not blank
-    assert np.abs(pixels[20, 600] - [0x1d, 0x23, 0x30]).max() < 8  # the dark header was styled
+    assert np.abs(pixels[20, 600] - [0x1D, 0x23, 0x30]).max() < 8  # the dark header was styled
     dom = _chromium("--dump-dom", page.as_uri()).stdout
     import html
 

@@ -1,10 +1,11 @@
 """Hooks vs torch.func: rows equal P_out G P_in^T of the true per-sample weight gradients."""
+
 import pytest
 import torch
+from reference import ReusingMLP, lm_loss, mlp, per_sample_weight_grads, projected_reference, tiny_gpt2, tiny_llama
 from torch import nn
 
 import logra_dist as ld
-from reference import ReusingMLP, lm_loss, mlp, per_sample_weight_grads, projected_reference, tiny_gpt2, tiny_llama
 
 CFG = dict(k_in=3, k_out=2, compute_dtype="float64", storage_dtype="float32", hessian="none")
 
@@ -35,8 +36,10 @@ def test_mlp_rows_match_torch_func(model_fn):
     session = _session(model)
     with session.capture(torch.arange(6)):
         session.backward(nn.functional.cross_entropy(session.model(X), Y, reduction="sum"))
-    ref_grads = per_sample_weight_grads(model, _Loss(6, lambda call, p, i: nn.functional.cross_entropy(
-        call(p, X[i:i + 1]), Y[i:i + 1], reduction="sum")))
+    ref_grads = per_sample_weight_grads(
+        model,
+        _Loss(6, lambda call, p, i: nn.functional.cross_entropy(call(p, X[i : i + 1]), Y[i : i + 1], reduction="sum")),
+    )
     ref = projected_reference(session, model, ref_grads)
     assert session.rows.shape == ref.shape
     torch.testing.assert_close(session.rows, ref, rtol=1e-10, atol=1e-12)
@@ -57,7 +60,7 @@ def test_language_model_padded_batch_matches_unpadded_torch_func(model_fn):
     mask = torch.zeros(3, T, dtype=torch.long)
     labels = torch.full((3, T), -100)
     for i, s in enumerate(seqs):
-        input_ids[i, :len(s)], mask[i, :len(s)], labels[i, :len(s)] = s, 1, s
+        input_ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, s
     # GPT-2 ties lm_head to the token embedding: that weight's gradient also holds the embedding
     # lookup's part, which is not a Linear/Conv1D gradient, so the tied head is excluded here.
     session = _session(model, exclude=[r"lm_head"] if model_fn is tiny_gpt2 else [])

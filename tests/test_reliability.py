@@ -2,13 +2,13 @@
 input) and what must follow: resume logs every id exactly once with the statistics of an
 uninterrupted run, and every damaged or foreign file is an error naming it. docs/reliability.md
 has the table of these cases."""
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,16 +16,32 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from reliability_helpers import (
+    CLI_WORKER,
+    MLP_WORKER,
+    ROOT,
+    assert_same_index,
+    bare_ranks,
+    committed_rows,
+    fisher_matrices,
+    mlp_args,
+    mlp_worker,
+    rows_by_id,
+    run_mlp,
+    torchrun,
+)
 
 import logra_dist as ld
 from logra_dist.cli.main import main
-from reliability_helpers import (CLI_WORKER, MLP_WORKER, ROOT, assert_same_index, bare_ranks, committed_rows,
-                                 fisher_matrices, mlp_args, mlp_worker, rows_by_id, run_mlp, torchrun)
 
 N, NAN_ID = 40, 13
-CONFIGS = {"raw": ["--nan-id", str(NAN_ID)], "kfac": ["--hessian", "kfac", "--nan-id", str(NAN_ID)],
-           "pca": ["--init", "pca", "--k", "3", "--nan-id", str(NAN_ID)], "none3": ["--hessian", "none", "--k", "3"],
-           "plain": []}
+CONFIGS = {
+    "raw": ["--nan-id", str(NAN_ID)],
+    "kfac": ["--hessian", "kfac", "--nan-id", str(NAN_ID)],
+    "pca": ["--init", "pca", "--k", "3", "--nan-id", str(NAN_ID)],
+    "none3": ["--hessian", "none", "--k", "3"],
+    "plain": [],
+}
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +132,11 @@ def test_resume_of_a_finished_index_changes_nothing(tmp_path, reference):
     assert manifest["total_rows"] == N - 1 and all((out / p).read_bytes() == b for p, b in before.items())
     assert_same_index(out, reference("raw"))
     (out / "manifest.json").unlink()  # finalized, then damaged: the statistics to re-finalize are gone
-    with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.h5: cannot re-run the finalize: the statistics of "
-                                                  r"this complete shard \(rank-00000\.stats\.npz"):
+    with pytest.raises(
+        ld.IndexFormatError,
+        match=r"rank-00000\.h5: cannot re-run the finalize: the statistics of "
+        r"this complete shard \(rank-00000\.stats\.npz",
+    ):
         mlp_worker.run(mlp_args(out, *CONFIGS["raw"], "--resume"))
 
 
@@ -175,8 +194,13 @@ def test_commits_are_spaced_by_their_cost(tmp_path):
     X, Y = mlp_worker.data(32)
     for seconds in (1e-9, 0):
         out = tmp_path / str(seconds)
-        logger = ld.attach(mlp_worker.model(), mlp_worker.config(mlp_args(out, "--flush-rows", "4")), out,
-                           commit_seconds=seconds, asynchronous_writes=False)
+        logger = ld.attach(
+            mlp_worker.model(),
+            mlp_worker.config(mlp_args(out, "--flush-rows", "4")),
+            out,
+            commit_seconds=seconds,
+            asynchronous_writes=False,
+        )
         record = out / "shards" / "rank-00000.partial" / "commit.npz"
         committed = []
         for step in range(8):
@@ -216,16 +240,25 @@ def test_torchrun_rank_killed_then_resumed_with_the_same_command(tmp_path):
 
 # -- 2. a failing rank never leaves the others waiting ----------------------------------------------
 def test_rank_raising_under_torchrun_ends_the_job_nonzero(tmp_path):
-    proc = torchrun(MLP_WORKER, "--out", str(tmp_path / "i"), fault="raise_after_batches:2@1", timeout=120,
-                    LOGRA_DIST_TIMEOUT_S="600")
+    proc = torchrun(
+        MLP_WORKER,
+        "--out",
+        str(tmp_path / "i"),
+        fault="raise_after_batches:2@1",
+        timeout=120,
+        LOGRA_DIST_TIMEOUT_S="600",
+    )
     assert proc.returncode != 0 and "injected failure" in proc.stderr
     assert proc.elapsed < 60, proc.elapsed
 
 
-@pytest.mark.parametrize("fault,timeout,expect", [
-    ("raise_after_batches:2@1", "600", "Connection closed by peer"),  # a dead rank: noticed at once
-    ("stall_after_batches:2@1", "4", "Timed out"),  # a live rank that stopped: the collective timeout
-])
+@pytest.mark.parametrize(
+    "fault,timeout,expect",
+    [
+        ("raise_after_batches:2@1", "600", "Connection closed by peer"),  # a dead rank: noticed at once
+        ("stall_after_batches:2@1", "4", "Timed out"),  # a live rank that stopped: the collective timeout
+    ],
+)
 def test_peer_of_a_failed_rank_errors_within_bounded_time(tmp_path, fault, timeout, expect):
     """Bare processes (no launcher to kill the survivors): rank 0 must fail on its own."""
     procs = bare_ranks(MLP_WORKER, "--out", str(tmp_path / "i"), fault=fault, LOGRA_DIST_TIMEOUT_S=timeout)
@@ -247,10 +280,13 @@ def test_peer_of_a_failed_rank_errors_within_bounded_time(tmp_path, fault, timeo
 def test_file_size_limit_fails_loudly_and_stays_resumable(tmp_path, reference, limit, where):
     out = tmp_path / "index"
     failed = run_mlp(out, *CONFIGS["none3"], fault=f"fsize:{limit}")
-    assert failed.returncode == 1 and "write failed" in failed.stderr and "File too large" in failed.stderr, \
+    assert failed.returncode == 1 and "write failed" in failed.stderr and "File too large" in failed.stderr, (
         failed.stderr[-3000:]
+    )
     rows = committed_rows(out)  # 108 bytes a row: rows 25..28 cross 3000 bytes at the commit of row 32
-    assert rows == 24 if where == "while logging" else (rows == N and (out / "shards" / "rank-00000.h5.partial").exists())
+    assert (
+        rows == 24 if where == "while logging" else (rows == N and (out / "shards" / "rank-00000.h5.partial").exists())
+    )
     assert not (out / "shards" / "rank-00000.h5").exists()
     mlp_worker.run(mlp_args(out, *CONFIGS["none3"], "--resume"))
     gi, gr = rows_by_id(out)
@@ -332,8 +368,9 @@ DAMAGE = {
     "corrupt-ids": r"shards/rank-00000\.h5: its ids do not match the fingerprint in the manifest",
     "incomplete": r"shards/rank-00000\.h5: shard is not marked complete",
     "missing": r"shards/rank-00000\.h5: shard listed in the manifest is missing$",
-    "missing-unfinished": r"rank-00000\.h5: shard listed in the manifest is missing \(unfinished \['rank-00000\.partial'\] "
-                          r"exist: the job did not finalize; rerun it with --resume\)",
+    "missing-unfinished": r"rank-00000\.h5: shard listed in the manifest is missing "
+    r"\(unfinished \['rank-00000\.partial'\] "
+    r"exist: the job did not finalize; rerun it with --resume\)",
     "seed": r"shards/rank-00000\.h5: written by another job: its config_rows is .*'seed': 1",
     "layers": r"shards/rank-00000\.h5: written by another job: its layout is",
     "model": r"shards/rank-00000\.h5: written by another job: its model is .*OtherMLP",
@@ -383,21 +420,29 @@ def test_corrupted_rows_fail_their_checksum_when_read(tmp_path, reference):
     _flip(shard, _chunk_offset(shard, "grads", 1) + 5)  # one byte of rows 8..15
     with ld.GradientStore(index) as store:  # opening reads ids only
         np.testing.assert_array_equal(store[0:8], rows_by_id(reference("none3"))[1][:8])
-        for read in (lambda: store[:], lambda: store[10:12], lambda: list(store.iter_chunks(16)),
-                     lambda: store.rows_for_ids([9])):
+        for read in (
+            lambda: store[:],
+            lambda: store[10:12],
+            lambda: list(store.iter_chunks(16)),
+            lambda: store.rows_for_ids([9]),
+        ):
             with pytest.raises(ld.IndexFormatError, match=r"shards/rank-00000\.h5: rows 8\.\.16 fail their checksum"):
                 read()
 
 
 def test_duplicate_ids_across_shards(two_rank_duplicates):
-    with pytest.raises(ld.IndexFormatError, match=r"ids logged more than once across shards, e\.g\. \[0, 1, 2, 3, 4\] "
-                                                  r"\(in \['rank-00000\.h5', 'rank-00001\.h5'\]\)"):
+    with pytest.raises(
+        ld.IndexFormatError,
+        match=r"ids logged more than once across shards, e\.g\. \[0, 1, 2, 3, 4\] "
+        r"\(in \['rank-00000\.h5', 'rank-00001\.h5'\]\)",
+    ):
         ld.GradientStore(two_rank_duplicates)
 
 
 def test_scoring_with_a_model_whose_layers_differ(reference):
-    wider = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6), torch.nn.Tanh(),
-                                torch.nn.Linear(6, 3))
+    wider = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)
+    )
     with pytest.raises(ld.IndexFormatError, match="model's selected layers do not match the index layout"):
         ld.Scorer(wider, reference("none3"))
     assert all(p.requires_grad for p in wider.parameters())  # the failed scorer left the model as it was
@@ -443,9 +488,11 @@ def test_resume_refuses_another_config_or_model(tmp_path):
         logger.backward(torch.nn.functional.cross_entropy(logger.model(X), Y, reduction="sum"))
     logger.close()  # not finalized: the partial shard stays, 4 rows committed
     assert len(np.fromfile(tmp_path / "shards" / "rank-00000.partial" / "ids.bin", dtype="<i8")) == 4
-    for other, net, msg in ((["--flush-rows", "2", "--seed", "1"], None, "written with another config"),
-                            (["--flush-rows", "2", "--k", "3"], None, "written with another layout"),
-                            (["--flush-rows", "2"], OtherMLP(*mlp_worker.model()), "written with another model")):
+    for other, net, msg in (
+        (["--flush-rows", "2", "--seed", "1"], None, "written with another config"),
+        (["--flush-rows", "2", "--k", "3"], None, "written with another layout"),
+        (["--flush-rows", "2"], OtherMLP(*mlp_worker.model()), "written with another model"),
+    ):
         with pytest.raises(ld.IndexFormatError, match=rf"rank-00000\.partial: {msg}"):
             mlp_worker.run(mlp_args(tmp_path, *other, "--resume"), net=net)
     assert mlp_worker.run(mlp_args(tmp_path, "--flush-rows", "2", "--resume"))["total_rows"] == N
@@ -458,19 +505,32 @@ def _cli_cases(tmp_path: Path) -> list[tuple[list[str], type, str]]:
     bad_cfg.write_text(json.dumps({"storage_dtype": "int8"}))
     out = ["--out", str(tmp_path / "index")]
     return [
-        (["log", *out, "--max-length", "1000"], SystemExit, r"--max-length 1000 exceeds the context .*"
-                                                            r"\(max_position_embeddings=256\)"),
+        (
+            ["log", *out, "--max-length", "1000"],
+            SystemExit,
+            r"--max-length 1000 exceeds the context .*"
+            r"\(max_position_embeddings=256\)",
+        ),
         (["log", *out, "--batch-size", "0"], SystemExit, "--batch-size must be >= 1, got 0"),
         (["log", *out, "--max-samples", "0"], SystemExit, "--max-samples must be >= 1, got 0"),
         (["log", *out, "--logra", str(bad_cfg)], ld.ConfigError, r"storage_dtype='int8' is not one of"),
         (["log", *out, "--data", str(empty)], ValueError, r"empty\.jsonl'\]: no documents"),
-        (["log", *out, "--max-samples", "4", "--k-in", "100"], ld.ConfigError,
-         r"narrower than the projection ranks k_in=100"),
-        (["log", *out, "--max-samples", "4", "--include", "nothing_matches"], ld.ConfigError,
-         r"include=\['nothing_matches'\] .* select no Linear/Conv1D layer"),
+        (
+            ["log", *out, "--max-samples", "4", "--k-in", "100"],
+            ld.ConfigError,
+            r"narrower than the projection ranks k_in=100",
+        ),
+        (
+            ["log", *out, "--max-samples", "4", "--include", "nothing_matches"],
+            ld.ConfigError,
+            r"include=\['nothing_matches'\] .* select no Linear/Conv1D layer",
+        ),
         (["score", "--index", str(tmp_path / "nope"), "--queries", str(empty)], ValueError, "no documents"),
-        (["score", "--index", str(tmp_path / "nope"), "--queries", str(ROOT / "launch" / "example_queries.jsonl")],
-         ld.IndexFormatError, r"nope/manifest\.json: missing"),
+        (
+            ["score", "--index", str(tmp_path / "nope"), "--queries", str(ROOT / "launch" / "example_queries.jsonl")],
+            ld.IndexFormatError,
+            r"nope/manifest\.json: missing",
+        ),
     ]
 
 
@@ -483,6 +543,7 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
     with pytest.raises(SystemExit):  # argparse: an unknown storage dtype never reaches the job
         main(["log", "--out", str(tmp_path / "index"), "--storage-dtype", "int8"])
     from logra_dist.cli.jobs import check_context, default_model_path  # `score` runs the same check
+
     with pytest.raises(SystemExit, match=r"--max-length 999 exceeds the context"):
         check_context(default_model_path(), 999)
     check_context(default_model_path(), 256)
@@ -491,20 +552,32 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
 def test_nothing_is_unpickled():
     """Files from elsewhere are only parsed: no pickle, no torch.load without weights_only=True,
     no np.load with allow_pickle=True (numpy's default refuses pickles)."""
-    pattern = re.compile(r"\bimport (c?pickle|dill)\b|\bpickle\.loads?\(|joblib\.load\(|allow_pickle\s*=\s*True"
-                         r"|torch\.load\((?![^)]*weights_only=True)")
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "logra_dist").rglob("*.py"))
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    pattern = re.compile(
+        r"\bimport (c?pickle|dill)\b|\bpickle\.loads?\(|joblib\.load\(|allow_pickle\s*=\s*True"
+        r"|torch\.load\((?![^)]*weights_only=True)"
+    )
+    offenders = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in sorted((ROOT / "logra_dist").rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not offenders, offenders
 
 
 def test_write_index_from_precomputed_rows_reads_back(tmp_path):
     from logra_dist.core.projection import LayerSpec
     from logra_dist.index.store import write_index
+
     specs = [LayerSpec("a", "linear", 4, 4, 2, 3), LayerSpec("b", "linear", 4, 4, 3, 2)]
     cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype="float32", flush_rows=3)
     rows = np.random.default_rng(0).standard_normal((9, 12)).astype(np.float32)
-    write_index(tmp_path, specs, cfg.to_json(), [[(np.arange(5), rows[:5])], [], [(np.arange(5, 7), rows[5:7]), (np.arange(7, 9), rows[7:])]])
+    write_index(
+        tmp_path,
+        specs,
+        cfg.to_json(),
+        [[(np.arange(5), rows[:5])], [], [(np.arange(5, 7), rows[5:7]), (np.arange(7, 9), rows[7:])]],
+    )
     with ld.GradientStore(tmp_path) as store:
         assert store.ids.tolist() == list(range(9)) and [s.rows for s in store.shards] == [5, 0, 4]
         np.testing.assert_array_equal(store[:], rows)
@@ -516,8 +589,11 @@ def test_damaged_commit_record_is_an_error_naming_it(tmp_path):
     killed = run_mlp(out, fault="kill_after_batches:3")
     assert killed.returncode == -9
     (out / "shards" / "rank-00000.partial" / "commit.npz").write_bytes(b"PK\x03\x04 damaged")
-    with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.partial/commit\.npz: unreadable commit record .* "
-                                                  r"delete .*rank-00000\.partial to log this rank again"):
+    with pytest.raises(
+        ld.IndexFormatError,
+        match=r"rank-00000\.partial/commit\.npz: unreadable commit record .* "
+        r"delete .*rank-00000\.partial to log this rank again",
+    ):
         mlp_worker.run(mlp_args(out, "--resume"))
 
 
@@ -525,6 +601,7 @@ def test_scoring_streams_check_every_row_they_serve(tmp_path, reference):
     """The scorer reads shards through its own stream: a flipped byte must fail it too, whether
     the damaged block lies inside a chunk, across two chunks, or at the end of a rank's range."""
     from logra_dist.index.stream import ChunkStream
+
     index = _copy(reference("none3"), tmp_path / "index")  # 40 rows, checksum blocks of 8 rows
     shard = index / "shards" / "rank-00000.h5"
     with ld.GradientStore(index) as store:

@@ -4,6 +4,7 @@ Three launches share one folder: indexes logged on 4 ranks, then on 2 ranks (whi
 then scoring on 3 ranks; world size 1 runs in this process. Every scoring world size scores
 indexes logged on 2 and 4 ranks, so 4->1, 4->2, 4->3, 2->1, 2->2, 2->3 are all covered.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 import scorer_worker as worker
-from scorer_helpers import (GROUPS, MODES, group_mask, int_samples, inverse_hessian, raw_rows,
-                            reference_scores, reference_topk)
+from scorer_helpers import (
+    GROUPS,
+    MODES,
+    group_mask,
+    int_samples,
+    inverse_hessian,
+    raw_rows,
+    reference_scores,
+    reference_topk,
+)
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
@@ -27,8 +35,16 @@ WORLDS = (1, 2, 3)
 
 def torchrun(n: int, phase: str, root: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           str(REPO / "tests" / "scorer_worker.py"), phase, str(root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n}",
+        str(REPO / "tests" / "scorer_worker.py"),
+        phase,
+        str(root),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"{phase} on {n} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
@@ -84,18 +100,25 @@ def test_topk_equals_brute_force_every_mode_and_group(root, queries, index, worl
         for name in ["total", *GROUPS]:
             ref = reference_scores(q, g, hinv, mode, group_mask(layout, None if name == "total" else GROUPS[name]))
             prefix = "" if name == "total" else f"{name}."
-            check_topk(got[f"{prefix}scores"], got[f"{prefix}train_ids"], ref, ids, worker.K,
-                       f"{index} scored on {world} ranks, {mode}, {name}")
+            check_topk(
+                got[f"{prefix}scores"],
+                got[f"{prefix}train_ids"],
+                ref,
+                ids,
+                worker.K,
+                f"{index} scored on {world} ranks, {mode}, {name}",
+            )
 
 
 @pytest.mark.parametrize("world", WORLDS)
 def test_query_index_and_other_damping(root, queries, world):
     """Queries from a query index (no model), damping != the index's, cache written by this world."""
-    qids, q = queries
+    _qids, q = queries
     ids, g, layout = raw_rows(root / "idx2")
     got = load(root, world, "idx2-relatif-qindex")
-    ref = reference_scores(q, g, inverse_hessian(root / "idx2", layout, float(got["damping"])), "relatif",
-                           group_mask(layout, None))
+    ref = reference_scores(
+        q, g, inverse_hessian(root / "idx2", layout, float(got["damping"])), "relatif", group_mask(layout, None)
+    )
     check_topk(got["scores"], got["train_ids"], ref, ids, worker.K, f"query index, world {world}")
     got = load(root, world, "idx4-cosine-nocache")
     ids, g, layout = raw_rows(root / "idx4")
@@ -136,13 +159,13 @@ def test_self_influence_is_diagonal_of_pairwise_scores(root, world):
 
 
 def test_self_influence_cache_per_damping_per_layer(root):
-    ids, g, layout = raw_rows(root / "idx2")
+    _ids, g, layout = raw_rows(root / "idx2")
     with h5py.File(root / "idx2" / "selfinf.h5", "r") as f:
         assert sorted(f) == [f"raw_damping_{d!r}" for d in (0.25, 0.5, 0.75, 1.0)]
         for d in (0.25, 0.5, 0.75, 1.0):
             hinv = inverse_hessian(root / "idx2", layout, d)
-            for j, l in enumerate(layout):
-                m = group_mask(layout, "^" + l["name"].replace(".", r"\.") + "$")
+            for j, layer in enumerate(layout):
+                m = group_mask(layout, "^" + layer["name"].replace(".", r"\.") + "$")
                 ref = np.einsum("nd,de,ne->n", g[:, m], hinv[np.ix_(m, m)], g[:, m])
                 np.testing.assert_allclose(f[f"raw_damping_{d!r}"][:, j], ref, rtol=1e-5)
     assert not [p.name for p in (root / "idx2").iterdir() if ".part-" in p.name or ".tmp" in p.name]
@@ -173,7 +196,7 @@ def test_failure_on_one_rank_reaches_every_rank(root, world):
 
 def test_result_files(root, queries):
     qids, _ = queries
-    ids, g, layout = raw_rows(root / "idx4")
+    _ids, _g, _layout = raw_rows(root / "idx4")
     per_world = {}
     for w in WORLDS:
         with h5py.File(root / "out" / f"W{w}" / "topk.h5", "r") as f:
@@ -203,6 +226,7 @@ def test_many_queries_use_several_query_chunks(root):
     """The cases above stream 21 queries in blocks of a few: check the configuration does that."""
     import logra_dist as ld
     from logra_dist.scoring.kernels import GroupPlan
+
     sc = ld.Scorer(None, root / "idx2", chunk_rows=5, block_bytes=worker.SMALL_BLOCK)
     plan = GroupPlan(sc.store.layout, GROUPS)
     assert 1 <= sc._query_chunk(len(worker.QUERY_IDS), len(plan.atom_layers)) < len(worker.QUERY_IDS) / 2

@@ -1,5 +1,6 @@
 """Single-process checks of the scorer's parts: top-k merging, row assignment, self-influence,
 layer groups, query validation, KFAC and no-Hessian scoring against numpy."""
+
 from __future__ import annotations
 
 import itertools
@@ -7,14 +8,32 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scorer_helpers import (
+    GROUPS,
+    MODES,
+    TinyNet,
+    capture_batches,
+    config,
+    group_mask,
+    inverse_hessian,
+    log_index,
+    raw_rows,
+    reference_scores,
+    reference_topk,
+)
 
 import logra_dist as ld
-from logra_dist.index.partition import SHARD_SPLIT_SLACK, assign_rows
-from logra_dist.scoring.kernels import (ID_PAD, GroupPlan, LayerSelfInfluence, RunningTopK, layer_self_influence,
-                                select_topk, self_influence)
 from logra_dist.core.curvature import Accumulator
-from scorer_helpers import (GROUPS, MODES, TinyNet, capture_batches, config, group_mask, inverse_hessian,
-                            log_index, raw_rows, reference_scores, reference_topk)
+from logra_dist.index.partition import SHARD_SPLIT_SLACK, assign_rows
+from logra_dist.scoring.kernels import (
+    ID_PAD,
+    GroupPlan,
+    LayerSelfInfluence,
+    RunningTopK,
+    layer_self_influence,
+    select_topk,
+    self_influence,
+)
 
 
 # -- top-k --------------------------------------------------------------------------------------
@@ -29,7 +48,7 @@ def test_running_topk_equals_sort_with_ties_any_chunking(k):
         top = RunningTopK(n_q, k)
         for s in range(0, n, chunk):
             for a in range(0, n_q, q_chunk):
-                top.update(scores[a:a + q_chunk, s:s + chunk], ids[s:s + chunk], slice(a, a + q_chunk))
+                top.update(scores[a : a + q_chunk, s : s + chunk], ids[s : s + chunk], slice(a, a + q_chunk))
         kk = min(k, n)
         np.testing.assert_array_equal(top.ids[:, :kk].numpy(), ref_i)
         np.testing.assert_array_equal(top.scores[:, :kk].numpy(), ref_s)
@@ -40,9 +59,9 @@ def test_select_topk_merges_per_rank_lists_like_one_list():
     gen = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 4, (3, 30), generator=gen).float()
     ids = torch.arange(30)[None].expand(3, -1)
-    parts = [select_topk(scores[:, s:s + 10], ids[:, s:s + 10], 7) for s in (20, 0, 10)]  # any rank order
+    parts = [select_topk(scores[:, s : s + 10], ids[:, s : s + 10], 7) for s in (20, 0, 10)]  # any rank order
     merged = select_topk(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1), 7)
-    ref_s, ref_i = reference_topk(scores.numpy(), np.arange(30), 7)
+    _ref_s, ref_i = reference_topk(scores.numpy(), np.arange(30), 7)
     np.testing.assert_array_equal(merged[1].numpy(), ref_i)
 
 
@@ -69,7 +88,7 @@ def test_assign_rows_covers_every_row_once_and_balances(shards, world):
 
 def test_assign_rows_falls_back_to_ranges_when_shards_are_unbalanced():
     plan = assign_rows([100, 1, 1, 1], 2)
-    assert [sum(h - l for l, h in r) for r in plan] == [52, 51]
+    assert [sum(hi - lo for lo, hi in r) for r in plan] == [52, 51]
 
 
 # -- self-influence and preconditioners ----------------------------------------------------------
@@ -78,13 +97,19 @@ def test_layer_self_influence_equals_applied_preconditioner(kind):
     """Per layer and in total; layers b, c share a width (batched into one bmm for raw)."""
     torch.manual_seed(0)
     LayerSpec = ld.core.projection.LayerSpec
-    specs = [LayerSpec("a", "linear", 5, 4, 3, 2), LayerSpec("b", "linear", 4, 6, 2, 4),
-             LayerSpec("c", "linear", 6, 4, 4, 2), LayerSpec("d", "linear", 4, 6, 2, 3)]
+    specs = [
+        LayerSpec("a", "linear", 5, 4, 3, 2),
+        LayerSpec("b", "linear", 4, 6, 2, 4),
+        LayerSpec("c", "linear", 6, 4, 4, 2),
+        LayerSpec("d", "linear", 4, 6, 2, 3),
+    ]
     acc = Accumulator(specs, kind, torch.float64)
     rows = torch.randn(40, 28, dtype=torch.float64)
     acc.update_rows(rows)
     for s in specs:
-        acc.observe(s.name, torch.randn(50, s.k_in, dtype=torch.float64), torch.randn(50, s.k_out, dtype=torch.float64), 50)
+        acc.observe(
+            s.name, torch.randn(50, s.k_in, dtype=torch.float64), torch.randn(50, s.k_out, dtype=torch.float64), 50
+        )
     pre = None if kind == "none" else acc.preconditioner(0.7)
     per_layer = layer_self_influence(pre, specs, rows)
     if kind == "raw":
@@ -92,19 +117,22 @@ def test_layer_self_influence_equals_applied_preconditioner(kind):
     torch.testing.assert_close(per_layer.sum(1), self_influence(pre, rows))
     col = 0
     for i, s in enumerate(specs):
-        block = rows[:, col:col + s.width]
+        block = rows[:, col : col + s.width]
         torch.testing.assert_close(per_layer[:, i], self_influence(None if pre is None else _only(pre, i), block))
         col += s.width
 
 
 def _only(pre, i):
     from logra_dist.core.curvature import Preconditioner
+
     spec = pre.specs[i]
     return Preconditioner([spec], pre.kind, pre.damping, {spec.name: pre.layers[spec.name]})
 
 
 def test_group_plan_overlapping_groups():
-    specs = [ld.core.projection.LayerSpec(n, "linear", 4, 4, 2, 2) for n in ("self_attn.q", "mlp.fc1", "mlp.fc2", "head")]
+    specs = [
+        ld.core.projection.LayerSpec(n, "linear", 4, 4, 2, 2) for n in ("self_attn.q", "mlp.fc1", "mlp.fc2", "head")
+    ]
     plan = GroupPlan(specs, {"mlp": "mlp", "fc1q": r"fc1|\.q$"})
     assert plan.names == ["total", "mlp", "fc1q"]
     x = torch.arange(16.0)[None]
@@ -188,6 +216,7 @@ def test_model_layers_must_match_index(indexes):
         def __init__(self):
             super().__init__()
             self.mlp.fc2 = torch.nn.Linear(10, 5)
+
     with pytest.raises(ld.IndexFormatError, match="do not match the index layout"):
         ld.Scorer(Other(), indexes / "none")
 
@@ -195,8 +224,10 @@ def test_model_layers_must_match_index(indexes):
 # -- streaming ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("storage", ["float16", "bfloat16", "float32"])
 def test_chunk_stream_equals_store_reads_across_shard_boundaries(tmp_path, storage):
-    from logra_dist.index.stream import ChunkStream
     from scorer_helpers import write_synthetic_index
+
+    from logra_dist.index.stream import ChunkStream
+
     given = write_synthetic_index(tmp_path, [5, 0, 9, 4], storage)
     store = ld.GradientStore(tmp_path)
     tol = {"float16": 1e-3, "bfloat16": 1e-2, "float32": 0}[storage]
@@ -207,15 +238,18 @@ def test_chunk_stream_equals_store_reads_across_shard_boundaries(tmp_path, stora
             assert side == (start, start + len(ids))
             assert rows.dtype == torch.float32 and len(rows) == len(ids) <= chunk
             np.testing.assert_array_equal(rows.numpy(), store.read(start, start + len(ids)))
-            np.testing.assert_array_equal(ids, store.ids[start:start + len(ids)])
+            np.testing.assert_array_equal(ids, store.ids[start : start + len(ids)])
             seen += list(range(start, start + len(ids)))
         assert seen == [r for lo, hi in ranges for r in range(lo, hi)]
 
 
 def test_chunk_stream_stops_cleanly_when_abandoned(tmp_path):
-    from logra_dist.index.stream import ChunkStream
-    from scorer_helpers import write_synthetic_index
     import threading
+
+    from scorer_helpers import write_synthetic_index
+
+    from logra_dist.index.stream import ChunkStream
+
     write_synthetic_index(tmp_path, [40], "float16")
     store = ld.GradientStore(tmp_path)
     for start, _, _, _ in ChunkStream(store, [(0, 40)], 2):
@@ -225,8 +259,10 @@ def test_chunk_stream_stops_cleanly_when_abandoned(tmp_path):
 
 
 def test_self_influence_part_writer_batches_and_merges(tmp_path, monkeypatch):
-    from logra_dist.scoring.selfinf import PartWriter, SelfInfluenceCache
     from scorer_helpers import write_synthetic_index
+
+    from logra_dist.scoring.selfinf import PartWriter, SelfInfluenceCache
+
     write_synthetic_index(tmp_path, [6, 5], "float32")
     cache = SelfInfluenceCache(tmp_path, "raw", 1.0, 11, ld.GradientStore(tmp_path).manifest["layout"])
     monkeypatch.setattr(PartWriter, "flush_rows", 3)
@@ -236,7 +272,7 @@ def test_self_influence_part_writer_batches_and_merges(tmp_path, monkeypatch):
         w = cache.part_writer(7, rank)
         for lo, hi in ranges:
             for s in range(lo, hi, 2):
-                w.append(values[s:min(hi, s + 2)])
+                w.append(values[s : min(hi, s + 2)])
         w.close()
     assert not cache.available()
     cache.merge(7, assignment)

@@ -1,13 +1,14 @@
 """Store round trips per dtype, id order, validation errors at the edge."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from reference import log_classifier, mlp
 
 import logra_dist as ld
 from logra_dist.index.store import decode_rows, encode_rows
-from reference import log_classifier, mlp
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -37,8 +38,11 @@ def test_store_round_trip_each_dtype(tmp_path, dtype):
         assert f.attrs["complete"] and f.attrs["storage_dtype"] == dtype
         assert f["grads"].dtype == (np.uint16 if dtype == "bfloat16" else np.dtype(dtype))
         layout = json.loads(f.attrs["layout"])
-        assert [(l["name"], l["k_out"], l["k_in"], l["offset"]) for l in layout] == [
-            ("0", 2, 3, 0), ("2", 2, 3, 6), ("4", 2, 3, 12)]
+        assert [(layer["name"], layer["k_out"], layer["k_in"], layer["offset"]) for layer in layout] == [
+            ("0", 2, 3, 0),
+            ("2", 2, 3, 6),
+            ("4", 2, 3, 12),
+        ]
     manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
     assert manifest["total_rows"] == 13 and manifest["shards"][0]["path"] == "shards/rank-00000.h5"
     assert not list((tmp_path / "a" / "shards").glob("*.partial"))
@@ -52,10 +56,13 @@ def test_bf16_encoding_is_the_bit_pattern():
 def test_config_json_round_trip_and_validation():
     cfg = ld.LoGraConfig(k_in=8, k_out=4, init="pca", include=["mlp"], damping=0.5)
     assert ld.LoGraConfig.from_json(cfg.to_json()) == cfg
-    for bad, msg in (({"k_in": 0}, "k_in must be a positive integer"),
-                     ({"storage_dtype": "int8"}, "storage_dtype='int8' is not one of"),
-                     ({"init": "svd"}, "init='svd'"), ({"damping": -1}, "damping"),
-                     ({"include": ["("]}, "not a valid regex")):
+    for bad, msg in (
+        ({"k_in": 0}, "k_in must be a positive integer"),
+        ({"storage_dtype": "int8"}, "storage_dtype='int8' is not one of"),
+        ({"init": "svd"}, "init='svd'"),
+        ({"damping": -1}, "damping"),
+        ({"include": ["("]}, "not a valid regex"),
+    ):
         with pytest.raises(ld.ConfigError, match=msg):
             ld.LoGraConfig(**bad)
     with pytest.raises(ld.ConfigError, match="unknown field"):
@@ -74,7 +81,7 @@ def test_complete_shard_is_never_overwritten(tmp_path):
     model, X, Y = mlp(), torch.randn(4, 5), torch.randint(0, 3, (4,))
     cfg = ld.LoGraConfig(k_in=2, k_out=2)
     log_classifier(model, X, Y, tmp_path, cfg)
-    with pytest.raises(ld.IndexFormatError, match="rank-00000.h5: a complete shard already exists"):
+    with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.h5: a complete shard already exists"):
         log_classifier(model, X, Y, tmp_path, cfg)
     assert len(ld.GradientStore(tmp_path)) == 4
 

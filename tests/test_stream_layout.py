@@ -2,8 +2,10 @@
 bytes: the layout check must accept the shards this package writes and refuse anything else,
 the raw reads must equal h5py's, and every row served must still be checked (fast path and
 HDF5 fallback alike)."""
+
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -11,12 +13,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from scorer_helpers import write_synthetic_index
 
 import logra_dist as ld
 from logra_dist.index import stream
 from logra_dist.index.reader import ShardInfo
 from logra_dist.index.stream import ChunkStream, _Source, plain_runs
-from scorer_helpers import write_synthetic_index
 
 
 def _shards(root: Path) -> list[Path]:
@@ -59,9 +61,9 @@ def _interleaved_shard(path: Path, n: int = 23, width: int = 5, chunk: int = 3) 
         g = f.create_dataset("grads", shape=(n, width), dtype=np.float16, chunks=(chunk, width))
         other = f.create_dataset("other", shape=(n * 50,), dtype=np.float64, chunks=(50,))
         for c, lo in enumerate(reversed(range(0, n, chunk))):
-            g[lo:lo + chunk] = rows[lo:lo + chunk]
+            g[lo : lo + chunk] = rows[lo : lo + chunk]
             if c % 2:
-                other[c * 50:(c + 1) * 50] = c
+                other[c * 50 : (c + 1) * 50] = c
     return rows
 
 
@@ -135,6 +137,7 @@ def test_a_flipped_byte_fails_the_stream_on_either_path(tmp_path, monkeypatch, r
 def test_stream_check_sees_every_block_at_any_piece_boundaries():
     from logra_dist.index.h5io import block_checksums, row_checksums
     from logra_dist.index.reader import StreamCheck
+
     rng = np.random.default_rng(1)
     rows = rng.integers(0, 2**16, (50, 6), dtype=np.uint16)
     sums = block_checksums(rows, 7)
@@ -145,7 +148,7 @@ def test_stream_check_sees_every_block_at_any_piece_boundaries():
         info.block_sums[bad] += np.uint64(trial % 2)  # odd trials: one block's recorded sum is wrong
         check = StreamCheck(info)
         lo, hi = sorted(int(x) for x in rng.integers(0, 51, 2))
-        pieces = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if a < hi and b > lo]
+        pieces = [(a, b) for a, b in itertools.pairwise(cuts) if a < hi and b > lo]
         pieces = [(max(a, lo), min(b, hi)) for a, b in pieces]
         if trial % 4 == 3 and pieces:  # a piece read twice
             pieces.append(pieces[0])

@@ -1,4 +1,5 @@
 """fisher="true": statistics come from sampled-label gradients, rows keep the data's labels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -27,8 +28,7 @@ def _data():
 def _log(out, hessian: str, fisher: str, row_labels, stat_labels=None) -> logra_dist.Logger:
     model = _mlp()
     x, _, _ = _data()
-    cfg = LoGraConfig(k_in=3, k_out=4, hessian=hessian, fisher=fisher, storage_dtype="float32",
-                      compute_dtype="float64")
+    cfg = LoGraConfig(k_in=3, k_out=4, hessian=hessian, fisher=fisher, storage_dtype="float32", compute_dtype="float64")
     logger = logra_dist.attach(model.double(), cfg, out)
     for start in range(0, 24, 8):
         ids = torch.arange(start, start + 8)
@@ -51,10 +51,13 @@ def _log(out, hessian: str, fisher: str, row_labels, stat_labels=None) -> logra_
 def test_true_fisher_statistics_from_sampled_labels_rows_from_data_labels(tmp_path, hessian):
     _, y, y_sampled = _data()
     true = _log(tmp_path / "true", hessian, "true", y, y_sampled)
-    rows_ref = _log(tmp_path / "rows", hessian, "empirical", y)          # same rows
-    stats_ref = _log(tmp_path / "stats", hessian, "empirical", y_sampled)  # same statistics
-    with logra_dist.GradientStore(tmp_path / "true") as a, logra_dist.GradientStore(tmp_path / "rows") as b, \
-            logra_dist.GradientStore(tmp_path / "stats") as c:
+    _log(tmp_path / "rows", hessian, "empirical", y)  # same rows
+    _log(tmp_path / "stats", hessian, "empirical", y_sampled)  # same statistics
+    with (
+        logra_dist.GradientStore(tmp_path / "true") as a,
+        logra_dist.GradientStore(tmp_path / "rows") as b,
+        logra_dist.GradientStore(tmp_path / "stats") as c,
+    ):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_allclose(a[:], b[:], rtol=1e-6, atol=1e-7)
         assert np.abs(a[:] - c[:]).max() > 1e-3  # the two label sets really differ

@@ -6,13 +6,15 @@ format: a 7-byte header (":W&B", magic 0xBEE1, version 0), then 32 KiB blocks of
 with a 7-byte header (crc32, little-endian length, type FULL=1 / FIRST=2 / MIDDLE=3 / LAST=4)
 and a `wandb_internal_pb2.Record` protobuf payload.
 """
+
 from __future__ import annotations
 
 import json
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 BLOCK, HEADER = 32768, 7
 
@@ -28,8 +30,8 @@ def records(path: str | Path) -> Iterator[Any]:
         if left < HEADER:  # block trailer padding
             pos += left
             continue
-        crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        payload = data[pos + HEADER:pos + HEADER + length]
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        payload = data[pos + HEADER : pos + HEADER + length]
         if length == 0 and kind == 0:
             break
         assert zlib.crc32(bytes([kind]) + payload) & 0xFFFFFFFF == crc, f"{path}: bad crc at byte {pos}"

@@ -4,21 +4,23 @@ Both jobs run unchanged on one process (`python launch/log.py`) or under a launc
 (`deepspeed`, `torchrun`, `mpiexec`): the engine config (`--config`) picks ZeRO-3, FSDP or DDP,
 and every rank takes its strided share of the samples (or queries).
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
 from logra_dist.config import LoGraConfig
-from logra_dist.engines.launch import init_distributed
 from logra_dist.data import Document, pad_token_id, rank_samples, read_documents, tokenize
+from logra_dist.engines.launch import init_distributed
 from logra_dist.session import run_batches
 
 EMBEDDED = "embedded"
@@ -43,11 +45,19 @@ def check_context(model_path: Path, max_length: int) -> None:
     if not config_file.is_file():
         raise SystemExit(f"--model {model_path}: no config.json (expected a local Hugging Face checkpoint)")
     cfg = json.loads(config_file.read_text())
-    context = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
-                    if isinstance(cfg.get(k), int)), None)
+    context = next(
+        (
+            cfg[k]
+            for k in ("max_position_embeddings", "n_positions", "max_sequence_length")
+            if isinstance(cfg.get(k), int)
+        ),
+        None,
+    )
     if context is not None and max_length > context:
-        raise SystemExit(f"--max-length {max_length} exceeds the context of {model_path} "
-                         f"(max_position_embeddings={context}); use --max-length {context} or less")
+        raise SystemExit(
+            f"--max-length {max_length} exceeds the context of {model_path} "
+            f"(max_position_embeddings={context}); use --max-length {context} or less"
+        )
 
 
 def default_model_path() -> Path:
@@ -69,8 +79,11 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
     base: dict[str, Any] = {}
     if args.logra:  # a JSON file, or an index whose config to reuse
         path = Path(args.logra)
-        base = json.loads((path / "manifest.json").read_text())["config"] if path.is_dir() \
+        base = (
+            json.loads((path / "manifest.json").read_text())["config"]
+            if path.is_dir()
             else json.loads(path.read_text())
+        )
     for key in ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude"):
         value = getattr(args, key)
         if value is not None:
@@ -85,11 +98,16 @@ def say(*parts: Any) -> None:
 
 def make_tracker(args: argparse.Namespace, job: str, config: dict[str, Any], total: int):
     """Timers, progress and the job's W&B run (rank 0; offline without an API key)."""
-    from logra_dist.version import versions
     from logra_dist.tracking import Tracker, start_wandb
+    from logra_dist.version import versions
 
-    wandb_config = {"job": job, "args": {k: v for k, v in vars(args).items() if k != "local_rank"},
-                    "world_size": comm.world_size(), "versions": versions(), **config}
+    wandb_config = {
+        "job": job,
+        "args": {k: v for k, v in vars(args).items() if k != "local_rank"},
+        "world_size": comm.world_size(),
+        "versions": versions(),
+        **config,
+    }
     run = start_wandb(job, wandb_config, no_wandb=args.no_wandb, project=args.wandb_project, rank=comm.rank())
     return Tracker(job, total=total, log_every=args.log_every, wandb_run=run)
 
@@ -110,8 +128,12 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, model_path = load_engine(args)
     samples = tokenize(docs, tokenizer, args.max_length)
     mine = rank_samples(samples, comm.rank(), comm.world_size(), args.max_samples)
-    metadata = {"data": list(args.data) if args.data else EMBEDDED, "max_samples": args.max_samples,
-                "max_length": args.max_length, "model_path": model_path}
+    metadata = {
+        "data": list(args.data) if args.data else EMBEDDED,
+        "max_samples": args.max_samples,
+        "max_length": args.max_length,
+        "model_path": model_path,
+    }
     tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, tracker=tracker)
     pad_id = pad_token_id(tokenizer)
@@ -125,9 +147,16 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     with tracker.phase("finalize"):
         manifest = logger.finalize()
     logger.close()
-    tracker.finish({"index/total_rows": manifest["total_rows"], "index/width": manifest["width"],
-                    "index/shards": len(manifest["shards"])})
-    say(f"logged {manifest['total_rows']} samples into {args.out} ({len(manifest['shards'])} shard(s), "
-         f"D={manifest['width']}); rank 0: {tokens} tokens in {elapsed:.2f}s = {tokens / max(elapsed, 1e-9):.0f} tokens/s")
+    tracker.finish(
+        {
+            "index/total_rows": manifest["total_rows"],
+            "index/width": manifest["width"],
+            "index/shards": len(manifest["shards"]),
+        }
+    )
+    say(
+        f"logged {manifest['total_rows']} samples into {args.out} ({len(manifest['shards'])} shard(s), "
+        f"D={manifest['width']}); rank 0: {tokens} tokens in {elapsed:.2f}s = "
+        f"{tokens / max(elapsed, 1e-9):.0f} tokens/s"
+    )
     return manifest
-

@@ -1,9 +1,13 @@
-"""`logra-dist log|score|inspect|report ...`: dispatch to the jobs (`launch/log.py`, `launch/score.py` wrap the first two)."""
+"""`logra-dist log|score|inspect|report ...`: parse, then dispatch to the job.
+
+`launch/log.py` and `launch/score.py` wrap the first two.
+"""
+
 from __future__ import annotations
 
 import json
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -3,26 +3,38 @@
 Choices come from the registries in `config` (curvature kinds, inits, storage codecs, score
 modes), so a new kind shows up here without editing the parser.
 """
+
 from __future__ import annotations
 
 import argparse
 
 from logra_dist.config import HESSIANS, INITS, SCORE_MODES, STORAGE_DTYPES
 
-DESCRIPTION = "Command line: `logra-dist log|score|inspect|report ...` (`launch/log.py`, `launch/score.py` wrap the first two)."
+DESCRIPTION = "LoGra data valuation: log projected per-sample gradients, score queries, inspect and report."
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="engine config: DeepSpeed JSON (configs/zero3.json) or "
-                   "FSDP/DDP JSON (configs/fsdp2.json); default: a plain module on each process")
-    p.add_argument("--model", default=None, help="local Hugging Face causal-LM checkpoint "
-                   "(default: the bundled tiny Llama, trained on first use)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="engine config: DeepSpeed JSON (configs/zero3.json) or "
+        "FSDP/DDP JSON (configs/fsdp2.json); default: a plain module on each process",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="local Hugging Face causal-LM checkpoint (default: the bundled tiny Llama, trained on first use)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample (longer are truncated)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--no-wandb", action="store_true", help="no W&B run (also WANDB_MODE=disabled); by default "
-                   "rank 0 records one, offline unless an API key is configured")
+    p.add_argument(
+        "--no-wandb",
+        action="store_true",
+        help="no W&B run (also WANDB_MODE=disabled); by default "
+        "rank 0 records one, offline unless an API key is configured",
+    )
     p.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT or logra-dist)")
     p.add_argument("--log-every", type=int, default=10, help="batches between W&B figures")
 
@@ -36,8 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--data", nargs="*", default=None, help="jsonl or text files (default: bundled corpus)")
     log.add_argument("--out", default="runs/index", help="index directory")
     log.add_argument("--max-samples", type=int, default=None, help="log only the first N samples")
-    log.add_argument("--logra", default=None, help="LoGraConfig as a JSON file, or an index directory whose "
-                     "config to reuse (e.g. to log queries for `score --query-index`); flags below override it")
+    log.add_argument(
+        "--logra",
+        default=None,
+        help="LoGraConfig as a JSON file, or an index directory whose "
+        "config to reuse (e.g. to log queries for `score --query-index`); flags below override it",
+    )
     log.add_argument("--k-in", type=int, default=None)
     log.add_argument("--k-out", type=int, default=None)
     log.add_argument("--init", default=None, choices=list(INITS))
@@ -47,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--seed", type=int, default=None)
     log.add_argument("--include", nargs="*", default=None, help="regexes of layer names to log")
     log.add_argument("--exclude", nargs="*", default=None, help="regexes of layer names to skip")
-    log.add_argument("--resume", action="store_true", help="continue an interrupted job in --out with the same "
-                     "settings and world size; starts fresh if there is nothing to continue")
+    log.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted job in --out with the same "
+        "settings and world size; starts fresh if there is nothing to continue",
+    )
 
     score = sub.add_parser("score", help="top-k training examples for each query")
     _add_common(score)
@@ -75,11 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_query_sources(score: argparse.ArgumentParser) -> None:
     """What to attribute: query texts, a precomputed query index, or the model's own completions."""
     source = score.add_mutually_exclusive_group(required=True)
-    source.add_argument("--queries", help="jsonl: {\"text\"} or {\"prompt\", \"completion\"}")
-    source.add_argument("--query-index", default=None, help="index of query gradients logged by `log --data "
-                        "QUERIES --logra <the index's config>`: scored without loading the model")
-    source.add_argument("--prompts", default=None, help="jsonl {\"prompt\"} or one prompt per line: the model "
-                        "completes each (greedy) and the completion given its prompt is attributed")
+    source.add_argument("--queries", help='jsonl: {"text"} or {"prompt", "completion"}')
+    source.add_argument(
+        "--query-index",
+        default=None,
+        help="index of query gradients logged by `log --data "
+        "QUERIES --logra <the index's config>`: scored without loading the model",
+    )
+    source.add_argument(
+        "--prompts",
+        default=None,
+        help='jsonl {"prompt"} or one prompt per line: the model '
+        "completes each (greedy) and the completion given its prompt is attributed",
+    )
     score.add_argument("--max-new-tokens", type=int, default=32, help="with --prompts: tokens generated at most")
 
 
@@ -89,4 +117,3 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
-

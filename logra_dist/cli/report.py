@@ -7,6 +7,7 @@ sits on top. The plot is inline SVG drawn here: the page loads nothing (no JS, n
 fonts), so it renders the same offline, in CI's headless Chromium and in a mail attachment.
 The listing layout read is `results.listing`'s: `{"query_text", "results": [...]}`.
 """
+
 from __future__ import annotations
 
 import html
@@ -19,7 +20,8 @@ import h5py
 import numpy as np
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:0;
+  background:#f4f5f7;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:18px 28px}
 header h1{margin:0 0 4px;font-size:22px}
 header .meta{font-size:13px;color:#c5cad6}
@@ -27,11 +29,13 @@ main{padding:18px 28px;max-width:1400px}
 .panel{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.12);padding:14px 18px;margin-bottom:16px}
 .panel h2{font-size:15px;margin:0 0 8px}
 .query{display:grid;grid-template-columns:minmax(260px,1fr) 2fr;gap:18px}
-.qtext{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12.5px;white-space:pre-wrap;word-break:break-word;
+.qtext{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12.5px;white-space:pre-wrap;
+  word-break:break-word;
   background:#f0f3fa;border-left:4px solid #3b6fd8;padding:8px 10px;border-radius:4px}
 .prompt{color:#6b7385}
 ol.top{list-style:none;margin:0;padding:0}
-ol.top li{display:grid;grid-template-columns:34px 120px 1fr;gap:10px;align-items:start;padding:7px 0;border-top:1px solid #eceef3}
+ol.top li{display:grid;grid-template-columns:34px 120px 1fr;gap:10px;align-items:start;padding:7px 0;
+  border-top:1px solid #eceef3}
 ol.top li:first-child{border-top:none}
 .rank{font-weight:700;color:#3b6fd8;font-size:18px;text-align:right}
 .score{font-size:12px;color:#434a5a}
@@ -39,7 +43,8 @@ ol.top li:first-child{border-top:none}
 .bar{height:6px;background:#e4e8f1;border-radius:3px;margin-top:4px}
 .bar span{display:block;height:6px;background:#e98b2a;border-radius:3px}
 .bar.neg span{background:#9aa3b5}
-.ttext{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px;white-space:pre-wrap;word-break:break-word;color:#2a3140}
+.ttext{font-family:"DejaVu Sans Mono",Menlo,Consolas,monospace;font-size:12px;white-space:pre-wrap;
+  word-break:break-word;color:#2a3140}
 .tid{color:#6b7385;font-size:11px}
 .note{color:#6b7385;font-size:12px}
 """
@@ -57,15 +62,18 @@ def _load_listing(path: Path) -> dict[int, dict[str, Any]]:
             rec = json.loads(line)
         except ValueError as e:
             raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
-        out[int(rec["query_id"])] = {"prompt": "", "completion": rec.get("query_text") or "",
-                                     "train": {int(t["train_id"]): t.get("text") for t in rec.get("results", [])}}
+        out[int(rec["query_id"])] = {
+            "prompt": "",
+            "completion": rec.get("query_text") or "",
+            "train": {int(t["train_id"]): t.get("text") for t in rec.get("results", [])},
+        }
     return out
 
 
 def _clip(text: str | None, limit: int) -> str:
     if text is None:
         return ""
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -98,29 +106,42 @@ def histogram_svg(all_scores: np.ndarray, top1: np.ndarray, width: int = 900, he
     ymax = max(1, int(h_all.max()))
     x = lambda v: left + (v - lo) / (hi - lo) * pw  # noqa: E731
     y = lambda c: top + ph - c / ymax * ph  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" role="img" aria-label="score distribution">',
-             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fbfcfe" stroke="#d5d9e2"/>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="score distribution">',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fbfcfe" stroke="#d5d9e2"/>',
+    ]
     for t in _nice_ticks(0, ymax, 4):
-        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#e6e9ef"/>'
-                     f'<text x="{left - 6}" y="{y(t) + 4:.1f}" font-size="11" text-anchor="end" fill="#555">{int(t)}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{left + pw}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#e6e9ef"/>'
+            f'<text x="{left - 6}" y="{y(t) + 4:.1f}" font-size="11" text-anchor="end" fill="#555">{int(t)}</text>'
+        )
     for counts, color, opacity in ((h_all, "#3b6fd8", 0.85), (h_top, "#e98b2a", 0.9)):
         for i, c in enumerate(counts):
             if c:
                 x0, x1 = x(bins[i]), x(bins[i + 1])
-                parts.append(f'<rect x="{x0 + 0.5:.1f}" y="{y(c):.1f}" width="{max(x1 - x0 - 1, 1):.1f}" '
-                             f'height="{top + ph - y(c):.1f}" fill="{color}" fill-opacity="{opacity}"/>')
+                parts.append(
+                    f'<rect x="{x0 + 0.5:.1f}" y="{y(c):.1f}" width="{max(x1 - x0 - 1, 1):.1f}" '
+                    f'height="{top + ph - y(c):.1f}" fill="{color}" fill-opacity="{opacity}"/>'
+                )
     for t in _nice_ticks(lo, hi, 6):
-        parts.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#555"/>'
-                     f'<text x="{x(t):.1f}" y="{top + ph + 17}" font-size="11" text-anchor="middle" fill="#555">{_fmt(t)}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" font-size="12" text-anchor="middle" fill="#333">score</text>'
-                 f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" fill="#333" '
-                 f'transform="rotate(-90 14 {top + ph / 2})">count</text>')
+        parts.append(
+            f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#555"/>'
+            f'<text x="{x(t):.1f}" y="{top + ph + 17}" font-size="11" text-anchor="middle" fill="#555">{_fmt(t)}</text>'
+        )
+    parts.append(
+        f'<text x="{left + pw / 2}" y="{height - 6}" font-size="12" text-anchor="middle" fill="#333">score</text>'
+        f'<text x="14" y="{top + ph / 2}" font-size="12" text-anchor="middle" fill="#333" '
+        f'transform="rotate(-90 14 {top + ph / 2})">count</text>'
+    )
     lx = left + pw - 210
-    parts.append(f'<rect x="{lx}" y="{top + 8}" width="12" height="12" fill="#3b6fd8"/>'
-                 f'<text x="{lx + 18}" y="{top + 18}" font-size="12" fill="#333">all top-k scores ({len(values)})</text>'
-                 f'<rect x="{lx}" y="{top + 28}" width="12" height="12" fill="#e98b2a"/>'
-                 f'<text x="{lx + 18}" y="{top + 38}" font-size="12" fill="#333">top-1 scores ({int(np.isfinite(top1).sum())})</text>')
+    parts.append(
+        f'<rect x="{lx}" y="{top + 8}" width="12" height="12" fill="#3b6fd8"/>'
+        f'<text x="{lx + 18}" y="{top + 18}" font-size="12" fill="#333">all top-k scores ({len(values)})</text>'
+        f'<rect x="{lx}" y="{top + 28}" width="12" height="12" fill="#e98b2a"/>'
+        f'<text x="{lx + 18}" y="{top + 38}" font-size="12" fill="#333">'
+        f"top-1 scores ({int(np.isfinite(top1).sum())})</text>"
+    )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -135,17 +156,24 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
         scores, train_ids, query_ids = f["scores"][()], f["train_ids"][()], f["query_ids"][()]
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     if scores.shape != train_ids.shape or scores.shape[0] != len(query_ids):
-        raise ValueError(f"{h5_path}: scores {scores.shape}, train_ids {train_ids.shape} and "
-                         f"{len(query_ids)} query ids do not agree")
+        raise ValueError(
+            f"{h5_path}: scores {scores.shape}, train_ids {train_ids.shape} and {len(query_ids)} query ids do not agree"
+        )
     listing = _load_listing(root / "topk.jsonl")
     esc = html.escape
     n_q, k = scores.shape
-    meta = (f"mode <b>{esc(str(attrs.get('mode', '?')))}</b> · damping {esc(str(attrs.get('damping', '?')))} · "
-            f"{n_q} queries · top-{k}" + (f" · index {esc(str(attrs['index']))}" if "index" in attrs else ""))
+    meta = (
+        f"mode <b>{esc(str(attrs.get('mode', '?')))}</b> · damping {esc(str(attrs.get('damping', '?')))} · "
+        f"{n_q} queries · top-{k}" + (f" · index {esc(str(attrs['index']))}" if "index" in attrs else "")
+    )
     top1 = scores[:, 0] if k else np.zeros(0)
-    body = [f'<header><h1>LoGra: most valuable training examples per query</h1><div class="meta">{meta}</div></header>',
-            "<main>", '<section class="panel"><h2>Score distribution</h2>',
-            histogram_svg(scores.reshape(-1), top1), "</section>"]
+    body = [
+        f'<header><h1>LoGra: most valuable training examples per query</h1><div class="meta">{meta}</div></header>',
+        "<main>",
+        '<section class="panel"><h2>Score distribution</h2>',
+        histogram_svg(scores.reshape(-1), top1),
+        "</section>",
+    ]
     if not listing:
         body.append(f'<p class="note">{esc(str(root / "topk.jsonl"))} not found: texts are not shown.</p>')
     for row in range(min(n_q, max_queries)):
@@ -161,18 +189,25 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
                 continue
             width = 100.0 * abs(float(s)) / scale if scale > 0 and math.isfinite(float(s)) else 0.0
             text = item["train"].get(int(tid))
-            items.append(f'<li><div class="rank">{rank}</div><div class="score"><b>{_fmt(float(s))}</b>'
-                         f'<div class="bar{" neg" if s < 0 else ""}"><span style="width:{width:.1f}%"></span></div>'
-                         f'<div class="tid">train #{int(tid)}</div></div>'
-                         f'<div class="ttext">{esc(_clip(text, max_chars)) if text is not None else "<i>(text unavailable)</i>"}</div></li>')
-        body.append(f'<section class="panel query" id="q{qid}"><div><h2>Query #{qid}</h2><div class="qtext">'
-                    f'<span class="prompt">{esc(prompt)}</span>{esc(completion)}</div></div>'
-                    f'<div><h2>Top {len(items)} training examples</h2><ol class="top">{"".join(items)}</ol></div></section>')
+            shown = esc(_clip(text, max_chars)) if text is not None else "<i>(text unavailable)</i>"
+            items.append(
+                f'<li><div class="rank">{rank}</div><div class="score"><b>{_fmt(float(s))}</b>'
+                f'<div class="bar{" neg" if s < 0 else ""}"><span style="width:{width:.1f}%"></span></div>'
+                f'<div class="tid">train #{int(tid)}</div></div>'
+                f'<div class="ttext">{shown}</div></li>'
+            )
+        body.append(
+            f'<section class="panel query" id="q{qid}"><div><h2>Query #{qid}</h2><div class="qtext">'
+            f'<span class="prompt">{esc(prompt)}</span>{esc(completion)}</div></div>'
+            f'<div><h2>Top {len(items)} training examples</h2><ol class="top">{"".join(items)}</ol></div></section>'
+        )
     if n_q > max_queries:
         body.append(f'<p class="note">{n_q - max_queries} more queries not shown (--max-queries).</p>')
     body.append("</main>")
-    return ('<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>LoGra attributions</title>'
-            f'<style>{CSS}</style></head><body>{"".join(body)}</body></html>')
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>LoGra attributions</title>'
+        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def write_report(results_dir: str | Path, out: str | Path | None = None, **kwargs: Any) -> Path:

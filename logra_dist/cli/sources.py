@@ -7,6 +7,7 @@
   (`completion.py`), and the completion given its prompt is the query, as the paper attributes
   LLM outputs. The completions are saved in the listing (`topk.jsonl`: prompt, completion).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,10 @@ from typing import Any
 
 from logra_dist import comm
 from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, training_data
-from logra_dist.engines.launch import init_distributed
-from logra_dist.session import run_batches
 from logra_dist.cli.parser import check_args
 from logra_dist.data import pad_token_id, rank_samples, read_documents, tokenize
+from logra_dist.engines.launch import init_distributed
+from logra_dist.session import run_batches
 
 
 def _index_manifest(path: str | Path, what: str = "index") -> dict:
@@ -38,8 +39,14 @@ def _texts_of(manifest: dict, where: str) -> dict[int, str] | None:
         return None
 
 
-def report_scores(args: argparse.Namespace, scorer, result, manifest: dict, query_text,
-                  query_fields: dict[int, dict[str, Any]] | None = None) -> None:
+def report_scores(
+    args: argparse.Namespace,
+    scorer,
+    result,
+    manifest: dict,
+    query_text,
+    query_fields: dict[int, dict[str, Any]] | None = None,
+) -> None:
     """Rank 0: results files (with --out) and the markdown listing on stdout."""
     from logra_dist.scoring.results import listing, markdown
 
@@ -58,14 +65,19 @@ def run_score_query_index(args: argparse.Namespace):
     init_distributed()
     manifest = _index_manifest(args.index)
     query_manifest = _index_manifest(args.query_index, "query index")
-    tracker = make_tracker(args, "score", {"index": str(args.index), "query_index": str(args.query_index),
-                                       "index_config": manifest.get("config")}, query_manifest["total_rows"])
+    tracker = make_tracker(
+        args,
+        "score",
+        {"index": str(args.index), "query_index": str(args.query_index), "index_config": manifest.get("config")},
+        query_manifest["total_rows"],
+    )
     scorer = Scorer(None, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
     scorer.add_query_gradients(args.query_index)
     with tracker.phase("score"):
         result = scorer.topk(args.topk)
-    tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
-                    "score/k": args.topk})
+    tracker.finish(
+        {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
+    )
     query_text = _texts_of(query_manifest, f"query index {args.query_index}") if comm.rank() == 0 else None
     report_scores(args, scorer, result, manifest, query_text)
     scorer.close()
@@ -84,19 +96,30 @@ def run_score_prompts(args: argparse.Namespace):
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
     model, tokenizer, _ = load_engine(args)
-    tracker = make_tracker(args, "score", {"index": str(args.index), "prompts": str(args.prompts),
-                                       "index_config": manifest.get("config")}, len(prompts))
+    tracker = make_tracker(
+        args,
+        "score",
+        {"index": str(args.index), "prompts": str(args.prompts), "index_config": manifest.get("config")},
+        len(prompts),
+    )
     with tracker.phase("generate"):
-        completions = complete(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, max_length=args.max_length)
+        completions = complete(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
     scorer = Scorer(model, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
     pad_id = pad_token_id(tokenizer)
     run_batches(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
         result = scorer.topk(args.topk)
     records = gather_completions(completions)  # collective
-    tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
-                    "score/k": args.topk})
+    tracker.finish(
+        {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
+    )
     query_text = {pid: r["prompt"] + r["completion"] for pid, r in records.items()}
     report_scores(args, scorer, result, manifest, query_text, records)
     scorer.close()
@@ -110,7 +133,7 @@ def run_score(args: argparse.Namespace):
 
     check_args(args)
     if args.query_index is not None or args.prompts is not None:
-            return run_score_query_index(args) if args.query_index is not None else run_score_prompts(args)
+        return run_score_query_index(args) if args.query_index is not None else run_score_prompts(args)
     init_distributed()
     queries = read_documents(args.queries)
     index = Path(args.index)
@@ -125,8 +148,9 @@ def run_score(args: argparse.Namespace):
     run_batches(scorer, mine, args.batch_size, pad_id, tracker)
     with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective
         result = scorer.topk(args.topk)
-    tracker.finish({"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store),
-                    "score/k": args.topk})
+    tracker.finish(
+        {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
+    )
     report_scores(args, scorer, result, manifest, {q.id: q.full_text for q in queries})
     scorer.close()
     return result

@@ -10,11 +10,12 @@ its own gradient; the per-sample result is the sum over calls, as the weight gra
 Under ZeRO-3 and FSDP weights are sharded but activations are not, so this needs no
 communication at all.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -64,8 +65,13 @@ class TokenStatistics:
 class GradientCapture:
     """Owns the hooks of all logged layers and the per-sample projected gradients of one batch."""
 
-    def __init__(self, specs: list[LayerSpec], modules: dict[str, nn.Module],
-                 projections: dict[str, tuple[torch.Tensor, torch.Tensor]], compute_dtype: torch.dtype):
+    def __init__(
+        self,
+        specs: list[LayerSpec],
+        modules: dict[str, nn.Module],
+        projections: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        compute_dtype: torch.dtype,
+    ):
         self.specs = specs
         self.modules = modules
         self.projections = projections
@@ -149,8 +155,10 @@ class GradientCapture:
         if source is None or x.dim() < 3:
             return None
         if source.shape != x.shape[:-1]:
-            raise ValueError(f"layer {name!r}: mask of shape {tuple(source.shape)} does not match the "
-                             f"activations' (batch, tokens) shape {tuple(x.shape[:-1])}")
+            raise ValueError(
+                f"layer {name!r}: mask of shape {tuple(source.shape)} does not match the "
+                f"activations' (batch, tokens) shape {tuple(x.shape[:-1])}"
+            )
         if not self._padded:
             return None
         mask = self._mask_cache.get(x.device)
@@ -159,8 +167,9 @@ class GradientCapture:
             self._mask_cache[x.device] = mask
         return mask
 
-    def _make_grad_hook(self, name: str, px: torch.Tensor, mask: torch.Tensor | None,
-                        p_out_t: torch.Tensor | None) -> Callable:
+    def _make_grad_hook(
+        self, name: str, px: torch.Tensor, mask: torch.Tensor | None, p_out_t: torch.Tensor | None
+    ) -> Callable:
         def hook(grad: torch.Tensor) -> None:
             pg = self._as_compute(grad)
             if p_out_t is not None:
@@ -216,7 +225,9 @@ class GradientCapture:
             if block is None:
                 block = torch.zeros(batch_size, spec.k_out, spec.k_in, dtype=self.compute_dtype, device=device)
             elif block.shape[0] != batch_size:
-                raise ValueError(f"layer {spec.name!r} saw a batch of {block.shape[0]} samples but "
-                                 f"capture() was given {batch_size} ids")
+                raise ValueError(
+                    f"layer {spec.name!r} saw a batch of {block.shape[0]} samples but "
+                    f"capture() was given {batch_size} ids"
+                )
             parts.append(block.reshape(batch_size, -1))
         return torch.cat(parts, dim=1)

@@ -5,6 +5,7 @@ epoch and `Accumulator.flat()` packs all of them into one float64 buffer for a s
 all-reduce at finalize. The result is a `Preconditioner`: per layer (F + lambda I)^-1 with
 lambda = damping x mean eigenvalue of that layer's matrix.
 """
+
 from __future__ import annotations
 
 import threading
@@ -86,7 +87,7 @@ class Accumulator(TokenStatistics):
         offset = 0
         for s in self.specs:
             fisher = self.sums[f"{s.name}/fisher"]  # float64 after load_flat (a resumed job)
-            block = rows[:, offset:offset + s.width].to(fisher.dtype)
+            block = rows[:, offset : offset + s.width].to(fisher.dtype)
             offset += s.width
             tiles = _tiles(s.width)
             if len(tiles) == 1:
@@ -108,7 +109,7 @@ class Accumulator(TokenStatistics):
         for s in self.specs:
             fisher, tiles = self.sums[f"{s.name}/fisher"], _tiles(s.width)
             for i, (a0, a1) in enumerate(tiles):
-                for b0, b1 in tiles[i + 1:]:
+                for b0, b1 in tiles[i + 1 :]:
                     fisher[b0:b1, a0:a1] = fisher[a0:a1, b0:b1].T
         self._lower_stale = False
 
@@ -152,7 +153,7 @@ class Accumulator(TokenStatistics):
         offset = 0
         for key, t in self.sums.items():
             n = t.numel()
-            self.sums[key] = flat[offset:offset + n].reshape(t.shape).to(dtype=torch.float64)
+            self.sums[key] = flat[offset : offset + n].reshape(t.shape).to(dtype=torch.float64)
             offset += n
         counts = flat[offset:].tolist()
         self.samples = counts[0]
@@ -168,7 +169,7 @@ class Accumulator(TokenStatistics):
             out[s.name] = (self.sums[f"{s.name}/act"].double() / tokens, self.sums[f"{s.name}/grad"].double() / samples)
         return out
 
-    def preconditioner(self, damping: float) -> "Preconditioner":
+    def preconditioner(self, damping: float) -> Preconditioner:
         self.flush()
         layers = {}
         samples = max(self.samples, 1.0)
@@ -180,8 +181,12 @@ class Accumulator(TokenStatistics):
                 a, g = self.covariances()[s.name]
                 ea, va = torch.linalg.eigh(a)
                 eg, vg = torch.linalg.eigh(g)
-                layers[s.name] = {"act_evals": ea.clamp_min(0), "act_evecs": va,
-                                  "grad_evals": eg.clamp_min(0), "grad_evecs": vg}
+                layers[s.name] = {
+                    "act_evals": ea.clamp_min(0),
+                    "act_evecs": va,
+                    "grad_evals": eg.clamp_min(0),
+                    "grad_evecs": vg,
+                }
         return Preconditioner(self.specs, self.hessian, damping, layers)
 
 
@@ -208,13 +213,17 @@ class Preconditioner:
     layers: dict[str, dict[str, torch.Tensor]]
 
     def __post_init__(self) -> None:
-        self.lambdas = {s.name: (self.damping * _mean_eigenvalue(self.kind, self.layers[s.name])
-                                 if self.kind != "none" else 0.0) for s in self.specs}
+        self.lambdas = {
+            s.name: (self.damping * _mean_eigenvalue(self.kind, self.layers[s.name]) if self.kind != "none" else 0.0)
+            for s in self.specs
+        }
         for s in self.specs:
             if self.kind != "none" and self.lambdas[s.name] <= 0:
-                raise ValueError(f"layer {s.name!r}: damping {self.damping} x mean eigenvalue gives "
-                                 f"lambda={self.lambdas[s.name]}; the matrix is singular without damping "
-                                 "(no samples, or all gradients zero)")
+                raise ValueError(
+                    f"layer {s.name!r}: damping {self.damping} x mean eigenvalue gives "
+                    f"lambda={self.lambdas[s.name]}; the matrix is singular without damping "
+                    "(no samples, or all gradients zero)"
+                )
 
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, D) -> (n, D): each layer block multiplied by its damped inverse."""
@@ -222,7 +231,7 @@ class Preconditioner:
             return rows
         out, offset = torch.empty_like(rows), 0
         for s in self.specs:
-            block = rows[:, offset:offset + s.width]
+            block = rows[:, offset : offset + s.width]
             f, lam = self.layers[s.name], self.lambdas[s.name]
             if self.kind == "raw":
                 v = f["evecs"].to(rows.dtype)
@@ -234,7 +243,7 @@ class Preconditioner:
                 g = block.reshape(-1, s.k_out, s.k_in)
                 rot = vg.T @ g @ va
                 res = (vg @ (rot / denom) @ va.T).reshape(-1, s.width)
-            out[:, offset:offset + s.width] = res
+            out[:, offset : offset + s.width] = res
             offset += s.width
         return out
 
@@ -243,8 +252,9 @@ class Preconditioner:
         return {f"{name}/{k}": v.cpu().numpy() for name, f in self.layers.items() for k, v in f.items()}
 
     @classmethod
-    def from_state(cls, specs: list[LayerSpec], kind: str, damping: float,
-                   state: dict[str, np.ndarray]) -> "Preconditioner":
+    def from_state(
+        cls, specs: list[LayerSpec], kind: str, damping: float, state: dict[str, np.ndarray]
+    ) -> Preconditioner:
         layers: dict[str, dict[str, torch.Tensor]] = {s.name: {} for s in specs}
         for key, arr in state.items():
             name, field = key.rsplit("/", 1)

@@ -5,6 +5,7 @@ regenerates the same matrices with no broadcast, whatever the world size or engi
 plain tensors held by the logger, never module parameters or buffers, so no engine partitions,
 flattens or wraps them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,11 +37,12 @@ def derived_seed(seed: int, name: str, side: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def random_projection(k: int, d: int, seed: int, name: str, side: str,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def random_projection(
+    k: int, d: int, seed: int, name: str, side: str, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Gaussian (k x d) with N(0, 1/k) entries, generated on the CPU for bitwise reproducibility."""
     gen = torch.Generator(device="cpu").manual_seed(derived_seed(seed, name, side))
-    mat = torch.randn(k, d, generator=gen, dtype=torch.float64) / (k ** 0.5)
+    mat = torch.randn(k, d, generator=gen, dtype=torch.float64) / (k**0.5)
     return mat.to(dtype)
 
 
@@ -55,10 +57,14 @@ def top_eigenvectors(cov: torch.Tensor, k: int) -> torch.Tensor:
     return top * signs
 
 
-def build_projections(specs: list[LayerSpec], init: str, seed: int, dtype: torch.dtype,
-                      device: torch.device | str = "cpu",
-                      covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def build_projections(
+    specs: list[LayerSpec],
+    init: str,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(P_in, P_out) per layer name. `covariances` maps name -> (A, S) for init="pca"."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for spec in specs:
@@ -70,8 +76,10 @@ def build_projections(specs: list[LayerSpec], init: str, seed: int, dtype: torch
             p_out = torch.eye(spec.d_out, dtype=torch.float64)
         elif init == "pca":
             if covariances is None or spec.name not in covariances:
-                raise ValueError(f"PCA projection for layer {spec.name!r} needs its covariances "
-                                 "from a statistics pass (Logger.pca_pass)")
+                raise ValueError(
+                    f"PCA projection for layer {spec.name!r} needs its covariances "
+                    "from a statistics pass (Logger.pca_pass)"
+                )
             cov_in, cov_out = covariances[spec.name]
             p_in = top_eigenvectors(cov_in, spec.k_in)
             p_out = top_eigenvectors(cov_out, spec.k_out)

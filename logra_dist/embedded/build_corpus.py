@@ -37,10 +37,7 @@ def _skip(modname: str) -> bool:
     parts = modname.split(".")
     if parts[0] in SKIP_TOP or modname.startswith(SKIP_PREFIXES):
         return True
-    for p in parts:
-        if p.startswith("_") or p in ("test", "tests", "idle_test") or p.startswith("test_"):
-            return True
-    return False
+    return any(p.startswith("_") or p in ("test", "tests", "idle_test") or p.startswith("test_") for p in parts)
 
 
 def _quiet_import(modname: str) -> ModuleType | None:
@@ -136,7 +133,10 @@ def collect_isolated() -> list[tuple[str, str]]:
         out = Path(tmp) / "pool.json"
         subprocess.run(
             [sys.executable, "-I", "-c", code, __file__, str(out)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
         )
         return [(s, t) for s, t in json.loads(out.read_text(encoding="utf-8"))]
 

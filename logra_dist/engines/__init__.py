@@ -3,6 +3,7 @@
 `wrap(obj)` picks the adapter for a user's model or engine. Detection goes by class and module
 name first, so a bare-module user never imports DeepSpeed.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,8 +1,10 @@
 """What the orchestrators need from a training stack, and the bare-module implementation."""
+
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, ContextManager, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +72,7 @@ class Engine:
         counts[comm.rank()] = local_batches
         return int(comm.all_reduce_sum(counts).max())
 
-    def sync_disabled(self) -> ContextManager:
+    def sync_disabled(self) -> AbstractContextManager:
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -98,6 +100,5 @@ class DDPEngine(Engine):
     def __init__(self, ddp: nn.Module):
         super().__init__(ddp, ddp.module, ddp.module)
 
-    def sync_disabled(self) -> ContextManager:
+    def sync_disabled(self) -> AbstractContextManager:
         return self.wrapped.no_sync()
-

@@ -4,12 +4,13 @@ allocating its weights.
 Sharded loaders (ZeRO-3, FSDP) must never hold the whole state dict: they ask for one tensor (or
 one slice of it) at a time. safetensors files are memory-mapped, so a slice costs only its bytes.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -37,7 +38,7 @@ class HFCheckpoint:
             from safetensors import safe_open
 
             with safe_open(str(self.path / SAFE_SINGLE), framework="pt") as f:
-                self.file_of = {k: self.path / SAFE_SINGLE for k in f.keys()}
+                self.file_of = {k: self.path / SAFE_SINGLE for k in f}
         elif (self.path / BIN_INDEX).is_file() or (self.path / BIN_SINGLE).is_file():
             self.format = "bin"
             if (self.path / BIN_INDEX).is_file():
@@ -107,8 +108,10 @@ def source_names(model: nn.Module, ckpt: HFCheckpoint) -> list[tuple[str, str, n
         else:
             missing.append(names[0])
     if missing:
-        raise CheckpointError(f"{ckpt.path}: {len(missing)} parameter(s) of {type(model).__name__} are not in "
-                              f"the checkpoint, e.g. {missing[:5]} (stored names look like {ckpt.keys()[:3]})")
+        raise CheckpointError(
+            f"{ckpt.path}: {len(missing)} parameter(s) of {type(model).__name__} are not in "
+            f"the checkpoint, e.g. {missing[:5]} (stored names look like {ckpt.keys()[:3]})"
+        )
     return out
 
 
@@ -149,8 +152,9 @@ def causal_lm_class(config):
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError as e:
-        raise CheckpointError(f"{type(config).__name__} ({getattr(config, 'model_type', '?')}) has no causal-LM "
-                              "class in transformers") from e
+        raise CheckpointError(
+            f"{type(config).__name__} ({getattr(config, 'model_type', '?')}) has no causal-LM class in transformers"
+        ) from e
 
 
 def _no_init_weights():

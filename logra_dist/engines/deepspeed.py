@@ -7,10 +7,12 @@ the weights frozen no weight gradient exists, so ZeRO's reduce hooks never fire;
 the module hooks DeepSpeed installed at `initialize` still gather each layer's weights for the
 forward and again for the activation-gradient backward, and that is the only traffic.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,8 +26,10 @@ class DeepSpeedEngineAdapter(Engine):
     def __init__(self, engine: Any):
         module = getattr(engine, "module", None)
         if not isinstance(module, nn.Module):
-            raise TypeError(f"{type(engine).__name__} has no `.module`; attach() expects the engine "
-                            "returned by deepspeed.initialize")
+            raise TypeError(
+                f"{type(engine).__name__} has no `.module`; attach() expects the engine "
+                "returned by deepspeed.initialize"
+            )
         super().__init__(engine, module, module)
         self.stage = int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
         self.kind = f"deepspeed-zero{self.stage}"

@@ -8,10 +8,11 @@ SHARD_GRAD_OP would keep whole unsharded weights alive between batches for nothi
 FSDP1 inserts `_fsdp_wrapped_module` into module names; `capture.canonical_name` drops it, so
 layer names equal the bare model's. FSDP2 keeps names unchanged.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn

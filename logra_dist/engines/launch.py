@@ -7,6 +7,7 @@ COMM_WORLD, the local rank from the shared-memory sub-communicator, and the addr
 port chosen by rank 0 and broadcast. `rank` is always the GLOBAL rank (it names the shard file);
 `local_rank` only picks the GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -65,12 +66,19 @@ def export_mpi_environment() -> None:
     local.Free()
     addr, port = None, None
     if rank == 0:
-        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if size == local_size
-                                                  else socket.gethostbyname(socket.gethostname()))
+        addr = os.environ.get("MASTER_ADDR") or (
+            "127.0.0.1" if size == local_size else socket.gethostbyname(socket.gethostname())
+        )
         port = os.environ.get("MASTER_PORT") or str(_free_port())
     addr, port = comm.bcast((addr, port), root=0)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(local_rank),
-                      LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR=addr, MASTER_PORT=port)
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(size),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(local_size),
+        MASTER_ADDR=addr,
+        MASTER_PORT=port,
+    )
 
 
 def skip_deepspeed_shm_build() -> None:
@@ -93,8 +101,9 @@ def _timeout(timeout_s: float | None) -> timedelta:
     return timedelta(seconds=timeout_s)
 
 
-def init_distributed(backend: str | None = None, *, require_group: bool = False,
-                     timeout_s: float | None = None) -> DistInfo:
+def init_distributed(
+    backend: str | None = None, *, require_group: bool = False, timeout_s: float | None = None
+) -> DistInfo:
     """Initialize torch.distributed from whatever launcher started this process (idempotent).
 
     A single process gets no process group unless `require_group` (DeepSpeed needs one even for
@@ -105,8 +114,13 @@ def init_distributed(backend: str | None = None, *, require_group: bool = False,
     if launcher == "mpi":
         export_mpi_environment()
     elif launcher == "single" and require_group and not dist.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT") or str(_free_port()),
+        )
     if "deepspeed" in sys.modules:
         skip_deepspeed_shm_build()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -120,8 +134,9 @@ def init_distributed(backend: str | None = None, *, require_group: bool = False,
     else:
         backend = None
     if backend is None:
-        return DistInfo(0, 0, 1, None, launcher, torch.device("cuda", 0) if default_backend() == "nccl"
-                        else torch.device("cpu"))
+        return DistInfo(
+            0, 0, 1, None, launcher, torch.device("cuda", 0) if default_backend() == "nccl" else torch.device("cpu")
+        )
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     info = DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), backend, launcher, device)
     env_rank = os.environ.get("RANK")

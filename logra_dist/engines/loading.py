@@ -14,6 +14,7 @@
 
 Every path returns the model in eval mode (no dropout: gradients logged must be reproducible).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,9 +24,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from logra_dist.engines.checkpoint import HFCheckpoint, causal_lm_class, construct_uninitialized, persistent_buffers, source_names
+from logra_dist.engines.checkpoint import (
+    HFCheckpoint,
+    causal_lm_class,
+    construct_uninitialized,
+    persistent_buffers,
+    source_names,
+)
 from logra_dist.engines.launch import DistInfo, init_distributed, skip_deepspeed_shm_build
-from logra_dist.engines.spec import EngineConfigError, EngineSpec, deepspeed_config_for, default_spec, parse_dtype, read_spec
+from logra_dist.engines.spec import (
+    EngineConfigError,
+    EngineSpec,
+    deepspeed_config_for,
+    default_spec,
+    parse_dtype,
+    read_spec,
+)
 
 
 @dataclass
@@ -52,8 +66,10 @@ def wrap_targets(model: nn.Module, wrap: str | list[str]) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or []) if wrap == "auto" else set(wrap)
     found = [m for m in model.modules() if type(m).__name__ in names]
     if not found:
-        raise EngineConfigError(f"wrap={wrap!r}: no module of {type(model).__name__} has a class named "
-                                f"{sorted(names)}; name the decoder-layer class in the FSDP config")
+        raise EngineConfigError(
+            f"wrap={wrap!r}: no module of {type(model).__name__} has a class named "
+            f"{sorted(names)}; name the decoder-layer class in the FSDP config"
+        )
     return found
 
 
@@ -140,8 +156,7 @@ def _load_local_shards(model: nn.Module, ckpt: HFCheckpoint) -> None:
         for _, stored, param in source_names(model, ckpt):
             if isinstance(param, DTensor):
                 local = param.to_local()
-                shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
-                                                                      param.placements)
+                shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
                 if local.numel():
                     block = tuple(slice(o, o + s) for o, s in zip(offset, shape))
                     local.copy_(ckpt.get_slice(stored, block))
@@ -185,20 +200,36 @@ def _load_fsdp1(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, nn.M
     model = causal_lm_class(_hf_config(path, spec.dtype)).from_pretrained(str(path), dtype=spec.dtype)
     mp = _mixed_precision(spec.options)
     units = {type(m) for m in wrap_targets(model, spec.options["wrap"])}
-    fsdp = FSDP(model, auto_wrap_policy=ModuleWrapPolicy(units), device_id=info.device,
-                sharding_strategy=ShardingStrategy[spec.options["sharding_strategy"]],
-                use_orig_params=spec.options["use_orig_params"],
-                mixed_precision=MixedPrecision(**mp) if mp is not None else None)
+    fsdp = FSDP(
+        model,
+        auto_wrap_policy=ModuleWrapPolicy(units),
+        device_id=info.device,
+        sharding_strategy=ShardingStrategy[spec.options["sharding_strategy"]],
+        use_orig_params=spec.options["use_orig_params"],
+        mixed_precision=MixedPrecision(**mp) if mp is not None else None,
+    )
     return fsdp.eval(), model
 
 
-_LOADERS = {"none": _load_none, "ddp": _load_none, "fsdp1": _load_fsdp1, "fsdp2": _load_fsdp2,
-            "zero0": _load_deepspeed, "zero1": _load_deepspeed, "zero2": _load_deepspeed,
-            "zero3": _load_deepspeed}
+_LOADERS = {
+    "none": _load_none,
+    "ddp": _load_none,
+    "fsdp1": _load_fsdp1,
+    "fsdp2": _load_fsdp2,
+    "zero0": _load_deepspeed,
+    "zero1": _load_deepspeed,
+    "zero2": _load_deepspeed,
+    "zero3": _load_deepspeed,
+}
 
 
-def load_causal_lm(path: str | Path, engine: str = "none", dtype: Any = None,
-                   ds_config: dict[str, Any] | None = None, spec: EngineSpec | None = None) -> LoadedModel:
+def load_causal_lm(
+    path: str | Path,
+    engine: str = "none",
+    dtype: Any = None,
+    ds_config: dict[str, Any] | None = None,
+    spec: EngineSpec | None = None,
+) -> LoadedModel:
     """Load the checkpoint folder `path` into `engine` ("none", "ddp", "fsdp1", "fsdp2", "zero0".."zero3").
     `ds_config` (a DeepSpeed config dict) or a full `spec` (see spec.py) override the defaults.
     Initializes the process group from the launcher's environment if that is not done yet."""
@@ -221,8 +252,9 @@ def load_causal_lm(path: str | Path, engine: str = "none", dtype: Any = None,
     return LoadedModel(wrapped, module, spec.engine, spec.dtype, info.device, info)
 
 
-def build(engine: str | None, model_path: str | Path, config_path: str | Path | None = None,
-          dtype: Any = None) -> tuple[Any, torch.device]:
+def build(
+    engine: str | None, model_path: str | Path, config_path: str | Path | None = None, dtype: Any = None
+) -> tuple[Any, torch.device]:
     """For the CLI: (object to pass to attach, device for the batches). The engine comes from
     `config_path` (a DeepSpeed or our JSON config) or, without one, from `engine`; an explicit
     `engine` must agree with the config. `dtype` overrides the config's precision."""

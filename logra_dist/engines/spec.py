@@ -5,6 +5,7 @@ Two formats live under configs/ (see docs/engines.md):
   `deepspeed.initialize` unchanged except for the dtype switch; the ZeRO stage picks the engine;
 - our own small JSON for the other engines: {"engine": "fsdp2" | "fsdp1" | "ddp" | "none", ...}.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,15 +17,20 @@ from typing import Any
 import torch
 
 ENGINES = ("none", "ddp", "fsdp1", "fsdp2", "zero0", "zero1", "zero2", "zero3")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 _DS_KEYS = ("zero_optimization", "train_micro_batch_size_per_gpu", "train_batch_size")
 _OPTIONS = {  # our format: allowed keys per engine and their defaults
     "none": {},
     "ddp": {},
     "fsdp2": {"wrap": "auto", "reshard_after_forward": True, "mixed_precision": None},
-    "fsdp1": {"wrap": "auto", "sharding_strategy": "FULL_SHARD", "use_orig_params": True,
-              "mixed_precision": None},
+    "fsdp1": {"wrap": "auto", "sharding_strategy": "FULL_SHARD", "use_orig_params": True, "mixed_precision": None},
 }
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
@@ -71,18 +77,22 @@ def deepspeed_config_for(ds: dict[str, Any], dtype: torch.dtype) -> dict[str, An
 def _check_fsdp_options(engine: str, opts: dict[str, Any], where: str) -> None:
     wrap = opts.get("wrap")
     if not (wrap == "auto" or (isinstance(wrap, list) and all(isinstance(w, str) for w in wrap))):
-        raise EngineConfigError(f"{where}: wrap must be \"auto\" (the model's _no_split_modules) or a list of "
-                                f"module class names, got {wrap!r}")
+        raise EngineConfigError(
+            f'{where}: wrap must be "auto" (the model\'s _no_split_modules) or a list of '
+            f"module class names, got {wrap!r}"
+        )
     mp = opts.get("mixed_precision")
     if mp is not None:
         if not isinstance(mp, dict) or set(mp) - {"param_dtype", "reduce_dtype"}:
-            raise EngineConfigError(f"{where}: mixed_precision must be null or {{\"param_dtype\": ..., "
-                                    f"\"reduce_dtype\": ...}}, got {mp!r}")
+            raise EngineConfigError(
+                f'{where}: mixed_precision must be null or {{"param_dtype": ..., "reduce_dtype": ...}}, got {mp!r}'
+            )
         for k, v in mp.items():
             parse_dtype(v, f"{where}: mixed_precision.{k}")
     if engine == "fsdp1" and opts["sharding_strategy"] not in SHARDING_STRATEGIES:
-        raise EngineConfigError(f"{where}: sharding_strategy={opts['sharding_strategy']!r} is not one of "
-                                f"{list(SHARDING_STRATEGIES)}")
+        raise EngineConfigError(
+            f"{where}: sharding_strategy={opts['sharding_strategy']!r} is not one of {list(SHARDING_STRATEGIES)}"
+        )
     for key in ("reshard_after_forward", "use_orig_params"):
         if key in opts and not isinstance(opts[key], bool):
             raise EngineConfigError(f"{where}: {key} must be true or false, got {opts[key]!r}")
@@ -94,8 +104,10 @@ def spec_from_dict(data: dict[str, Any], where: str = "<engine config>", dtype: 
         raise EngineConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
     if "engine" not in data:
         if not any(k in data for k in _DS_KEYS):
-            raise EngineConfigError(f"{where}: neither a DeepSpeed config (no {'/'.join(_DS_KEYS)}) nor ours "
-                                    f"(no \"engine\" key; one of {list(_OPTIONS)})")
+            raise EngineConfigError(
+                f"{where}: neither a DeepSpeed config (no {'/'.join(_DS_KEYS)}) nor ours "
+                f'(no "engine" key; one of {list(_OPTIONS)})'
+            )
         stage = data.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2, 3):
             raise EngineConfigError(f"{where}: zero_optimization.stage={stage!r} is not 0, 1, 2 or 3")
@@ -103,8 +115,10 @@ def spec_from_dict(data: dict[str, Any], where: str = "<engine config>", dtype: 
         return EngineSpec(f"zero{stage}", chosen, deepspeed_config_for(data, chosen))
     engine = data["engine"]
     if engine not in _OPTIONS:
-        raise EngineConfigError(f"{where}: engine={engine!r} is not one of {list(_OPTIONS)} (DeepSpeed engines "
-                                "are configured by a DeepSpeed config file)")
+        raise EngineConfigError(
+            f"{where}: engine={engine!r} is not one of {list(_OPTIONS)} (DeepSpeed engines "
+            "are configured by a DeepSpeed config file)"
+        )
     allowed = set(_OPTIONS[engine]) | {"engine", "dtype"}
     unknown = sorted(set(data) - allowed)
     if unknown:

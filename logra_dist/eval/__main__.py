@@ -1,10 +1,11 @@
 """python -m logra_dist.eval run --benchmark digits|synthetic|lm|all [--fast] --out DIR"""
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from logra_dist.eval.report import write_markdown
 from logra_dist.eval.runner import run_benchmark
@@ -13,16 +14,25 @@ BENCHMARKS = ("digits", "lm", "synthetic")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m logra_dist.eval",
-                                description="Counterfactual accuracy of LoGra and baselines (LDS, brittleness).")
+    p = argparse.ArgumentParser(
+        prog="python -m logra_dist.eval",
+        description="Counterfactual accuracy of LoGra and baselines (LDS, brittleness).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run benchmarks and write JSON results and the markdown table")
-    run.add_argument("--benchmark", choices=BENCHMARKS + ("all",), default="all",
-                     help="all = digits and lm (synthetic is the CI-sized stand-in for digits)")
+    run.add_argument(
+        "--benchmark",
+        choices=BENCHMARKS + ("all",),
+        default="all",
+        help="all = digits and lm (synthetic is the CI-sized stand-in for digits)",
+    )
     run.add_argument("--out", default="bench/results/accuracy", help="folder of the JSON results")
     run.add_argument("--markdown", default=None, help="table file (default: <out>.md)")
-    run.add_argument("--cache", default="bench/cache/accuracy",
-                     help="retraining cache (reused by every later run with the same recipe)")
+    run.add_argument(
+        "--cache",
+        default="bench/cache/accuracy",
+        help="retraining cache (reused by every later run with the same recipe)",
+    )
     run.add_argument("--fast", action="store_true", help="small counts (CI): same methods, fewer subsets/seeds")
     run.add_argument("--workers", type=int, default=2, help="retraining processes (1 thread each)")
     rep = sub.add_parser("report", help="rewrite the markdown table from the JSON results in --out")

@@ -1,5 +1,6 @@
 """Benchmark tasks by name: one task object per process. Above `tasks` and `lm_task`, so neither
 imports the other (the LM task needs transformers, imported only when asked for)."""
+
 from __future__ import annotations
 
 import json

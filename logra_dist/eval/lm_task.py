@@ -4,10 +4,12 @@ Same model config, tokenizer and corpus as the package's default model; a shorte
 (fewer documents, shorter sequences) so that the dozens of retrainings a counterfactual
 evaluation needs fit on two CPU cores. Queries are held-out documents.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,8 +22,16 @@ from logra_dist.eval.tasks import Batch, Task, TaskSpec
 
 
 class LMTask(Task):
-    defaults = {"n_train": 800, "n_query_pool": 40, "max_length": 64, "steps": 300, "batch_size": 16,
-                "lr": 3e-3, "warmup": 20, "split_seed": 0}
+    defaults: ClassVar[dict[str, Any]] = {
+        "n_train": 800,
+        "n_query_pool": 40,
+        "max_length": 64,
+        "steps": 300,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup": 20,
+        "split_seed": 0,
+    }
 
     def __init__(self, spec: TaskSpec):
         unknown = set(spec.params) - set(self.defaults)
@@ -35,7 +45,7 @@ class LMTask(Task):
         n_tr, n_q = self.p["n_train"], self.p["n_query_pool"]
         if n_tr + n_q > len(docs):
             raise ValueError(f"lm: corpus has {len(docs)} documents, asked for {n_tr} + {n_q}")
-        self.doc_ids = {"train": perm[:n_tr], "query": perm[n_tr:n_tr + n_q]}
+        self.doc_ids = {"train": perm[:n_tr], "query": perm[n_tr : n_tr + n_q]}
         samples = tokenize([Document(int(d["id"]), d["text"]) for d in docs], self.tokenizer, self.p["max_length"])
         self.samples = {split: [samples[int(i)] for i in ids] for split, ids in self.doc_ids.items()}
         self.texts = {split: [docs[int(i)]["text"] for i in ids] for split, ids in self.doc_ids.items()}
@@ -86,7 +96,7 @@ class LMTask(Task):
     def batches(self, split: str, ids: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, Batch]]:
         ids = np.asarray(ids, dtype=np.int64)
         for s in range(0, len(ids), batch_size):
-            b = ids[s:s + batch_size]
+            b = ids[s : s + batch_size]
             yield torch.as_tensor(b), self._collate(split, b)
 
     def _collate(self, split: str, ids) -> Batch:
@@ -100,8 +110,9 @@ class LMTask(Task):
     def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, T-1) next-token losses, 0 where the label is ignored."""
         lg, lb = logits[:, :-1].float(), labels[:, 1:]
-        return F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none",
-                               ignore_index=-100).reshape(lb.shape)
+        return F.cross_entropy(
+            lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), reduction="none", ignore_index=-100
+        ).reshape(lb.shape)
 
     def summed_loss(self, logits, batch, labels=None):
         return self._token_losses(logits, batch["labels"] if labels is None else labels).sum()

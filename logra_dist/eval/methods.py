@@ -9,6 +9,7 @@ Baselines that LoGra cannot express, at the SAME storage per example D:
   Gauss-Newton-style influence the projections approximate (small models only).
 Damping for every preconditioned method: lambda = damping x mean eigenvalue (as LoGra).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -20,12 +21,12 @@ import numpy as np
 import torch
 
 from logra_dist.config import LoGraConfig
-from logra_dist.logger import attach
-from logra_dist.core.projection import LayerSpec
-from logra_dist.scoring.scorer import Scorer
-from logra_dist.scoring.kernels import score_block, self_influence
 from logra_dist.core.curvature import Accumulator
+from logra_dist.core.projection import LayerSpec
 from logra_dist.eval.tasks import Task
+from logra_dist.logger import attach
+from logra_dist.scoring.kernels import score_block, self_influence
+from logra_dist.scoring.scorer import Scorer
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,15 @@ class Attributor:
     """Scores every method against one trained model; indexes and query gradients are shared
     by the methods that differ only in scoring (damping, dot vs RelatIF)."""
 
-    def __init__(self, task: Task, model: torch.nn.Module, query_ids: np.ndarray, workdir: str | Path,
-                 batch_size: int = 64, label_seed: int = 0):
+    def __init__(
+        self,
+        task: Task,
+        model: torch.nn.Module,
+        query_ids: np.ndarray,
+        workdir: str | Path,
+        batch_size: int = 64,
+        label_seed: int = 0,
+    ):
         self.task, self.model = task, model
         self.train_ids = np.arange(task.n_train, dtype=np.int64)
         self.query_ids = np.asarray(query_ids, dtype=np.int64)
@@ -86,12 +94,20 @@ class Attributor:
 
     def _log_index(self, m: Method) -> Path:
         key = m.index_key()
-        out = self.workdir / "index-{}-{}-k{}-{}-{}-s{}".format(m.init, m.hessian, m.k, m.fisher, m.dim, m.seed)
+        out = self.workdir / f"index-{m.init}-{m.hessian}-k{m.k}-{m.fisher}-{m.dim}-s{m.seed}"
         if (out / "manifest.json").exists() and key in self._query_rows:
             return out
         shutil.rmtree(out, ignore_errors=True)
-        cfg = LoGraConfig(k_in=m.k, k_out=m.k, init=m.init, seed=m.seed, hessian=m.hessian, fisher=m.fisher,
-                          damping=1.0, storage_dtype="float32")
+        cfg = LoGraConfig(
+            k_in=m.k,
+            k_out=m.k,
+            init=m.init,
+            seed=m.seed,
+            hessian=m.hessian,
+            fisher=m.fisher,
+            damping=1.0,
+            storage_dtype="float32",
+        )
         gen = torch.Generator().manual_seed(self.label_seed)
         stat_labels = "sampled" if m.fisher == "true" else "data"
         logger = attach(self.model, cfg, out)
@@ -132,20 +148,24 @@ class Attributor:
 
     # -- dense projection of the full gradient / full gradient --------------------------------
     def _full_grads(self, split: str, ids: np.ndarray) -> torch.Tensor:
-        parts = [self.task.per_sample_grads(self.model, batch).double()
-                 for _, batch in self.task.batches(split, ids, self.batch_size)]
+        parts = [
+            self.task.per_sample_grads(self.model, batch).double()
+            for _, batch in self.task.batches(split, ids, self.batch_size)
+        ]
         return torch.cat(parts)
 
     def _projected(self, m: Method) -> np.ndarray:
         key = m.index_key()
         if key not in self._dense:
             if "full" not in self._dense:
-                self._dense["full"] = (self._full_grads("train", self.train_ids),
-                                       self._full_grads("query", self.query_ids))
+                self._dense["full"] = (
+                    self._full_grads("train", self.train_ids),
+                    self._full_grads("query", self.query_ids),
+                )
             train, query = self._dense["full"]
             if m.family == "dense":
                 gen = torch.Generator().manual_seed(10_000 + m.seed)
-                proj = torch.randn(train.shape[1], m.dim, generator=gen, dtype=torch.float64) / m.dim ** 0.5
+                proj = torch.randn(train.shape[1], m.dim, generator=gen, dtype=torch.float64) / m.dim**0.5
                 train, query = train @ proj, query @ proj
             elif m.family != "full":
                 raise ValueError(f"unknown method family {m.family!r}")

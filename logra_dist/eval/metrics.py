@@ -6,6 +6,7 @@ preconditioning). So the value a method predicts for a training subset S is sum_
 and it should rank subsets like the NEGATIVE query loss measured after retraining on S:
 LDS(q) = Spearman(predicted(S_1..S_M), -loss_q(S_1..S_M)); higher is better, 1 is perfect.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,8 +39,9 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(denom > 0, (ra * rb).sum(1) / np.where(denom > 0, denom, 1.0), np.nan)
 
 
-def bootstrap_ci(values: np.ndarray, seed: int = 0, draws: int = 2000, level: float = 0.95,
-                 statistic=np.mean) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray, seed: int = 0, draws: int = 2000, level: float = 0.95, statistic=np.mean
+) -> tuple[float, float]:
     """Percentile bootstrap interval of `statistic` over the entries of `values` (queries)."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
@@ -61,8 +63,10 @@ def lds(scores: np.ndarray, masks: np.ndarray, measured_loss: np.ndarray, seed: 
     """
     scores, masks, measured_loss = (np.asarray(x, dtype=np.float64) for x in (scores, masks, measured_loss))
     if masks.shape[1] != scores.shape[1] or measured_loss.shape != (masks.shape[0], scores.shape[0]):
-        raise ValueError(f"lds: scores {scores.shape}, masks {masks.shape} and measured {measured_loss.shape} "
-                         "do not agree: need (Q, N), (M, N), (M, Q)")
+        raise ValueError(
+            f"lds: scores {scores.shape}, masks {masks.shape} and measured {measured_loss.shape} "
+            "do not agree: need (Q, N), (M, N), (M, Q)"
+        )
     predicted = masks @ scores.T  # (M, Q)
     per_query = spearman_rows(predicted.T, -measured_loss.T)
     return summarize(per_query, seed)
@@ -73,10 +77,14 @@ def summarize(per_query: np.ndarray, seed: int = 0) -> dict:
     v = np.asarray(per_query, dtype=np.float64)
     finite = v[np.isfinite(v)]
     lo, hi = bootstrap_ci(finite, seed)
-    return {"mean": float(finite.mean()) if len(finite) else float("nan"),
-            "std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
-            "ci95": [lo, hi], "n_queries": int(len(finite)), "n_undefined": int(len(v) - len(finite)),
-            "per_query": [None if not np.isfinite(x) else float(x) for x in v]}
+    return {
+        "mean": float(finite.mean()) if len(finite) else float("nan"),
+        "std": float(finite.std(ddof=1)) if len(finite) > 1 else float("nan"),
+        "ci95": [lo, hi],
+        "n_queries": len(finite),
+        "n_undefined": int(len(v) - len(finite)),
+        "per_query": [None if not np.isfinite(x) else float(x) for x in v],
+    }
 
 
 def brittleness(delta_top: np.ndarray, delta_random: np.ndarray, seed: int = 0) -> dict:
@@ -99,9 +107,18 @@ def brittleness(delta_top: np.ndarray, delta_random: np.ndarray, seed: int = 0) 
         ratio_ci = [float(lo), float(hi) if np.isfinite(hi) else None]
     diff = top - rnd
     sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
-    return {"delta_top_mean": float(top.mean()), "delta_top_std": sd(top),
-            "delta_random_mean": float(rnd.mean()), "delta_random_std": sd(rnd),
-            "ratio_of_means": ratio, "ratio_ci95": ratio_ci,
-            "diff_mean": float(diff.mean()), "diff_std": sd(diff), "diff_ci95": list(bootstrap_ci(diff, seed)),
-            "win_rate": float((top > rnd).mean()), "n_queries": int(len(top)),
-            "per_query_top": top.tolist(), "per_query_random": rnd.tolist()}
+    return {
+        "delta_top_mean": float(top.mean()),
+        "delta_top_std": sd(top),
+        "delta_random_mean": float(rnd.mean()),
+        "delta_random_std": sd(rnd),
+        "ratio_of_means": ratio,
+        "ratio_ci95": ratio_ci,
+        "diff_mean": float(diff.mean()),
+        "diff_std": sd(diff),
+        "diff_ci95": list(bootstrap_ci(diff, seed)),
+        "win_rate": float((top > rnd).mean()),
+        "n_queries": len(top),
+        "per_query_top": top.tolist(),
+        "per_query_random": rnd.tolist(),
+    }

@@ -1,4 +1,5 @@
 """Markdown tables (for the README) from the JSON results, with the targets checked plainly."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,12 @@ def _brittle_cells(entry: dict[str, Any]) -> list[str]:
     b = entry.get("brittleness")
     if not b:
         return ["", "", "", ""]
-    return [f"{_f(b['delta_top_mean'], 4)} ± {_f(b['delta_top_std'], 4)}",
-            f"{_f(b['diff_mean'], 4)} [{_f(b['diff_ci95'][0], 4)}, {_f(b['diff_ci95'][1], 4)}]",
-            _ratio(b), f"{b['win_rate']:.0%}"]
+    return [
+        f"{_f(b['delta_top_mean'], 4)} ± {_f(b['delta_top_std'], 4)}",
+        f"{_f(b['diff_mean'], 4)} [{_f(b['diff_ci95'][0], 4)}, {_f(b['diff_ci95'][1], 4)}]",
+        _ratio(b),
+        f"{b['win_rate']:.0%}",
+    ]
 
 
 def _ratio(b: dict[str, Any]) -> str:
@@ -49,61 +53,91 @@ def _targets(res: dict[str, Any]) -> list[str]:
     meth = res["methods"]
     lines = []
     if res["benchmark"] in ("digits", "synthetic"):
+
         def mean(name):
             return meth[name]["lds"]["mean"] if name in meth and "lds" in meth[name] else float("nan")
 
-        ks = sorted({m["method"]["k"] for m in meth.values() if m["method"]["family"] == "logra"
-                     and m["method"]["init"] != "identity"})
+        ks = sorted(
+            {
+                m["method"]["k"]
+                for m in meth.values()
+                if m["method"]["family"] == "logra" and m["method"]["init"] != "identity"
+            }
+        )
         for k in ks:
             d = 3 * k * k
             for init in ("random", "pca"):
                 ours = mean(f"logra-{init}-k{k}")
                 rivals = {n: mean(n) for n in (f"graddot-k{k}", f"dense-D{d}", f"dense-fisher-D{d}")}
                 verdict = "yes" if all(ours > v for v in rivals.values()) else "NO"
-                lines.append(f"- D={d}: LoGra {init} + projected Fisher LDS {_f(ours)} vs "
-                             + ", ".join(f"{n} {_f(v)}" for n, v in rivals.items()) + f": beats all? **{verdict}**")
+                lines.append(
+                    f"- D={d}: LoGra {init} + projected Fisher LDS {_f(ours)} vs "
+                    + ", ".join(f"{n} {_f(v)}" for n, v in rivals.items())
+                    + f": beats all? **{verdict}**"
+                )
             pca, rnd = mean(f"logra-pca-k{k}"), mean(f"logra-random-k{k}")
-            lines.append(f"- D={d}: PCA {_f(pca)} vs random {_f(rnd)}: PCA at least as accurate? "
-                         f"**{'yes' if pca >= rnd else 'NO'}**")
+            lines.append(
+                f"- D={d}: PCA {_f(pca)} vs random {_f(rnd)}: PCA at least as accurate? "
+                f"**{'yes' if pca >= rnd else 'NO'}**"
+            )
     for name, m in meth.items():
         b = m.get("brittleness")
         if b and res["benchmark"] == "lm":
             clear = b["diff_ci95"][0] > 0 and b["win_rate"] > 0.5
-            lines.append(f"- {name}: removing the top-{res['plan']['brittle_k']} raises the query loss by "
-                         f"{_f(b['delta_top_mean'], 4)} vs {_f(b['delta_random_mean'], 4)} for random removal "
-                         f"(difference 95% CI [{_f(b['diff_ci95'][0], 4)}, {_f(b['diff_ci95'][1], 4)}]; ratio "
-                         f"{_ratio(b)}; wins on {b['win_rate']:.0%} of queries): clearly more? "
-                         f"**{'yes' if clear else 'NO'}**")
+            lines.append(
+                f"- {name}: removing the top-{res['plan']['brittle_k']} raises the query loss by "
+                f"{_f(b['delta_top_mean'], 4)} vs {_f(b['delta_random_mean'], 4)} for random removal "
+                f"(difference 95% CI [{_f(b['diff_ci95'][0], 4)}, {_f(b['diff_ci95'][1], 4)}]; ratio "
+                f"{_ratio(b)}; wins on {b['win_rate']:.0%} of queries): clearly more? "
+                f"**{'yes' if clear else 'NO'}**"
+            )
     return lines
 
 
 def section(res: dict[str, Any]) -> str:
     p, t = res["plan"], res["task"]
     title = f"### {res['benchmark']}{' (fast)' if res['fast'] else ''}"
-    out = [title, "", f"Command: `{res['command']}`  ", f"Task: {t['name']}, {t['n_train']} training examples, "
-           f"recipe `{json.dumps({k: v for k, v in t['recipe'].items() if 'sha' not in k}, sort_keys=True)}`  "]
+    out = [
+        title,
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Task: {t['name']}, {t['n_train']} training examples, "
+        f"recipe `{json.dumps({k: v for k, v in t['recipe'].items() if 'sha' not in k}, sort_keys=True)}`  ",
+    ]
     if p["lds_subsets"]:
-        out.append(f"LDS: {p['lds_subsets']} subsets of {p['lds_fraction']:.0%} (subset seed {p['subset_seed']}), "
-                   f"retrained with seeds {p['lds_seeds']}, {p['lds_queries']} queries; mean ± std over queries "
-                   "[bootstrap 95% CI of the mean].  ")
+        out.append(
+            f"LDS: {p['lds_subsets']} subsets of {p['lds_fraction']:.0%} (subset seed {p['subset_seed']}), "
+            f"retrained with seeds {p['lds_seeds']}, {p['lds_queries']} queries; mean ± std over queries "
+            "[bootstrap 95% CI of the mean].  "
+        )
         c = res.get("retrain_consistency")
         if c:
-            out.append(f"Retraining noise: Spearman between two seeds' query losses over the subsets = "
-                       f"{_f(c['mean'])} (a single-seed ceiling for LDS).  ")
+            out.append(
+                f"Retraining noise: Spearman between two seeds' query losses over the subsets = "
+                f"{_f(c['mean'])} (a single-seed ceiling for LDS).  "
+            )
     if p["brittle_queries"]:
-        out.append(f"Brittleness: top-{p['brittle_k']} removed per query, {p['brittle_queries']} queries, seeds "
-                   f"{p['brittle_seeds']}; Δ = query loss after removal − full-data loss (seed means); ratio = mean Δ "
-                   f"top-k / mean Δ random (bootstrap 95% CI over queries, unbounded when the resampled random mean "
-                   "reaches 0); win = share of queries where top-k beats random.  ")
+        out.append(
+            f"Brittleness: top-{p['brittle_k']} removed per query, {p['brittle_queries']} queries, seeds "
+            f"{p['brittle_seeds']}; Δ = query loss after removal − full-data loss (seed means); ratio = mean Δ "
+            f"top-k / mean Δ random (bootstrap 95% CI over queries, unbounded when the resampled random mean "
+            "reaches 0); win = share of queries where top-k beats random.  "
+        )
         rnd = next((m["brittleness"] for m in res["methods"].values() if "brittleness" in m), None)
         if rnd:
             out.append(f"Random removal: Δ = {_f(rnd['delta_random_mean'], 4)} ± {_f(rnd['delta_random_std'], 4)}.  ")
-    out.append(f"Time of this run: {res['timing_seconds']['total']:.0f} s (retraining {res['timing_seconds']['retraining']:.0f} s, "
-               f"cache {res['cache']['hits']} hits / {res['cache']['misses']} misses).")
+    out.append(
+        f"Time of this run: {res['timing_seconds']['total']:.0f} s "
+        f"(retraining {res['timing_seconds']['retraining']:.0f} s, "
+        f"cache {res['cache']['hits']} hits / {res['cache']['misses']} misses)."
+    )
     out.append("")
     has_lds = bool(p["lds_subsets"])
-    head = ["method", "D", "Hessian", "mode"] + (["LDS (loss)", "LDS (margin)"] if has_lds else []) + \
-           ["Δ loss top-k", "Δ top-k − Δ random [95% CI]", "ratio vs random", "win"]
+    head = (
+        ["method", "D", "Hessian", "mode"]
+        + (["LDS (loss)", "LDS (margin)"] if has_lds else [])
+        + ["Δ loss top-k", "Δ top-k − Δ random [95% CI]", "ratio vs random", "win"]
+    )
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in res["methods"].items():
         md = m["method"]
@@ -118,13 +152,21 @@ def section(res: dict[str, Any]) -> str:
 
 
 def write_markdown(out_dir: str | Path, path: str | Path) -> str:
-    files = sorted(Path(out_dir).glob("*.json"),
-                   key=lambda f: (f.stem.endswith("-fast"), ORDER.index(f.stem.split("-")[0])
-                                  if f.stem.split("-")[0] in ORDER else 99))
-    parts = ["## Accuracy: counterfactual evaluation", "",
-             "Generated by `python -m logra_dist.eval` (see docs/evaluation.md). Sign convention: a positive "
-             "score means the training example lowers the query's loss; LDS is the Spearman correlation between "
-             "the summed scores of a training subset and the NEGATIVE query loss after retraining on it.", ""]
+    files = sorted(
+        Path(out_dir).glob("*.json"),
+        key=lambda f: (
+            f.stem.endswith("-fast"),
+            ORDER.index(f.stem.split("-")[0]) if f.stem.split("-")[0] in ORDER else 99,
+        ),
+    )
+    parts = [
+        "## Accuracy: counterfactual evaluation",
+        "",
+        "Generated by `python -m logra_dist.eval` (see docs/evaluation.md). Sign convention: a positive "
+        "score means the training example lowers the query's loss; LDS is the Spearman correlation between "
+        "the summed scores of a training subset and the NEGATIVE query loss after retraining on it.",
+        "",
+    ]
     parts += [section(json.loads(f.read_text())) for f in files]
     text = "\n".join(parts)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ run one PyTorch thread each (two workers fill two cores without oversubscription
 written to a temporary name and renamed, so an interrupted run never leaves a half-written
 entry and a rerun just fills in what is missing.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,8 +96,9 @@ class RetrainCache:
                 out[j] = {k: z[k] for k in z.files}
         return out
 
-    def mean_outputs(self, results: dict[Job, dict[str, np.ndarray]], train_ids: np.ndarray,
-                     seeds: list[int], key: str = "loss") -> np.ndarray:
+    def mean_outputs(
+        self, results: dict[Job, dict[str, np.ndarray]], train_ids: np.ndarray, seeds: list[int], key: str = "loss"
+    ) -> np.ndarray:
         """Seed-mean of one output for a subset."""
         ids = tuple(int(i) for i in np.unique(train_ids))
         return np.mean([results[Job(ids, s)][key] for s in seeds], axis=0)

@@ -1,5 +1,6 @@
 """One benchmark end to end: train the attributed model, score every method, retrain (cached),
 compute LDS and brittleness, write `<out>/<benchmark>[-fast].json`."""
+
 from __future__ import annotations
 
 import json
@@ -7,24 +8,25 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from logra_dist.version import __version__
+from logra_dist.eval.catalog import cached_task
 from logra_dist.eval.methods import Attributor
 from logra_dist.eval.metrics import brittleness, lds, spearman_rows, summarize
 from logra_dist.eval.plans import Plan, plan_for
 from logra_dist.eval.retrain import Job, RetrainCache, make_job
-from logra_dist.eval.catalog import cached_task
+from logra_dist.version import __version__
 
 
 def lds_subsets(n_train: int, count: int, fraction: float, seed: int) -> np.ndarray:
     """(count, n_train) 0/1 masks, each a uniformly random subset of round(fraction n) examples."""
     rng = np.random.default_rng(seed)
-    size = int(round(fraction * n_train))
+    size = round(fraction * n_train)
     masks = np.zeros((count, n_train), dtype=np.float64)
     for m in range(count):
         masks[m, rng.choice(n_train, size=size, replace=False)] = 1.0
@@ -36,8 +38,15 @@ def top_k_ids(scores_row: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores_row, kind="stable")[:k]
 
 
-def run_benchmark(benchmark: str, out: str | Path, cache: str | Path, fast: bool = False, workers: int = 2,
-                  command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_benchmark(
+    benchmark: str,
+    out: str | Path,
+    cache: str | Path,
+    fast: bool = False,
+    workers: int = 2,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     plan = plan_for(benchmark, fast)
     task = cached_task(plan.spec)
@@ -60,8 +69,9 @@ def run_benchmark(benchmark: str, out: str | Path, cache: str | Path, fast: bool
         scores: dict[str, np.ndarray] = {}
         for m in plan.methods:
             scores[m.name] = attributor.scores(m)
-            log(f"[{benchmark}] scored {m.name:32s} D={attributor.storage[m.name]:6d} "
-                f"{attributor.seconds[m.name]:.1f}s")
+            log(
+                f"[{benchmark}] scored {m.name:32s} D={attributor.storage[m.name]:6d} {attributor.seconds[m.name]:.1f}s"
+            )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     t_scored = time.perf_counter()
@@ -81,7 +91,10 @@ def run_benchmark(benchmark: str, out: str | Path, cache: str | Path, fast: bool
                 removed = top_k_ids(scores[name][q], plan.brittle_k)
             removals[name].append(removed)
             jobs += [make_job(np.setdiff1d(full, removed), s) for s in plan.brittle_seeds]
-    log(f"[{benchmark}] {len(set(jobs))} retrainings needed ({len(set(j for j in jobs if retrain.path(j).exists()))} cached)")
+    log(
+        f"[{benchmark}] {len(set(jobs))} retrainings needed "
+        f"({len({j for j in jobs if retrain.path(j).exists()})} cached)"
+    )
     results = retrain.run(jobs, workers)
     t_retrained = time.perf_counter()
 
@@ -92,57 +105,102 @@ def run_benchmark(benchmark: str, out: str | Path, cache: str | Path, fast: bool
     consistency = None
     if plan.lds_subsets:
         for key in results[next(iter(results))]:
-            measured[key] = np.stack([retrain.mean_outputs(results, np.flatnonzero(mk), plan.lds_seeds, key)
-                                      for mk in masks])[:, lds_q]
+            measured[key] = np.stack(
+                [retrain.mean_outputs(results, np.flatnonzero(mk), plan.lds_seeds, key) for mk in masks]
+            )[:, lds_q]
         if len(plan.lds_seeds) >= 2:  # how reproducible the measured outputs are across seeds
-            per_seed = [np.stack([results[make_job(np.flatnonzero(mk), s)]["loss"] for mk in masks])[:, lds_q]
-                        for s in plan.lds_seeds[:2]]
+            per_seed = [
+                np.stack([results[make_job(np.flatnonzero(mk), s)]["loss"] for mk in masks])[:, lds_q]
+                for s in plan.lds_seeds[:2]
+            ]
             consistency = summarize(spearman_rows(per_seed[0].T, per_seed[1].T))
-    base = np.mean([results[make_job(full, s)]["loss"] for s in plan.brittle_seeds], axis=0) \
-        if plan.brittle_seeds else None
+    base = (
+        np.mean([results[make_job(full, s)]["loss"] for s in plan.brittle_seeds], axis=0)
+        if plan.brittle_seeds
+        else None
+    )
     reproduced = None
     if 0 in plan.brittle_seeds:  # the retrained full-data seed-0 model IS the attributed model
         reproduced = float(np.abs(results[make_job(full, 0)]["loss"] - attributed_outputs["loss"]).max())
     random_delta = None
     if plan.brittle_queries:
-        random_delta = np.array([retrain.mean_outputs(results, np.setdiff1d(full, r), plan.brittle_seeds)[q] - base[q]
-                                 for q, r in enumerate(removals["random"])])
+        random_delta = np.array(
+            [
+                retrain.mean_outputs(results, np.setdiff1d(full, r), plan.brittle_seeds)[q] - base[q]
+                for q, r in enumerate(removals["random"])
+            ]
+        )
     for m in plan.methods:
-        entry: dict[str, Any] = {"method": m.to_dict(), "storage_per_example": attributor.storage[m.name],
-                                 "score_seconds": round(attributor.seconds[m.name], 3)}
+        entry: dict[str, Any] = {
+            "method": m.to_dict(),
+            "storage_per_example": attributor.storage[m.name],
+            "score_seconds": round(attributor.seconds[m.name], 3),
+        }
         if plan.lds_subsets:
             entry["lds"] = lds(scores[m.name][lds_q], masks, measured["loss"])
             if "margin" in measured:  # margin: higher is better, so negate it into a "loss"
                 entry["lds_margin"] = lds(scores[m.name][lds_q], masks, -measured["margin"])
         if m.name in plan.brittle_methods:
-            top_delta = np.array([retrain.mean_outputs(results, np.setdiff1d(full, r), plan.brittle_seeds)[q] - base[q]
-                                  for q, r in enumerate(removals[m.name])])
+            top_delta = np.array(
+                [
+                    retrain.mean_outputs(results, np.setdiff1d(full, r), plan.brittle_seeds)[q] - base[q]
+                    for q, r in enumerate(removals[m.name])
+                ]
+            )
             entry["brittleness"] = brittleness(top_delta, random_delta)
         out_methods[m.name] = entry
     t_end = time.perf_counter()
 
     result = {
-        "benchmark": benchmark, "fast": fast, "command": command,
-        "task": {"name": task.name, "key": task.key(), "recipe": task.recipe(),
-                 "n_train": task.n_train, "n_query_pool": task.n_query_pool},
-        "plan": {"lds_queries": plan.lds_queries, "lds_subsets": plan.lds_subsets, "lds_fraction": plan.lds_fraction,
-                 "lds_seeds": plan.lds_seeds, "subset_seed": plan.subset_seed,
-                 "brittle_queries": plan.brittle_queries, "brittle_k": plan.brittle_k,
-                 "brittle_methods": plan.brittle_methods, "brittle_seeds": plan.brittle_seeds,
-                 "attributed_model_seed": 0, "random_removal_seeds": "numpy default_rng(1000 + query index)",
-                 "notes": plan.notes},
+        "benchmark": benchmark,
+        "fast": fast,
+        "command": command,
+        "task": {
+            "name": task.name,
+            "key": task.key(),
+            "recipe": task.recipe(),
+            "n_train": task.n_train,
+            "n_query_pool": task.n_query_pool,
+        },
+        "plan": {
+            "lds_queries": plan.lds_queries,
+            "lds_subsets": plan.lds_subsets,
+            "lds_fraction": plan.lds_fraction,
+            "lds_seeds": plan.lds_seeds,
+            "subset_seed": plan.subset_seed,
+            "brittle_queries": plan.brittle_queries,
+            "brittle_k": plan.brittle_k,
+            "brittle_methods": plan.brittle_methods,
+            "brittle_seeds": plan.brittle_seeds,
+            "attributed_model_seed": 0,
+            "random_removal_seeds": "numpy default_rng(1000 + query index)",
+            "notes": plan.notes,
+        },
         "sign_convention": "score > 0: the example lowers the query loss; LDS = Spearman(sum of scores over "
-                           "the subset, -query loss after retraining), averaged over queries",
+        "the subset, -query loss after retraining), averaged over queries",
         "retrain_consistency": consistency,
         "attributed_model_vs_retrained_max_abs_loss_diff": reproduced,
         "base_query_loss": None if base is None else {"mean": float(base.mean()), "per_query": base.tolist()},
         "methods": out_methods,
-        "cache": {"dir": str(retrain.dir), "hits": retrain.hits, "misses": retrain.misses,
-                  "worker_train_seconds": round(retrain.train_seconds, 1)},
-        "timing_seconds": {"attributed_model": round(t_model - t_start, 1), "scoring": round(t_scored - t_model, 1), "retraining": round(t_retrained - t_scored, 1),
-                           "total": round(t_end - t_start, 1)},
-        "environment": {"logra_dist": __version__, "torch": torch.__version__, "python": platform.python_version(),
-                        "workers": workers, "threads_per_worker": 1},
+        "cache": {
+            "dir": str(retrain.dir),
+            "hits": retrain.hits,
+            "misses": retrain.misses,
+            "worker_train_seconds": round(retrain.train_seconds, 1),
+        },
+        "timing_seconds": {
+            "attributed_model": round(t_model - t_start, 1),
+            "scoring": round(t_scored - t_model, 1),
+            "retraining": round(t_retrained - t_scored, 1),
+            "total": round(t_end - t_start, 1),
+        },
+        "environment": {
+            "logra_dist": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "workers": workers,
+            "threads_per_worker": 1,
+        },
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,4 +212,4 @@ def run_benchmark(benchmark: str, out: str | Path, cache: str | Path, fast: bool
     return result
 
 
-__all__ = ["run_benchmark", "lds_subsets", "top_k_ids", "Plan"]
+__all__ = ["Plan", "lds_subsets", "run_benchmark", "top_k_ids"]

@@ -8,12 +8,14 @@ Sign convention and losses: per-sample losses are SUMMED over tokens (what the L
 the measured output of a query is its loss under a retrained model (classification:
 cross-entropy; LM: mean token cross-entropy of the document).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ class Task:
     """Interface the evaluation needs from a benchmark."""
 
     name = ""
-    n_train = 0       # training examples have ids 0..n_train-1
+    n_train = 0  # training examples have ids 0..n_train-1
     n_query_pool = 0  # held-out examples, ids 0..n_query_pool-1 in the query pool
 
     def recipe(self) -> dict[str, Any]:
@@ -103,9 +105,20 @@ class ClassificationTask(Task):
     """MLP (tanh) trained full-batch with Adam and an L2 penalty for a fixed number of steps, so
     a subset's model is a deterministic function of (subset, seed)."""
 
-    defaults = {"data": "digits", "n_train": 1000, "n_query_pool": 200, "hidden": 32, "depth": 2,
-                "steps": 400, "lr": 5e-3, "l2": 5e-4, "split_seed": 0,
-                "synthetic_n": 700, "synthetic_dim": 16, "synthetic_classes": 6}
+    defaults: ClassVar[dict[str, Any]] = {
+        "data": "digits",
+        "n_train": 1000,
+        "n_query_pool": 200,
+        "hidden": 32,
+        "depth": 2,
+        "steps": 400,
+        "lr": 5e-3,
+        "l2": 5e-4,
+        "split_seed": 0,
+        "synthetic_n": 700,
+        "synthetic_dim": 16,
+        "synthetic_classes": 6,
+    }
 
     def __init__(self, spec: TaskSpec):
         unknown = set(spec.params) - set(self.defaults)
@@ -123,7 +136,7 @@ class ClassificationTask(Task):
         perm = np.random.default_rng(p["split_seed"]).permutation(len(x))
         if p["n_train"] + p["n_query_pool"] > len(x):
             raise ValueError(f"{p['data']}: {len(x)} examples, asked for {p['n_train']} + {p['n_query_pool']}")
-        tr, qu = perm[:p["n_train"]], perm[p["n_train"]:p["n_train"] + p["n_query_pool"]]
+        tr, qu = perm[: p["n_train"]], perm[p["n_train"] : p["n_train"] + p["n_query_pool"]]
         mu, sd = x[tr].mean(0), x[tr].std(0) + 0.1
         x = (x - mu) / sd
         self.x = {"train": torch.tensor(x[tr], dtype=torch.float32), "query": torch.tensor(x[qu], dtype=torch.float32)}
@@ -162,13 +175,12 @@ class ClassificationTask(Task):
         y = self.y["query"]
         correct = logits.gather(1, y[:, None])[:, 0]
         other = logits.masked_fill(F.one_hot(y, self.classes).bool(), float("-inf")).amax(1)
-        return {"loss": F.cross_entropy(logits, y, reduction="none").numpy(),
-                "margin": (correct - other).numpy()}
+        return {"loss": F.cross_entropy(logits, y, reduction="none").numpy(), "margin": (correct - other).numpy()}
 
     def batches(self, split: str, ids: np.ndarray, batch_size: int) -> Iterator[tuple[torch.Tensor, Batch]]:
         ids = np.asarray(ids, dtype=np.int64)
         for s in range(0, len(ids), batch_size):
-            b = torch.as_tensor(ids[s:s + batch_size])
+            b = torch.as_tensor(ids[s : s + batch_size])
             yield b, {"x": self.x[split][b], "y": self.y[split][b]}
 
     def forward(self, model, batch: Batch) -> torch.Tensor:
@@ -196,4 +208,4 @@ class ClassificationTask(Task):
         return torch.cat([g[k].reshape(len(batch["x"]), -1) for k in params], dim=1)
 
 
-__all__ = ["Task", "TaskSpec", "ClassificationTask"]
+__all__ = ["ClassificationTask", "Task", "TaskSpec"]

@@ -2,14 +2,15 @@
 
 Nothing here knows LoGra; `store` and `reader` build on it.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -31,7 +32,7 @@ class _GuardedFile(io.RawIOBase):
 
     def __init__(self, path: Path):
         super().__init__()
-        self._f, self.error = open(path, "w+b", buffering=0), None
+        self._f, self.error = open(path, "w+b", buffering=0), None  # noqa: SIM115 (closed in close())
 
     def readable(self) -> bool:
         return True
@@ -107,7 +108,7 @@ def row_checksums(rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray
     raw = np.ascontiguousarray(rows).reshape(n, -1).view(np.uint8)
     if raw.shape[1] % 8:
         padded = np.zeros((n, raw.shape[1] + 8 - raw.shape[1] % 8), np.uint8)
-        padded[:, :raw.shape[1]] = raw
+        padded[:, : raw.shape[1]] = raw
         raw = padded
     return np.add.reduce(raw.view("<u8"), axis=1, dtype=np.uint64, out=out)
 

@@ -6,6 +6,7 @@ manifest or stats file, ranks that never wrote a shard, and says what is incompl
 opened read-only without HDF5 file locking, and a partial shard's rows are read only up to its
 commit record, so a live job can be looked at.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,17 +34,24 @@ def _sample_positions(n: int, k: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, num=min(n, k)).round().astype(np.int64))
 
 
-def _shard_facts(path: Path, sample_rows: int, seen_ids: list[np.ndarray]) -> tuple[dict[str, Any], np.ndarray | None, list | None]:
+def _shard_facts(
+    path: Path, sample_rows: int, seen_ids: list[np.ndarray]
+) -> tuple[dict[str, Any], np.ndarray | None, list | None]:
     """(facts, sampled float32 rows or None, layout or None) of one shard file; its usable ids
     are appended to `seen_ids` (for the cross-shard duplicate check)."""
     m = _SHARD.match(path.name)
-    facts: dict[str, Any] = {"path": str(path.relative_to(path.parent.parent)), "rank": int(m.group(1)),
-                             "partial_name": m.group(2) != "h5",
-                             "bytes": _disk_use(path) if path.is_dir() else path.stat().st_size}
+    facts: dict[str, Any] = {
+        "path": str(path.relative_to(path.parent.parent)),
+        "rank": int(m.group(1)),
+        "partial_name": m.group(2) != "h5",
+        "bytes": _disk_use(path) if path.is_dir() else path.stat().st_size,
+    }
     if m.group(2) == "partial":
         return _partial_facts(path, facts, sample_rows, seen_ids)
     if m.group(2) == "h5.partial":
-        facts["error"] = "the HDF5 shard being built at finalize (or a build that was interrupted: --resume rebuilds it)"
+        facts["error"] = (
+            "the HDF5 shard being built at finalize (or a build that was interrupted: --resume rebuilds it)"
+        )
         return facts, None, None
     try:
         f = h5py.File(path, "r", locking=False)
@@ -56,10 +64,17 @@ def _shard_facts(path: Path, sample_rows: int, seen_ids: list[np.ndarray]) -> tu
             return facts, None, None
         attrs = f.attrs
         rows, n_ids = int(f["grads"].shape[0]), int(f["ids"].shape[0])
-        facts.update(rows=rows, width=int(f["grads"].shape[1]), complete=bool(attrs.get("complete", False)),
-                     rows_committed=int(attrs.get("rows_committed", 0)), storage_dtype=str(attrs.get("storage_dtype", "?")),
-                     stored_as=str(f["grads"].dtype), world_size=int(attrs.get("world_size", 0)),
-                     chunks=list(f["grads"].chunks or ()), has_partial_stats="partial_stats" in f)
+        facts.update(
+            rows=rows,
+            width=int(f["grads"].shape[1]),
+            complete=bool(attrs.get("complete", False)),
+            rows_committed=int(attrs.get("rows_committed", 0)),
+            storage_dtype=str(attrs.get("storage_dtype", "?")),
+            stored_as=str(f["grads"].dtype),
+            world_size=int(attrs.get("world_size", 0)),
+            chunks=list(f["grads"].chunks or ()),
+            has_partial_stats="partial_stats" in f,
+        )
         if n_ids != rows:
             facts["error"] = f"{rows} gradient rows but {n_ids} ids"
         layout = json.loads(attrs["layout"]) if "layout" in attrs else None
@@ -75,8 +90,9 @@ def _shard_facts(path: Path, sample_rows: int, seen_ids: list[np.ndarray]) -> tu
     return facts, sample, layout
 
 
-def _partial_facts(path: Path, facts: dict[str, Any], sample_rows: int,
-                   seen_ids: list[np.ndarray]) -> tuple[dict[str, Any], np.ndarray | None, list | None]:
+def _partial_facts(
+    path: Path, facts: dict[str, Any], sample_rows: int, seen_ids: list[np.ndarray]
+) -> tuple[dict[str, Any], np.ndarray | None, list | None]:
     """Facts of a running or killed job's partial shard: only committed rows count."""
     try:
         record = read_record(path / COMMIT)
@@ -86,10 +102,18 @@ def _partial_facts(path: Path, facts: dict[str, Any], sample_rows: int,
     meta = record.meta
     dtype, width = np.dtype(meta.get("row_dtype", "<f2")), int(meta.get("width", 0))
     rows_on_disk = (path / GRADS).stat().st_size // max(1, dtype.itemsize * width) if (path / GRADS).exists() else 0
-    facts.update(rows=int(rows_on_disk), width=width, complete=False, rows_committed=record.rows,
-                 storage_dtype=str(meta.get("storage_dtype", "?")), stored_as=str(dtype),
-                 world_size=int(meta.get("world_size", 0)), chunks=[], has_partial_stats=record.has_stats,
-                 config=json.loads(meta["config"]) if "config" in meta else None)
+    facts.update(
+        rows=int(rows_on_disk),
+        width=width,
+        complete=False,
+        rows_committed=record.rows,
+        storage_dtype=str(meta.get("storage_dtype", "?")),
+        stored_as=str(dtype),
+        world_size=int(meta.get("world_size", 0)),
+        chunks=[],
+        has_partial_stats=record.has_stats,
+        config=json.loads(meta["config"]) if "config" in meta else None,
+    )
     usable = min(record.rows, rows_on_disk)
     positions = _sample_positions(usable, sample_rows)
     sample = None
@@ -108,12 +132,18 @@ def _layer_norms(samples: list[np.ndarray], layout: list[dict[str, Any]]) -> lis
     out = []
     for layer in layout:
         width = layer["k_out"] * layer["k_in"]
-        norms = np.linalg.norm(rows[:, layer["offset"]:layer["offset"] + width].astype(np.float64), axis=1)
+        norms = np.linalg.norm(rows[:, layer["offset"] : layer["offset"] + width].astype(np.float64), axis=1)
         finite = norms[np.isfinite(norms)]
-        out.append({"name": layer["name"], "k_out": layer["k_out"], "k_in": layer["k_in"],
-                    "mean_norm": float(finite.mean()) if len(finite) else float("nan"),
-                    "max_norm": float(finite.max()) if len(finite) else float("nan"),
-                    "nonfinite_rows": int(len(norms) - len(finite))})
+        out.append(
+            {
+                "name": layer["name"],
+                "k_out": layer["k_out"],
+                "k_in": layer["k_in"],
+                "mean_norm": float(finite.mean()) if len(finite) else float("nan"),
+                "max_norm": float(finite.max()) if len(finite) else float("nan"),
+                "nonfinite_rows": int(len(norms) - len(finite)),
+            }
+        )
     return out
 
 
@@ -133,8 +163,10 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         problems.append("manifest.json missing: the job has not finalized (Logger.finalize)")
     if not (root / "stats.h5").exists():
         problems.append("stats.h5 missing: no Hessian statistics yet (written at finalize)")
-    files = sorted((p for p in (root / SHARD_DIR).glob("rank-*") if _SHARD.match(p.name)),
-                   key=lambda p: (int(_SHARD.match(p.name).group(1)), p.name))
+    files = sorted(
+        (p for p in (root / SHARD_DIR).glob("rank-*") if _SHARD.match(p.name)),
+        key=lambda p: (int(_SHARD.match(p.name).group(1)), p.name),
+    )
     shards, samples, layout, seen_ids = [], [], None, []
     for path in files:
         facts, sample, shard_layout = _shard_facts(path, sample_rows, seen_ids)
@@ -142,8 +174,10 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         if "error" in facts:
             problems.append(f"{facts['path']}: {facts['error']}")
         elif not facts["complete"]:
-            problems.append(f"{facts['path']}: incomplete ({facts['rows']} rows on disk, "
-                            f"{facts['rows_committed']} committed and resumable)")
+            problems.append(
+                f"{facts['path']}: incomplete ({facts['rows']} rows on disk, "
+                f"{facts['rows_committed']} committed and resumable)"
+            )
         if shard_layout is not None:
             if layout is None:
                 layout = shard_layout
@@ -156,8 +190,9 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         ids = np.concatenate(seen_ids)
         uniq, counts = np.unique(ids, return_counts=True)
         if (counts > 1).any():
-            problems.append(f"{int((counts > 1).sum())} sample id(s) logged more than once, e.g. "
-                            f"{uniq[counts > 1][:5].tolist()}")
+            problems.append(
+                f"{int((counts > 1).sum())} sample id(s) logged more than once, e.g. {uniq[counts > 1][:5].tolist()}"
+            )
     if not files:
         problems.append(f"no shard files under {root / SHARD_DIR}")
     world = max([s.get("world_size", 0) for s in shards] + [manifest.get("world_size", 0) if manifest else 0])
@@ -175,12 +210,18 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
     total = sum(s.get("rows", 0) for s in shards)
     first = next((s for s in shards if "config" in s), {})
     return {
-        "index": str(root), "complete": not problems, "problems": problems,
-        "world_size": world, "shards": [{k: v for k, v in s.items() if k != "config"} for s in shards],
-        "rows_on_disk": total, "rows_in_manifest": manifest.get("total_rows") if manifest else None,
-        "width": first.get("width"), "storage_dtype": first.get("storage_dtype"),
+        "index": str(root),
+        "complete": not problems,
+        "problems": problems,
+        "world_size": world,
+        "shards": [{k: v for k, v in s.items() if k != "config"} for s in shards],
+        "rows_on_disk": total,
+        "rows_in_manifest": manifest.get("total_rows") if manifest else None,
+        "width": first.get("width"),
+        "storage_dtype": first.get("storage_dtype"),
         "config": (manifest or {}).get("config") or first.get("config"),
-        "engine": (manifest or {}).get("engine"), "model": (manifest or {}).get("model"),
+        "engine": (manifest or {}).get("engine"),
+        "model": (manifest or {}).get("model"),
         "lambdas": (manifest or {}).get("lambdas"),
         "layout": layout or [],
         "layer_norms": _layer_norms(samples, layout) if samples and layout else [],
@@ -200,14 +241,18 @@ def _size(n: float) -> str:
 def render(facts: dict[str, Any]) -> str:
     """The facts as a terminal page."""
     cfg = facts.get("config") or {}
-    lines = [f"index {facts['index']}: {'COMPLETE' if facts['complete'] else 'INCOMPLETE'}",
-             f"  rows: {facts['rows_on_disk']} on disk"
-             + (f", {facts['rows_in_manifest']} in manifest" if facts["rows_in_manifest"] is not None else ""),
-             f"  width D={facts['width']}, stored as {facts['storage_dtype']}, {len(facts['layout'])} layers, "
-             f"world size {facts['world_size']}, engine {facts.get('engine') or '?'}",
-             f"  config: k_in={cfg.get('k_in')} k_out={cfg.get('k_out')} init={cfg.get('init')} "
-             f"hessian={cfg.get('hessian')} damping={cfg.get('damping')} seed={cfg.get('seed')}",
-             f"  disk use: {_size(facts['disk_bytes'])}", "", "shards:"]
+    lines = [
+        f"index {facts['index']}: {'COMPLETE' if facts['complete'] else 'INCOMPLETE'}",
+        f"  rows: {facts['rows_on_disk']} on disk"
+        + (f", {facts['rows_in_manifest']} in manifest" if facts["rows_in_manifest"] is not None else ""),
+        f"  width D={facts['width']}, stored as {facts['storage_dtype']}, {len(facts['layout'])} layers, "
+        f"world size {facts['world_size']}, engine {facts.get('engine') or '?'}",
+        f"  config: k_in={cfg.get('k_in')} k_out={cfg.get('k_out')} init={cfg.get('init')} "
+        f"hessian={cfg.get('hessian')} damping={cfg.get('damping')} seed={cfg.get('seed')}",
+        f"  disk use: {_size(facts['disk_bytes'])}",
+        "",
+        "shards:",
+    ]
     for s in facts["shards"]:
         if "error" in s:
             lines.append(f"  {s['path']}: ERROR {s['error']}")
@@ -216,12 +261,17 @@ def render(facts: dict[str, Any]) -> str:
         ids = f", ids {s['id_range'][0]}..{s['id_range'][1]}" if "id_range" in s else ""
         lines.append(f"  rank {s['rank']:>3}  {s['rows']:>8} rows  {state:<24} {_size(s['bytes']):>10}{ids}")
     if facts["layer_norms"]:
-        lines += ["", f"per-layer block norms over {facts['sampled_rows']} sampled rows:",
-                  f"  {'layer':<44} {'k_out x k_in':>12} {'mean':>11} {'max':>11}"]
+        lines += [
+            "",
+            f"per-layer block norms over {facts['sampled_rows']} sampled rows:",
+            f"  {'layer':<44} {'k_out x k_in':>12} {'mean':>11} {'max':>11}",
+        ]
         for layer in facts["layer_norms"]:
             bad = f"  ({layer['nonfinite_rows']} non-finite)" if layer["nonfinite_rows"] else ""
-            lines.append(f"  {layer['name']:<44} {layer['k_out']:>5} x {layer['k_in']:<4} "
-                         f"{layer['mean_norm']:>11.4g} {layer['max_norm']:>11.4g}{bad}")
+            lines.append(
+                f"  {layer['name']:<44} {layer['k_out']:>5} x {layer['k_in']:<4} "
+                f"{layer['mean_norm']:>11.4g} {layer['max_norm']:>11.4g}{bad}"
+            )
     if facts["problems"]:
         lines += ["", "incomplete or inconsistent:"] + [f"  - {p}" for p in facts["problems"]]
     return "\n".join(lines)

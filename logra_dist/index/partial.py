@@ -26,6 +26,7 @@ into place before the shard): the finalize's one all-reduce needs every rank's s
 interrupted finalize is re-run from them. Once `manifest.json` exists every rank deletes its own:
 a finished index holds per-sample data and the global `stats.h5` only.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,8 +69,12 @@ def write_record(path: Path, record: CommitRecord) -> None:
     """Write `commit.npz` atomically: a reader sees the old record or the new one, never a mix."""
     tmp = path.with_name(path.name + ".tmp")
     meta = np.frombuffer(json.dumps(record.meta, sort_keys=True).encode(), np.uint8)
-    arrays = {"rows": np.array(record.rows, np.int64), "meta": meta, "seq": np.array(record.seq, np.int64),
-              "nonfinite_ids": np.asarray(record.nonfinite_ids, np.int64)}
+    arrays = {
+        "rows": np.array(record.rows, np.int64),
+        "meta": meta,
+        "seq": np.array(record.seq, np.int64),
+        "nonfinite_ids": np.asarray(record.nonfinite_ids, np.int64),
+    }
     if record.stats_file is not None:
         arrays["stats_file"] = np.array(record.stats_file)
     with open(tmp, "wb") as f:
@@ -87,12 +92,18 @@ def read_record(path: Path) -> CommitRecord:
             stats_file = str(z["stats_file"][()]) if "stats_file" in z.files else None
             if stats_file is not None and not _STATS_FILE.match(stats_file):
                 raise ValueError(f"bad statistics file name {stats_file!r}")
-            return CommitRecord(int(z["rows"]), meta, stats_file, z["nonfinite_ids"].astype(np.int64),
-                                int(z["seq"]) if "seq" in z.files else 0,
-                                z["stats"] if "stats" in z.files else None)
+            return CommitRecord(
+                int(z["rows"]),
+                meta,
+                stats_file,
+                z["nonfinite_ids"].astype(np.int64),
+                int(z["seq"]) if "seq" in z.files else 0,
+                z["stats"] if "stats" in z.files else None,
+            )
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise PartialShardError(f"{path}: unreadable commit record ({e}); delete {path.parent} to "
-                                "log this rank again from the start") from e
+        raise PartialShardError(
+            f"{path}: unreadable commit record ({e}); delete {path.parent} to log this rank again from the start"
+        ) from e
 
 
 def write_stats(path: Path, parts: list[np.ndarray], rows: int) -> None:
@@ -131,8 +142,9 @@ def read_rank_stats(shard: Path, rows: int) -> list[np.ndarray] | None:
         return None
     covered, parts = read_stats(path)
     if covered != rows:
-        raise PartialShardError(f"{path}: statistics over {covered} rows, but {shard.name} holds {rows}: "
-                                "they belong to different jobs")
+        raise PartialShardError(
+            f"{path}: statistics over {covered} rows, but {shard.name} holds {rows}: they belong to different jobs"
+        )
     return parts
 
 
@@ -181,16 +193,18 @@ class PartialShard:
             self.record = CommitRecord(0, meta)
             write_record(directory / COMMIT, self.record)
         self.rows = self.record.rows
-        self._grads = open(directory / GRADS, "ab")
-        self._ids = open(directory / IDS, "ab")
+        self._grads = open(directory / GRADS, "ab")  # noqa: SIM115 (closed in close())
+        self._ids = open(directory / IDS, "ab")  # noqa: SIM115 (closed in close())
 
     def _check(self, meta: dict) -> None:
         for key, want in meta.items():
             got = self.record.meta.get(key)
             if got != want:
-                raise PartialShardError(f"{self.dir}: cannot resume, it was written with another {key} "
-                                        f"({_short(got)} != {_short(want)}); resume with the original "
-                                        f"settings, or delete {self.dir.parent} to start over")
+                raise PartialShardError(
+                    f"{self.dir}: cannot resume, it was written with another {key} "
+                    f"({_short(got)} != {_short(want)}); resume with the original "
+                    f"settings, or delete {self.dir.parent} to start over"
+                )
 
     def _truncate(self, rows: int) -> None:
         """Cut rows written after the last commit (they are logged again)."""
@@ -198,9 +212,11 @@ class PartialShard:
             path = self.dir / name
             have = path.stat().st_size if path.exists() else -1
             if have < size:
-                raise PartialShardError(f"{path}: holds {max(have, 0)} bytes but the commit record "
-                                        f"covers {size} ({rows} rows): the partial shard was damaged; "
-                                        f"delete {self.dir} to log this rank again")
+                raise PartialShardError(
+                    f"{path}: holds {max(have, 0)} bytes but the commit record "
+                    f"covers {size} ({rows} rows): the partial shard was damaged; "
+                    f"delete {self.dir} to log this rank again"
+                )
             os.truncate(path, size)
 
     def _drop_stray_stats(self) -> None:
@@ -221,8 +237,10 @@ class PartialShard:
             return None
         rows, parts = read_stats(self.stats_path)
         if rows != self.record.rows:
-            raise PartialShardError(f"{self.stats_path}: statistics over {rows} rows, the commit record says "
-                                    f"{self.record.rows}; delete {self.dir} to log this rank again")
+            raise PartialShardError(
+                f"{self.stats_path}: statistics over {rows} rows, the commit record says "
+                f"{self.record.rows}; delete {self.dir} to log this rank again"
+            )
         return parts
 
     def publish_stats(self, dst: Path) -> None:

@@ -6,6 +6,7 @@ ranks and that split is balanced (each file is then read by one rank, sequential
 the global row space is cut into contiguous, row-balanced ranges that may cross shard
 boundaries.
 """
+
 from __future__ import annotations
 
 Ranges = list[tuple[int, int]]

@@ -1,13 +1,14 @@
 """Read side of an index: every rank's shard behind one row space, validated when opened."""
+
 from __future__ import annotations
 
 import json
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -15,15 +16,25 @@ import numpy as np
 from logra_dist.config import LoGraConfig
 from logra_dist.core.projection import LayerSpec
 from logra_dist.index.h5io import attr_value, block_checksums, ids_digest, row_checksums
-from logra_dist.index.store import (FORMAT_VERSION, SHARD_DIR, IndexFormatError, decode_rows, h5_dtype, layout_from_json, partial_dir,
-                    partial_path)
+from logra_dist.index.store import (
+    FORMAT_VERSION,
+    SHARD_DIR,
+    IndexFormatError,
+    decode_rows,
+    h5_dtype,
+    layout_from_json,
+    partial_dir,
+    partial_path,
+)
 from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 
 def read_manifest(path: Path) -> dict:
     if not path.exists():
-        raise IndexFormatError(f"{path}: missing; {path.parent} is not a finalized LoGra index (if a job "
-                               "was interrupted, rerun it with --resume)")
+        raise IndexFormatError(
+            f"{path}: missing; {path.parent} is not a finalized LoGra index (if a job "
+            "was interrupted, rerun it with --resume)"
+        )
     try:
         manifest = json.loads(path.read_text())
         for key in ("config", "layout", "shards", "world_size"):
@@ -31,8 +42,9 @@ def read_manifest(path: Path) -> dict:
     except (OSError, ValueError, KeyError) as e:
         raise IndexFormatError(f"{path}: unreadable or incomplete manifest ({e!r})") from e
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(f"{path}: format version {manifest.get('format_version')}, this reader reads "
-                               f"{FORMAT_VERSION}")
+        raise IndexFormatError(
+            f"{path}: format version {manifest.get('format_version')}, this reader reads {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -77,7 +89,7 @@ class StreamCheck:
         w1 = b1 + 1 if hi == self.info.rows or hi % size == 0 else b1
         done = set(range(w0, w1)) - set(self._open)  # a block begun earlier is summed up below
         if w0 < w1:
-            bad = np.nonzero(parts[w0 - b0:w1 - b0] != self.info.block_sums[w0:w1])[0]
+            bad = np.nonzero(parts[w0 - b0 : w1 - b0] != self.info.block_sums[w0:w1])[0]
             bad = [w0 + int(i) for i in bad if w0 + int(i) in done]
             if bad:
                 self._check(bad[0], int(parts[bad[0] - b0]))
@@ -109,14 +121,16 @@ class StreamCheck:
                 total, seen = 0, []
             covered = np.zeros(last - first, bool)
             for a, z in seen:
-                covered[a - first:z - first] = True
+                covered[a - first : z - first] = True
             for gap in np.split(np.nonzero(~covered)[0], np.nonzero(np.diff(np.nonzero(~covered)[0]) > 1)[0] + 1):
                 if len(gap):
                     try:
-                        rows = grads[first + gap[0]:first + gap[-1] + 1]
+                        rows = grads[first + gap[0] : first + gap[-1] + 1]
                     except OSError as e:
-                        raise IndexFormatError(f"{self.info.path}: rows {first + gap[0]}..{first + gap[-1] + 1} "
-                                               f"unreadable (corrupted?): {e}") from e
+                        raise IndexFormatError(
+                            f"{self.info.path}: rows {first + gap[0]}..{first + gap[-1] + 1} "
+                            f"unreadable (corrupted?): {e}"
+                        ) from e
                     total = (total + int(row_checksums(rows).sum(dtype=np.uint64))) % (1 << 64)
             self._check(b, total)
         self._open = {}
@@ -124,8 +138,10 @@ class StreamCheck:
     def _check(self, b: int, total: int) -> None:
         if total != int(self.info.block_sums[b]):
             first, last = self._block_rows(b)
-            raise IndexFormatError(f"{self.info.path}: rows {first}..{last} fail their checksum: the shard is "
-                                   "corrupted; log those samples again")
+            raise IndexFormatError(
+                f"{self.info.path}: rows {first}..{last} fail their checksum: the shard is "
+                "corrupted; log those samples again"
+            )
 
 
 class GradientStore:
@@ -151,10 +167,13 @@ class GradientStore:
             raise IndexFormatError(f"{manifest_path}: invalid config: {e}") from e
         self.layout: list[LayerSpec] = layout_from_json(m["layout"])
         self.width = sum(s.width for s in self.layout)
-        want = {"layout": m["layout"], "config_rows": self.config.row_compatibility_key,
-                "storage_dtype": self.config.storage_dtype, "world_size": m["world_size"],
-                "model": json.dumps({k: (m.get("model") or {}).get(k) for k in ("class", "name_or_path")},
-                                    sort_keys=True)}
+        want = {
+            "layout": m["layout"],
+            "config_rows": self.config.row_compatibility_key,
+            "storage_dtype": self.config.storage_dtype,
+            "world_size": m["world_size"],
+            "model": json.dumps({k: (m.get("model") or {}).get(k) for k in ("class", "name_or_path")}, sort_keys=True),
+        }
         self.storage_dtype = self.config.storage_dtype
         self.shards: list[ShardInfo] = []
         self._files: list[h5py.File] = []
@@ -184,8 +203,9 @@ class GradientStore:
             dup = uniq[counts > 1][:5].tolist()
             owners = [str(s.path.name) for s, i in zip(self.shards, ids) if np.isin(dup, i).any()]
             self.close()
-            raise IndexFormatError(f"{self.root}: ids logged more than once across shards, e.g. {dup} "
-                                   f"(in {owners[:4]})")
+            raise IndexFormatError(
+                f"{self.root}: ids logged more than once across shards, e.g. {dup} (in {owners[:4]})"
+            )
         self._row_of_id = None
         self._check_stats(m["layout"])
 
@@ -209,28 +229,35 @@ class GradientStore:
         names = {p.name for p in listed}
         strays = sorted(p.name for p in folder.glob("rank-*.h5") if p.name not in names) if folder.is_dir() else []
         if strays:
-            raise IndexFormatError(f"{folder / strays[0]}: a shard the manifest does not list (from another "
-                                   f"job?); remove it or rebuild the index. Listed: {sorted(names)[:4]}")
+            raise IndexFormatError(
+                f"{folder / strays[0]}: a shard the manifest does not list (from another "
+                f"job?); remove it or rebuild the index. Listed: {sorted(names)[:4]}"
+            )
 
     def _check_shard(self, path: Path, f: h5py.File, entry: dict, want: dict) -> np.ndarray:
         """This shard's ids, after checking it belongs to the manifest's job."""
         attrs = {k: attr_value(v) for k, v in f.attrs.items()}
         if attrs.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(f"{path}: format version {attrs.get('format_version')}, this reader reads "
-                                   f"{FORMAT_VERSION}")
+            raise IndexFormatError(
+                f"{path}: format version {attrs.get('format_version')}, this reader reads {FORMAT_VERSION}"
+            )
         try:
             got = dict(attrs, config_rows=LoGraConfig.from_json(attrs["config"]).row_compatibility_key)
         except (KeyError, ValueError) as e:
             raise IndexFormatError(f"{path}: missing or invalid config attribute ({e})") from e
         for key, value in {**want, "rank": entry["rank"]}.items():
             if got.get(key) != value:
-                raise IndexFormatError(f"{path}: written by another job: its {key} is "
-                                       f"{str(got.get(key))[:160]!r}, the manifest's is {str(value)[:160]!r}; "
-                                       "shards of different runs cannot be mixed")
+                raise IndexFormatError(
+                    f"{path}: written by another job: its {key} is "
+                    f"{str(got.get(key))[:160]!r}, the manifest's is {str(value)[:160]!r}; "
+                    "shards of different runs cannot be mixed"
+                )
         g, n = f["grads"], int(entry["rows"])
         if g.shape != (n, self.width) or f["ids"].shape != (n,) or attrs.get("rows") != n:
-            raise IndexFormatError(f"{path}: holds grads {g.shape} and ids {f['ids'].shape}, but the manifest "
-                                   f"records {n} rows of width {self.width}")
+            raise IndexFormatError(
+                f"{path}: holds grads {g.shape} and ids {f['ids'].shape}, but the manifest "
+                f"records {n} rows of width {self.width}"
+            )
         if g.dtype != h5_dtype(self.storage_dtype):
             raise IndexFormatError(f"{path}: grads stored as {g.dtype}, expected {self.storage_dtype}")
         try:
@@ -238,8 +265,9 @@ class GradientStore:
         except OSError as e:
             raise IndexFormatError(f"{path}: ids unreadable (corrupted?): {e}") from e
         if ids_digest(shard_ids) != entry.get("ids_digest"):
-            raise IndexFormatError(f"{path}: its ids do not match the fingerprint in the manifest (corrupted, "
-                                   "or a shard of another run)")
+            raise IndexFormatError(
+                f"{path}: its ids do not match the fingerprint in the manifest (corrupted, or a shard of another run)"
+            )
         block_rows = int(attrs.get("block_rows", 0))
         if block_rows < 1 or f["block_sums"].shape != (-(-n // block_rows),):
             raise IndexFormatError(f"{path}: block checksums missing or of the wrong length")
@@ -249,8 +277,11 @@ class GradientStore:
     def _open(path: Path) -> h5py.File:
         if not path.exists():
             unfinished = [p.name for p in (partial_dir(path), partial_path(path)) if p.exists()]
-            hint = (f" (unfinished {unfinished} exist: the job did not finalize; rerun it with --resume)"
-                    if unfinished else "")
+            hint = (
+                f" (unfinished {unfinished} exist: the job did not finalize; rerun it with --resume)"
+                if unfinished
+                else ""
+            )
             raise IndexFormatError(f"{path}: shard listed in the manifest is missing{hint}")
         try:
             f = h5py.File(path, "r")
@@ -275,7 +306,7 @@ class GradientStore:
             f.close()
         self._files, self._cache = [], []
 
-    def __enter__(self) -> "GradientStore":
+    def __enter__(self) -> GradientStore:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -312,14 +343,16 @@ class GradientStore:
             except OSError as e:
                 raise IndexFormatError(f"{info.path}: rows {r0}..{stop} unreadable (corrupted?): {e}") from e
             b0 = r0 // b
-            bad = np.nonzero(block_checksums(out[done:], b) != info.block_sums[b0:last + 1])[0]
+            bad = np.nonzero(block_checksums(out[done:], b) != info.block_sums[b0 : last + 1])[0]
             if len(bad):
                 r = (b0 + int(bad[0])) * b
-                raise IndexFormatError(f"{info.path}: rows {r}..{min(r + b, info.rows)} fail their checksum: "
-                                       "the shard is corrupted; log those samples again")
+                raise IndexFormatError(
+                    f"{info.path}: rows {r}..{min(r + b, info.rows)} fail their checksum: "
+                    "the shard is corrupted; log those samples again"
+                )
             with self._lock:
-                self._cache[k] = (last, out[(last - first) * b:].copy())
-        return out[lo - first * b: hi - first * b]
+                self._cache[k] = (last, out[(last - first) * b :].copy())
+        return out[lo - first * b : hi - first * b]
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, slice):
@@ -343,14 +376,17 @@ class GradientStore:
             raise KeyError(f"sample id {e.args[0]} is not in the index {self.root}") from None
         return self[rows]
 
-    def iter_chunks(self, chunk_rows: int, start: int = 0, stop: int | None = None,
-                    prefetch: bool = True) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    def iter_chunks(
+        self, chunk_rows: int, start: int = 0, stop: int | None = None, prefetch: bool = True
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(first row, ids, float32 rows) chunks of [start, stop); the next chunk is read in a
         background thread while the caller computes on the current one."""
         stop = len(self) if stop is None else stop
         bounds = [(s, min(s + chunk_rows, stop)) for s in range(start, stop, chunk_rows)]
         tracker = self.tracker
-        row_bytes = self.width * np.dtype(np.uint16 if self.storage_dtype == "bfloat16" else self.storage_dtype).itemsize
+        row_bytes = (
+            self.width * np.dtype(np.uint16 if self.storage_dtype == "bfloat16" else self.storage_dtype).itemsize
+        )
 
         def timed_read(lo: int, hi: int) -> np.ndarray:
             t0 = time.perf_counter()

@@ -7,6 +7,7 @@ dtype and model: rank r must own exactly the samples it owned before (rank strid
 committed rows must be comparable with the new ones. init="pca" jobs also keep their projections
 (`pca_projections.npz`), since a PCA pass over the remaining samples would give other ones.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,16 @@ import numpy as np
 import torch
 
 from logra_dist import comm
-from logra_dist.index.partial import COMMIT, PartialShardError, rank_stats_path, read_record
 from logra_dist.index.h5io import fsync_path
-from logra_dist.index.store import SHARD_DIR, IndexFormatError, check_shard_attrs, layout_from_json, partial_dir, shard_path
+from logra_dist.index.partial import COMMIT, PartialShardError, rank_stats_path, read_record
+from logra_dist.index.store import (
+    SHARD_DIR,
+    IndexFormatError,
+    check_shard_attrs,
+    layout_from_json,
+    partial_dir,
+    shard_path,
+)
 
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(h5|partial)$")
 
@@ -42,8 +50,10 @@ def rank_state(path: Path, want: dict[str, Any]) -> tuple[str, str | None]:
         return "partial", str(e)
     for key, value in want.items():
         if meta.get(key) != value:
-            return "partial", (f"{record_path.parent}: written with another {key} "
-                               f"({str(meta.get(key))[:120]!r} != {str(value)[:120]!r})")
+            return "partial", (
+                f"{record_path.parent}: written with another {key} "
+                f"({str(meta.get(key))[:120]!r} != {str(value)[:120]!r})"
+            )
     return "partial", None
 
 
@@ -77,26 +87,37 @@ def agree_on_state(out_dir: Path, rank: int, w: int, want: dict[str, Any], resum
     shards = out_dir / SHARD_DIR
     extra = [r for r in ranks_on_disk(out_dir) if r >= w]
     if extra:
-        raise IndexFormatError(f"{shards}: holds shards of rank(s) {extra[:8]}, written by a job with more "
-                               f"than {w} ranks; resume with the world size of that job, or use an empty directory")
+        raise IndexFormatError(
+            f"{shards}: holds shards of rank(s) {extra[:8]}, written by a job with more "
+            f"than {w} ranks; resume with the world size of that job, or use an empty directory"
+        )
     started = [r for r in range(w) if kinds[r]]
     if started and not resume:
         done = [r for r in range(w) if kinds[r] == 2]
-        first = (f"{shard_path(out_dir, done[0])}: a complete shard already exists; refusing to overwrite it"
-                 if done else f"{partial_dir(shard_path(out_dir, started[0]))}: an unfinished shard of an earlier "
-                 "job exists")
-        raise IndexFormatError(f"{first} (rank(s) {started[:8]} have shards, {done[:8]} complete); pass "
-                               "resume=True (--resume) to continue that job, or use an empty directory")
+        first = (
+            f"{shard_path(out_dir, done[0])}: a complete shard already exists; refusing to overwrite it"
+            if done
+            else f"{partial_dir(shard_path(out_dir, started[0]))}: an unfinished shard of an earlier job exists"
+        )
+        raise IndexFormatError(
+            f"{first} (rank(s) {started[:8]} have shards, {done[:8]} complete); pass "
+            "resume=True (--resume) to continue that job, or use an empty directory"
+        )
     if problems:
-        raise IndexFormatError(problem if problem is not None else
-                               f"{shards}: cannot resume, rank(s) {problems[:8]} found shards of another "
-                               "job (their error names the file)")
+        raise IndexFormatError(
+            problem
+            if problem is not None
+            else f"{shards}: cannot resume, rank(s) {problems[:8]} found shards of another "
+            "job (their error names the file)"
+        )
     if no_stats and not finished:
         first = shard_path(out_dir, no_stats[0])
-        raise IndexFormatError(f"{first}: cannot re-run the finalize: the statistics of this complete shard "
-                               f"({rank_stats_path(first).name}; rank(s) {no_stats[:8]}) are deleted once a "
-                               f"manifest is written, and {out_dir / 'manifest.json'} is gone or other shards "
-                               "are missing; delete the index to log again")
+        raise IndexFormatError(
+            f"{first}: cannot re-run the finalize: the statistics of this complete shard "
+            f"({rank_stats_path(first).name}; rank(s) {no_stats[:8]}) are deleted once a "
+            f"manifest is written, and {out_dir / 'manifest.json'} is gone or other shards "
+            "are missing; delete the index to log again"
+        )
     return bool(started), finished
 
 
@@ -127,14 +148,18 @@ def write_pca(path: Path, layout_json: str, projections: dict[str, tuple[torch.T
 
 def read_pca(path: Path, layout_json: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     if not path.exists():
-        raise IndexFormatError(f"{path}: missing, so this init='pca' job cannot resume with the projections "
-                               "it logged with (killed during its PCA pass?); delete the index and start over")
+        raise IndexFormatError(
+            f"{path}: missing, so this init='pca' job cannot resume with the projections "
+            "it logged with (killed during its PCA pass?); delete the index and start over"
+        )
     try:
         with np.load(path, allow_pickle=False) as z:
             if str(z["layout"][()]) != layout_json:
                 raise IndexFormatError(f"{path}: PCA projections of another layer layout")
-            return {s.name: (torch.from_numpy(z[f"p_in_{i}"]), torch.from_numpy(z[f"p_out_{i}"]))
-                    for i, s in enumerate(layout_from_json(layout_json))}
+            return {
+                s.name: (torch.from_numpy(z[f"p_in_{i}"]), torch.from_numpy(z[f"p_out_{i}"]))
+                for i, s in enumerate(layout_from_json(layout_json))
+            }
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         if isinstance(e, IndexFormatError):
             raise

@@ -13,6 +13,7 @@ Read side (`reader.GradientStore`): every shard checked against the manifest whe
 block of rows checked against its checksum when read. HDF5 has no bfloat16: bf16 rows are stored
 as their uint16 bit pattern with a `storage_dtype` attribute saying so. Nothing is pickled.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,24 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
-from logra_dist.index.h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
-from logra_dist.index.partial import COMMIT, PartialShard, PartialShardError, ResumeState, rank_stats_path, read_rank_stats
 from logra_dist.core.projection import LayerSpec
+from logra_dist.index.h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
+from logra_dist.index.partial import (
+    COMMIT,
+    PartialShard,
+    PartialShardError,
+    ResumeState,
+    rank_stats_path,
+    read_rank_stats,
+)
 
 SHARD_DIR = "shards"
 FORMAT_VERSION = 2
@@ -57,8 +66,17 @@ def partial_dir(path: Path) -> Path:
 def layout_to_json(specs: list[LayerSpec]) -> str:
     offset, rows = 0, []
     for s in specs:
-        rows.append({"name": s.name, "kind": s.kind, "d_in": s.d_in, "d_out": s.d_out,
-                     "k_in": s.k_in, "k_out": s.k_out, "offset": offset})
+        rows.append(
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "d_in": s.d_in,
+                "d_out": s.d_out,
+                "k_in": s.k_in,
+                "k_out": s.k_out,
+                "offset": offset,
+            }
+        )
         offset += s.width
     return json.dumps(rows)
 
@@ -106,20 +124,29 @@ def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_
     ids = partial.committed_ids()
     digest = ids_digest(ids)
     with h5_writing(tmp) as f:
-        g = f.create_dataset("grads", shape=(n, width), maxshape=(None, width), dtype=partial.row_dtype,
-                             chunks=(chunk_rows, width))
+        g = f.create_dataset(
+            "grads", shape=(n, width), maxshape=(None, width), dtype=partial.row_dtype, chunks=(chunk_rows, width)
+        )
         sums = np.zeros((n + chunk_rows - 1) // chunk_rows, np.uint64)
         step = chunk_rows * max(1, (64 << 20) // max(1, chunk_rows * partial.row_bytes))  # ~64 MiB copies
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             rows = partial.read_rows(lo, hi)
             g[lo:hi] = rows
-            sums[lo // chunk_rows: (hi + chunk_rows - 1) // chunk_rows] = block_checksums(rows, chunk_rows)
+            sums[lo // chunk_rows : (hi + chunk_rows - 1) // chunk_rows] = block_checksums(rows, chunk_rows)
         f.create_dataset("ids", data=ids, maxshape=(None,), chunks=(max(1, min(max(n, 1), 1 << 16)),))
         f.create_dataset("block_sums", data=sums)
         f.create_dataset("nonfinite_ids", data=record.nonfinite_ids.astype(np.int64))
-        f.attrs.update({**attrs, "format_version": FORMAT_VERSION, "rows": n, "block_rows": chunk_rows,
-                        "ids_digest": digest, "complete": True})
+        f.attrs.update(
+            {
+                **attrs,
+                "format_version": FORMAT_VERSION,
+                "rows": n,
+                "block_rows": chunk_rows,
+                "ids_digest": digest,
+                "complete": True,
+            }
+        )
     partial.publish_stats(rank_stats_path(path))
     os.replace(tmp, path)
     fsync_path(path.parent)
@@ -135,14 +162,31 @@ class ShardWriter:
     last_commit_seconds = 0.0  # the writer's time for its latest commit (statistics file + fsyncs)
     _commits_put = _commits_done = 0
 
-    def __init__(self, path: Path, specs: list[LayerSpec], config_json: str, storage_dtype: str,
-                 rank: int, world_size: int, flush_rows: int = 1024, queue_size: int = 4,
-                 resume: bool = False, asynchronous: bool = True, model_json: str = "null"):
+    def __init__(
+        self,
+        path: Path,
+        specs: list[LayerSpec],
+        config_json: str,
+        storage_dtype: str,
+        rank: int,
+        world_size: int,
+        flush_rows: int = 1024,
+        queue_size: int = 4,
+        resume: bool = False,
+        asynchronous: bool = True,
+        model_json: str = "null",
+    ):
         self.final_path, self.path = path, partial_dir(path)
         self.storage_dtype, self.flush_rows = storage_dtype, flush_rows
         self.width = sum(s.width for s in specs)
-        self.attrs = {"layout": layout_to_json(specs), "config": config_json, "storage_dtype": storage_dtype,
-                      "rank": rank, "world_size": world_size, "model": model_json}
+        self.attrs = {
+            "layout": layout_to_json(specs),
+            "config": config_json,
+            "storage_dtype": storage_dtype,
+            "rank": rank,
+            "world_size": world_size,
+            "model": model_json,
+        }
         self.bytes_written, self.ids_digest = 0, ""
         self.partial: PartialShard | None = None
         self.complete, self._closed = False, False
@@ -150,15 +194,19 @@ class ShardWriter:
         self._error: BaseException | None = None
         if path.exists():
             if not resume:
-                raise IndexFormatError(f"{path}: a complete shard already exists; refusing to overwrite it "
-                                       "(choose another --out, delete the index, or pass --resume)")
+                raise IndexFormatError(
+                    f"{path}: a complete shard already exists; refusing to overwrite it "
+                    "(choose another --out, delete the index, or pass --resume)"
+                )
             self.resume_state, self.ids_digest = self._adopt_complete()
             self.rows_total, self.complete = len(self.resume_state.ids), True
             shutil.rmtree(self.path, ignore_errors=True)  # killed after the rename: leftover partial
             return
         if (self.path / COMMIT).exists() and not resume:
-            raise IndexFormatError(f"{self.path}: an unfinished shard of an earlier job exists; pass "
-                                   "resume=True (--resume) to continue it, or delete it")
+            raise IndexFormatError(
+                f"{self.path}: an unfinished shard of an earlier job exists; pass "
+                "resume=True (--resume) to continue it, or delete it"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.partial = PartialShard(self.path, h5_dtype(storage_dtype), self.width, self.attrs)
@@ -193,8 +241,10 @@ class ShardWriter:
     # -- producer side (main thread) -------------------------------------------------------
     def append(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
         if self.complete:
-            raise IndexFormatError(f"{self.final_path}: this rank's shard is already complete (resumed "
-                                   "job): skip the ids in Logger.done_ids")
+            raise IndexFormatError(
+                f"{self.final_path}: this rank's shard is already complete (resumed "
+                "job): skip the ids in Logger.done_ids"
+            )
         self._put(("rows", encode_rows(rows, self.storage_dtype), ids.detach().cpu().numpy().astype(np.int64)))
 
     @property
@@ -251,8 +301,10 @@ class ShardWriter:
                 self._error = e
                 if item[0] == "close":
                     self.partial.close()
-                raise IndexFormatError(f"{self.path}: write failed: {e!r}; the shard stays resumable from "
-                                       "its last commit (fix the cause, rerun with --resume)") from e
+                raise IndexFormatError(
+                    f"{self.path}: write failed: {e!r}; the shard stays resumable from "
+                    "its last commit (fix the cause, rerun with --resume)"
+                ) from e
             return
         while True:
             try:
@@ -263,8 +315,10 @@ class ShardWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise IndexFormatError(f"{self.path}: write failed: {self._error!r}; the shard stays resumable "
-                                   "from its last commit (fix the cause, rerun with --resume)") from self._error
+            raise IndexFormatError(
+                f"{self.path}: write failed: {self._error!r}; the shard stays resumable "
+                "from its last commit (fix the cause, rerun with --resume)"
+            ) from self._error
 
     # -- consumer side (writer thread) -----------------------------------------------------
     def _run(self) -> None:
@@ -313,8 +367,13 @@ class ShardWriter:
                 self.partial.close()
 
 
-def write_index(out_dir: str | Path, specs: list[LayerSpec], config_json: str, shards: list[Iterable[tuple[Any, Any]]],
-                model: dict[str, Any] | None = None) -> dict[str, Any]:
+def write_index(
+    out_dir: str | Path,
+    specs: list[LayerSpec],
+    config_json: str,
+    shards: list[Iterable[tuple[Any, Any]]],
+    model: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """An index from precomputed rows, in one process: for tests, benchmarks and tools. `shards`:
     per rank, an iterable of (ids, rows) blocks. Shards and manifest are exactly what a logging
     job writes; no stats.h5 (write_stats adds one). Returns the manifest."""
@@ -323,16 +382,40 @@ def write_index(out_dir: str | Path, specs: list[LayerSpec], config_json: str, s
     model_json = json.dumps({k: model.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
     entries = []
     for rank, blocks in enumerate(shards):
-        w = ShardWriter(shard_path(out_dir, rank), specs, config_json, config["storage_dtype"], rank, len(shards),
-                        flush_rows=config["flush_rows"], asynchronous=False, model_json=model_json)
+        w = ShardWriter(
+            shard_path(out_dir, rank),
+            specs,
+            config_json,
+            config["storage_dtype"],
+            rank,
+            len(shards),
+            flush_rows=config["flush_rows"],
+            asynchronous=False,
+            model_json=model_json,
+        )
         for ids, rows in blocks:
             w.append(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
         w.close(complete=True)
-        entries.append({"path": f"{SHARD_DIR}/{shard_path(out_dir, rank).name}", "rank": rank,
-                        "rows": w.rows_total, "ids_digest": w.ids_digest})
-    manifest = {"format_version": FORMAT_VERSION, "config": config, "layout": layout_to_json(specs),
-                "width": sum(s.width for s in specs), "world_size": len(shards), "shards": entries,
-                "total_rows": sum(e["rows"] for e in entries), "nonfinite_ids": [], "model": model, "metadata": {}}
+        entries.append(
+            {
+                "path": f"{SHARD_DIR}/{shard_path(out_dir, rank).name}",
+                "rank": rank,
+                "rows": w.rows_total,
+                "ids_digest": w.ids_digest,
+            }
+        )
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "layout": layout_to_json(specs),
+        "width": sum(s.width for s in specs),
+        "world_size": len(shards),
+        "shards": entries,
+        "total_rows": sum(e["rows"] for e in entries),
+        "nonfinite_ids": [],
+        "model": model,
+        "metadata": {},
+    }
     write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -365,8 +448,7 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarray],
-                attrs: dict[str, Any]) -> None:
+def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """stats.h5: one group per layer holding the eigendecomposition (and PCA projections)."""
     tmp = path.with_name(path.name + ".tmp")
     with h5_writing(tmp) as f:

@@ -11,8 +11,10 @@ iteration: score them, do not keep them. `side(start, stop)` reads companion dat
 rows (the self-influence cache) in the same thread: h5py serializes all HDF5 calls behind one
 lock, so a small read in the main thread would wait for the current large read to finish.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import sys
@@ -20,7 +22,8 @@ import threading
 import time
 import weakref
 from bisect import bisect_right
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -34,7 +37,7 @@ from logra_dist.index.store import IndexFormatError, h5_dtype
 
 PIECE_BYTES = 512 << 10  # read + checksum + widen unit: stays in a core's L2 cache
 IO_PIECE_BYTES = 4 << 20  # read + checksum unit when rows are kept as stored (fewer calls)
-_KNOWN_RUNS: "weakref.WeakKeyDictionary[GradientStore, dict]" = weakref.WeakKeyDictionary()
+_KNOWN_RUNS: weakref.WeakKeyDictionary[GradientStore, dict] = weakref.WeakKeyDictionary()
 
 
 def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
@@ -42,8 +45,15 @@ def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
     little-endian bytes in row order, or None when they are not stored that way (filters, a
     chunk shape cutting rows, unallocated chunks, another byte order)."""
     dcpl, ftype = dset.id.get_create_plist(), dset.id.get_type()
-    if (dset.ndim != 2 or not hasattr(dset.id, "chunk_iter") or dcpl.get_nfilters() or ftype.get_size() != itemsize or sys.byteorder != "little"
-            or ftype.get_order() != h5py.h5t.ORDER_LE or not hasattr(os, "preadv")):
+    if (
+        dset.ndim != 2
+        or not hasattr(dset.id, "chunk_iter")
+        or dcpl.get_nfilters()
+        or ftype.get_size() != itemsize
+        or sys.byteorder != "little"
+        or ftype.get_order() != h5py.h5t.ORDER_LE
+        or not hasattr(os, "preadv")
+    ):
         return None
     n, width = dset.shape
     if n == 0:
@@ -90,15 +100,16 @@ class _Source:
             try:
                 self._file = h5py.File(self.info.path, "r")
             except OSError as e:
-                raise IndexFormatError(f"{self.info.path}: not a readable HDF5 shard (truncated or corrupted?): "
-                                       f"{e}") from e
+                raise IndexFormatError(
+                    f"{self.info.path}: not a readable HDF5 shard (truncated or corrupted?): {e}"
+                ) from e
         return self._file["grads"]
 
     def read(self, lo: int, hi: int, dst: np.ndarray, view: memoryview) -> None:
         """Stored rows [lo, hi) of the shard into dst (C-contiguous, hi - lo rows; `view`: its bytes)."""
         try:
             if self.runs is None:
-                self.dset.read_direct(dst, np.s_[lo:hi], np.s_[0:hi - lo])
+                self.dset.read_direct(dst, np.s_[lo:hi], np.s_[0 : hi - lo])
                 return
             rb, done, want = self.row_bytes, 0, (hi - lo) * self.row_bytes
             while done < want:  # one preadv per run of chunks crossed; more only on short reads
@@ -125,8 +136,15 @@ class ChunkStream:
     decode=False yields the rows as stored instead (numpy; bfloat16 as its uint16 bits), still
     checked against the checksums: for copying them, or for timing the I/O alone."""
 
-    def __init__(self, store: GradientStore, ranges: Ranges, chunk_rows: int, buffers: int = 3,
-                 side: Callable[[int, int], Any] | None = None, decode: bool = True):
+    def __init__(
+        self,
+        store: GradientStore,
+        ranges: Ranges,
+        chunk_rows: int,
+        buffers: int = 3,
+        side: Callable[[int, int], Any] | None = None,
+        decode: bool = True,
+    ):
         self.store, self.chunk_rows, self.side, self.decode = store, chunk_rows, side, decode
         self.bounds = [(s, min(s + chunk_rows, hi)) for lo, hi in ranges for s in range(lo, hi, chunk_rows)]
         self.n_buffers = max(2, buffers)
@@ -148,19 +166,19 @@ class ChunkStream:
             piece_rows, target = self.io_rows, (rows, memoryview(rows.reshape(-1).view(np.uint8)))
         else:
             piece_rows, target = self.piece_rows, self._piece
-        sums, rb = self._sums[:hi - lo], self.row_bytes
+        sums, rb = self._sums[: hi - lo], self.row_bytes
         for src, check in zip(files, self._checks):
             a, b = max(lo, src.info.offset), min(hi, src.info.offset + src.info.rows)
             for p in range(a, b, piece_rows):
                 q = min(b, p + piece_rows)
                 start = p - lo if rows is not None else 0
-                piece = target[0][start:start + q - p]
-                src.read(p - src.info.offset, q - src.info.offset, piece, target[1][start * rb:(start + q - p) * rb])
-                row_checksums(piece, out=sums[p - lo:q - lo])
+                piece = target[0][start : start + q - p]
+                src.read(p - src.info.offset, q - src.info.offset, piece, target[1][start * rb : (start + q - p) * rb])
+                row_checksums(piece, out=sums[p - lo : q - lo])
                 if rows is None:
-                    out[p - lo:q - lo].copy_(target[2][:q - p])
+                    out[p - lo : q - lo].copy_(target[2][: q - p])
             if a < b:
-                check.see_sums(a - src.info.offset, sums[a - lo:b - lo])
+                check.see_sums(a - src.info.offset, sums[a - lo : b - lo])
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, Any, Any]]:
         if not self.bounds:
@@ -169,12 +187,19 @@ class ChunkStream:
         free: queue.Queue = queue.Queue()
         keep_stored = not self.decode and self.storage != "float32"
         for _ in range(self.n_buffers):
-            free.put((np.empty((rows, width), self.stage_dtype) if keep_stored else None,
-                      torch.empty(rows, width) if self.decode or self.storage == "float32" else None))
+            free.put(
+                (
+                    np.empty((rows, width), self.stage_dtype) if keep_stored else None,
+                    torch.empty(rows, width) if self.decode or self.storage == "float32" else None,
+                )
+            )
         piece = np.empty((self.piece_rows, width), self.stage_dtype)
         piece_t = torch.from_numpy(piece)
-        self._piece = (piece, memoryview(piece.reshape(-1).view(np.uint8)),
-                       piece_t.view(torch.bfloat16) if self.storage == "bfloat16" else piece_t)
+        self._piece = (
+            piece,
+            memoryview(piece.reshape(-1).view(np.uint8)),
+            piece_t.view(torch.bfloat16) if self.storage == "bfloat16" else piece_t,
+        )
         self._sums = np.empty(rows, np.uint64)
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
@@ -190,10 +215,8 @@ class ChunkStream:
                 for lo, hi in self.bounds:
                     item = None
                     while item is None and not stop.is_set():
-                        try:
+                        with contextlib.suppress(queue.Empty):
                             item = free.get(timeout=0.1)
-                        except queue.Empty:
-                            pass
                     if stop.is_set():
                         return
                     t0 = time.perf_counter()
@@ -223,7 +246,7 @@ class ChunkStream:
                     raise got
                 lo, hi, item, side = got
                 stage, out = item
-                rows = out[:hi - lo] if self.decode else (stage if stage is not None else out.numpy())[:hi - lo]
+                rows = out[: hi - lo] if self.decode else (stage if stage is not None else out.numpy())[: hi - lo]
                 yield lo, self.store.ids[lo:hi], rows, side
                 free.put(item)
         finally:

@@ -18,12 +18,14 @@ rank r takes samples r, r + world, ... in order, and every rank runs the SAME nu
 (ZeRO-3 gathers weights collectively inside every forward and backward, so a rank that stopped
 early would hang the others): each rank's share is split into ceil(max share / batch size) batches.
 """
+
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +60,10 @@ def rank_batches(n: int, rank: int, world_size: int, batch_size: int) -> list[np
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if n < world_size:
-        raise ValueError(f"the dataset has {n} samples, fewer than the {world_size} ranks: every rank "
-                         "needs at least one (sharded engines run forward passes collectively)")
+        raise ValueError(
+            f"the dataset has {n} samples, fewer than the {world_size} ranks: every rank "
+            "needs at least one (sharded engines run forward passes collectively)"
+        )
     mine = np.arange(rank, n, world_size)
     most, fewest = math.ceil(n / world_size), n // world_size
     count = min(math.ceil(most / batch_size), fewest)
@@ -71,8 +75,11 @@ def causal_lm_loss(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Ten
     (-100 = ignored), else the input ids with padding ignored."""
     labels = batch.get("labels")
     if labels is None:
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE) \
-            if "attention_mask" in batch else batch["input_ids"]
+        labels = (
+            batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE)
+            if "attention_mask" in batch
+            else batch["input_ids"]
+        )
     return summed_lm_loss(outputs.logits, labels)
 
 
@@ -86,9 +93,17 @@ def _forward_keys(module: torch.nn.Module) -> set[str] | None:
     return set(params)
 
 
-def log_trainer_dataset(trainer: Any, config: LoGraConfig, out_dir: str | Path, *, dataset: Any = None,
-                        batch_size: int | None = None, loss_fn: LossFn = causal_lm_loss,
-                        tracker: NullTracker | None = None, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+def log_trainer_dataset(
+    trainer: Any,
+    config: LoGraConfig,
+    out_dir: str | Path,
+    *,
+    dataset: Any = None,
+    batch_size: int | None = None,
+    loss_fn: LossFn = causal_lm_loss,
+    tracker: NullTracker | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Collective (every rank calls it): log `dataset` (default: `trainer.train_dataset`) with
     ids = dataset positions; returns the index manifest. loss_fn(outputs, batch) must return
     the SUM over the batch of per-sample summed losses."""

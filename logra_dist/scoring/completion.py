@@ -11,12 +11,14 @@ batches; with collective forwards every rank runs the same number of `generate` 
 out of prompts generates from a dummy one) with `synced_gpus`, so no rank leaves a gather
 unmatched.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -56,7 +58,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON: {e}") from e
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{where}: expected {{\"prompt\": \"...\"}}, got {line[:80]!r}")
+                raise ValueError(f'{where}: expected {{"prompt": "..."}}, got {line[:80]!r}')
             pid = record.get("id", len(prompts))
             if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
                 raise ValueError(f"{where}: 'id' must be a non-negative integer, got {pid!r}")
@@ -86,8 +88,8 @@ def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, 
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):  # per-prompt copy of a token list: data prep, not a hot path
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -96,13 +98,20 @@ def _cut(generated: torch.Tensor, eos_id: int | None) -> list[list[int]]:
     out = []
     for row in generated.tolist():
         if eos_id is not None and eos_id in row:
-            row = row[:row.index(eos_id) + 1]
+            row = row[: row.index(eos_id) + 1]
         out.append(row)
     return out
 
 
-def complete(model_or_engine: Any, tokenizer, prompts: Sequence[Prompt], *, max_new_tokens: int = 32,
-             batch_size: int = 8, max_length: int = 128) -> list[Completion]:
+def complete(
+    model_or_engine: Any,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> list[Completion]:
     """Collective under a launcher: this rank's share of the prompts (strided), completed greedily.
     Returns this rank's completions in its share's order."""
     if max_new_tokens < 1:
@@ -112,7 +121,7 @@ def complete(model_or_engine: Any, tokenizer, prompts: Sequence[Prompt], *, max_
     engine = wrap(model_or_engine)
     pad_id = pad_token_id(tokenizer)
     eos_id = tokenizer.eos_token_id
-    mine = list(prompts[comm.rank()::comm.world_size()])
+    mine = list(prompts[comm.rank() :: comm.world_size()])
     tokens = [prompt_ids(tokenizer, p.text, max_length - max_new_tokens) for p in mine]
     chunks = [list(range(i, min(i + batch_size, len(mine)))) for i in range(0, len(mine), batch_size)]
     steps = engine.lockstep_batches(len(chunks))
@@ -122,10 +131,16 @@ def complete(model_or_engine: Any, tokenizer, prompts: Sequence[Prompt], *, max_
         for step in range(steps):
             chunk = chunks[step] if step < len(chunks) else []
             ids, mask = _left_padded([tokens[i] for i in chunk] or dummy, pad_id)
-            generated = module.generate(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device),
-                                        do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
-                                        eos_token_id=eos_id, synced_gpus=engine.synced_generation)
-            new = _cut(generated[:, ids.shape[1]:].cpu(), eos_id)
+            generated = module.generate(
+                input_ids=ids.to(engine.device),
+                attention_mask=mask.to(engine.device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+                synced_gpus=engine.synced_generation,
+            )
+            new = _cut(generated[:, ids.shape[1] :].cpu(), eos_id)
             for i, completion in zip(chunk, new):
                 text = tokenizer.decode(completion, skip_special_tokens=True)
                 sample = TokenizedSample(mine[i].id, tokens[i] + completion, [IGNORE] * len(tokens[i]) + completion)

@@ -9,6 +9,7 @@ layer group are the same formulas restricted to its layers' columns, and self-in
 kept per layer so that any group's is a sum of columns.
 Ties are broken by the smaller training id, so results never depend on chunking or world size.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,8 +19,8 @@ import numpy as np
 import torch
 
 from logra_dist.config import SCORE_MODES
-from logra_dist.core.projection import LayerSpec
 from logra_dist.core.curvature import Preconditioner
+from logra_dist.core.projection import LayerSpec
 
 _TINY = 1e-30
 ID_PAD = torch.iinfo(torch.int64).max  # id of an empty top-k slot: sorts after every real id
@@ -46,23 +47,27 @@ class LayerSelfInfluence:
             else:
                 runs.append([i, 1, col, s.width])
             col += s.width
-        self.runs = [(i, n, c, w, torch.stack([self._scaled(specs[j]) for j in range(i, i + n)]) if raw else None)
-                     for i, n, c, w in runs]
+        self.runs = [
+            (i, n, c, w, torch.stack([self._scaled(specs[j]) for j in range(i, i + n)]) if raw else None)
+            for i, n, c, w in runs
+        ]
 
     def _scaled(self, spec: LayerSpec) -> torch.Tensor:
         f = self.pre.layers[spec.name]
-        return (f["evecs"].double() / (f["evals"].double() + self.pre.lambdas[spec.name]).sqrt()[None, :]).to(self.dtype)
+        return (f["evecs"].double() / (f["evals"].double() + self.pre.lambdas[spec.name]).sqrt()[None, :]).to(
+            self.dtype
+        )
 
     def __call__(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows.shape[0], len(self.specs), dtype=rows.dtype)
         pre = self.pre
         for first, count, col, width, scaled in self.runs:
             if scaled is not None:  # raw: (count, n, w) @ (count, w, w), squared and summed
-                block = rows[:, col:col + count * width].reshape(-1, count, width).transpose(0, 1)
-                out[:, first:first + count] = torch.bmm(block, scaled.to(rows.dtype)).square_().sum(2).T
+                block = rows[:, col : col + count * width].reshape(-1, count, width).transpose(0, 1)
+                out[:, first : first + count] = torch.bmm(block, scaled.to(rows.dtype)).square_().sum(2).T
                 continue
             s = self.specs[first]
-            block = rows[:, col:col + width]
+            block = rows[:, col : col + width]
             if pre is None or pre.kind == "none":
                 out[:, first] = (block * block).sum(1)
             else:  # kfac: rotate both sides into the factors' eigenbases
@@ -85,8 +90,9 @@ def self_influence(pre: Preconditioner | None, rows: torch.Tensor) -> torch.Tens
     return (rows * pre_rows).sum(dim=1)
 
 
-def normalize(dots: torch.Tensor, mode: str, q_self: torch.Tensor | None,
-              row_self: torch.Tensor | None) -> torch.Tensor:
+def normalize(
+    dots: torch.Tensor, mode: str, q_self: torch.Tensor | None, row_self: torch.Tensor | None
+) -> torch.Tensor:
     """Turn (n_q, n_rows) dot scores into `mode` scores (in place when possible)."""
     if mode not in SCORE_MODES:
         raise ValueError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
@@ -101,8 +107,13 @@ def normalize(dots: torch.Tensor, mode: str, q_self: torch.Tensor | None,
     return dots
 
 
-def score_block(q_pre: torch.Tensor, rows: torch.Tensor, mode: str,
-                q_self: torch.Tensor | None = None, row_self: torch.Tensor | None = None) -> torch.Tensor:
+def score_block(
+    q_pre: torch.Tensor,
+    rows: torch.Tensor,
+    mode: str,
+    q_self: torch.Tensor | None = None,
+    row_self: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(n_q, n_rows) scores of preconditioned queries against raw training rows."""
     return normalize(q_pre @ rows.T, mode, q_self, row_self)
 
@@ -131,8 +142,9 @@ class GroupPlan:
         self.names = ["total", *groups]
         self.atom_layers = list(atoms.values())
         sigs = list(atoms)
-        self.output_atoms = [list(range(len(sigs)))] + [[a for a, sig in enumerate(sigs) if sig[j]]
-                                                        for j in range(len(groups))]
+        self.output_atoms = [list(range(len(sigs)))] + [
+            [a for a, sig in enumerate(sigs) if sig[j]] for j in range(len(groups))
+        ]
         self.membership = torch.zeros(len(specs), len(self.names), dtype=torch.float64)
         self.membership[:, 0] = 1
         for j, g in enumerate(groups):
@@ -237,4 +249,4 @@ class TopKResult:
     query_ids: np.ndarray
     mode: str
     damping: float
-    groups: dict[str, "TopKResult"] = field(default_factory=dict)
+    groups: dict[str, TopKResult] = field(default_factory=dict)

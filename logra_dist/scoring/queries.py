@@ -5,6 +5,7 @@ own rows once, then one all-gather gives every rank all queries, ordered by quer
 result does not depend on how the queries were split. Precomputed queries come from a "query
 index": an index logged by the Logger from query texts with the training index's config.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,20 +14,20 @@ import numpy as np
 import torch
 
 from logra_dist import comm
-from logra_dist.index.partition import split_rows
-from logra_dist.core.projection import LayerSpec
-from logra_dist.index.reader import GradientStore
-from logra_dist.scoring.kernels import layer_self_influence
 from logra_dist.core.curvature import Preconditioner
+from logra_dist.core.projection import LayerSpec
+from logra_dist.index.partition import split_rows
+from logra_dist.index.reader import GradientStore
 from logra_dist.index.store import IndexFormatError, read_stats
+from logra_dist.scoring.kernels import layer_self_influence
 
 
 @dataclass
 class GatheredQueries:
     """All queries of all ranks, sorted by id: preconditioned rows and per-layer self-influence."""
 
-    ids: np.ndarray           # (n_q,) int64
-    pre: torch.Tensor         # (n_q, D) H^-1 q
+    ids: np.ndarray  # (n_q,) int64
+    pre: torch.Tensor  # (n_q, D) H^-1 q
     self_layers: torch.Tensor  # (n_q, L) q_l^T H_l^-1 q_l
 
 
@@ -34,8 +35,10 @@ def check_query_store(queries: GradientStore, index: GradientStore) -> None:
     """A query index must produce rows in the same space as the training index."""
     where = f"query index {queries.root} vs training index {index.root}"
     if queries.layout != index.layout:
-        diff = next((f"{a} != {b}" for a, b in zip(queries.layout, index.layout) if a != b),
-                    f"{len(queries.layout)} layers != {len(index.layout)} layers")
+        diff = next(
+            (f"{a} != {b}" for a, b in zip(queries.layout, index.layout) if a != b),
+            f"{len(queries.layout)} layers != {len(index.layout)} layers",
+        )
         raise IndexFormatError(f"{where}: layer layouts differ ({diff}); log queries with the same model and config")
     qk, ik = queries.config.row_compatibility_key, index.config.row_compatibility_key
     if qk != ik:
@@ -48,9 +51,11 @@ def check_query_store(queries: GradientStore, index: GradientStore) -> None:
             for side in ("p_in", "p_out"):
                 key = f"{s.name}/{side}"
                 if key not in q_state or not np.array_equal(q_state[key], i_state[key]):
-                    raise IndexFormatError(f"{where}: PCA projection {key} differs; PCA projections are fitted "
-                                           "per logging run, so queries must be captured with the Scorer "
-                                           "on the model instead of logged separately")
+                    raise IndexFormatError(
+                        f"{where}: PCA projection {key} differs; PCA projections are fitted "
+                        "per logging run, so queries must be captured with the Scorer "
+                        "on the model instead of logged separately"
+                    )
 
 
 class QuerySet:
@@ -75,8 +80,10 @@ class QuerySet:
         rows, ids = rows[keep], ids[keep]
         finite = torch.isfinite(rows).all(1)
         if not bool(finite.all()):
-            raise ValueError(f"rank {comm.rank()}: non-finite query gradients for query ids "
-                             f"{ids[~finite][:10].tolist()} (check the loss of these queries)")
+            raise ValueError(
+                f"rank {comm.rank()}: non-finite query gradients for query ids "
+                f"{ids[~finite][:10].tolist()} (check the loss of these queries)"
+            )
         self._rows.append(rows.float())
         self._ids.append(ids)
 
@@ -107,8 +114,8 @@ class QuerySet:
         all_ids, all_rows = all_ids[order], all_rows[order]
         if len(all_ids) > 1 and bool((all_ids[1:] == all_ids[:-1]).any()):
             dup = torch.unique(all_ids[1:][all_ids[1:] == all_ids[:-1]])[:5].tolist()
-            raise ValueError(f"query ids must be unique across ranks; duplicated: {dup} "
-                             "(did two ranks add the same queries?)")
+            raise ValueError(
+                f"query ids must be unique across ranks; duplicated: {dup} (did two ranks add the same queries?)"
+            )
         d = self.width
         return GatheredQueries(all_ids.numpy(), all_rows[:, :d].contiguous(), all_rows[:, d:].contiguous())
-

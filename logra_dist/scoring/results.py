@@ -3,12 +3,14 @@
 Only rank 0 writes (every rank holds the same merged result); no collective is involved, so a
 caller may call this on every rank. Files appear atomically (temporary name, then rename).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any
 
 import h5py
 import numpy as np
@@ -17,7 +19,7 @@ from logra_dist import comm
 from logra_dist.scoring.kernels import TopKResult
 
 FORMAT_VERSION = 1
-TextLookup = Union[Mapping[int, str], Callable[[int], str], None]
+TextLookup = Mapping[int, str] | Callable[[int], str] | None
 
 
 def _text(lookup: TextLookup, key: int) -> str | None:
@@ -38,8 +40,15 @@ def write_topk_h5(path: str | Path, result: TopKResult, attrs: Mapping[str, Any]
     with h5py.File(tmp, "w") as f:
         _put(f, result)
         f.create_dataset("query_ids", data=np.asarray(result.query_ids, np.int64))
-        f.attrs.update({"format_version": FORMAT_VERSION, "mode": result.mode, "damping": float(result.damping),
-                        "k": int(result.scores.shape[1]), "groups": json.dumps(list(result.groups))})
+        f.attrs.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "mode": result.mode,
+                "damping": float(result.damping),
+                "k": int(result.scores.shape[1]),
+                "groups": json.dumps(list(result.groups)),
+            }
+        )
         for key, value in (attrs or {}).items():
             f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
         for name, sub in result.groups.items():
@@ -55,26 +64,40 @@ def _put(group: h5py.Group, result: TopKResult) -> None:
 
 def read_topk_h5(path: str | Path) -> TopKResult:
     with h5py.File(path, "r") as f:
+
         def get(g: h5py.Group) -> TopKResult:
-            return TopKResult(g["scores"][()], g["train_ids"][()], f["query_ids"][()], str(f.attrs["mode"]),
-                              float(f.attrs["damping"]))
+            return TopKResult(
+                g["scores"][()], g["train_ids"][()], f["query_ids"][()], str(f.attrs["mode"]), float(f.attrs["damping"])
+            )
+
         out = get(f)
         out.groups = {name: get(f[f"groups/{name}"]) for name in json.loads(f.attrs.get("groups", "[]"))}
     return out
 
 
-def listing(result: TopKResult, query_text: TextLookup = None, train_text: TextLookup = None,
-            query_fields: Mapping[int, Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+def listing(
+    result: TopKResult,
+    query_text: TextLookup = None,
+    train_text: TextLookup = None,
+    query_fields: Mapping[int, Mapping[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
     """One record per query: its text and ranked training examples (with texts when given);
     query_fields: more JSON-able facts per query id (e.g. a prompt and the model's completion)."""
+
     def ranked(r: TopKResult, q: int) -> list[dict[str, Any]]:
-        return [{"rank": j + 1, "train_id": int(t), "score": float(s), "text": _text(train_text, int(t))}
-                for j, (t, s) in enumerate(zip(r.train_ids[q], r.scores[q]))]
+        return [
+            {"rank": j + 1, "train_id": int(t), "score": float(s), "text": _text(train_text, int(t))}
+            for j, (t, s) in enumerate(zip(r.train_ids[q], r.scores[q]))
+        ]
 
     records = []
     for q, qid in enumerate(np.asarray(result.query_ids).tolist()):
-        rec = {"query_id": int(qid), "query_text": _text(query_text, int(qid)),
-               **(query_fields or {}).get(int(qid), {}), "results": ranked(result, q)}
+        rec = {
+            "query_id": int(qid),
+            "query_text": _text(query_text, int(qid)),
+            **(query_fields or {}).get(int(qid), {}),
+            "results": ranked(result, q),
+        }
         if result.groups:
             rec["groups"] = {name: ranked(sub, q) for name, sub in result.groups.items()}
         records.append(rec)
@@ -85,13 +108,17 @@ def _cell(text: str | None, limit: int = 200) -> str:
     if text is None:
         return ""
     text = " ".join(str(text).split())
-    text = text if len(text) <= limit else text[:limit - 1] + "…"
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|")
 
 
 def markdown(records: list[dict[str, Any]], result: TopKResult) -> str:
-    lines = [f"# Top-{result.scores.shape[1]} training examples per query",
-             "", f"mode: {result.mode}, damping: {result.damping:g}", ""]
+    lines = [
+        f"# Top-{result.scores.shape[1]} training examples per query",
+        "",
+        f"mode: {result.mode}, damping: {result.damping:g}",
+        "",
+    ]
     for rec in records:
         lines += [f"## Query {rec['query_id']}", ""]
         if rec["query_text"] is not None:
@@ -112,10 +139,17 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_results(out_dir: str | Path, result: TopKResult, *, index_dir: str | Path | None = None,
-                  config: Any = None, query_text: TextLookup = None, train_text: TextLookup = None,
-                  attrs: Mapping[str, Any] | None = None,
-                  query_fields: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, Path] | None:
+def write_results(
+    out_dir: str | Path,
+    result: TopKResult,
+    *,
+    index_dir: str | Path | None = None,
+    config: Any = None,
+    query_text: TextLookup = None,
+    train_text: TextLookup = None,
+    attrs: Mapping[str, Any] | None = None,
+    query_fields: Mapping[int, Mapping[str, Any]] | None = None,
+) -> dict[str, Path] | None:
     """On rank 0: out_dir/topk.h5, topk.jsonl and topk.md. Returns their paths (None elsewhere).
     config: the index's LoGraConfig (or anything JSON-able) recorded in topk.h5's attributes."""
     if comm.rank() != 0:

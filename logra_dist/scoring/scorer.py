@@ -12,27 +12,29 @@ Memory is O(queries x (D + k) + query_chunk x chunk_rows), never O(queries x ind
 `scores()` is asked for. Self-influence (RelatIF, cosine) is computed while scoring the first
 time and cached in the index (`selfinf.py`).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from logra_dist import comm
 from logra_dist.config import SCORE_MODES, ConfigError
-from logra_dist.index.partition import assign_rows
-from logra_dist.scoring.queries import GatheredQueries, QuerySet
-from logra_dist.index.reader import GradientStore
-from logra_dist.scoring.results import TextLookup, write_results
-from logra_dist.scoring.kernels import GroupPlan, LayerSelfInfluence, RunningTopK, TopKResult, normalize, select_topk
-from logra_dist.scoring.selfinf import SelfInfluenceCache
-from logra_dist.index.stream import ChunkStream
-from logra_dist.session import GradientSession
 from logra_dist.core.curvature import Preconditioner
+from logra_dist.index.partition import assign_rows
+from logra_dist.index.reader import GradientStore
 from logra_dist.index.store import IndexFormatError, layout_to_json, read_stats
+from logra_dist.index.stream import ChunkStream
+from logra_dist.scoring.kernels import GroupPlan, LayerSelfInfluence, RunningTopK, TopKResult, normalize, select_topk
+from logra_dist.scoring.queries import GatheredQueries, QuerySet
+from logra_dist.scoring.results import TextLookup, write_results
+from logra_dist.scoring.selfinf import SelfInfluenceCache
+from logra_dist.session import GradientSession
 
 Chunk = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]  # start, ids, rows, self (c, L)
 
@@ -47,9 +49,19 @@ class Scorer(GradientSession):
     that size against each training chunk. cache_self_influence=False never writes to the index.
     """
 
-    def __init__(self, model_or_engine: Any, index_dir: str | Path, *, mode: str = "relatif",
-                 damping: float | None = None, chunk_rows: int = 512, block_bytes: int = 256 << 20,
-                 dtype: torch.dtype = torch.float32, cache_self_influence: bool = True, tracker=None):
+    def __init__(
+        self,
+        model_or_engine: Any,
+        index_dir: str | Path,
+        *,
+        mode: str = "relatif",
+        damping: float | None = None,
+        chunk_rows: int = 512,
+        block_bytes: int = 256 << 20,
+        dtype: torch.dtype = torch.float32,
+        cache_self_influence: bool = True,
+        tracker=None,
+    ):
         if tracker is not None:  # phase timers (logra_dist.tracking.Tracker)
             self.tracker = tracker
         if mode not in SCORE_MODES:
@@ -66,30 +78,42 @@ class Scorer(GradientSession):
         self.hessian = str(attrs["hessian"])
         projections = None
         if config.init == "pca":
-            projections = {s.name: (torch.from_numpy(state[f"{s.name}/p_in"]), torch.from_numpy(state[f"{s.name}/p_out"]))
-                           for s in self.store.layout}
+            projections = {
+                s.name: (torch.from_numpy(state[f"{s.name}/p_in"]), torch.from_numpy(state[f"{s.name}/p_out"]))
+                for s in self.store.layout
+            }
         if model_or_engine is not None:
             super().__init__(model_or_engine, config, projections)
             if list(self.specs) != self.store.layout:
                 GradientSession.close(self)  # leave the user's model as it was: no hooks, weights unfrozen
                 self.store.close()
-                raise IndexFormatError(f"{self.index_dir}: the model's selected layers do not match the index "
-                                       f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.specs][:4]}..., "
-                                       f"index: {[(s.name, s.d_in, s.d_out) for s in self.store.layout][:4]}...)")
+                raise IndexFormatError(
+                    f"{self.index_dir}: the model's selected layers do not match the index "
+                    f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.specs][:4]}..., "
+                    f"index: {[(s.name, s.d_in, s.d_out) for s in self.store.layout][:4]}...)"
+                )
             if projections is not None:  # PCA matrices must live where activations are
-                self._install({k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
-                               for k, (a, b) in projections.items()})
+                self._install(
+                    {
+                        k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
+                        for k, (a, b) in projections.items()
+                    }
+                )
         else:
             self.config, self.specs, self._capture = config, self.store.layout, None
-        self.preconditioner = (None if self.hessian == "none"
-                               else Preconditioner.from_state(self.store.layout, self.hessian, self.damping, state))
+        self.preconditioner = (
+            None
+            if self.hessian == "none"
+            else Preconditioner.from_state(self.store.layout, self.hessian, self.damping, state)
+        )
         self.queries = QuerySet(self.store.width)
         self.rank, self.world = comm.rank(), comm.world_size()
         self.assignment = assign_rows([s.rows for s in self.store.shards], self.world)
         self.cache_self_influence = cache_self_influence
         self._row_self = LayerSelfInfluence(self.preconditioner, self.store.layout, dtype)
-        self._cache = SelfInfluenceCache(self.index_dir, self.hessian, self.damping, len(self.store),
-                                         layout_to_json(self.store.layout))
+        self._cache = SelfInfluenceCache(
+            self.index_dir, self.hessian, self.damping, len(self.store), layout_to_json(self.store.layout)
+        )
 
     # -- queries (local, no collectives) ----------------------------------------------------
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
@@ -167,8 +191,10 @@ class Scorer(GradientSession):
     def _finish_self_influence(self, plan: str | None, token: int) -> None:
         """Collective: rank 0 merges the parts into selfinf.h5 once every rank has closed its own."""
         if plan == "write":
-            self._agreed(lambda: self._cache.merge(token, self.assignment) if self.rank == 0 else None,
-                         "writing the self-influence cache")
+            self._agreed(
+                lambda: self._cache.merge(token, self.assignment) if self.rank == 0 else None,
+                "writing the self-influence cache",
+            )
         self._cache.close()
 
     # -- streaming (local) ------------------------------------------------------------------
@@ -179,8 +205,9 @@ class Scorer(GradientSession):
         ok = False
         try:
             side = self._cache.read if plan == "read" else None
-            for start, ids, rows, cached in ChunkStream(self.store, self.assignment[self.rank], self.chunk_rows,
-                                                        side=side):
+            for start, ids, rows, cached in ChunkStream(
+                self.store, self.assignment[self.rank], self.chunk_rows, side=side
+            ):
                 rows = rows.to(self.score_dtype)
                 row_self = None
                 if plan == "read":
@@ -202,8 +229,9 @@ class Scorer(GradientSession):
         per_query = min(self.chunk_rows, max(1, len(self.store))) * self.score_dtype.itemsize * (2 * n_atoms + 2)
         return max(1, min(n_q, self.block_bytes // per_query))
 
-    def _score_local(self, q: GatheredQueries, plan: GroupPlan, k: int, self_plan: tuple[str | None, int]
-                     ) -> list[RunningTopK]:
+    def _score_local(
+        self, q: GatheredQueries, plan: GroupPlan, k: int, self_plan: tuple[str | None, int]
+    ) -> list[RunningTopK]:
         n_q = len(q.ids)
         tops = [RunningTopK(n_q, k, self.score_dtype) for _ in plan.names]
         membership = plan.membership.to(self.score_dtype)
@@ -262,8 +290,10 @@ class Scorer(GradientSession):
 
         def local() -> torch.Tensor:
             q_self = q.self_layers.sum(1)
-            cols = [normalize(q.pre @ rows.T, self.mode, q_self, None if rs is None else rs.sum(1))
-                    for _, _, rows, rs in self._chunks(*self_plan)]
+            cols = [
+                normalize(q.pre @ rows.T, self.mode, q_self, None if rs is None else rs.sum(1))
+                for _, _, rows, rs in self._chunks(*self_plan)
+            ]
             return torch.cat(cols, 1) if cols else torch.zeros(len(q.ids), 0, dtype=self.score_dtype)
 
         mine = self._scored(local, self_plan)
@@ -272,7 +302,7 @@ class Scorer(GradientSession):
         for ranges, block in zip(self.assignment, comm.all_gather_rows(mine.T.contiguous())):
             done = 0
             for lo, hi in ranges:
-                out[:, lo:hi] = block[done:done + hi - lo].T.float().numpy()
+                out[:, lo:hi] = block[done : done + hi - lo].T.float().numpy()
                 done += hi - lo
         return out
 
@@ -291,21 +321,33 @@ class Scorer(GradientSession):
                 for ranges, block in zip(self.assignment, blocks):
                     done = 0
                     for lo, hi in ranges:
-                        values[lo:hi] = block[done:done + hi - lo].numpy()
+                        values[lo:hi] = block[done : done + hi - lo].numpy()
                         done += hi - lo
                 return values if per_layer else values.sum(1)
         values = self._cache.read(0, len(self.store))
         self._cache.close()
         return values if per_layer else values.sum(1)
 
-    def write_results(self, out_dir: str | Path, result: TopKResult, query_text: TextLookup = None,
-                      train_text: TextLookup = None, query_fields: dict[int, dict[str, Any]] | None = None
-                      ) -> dict[str, Path] | None:
+    def write_results(
+        self,
+        out_dir: str | Path,
+        result: TopKResult,
+        query_text: TextLookup = None,
+        train_text: TextLookup = None,
+        query_fields: dict[int, dict[str, Any]] | None = None,
+    ) -> dict[str, Path] | None:
         """On rank 0 (no collective): topk.h5, topk.jsonl, topk.md with this index's path and config;
         query_fields: extra per-query facts for the listing (see results.listing)."""
-        return write_results(out_dir, result, index_dir=self.index_dir, config=self.config, query_text=query_text,
-                             train_text=train_text, attrs={"hessian": self.hessian, "world_size": self.world},
-                             query_fields=query_fields)
+        return write_results(
+            out_dir,
+            result,
+            index_dir=self.index_dir,
+            config=self.config,
+            query_text=query_text,
+            train_text=train_text,
+            attrs={"hessian": self.hessian, "world_size": self.world},
+            query_fields=query_fields,
+        )
 
     def close(self) -> None:
         self._cache.close()

@@ -9,6 +9,7 @@ its own rows into a part file while it scores, then rank 0 copies the parts bloc
 a temporary file that replaces `selfinf.h5` atomically (existing keys are carried over). An entry
 records the manifest's hash, so an index rebuilt in the same folder never reuses a stale cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,8 +44,11 @@ class SelfInfluenceCache:
         self._file: h5py.File | None = None
 
     def _valid(self, ds: h5py.Dataset) -> bool:
-        return (ds.shape == (self.n_rows, self.n_layers) and ds.attrs.get("manifest_sha256") == self.manifest_sha
-                and ds.attrs.get("layout") == self.layout_json)
+        return (
+            ds.shape == (self.n_rows, self.n_layers)
+            and ds.attrs.get("manifest_sha256") == self.manifest_sha
+            and ds.attrs.get("layout") == self.layout_json
+        )
 
     def available(self) -> bool:
         """Whether a valid entry exists (checked by every rank; the caller agrees collectively)."""
@@ -71,7 +75,7 @@ class SelfInfluenceCache:
     def part_path(self, token: int, rank: int) -> Path:
         return self.index_dir / f"{FILE_NAME}.part-{token:016x}-rank-{rank:05d}"
 
-    def part_writer(self, token: int, rank: int) -> "PartWriter":
+    def part_writer(self, token: int, rank: int) -> PartWriter:
         return PartWriter(self.part_path(token, rank), self.n_layers)
 
     def merge(self, token: int, assignment: list[Ranges]) -> None:
@@ -119,7 +123,7 @@ class SelfInfluenceCache:
             for lo, hi in ranges:
                 for s in range(lo, hi, _COPY_ROWS):
                     e = min(hi, s + _COPY_ROWS)
-                    ds[s:e] = data[done:done + e - s]
+                    ds[s:e] = data[done : done + e - s]
                     done += e - s
 
 
@@ -135,10 +139,13 @@ class PartWriter:
         try:
             self.file = h5py.File(path, "w")
         except OSError as e:
-            raise OSError(f"{path}: cannot write the self-influence cache ({e}); score a read-only index "
-                          "with Scorer(..., cache_self_influence=False)") from e
-        self.data = self.file.create_dataset("rows", shape=(0, n_layers), maxshape=(None, n_layers),
-                                             dtype=np.float32, chunks=(4096, max(1, n_layers)))
+            raise OSError(
+                f"{path}: cannot write the self-influence cache ({e}); score a read-only index "
+                "with Scorer(..., cache_self_influence=False)"
+            ) from e
+        self.data = self.file.create_dataset(
+            "rows", shape=(0, n_layers), maxshape=(None, n_layers), dtype=np.float32, chunks=(4096, max(1, n_layers))
+        )
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
 

@@ -1,6 +1,7 @@
 """Starting real multi-process jobs from tests: the deepspeed launcher or torchrun, a clean
 environment (no inherited rank variables, W&B off, one thread per rank), a hard timeout that kills
 the whole process group, and the output tail in the failure message."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,16 @@ def free_port() -> int:
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", **extra)
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
     return env
@@ -40,8 +49,9 @@ def run_job(cmd: list[str], log: Path, timeout_s: float = 240) -> float:
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=job_env(), cwd=REPO,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env=job_env(), cwd=REPO, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

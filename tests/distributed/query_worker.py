@@ -11,6 +11,7 @@ does), against an index given on the command line:
 Each rank writes OUT/<config>/rank<r>.npz; the test recomputes all of it on one process with the
 same weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,19 +24,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from logra_dist import Scorer, comm  # noqa: E402
-from logra_dist.session import run_batches  # noqa: E402
-from logra_dist.scoring.completion import Prompt, complete, gather_completions  # noqa: E402
-from logra_dist.data import IGNORE, read_documents, rank_samples, tokenize  # noqa: E402
-from logra_dist.embedded import ensure_default_model, load_tokenizer  # noqa: E402
-from logra_dist.engines import launch, wrap  # noqa: E402
-from logra_dist.engines.loading import build  # noqa: E402
+from logra_dist import Scorer, comm
+from logra_dist.data import IGNORE, rank_samples, read_documents, tokenize
+from logra_dist.embedded import ensure_default_model, load_tokenizer
+from logra_dist.engines import launch, wrap
+from logra_dist.engines.loading import build
+from logra_dist.scoring.completion import Prompt, complete, gather_completions
+from logra_dist.session import run_batches
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY_FILE = REPO / "launch" / "example_queries.jsonl"
 EXTRA_QUERY = {"id": 9, "prompt": "Return the number of ", "completion": "items in a container."}
-PROMPTS = [Prompt(3, "Return a new "), Prompt(5, "Open the file and "), Prompt(6, "Decode the object as JSON and "),
-           Prompt(8, "Create a new thread "), Prompt(11, "Set the input delimiter. ")]
+PROMPTS = [
+    Prompt(3, "Return a new "),
+    Prompt(5, "Open the file and "),
+    Prompt(6, "Decode the object as JSON and "),
+    Prompt(8, "Create a new thread "),
+    Prompt(11, "Set the input delimiter. "),
+]
 BATCH, MAX_NEW, K, MAX_LENGTH = 2, 10, 3, 128
 
 
@@ -54,8 +60,14 @@ def generation_tokenizer(model_path: Path):
 
 def run(model_or_engine, model_path: Path, index: Path, folder: Path, batch: int) -> dict[str, np.ndarray]:
     """Everything the check compares, for this rank (also the single-process reference)."""
-    completions = complete(model_or_engine, generation_tokenizer(model_path), PROMPTS, max_new_tokens=MAX_NEW,
-                           batch_size=batch, max_length=MAX_LENGTH)
+    completions = complete(
+        model_or_engine,
+        generation_tokenizer(model_path),
+        PROMPTS,
+        max_new_tokens=MAX_NEW,
+        batch_size=batch,
+        max_length=MAX_LENGTH,
+    )
     records = gather_completions(completions)
     root = getattr(model_or_engine, "module", model_or_engine)
     left_gathered = sum(p.numel() for p in root.parameters() if hasattr(p, "ds_tensor"))
@@ -67,15 +79,23 @@ def run(model_or_engine, model_path: Path, index: Path, folder: Path, batch: int
     gathered = scorer.queries.gather(scorer.preconditioner, scorer.store.layout, torch.float64)
     top = scorer.topk(K)
     scorer.close()
-    return {"local_ids": local_ids, "local_rows": local_rows.numpy(), "ids": gathered.ids,
-            "pre": gathered.pre.numpy(), "self_layers": gathered.self_layers.numpy(),
-            "top_ids": top.train_ids, "top_scores": top.scores, "top_query_ids": top.query_ids,
-            "left_gathered": np.array(left_gathered),
-            "completion_ids": np.array([c.id for c in completions]),
-            "completion_tokens": np.array(json.dumps({c.id: c.sample.input_ids for c in completions})),
-            "completion_lengths": np.array(json.dumps({c.id: sum(t != IGNORE for t in c.sample.labels)
-                                                       for c in completions})),
-            "completions": np.array(json.dumps(records))}
+    return {
+        "local_ids": local_ids,
+        "local_rows": local_rows.numpy(),
+        "ids": gathered.ids,
+        "pre": gathered.pre.numpy(),
+        "self_layers": gathered.self_layers.numpy(),
+        "top_ids": top.train_ids,
+        "top_scores": top.scores,
+        "top_query_ids": top.query_ids,
+        "left_gathered": np.array(left_gathered),
+        "completion_ids": np.array([c.id for c in completions]),
+        "completion_tokens": np.array(json.dumps({c.id: c.sample.input_ids for c in completions})),
+        "completion_lengths": np.array(
+            json.dumps({c.id: sum(t != IGNORE for t in c.sample.labels) for c in completions})
+        ),
+        "completions": np.array(json.dumps(records)),
+    }
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ rank 1 has 2 and runs one shadow batch; a missing shadow batch hangs, and the ti
 test). The index must hold every sample once, with the rows and damping values of a
 single-process `logra-dist log` run on the saved weights.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from jobs import REPO, deepspeed_cmd, run_job
+
 from logra_dist import GradientStore
 
 pytestmark = pytest.mark.distributed
@@ -27,7 +28,7 @@ N, BATCH, STEPS = 13, 3, 3
 def _body(path: Path) -> list[str]:
     """The script's lines after its module docstring."""
     text = path.read_text()
-    return text[text.index('"""', 3) + 3:].splitlines()
+    return text[text.index('"""', 3) + 3 :].splitlines()
 
 
 def test_logging_script_is_the_training_script_plus_added_lines():
@@ -48,17 +49,30 @@ def test_logging_script_is_the_training_script_plus_added_lines():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train-then-log")
-    cmd = deepspeed_cmd(REPO / "launch" / "train_then_log.py", "--config", REPO / "configs" / "zero3.json",
-                        "--steps", STEPS, "--max-samples", N, "--batch-size", BATCH,
-                        "--save", out / "trained", "--log-out", out / "index")
+    cmd = deepspeed_cmd(
+        REPO / "launch" / "train_then_log.py",
+        "--config",
+        REPO / "configs" / "zero3.json",
+        "--steps",
+        STEPS,
+        "--max-samples",
+        N,
+        "--batch-size",
+        BATCH,
+        "--save",
+        out / "trained",
+        "--log-out",
+        out / "index",
+    )
     run_job(cmd, out / "launch.log", timeout_s=240)
     return out
 
 
 def test_zero3_training_then_logging_equals_one_process_on_the_trained_weights(trained, tmp_path):
+    from transformers import LlamaForCausalLM
+
     from logra_dist.cli.main import main
     from logra_dist.embedded import build_tokenizer, default_model_config
-    from transformers import LlamaForCausalLM
 
     log = (trained / "launch.log").read_text()
     assert f"step {STEPS}: loss" in log
@@ -81,8 +95,25 @@ def test_zero3_training_then_logging_equals_one_process_on_the_trained_weights(t
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["log", "--model", str(trained / "trained"), "--max-samples", str(N), "--batch-size", "5",
-                     "--logra", str(tmp_path / "logra.json"), "--out", str(tmp_path / "ref"), "--no-wandb"]) == 0
+        assert (
+            main(
+                [
+                    "log",
+                    "--model",
+                    str(trained / "trained"),
+                    "--max-samples",
+                    str(N),
+                    "--batch-size",
+                    "5",
+                    "--logra",
+                    str(tmp_path / "logra.json"),
+                    "--out",
+                    str(tmp_path / "ref"),
+                    "--no-wandb",
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(threads)
     with GradientStore(tmp_path / "ref") as ref:
@@ -91,5 +122,6 @@ def test_zero3_training_then_logging_equals_one_process_on_the_trained_weights(t
     assert scale > 0 and np.abs(rows - expected).max() <= 1e-3 * scale, np.abs(rows - expected).max() / scale
     ref_manifest = json.loads((tmp_path / "ref" / "manifest.json").read_text())
     assert sorted(manifest["lambdas"]) == sorted(ref_manifest["lambdas"])
-    np.testing.assert_allclose([manifest["lambdas"][k] for k in ref_manifest["lambdas"]],
-                               list(ref_manifest["lambdas"].values()), rtol=1e-5)
+    np.testing.assert_allclose(
+        [manifest["lambdas"][k] for k in ref_manifest["lambdas"]], list(ref_manifest["lambdas"].values()), rtol=1e-5
+    )

@@ -8,6 +8,7 @@ runs in this process, on one rank: the same `score` command on the same index (t
 match), `score --query-index` (no model loaded), `score --prompts`, and the single-process
 reference of the query worker (issue 4: query gradients under ZeRO-3 equal one process's).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
-
 import query_worker as qw
+import torch
 from jobs import REPO, deepspeed_cmd, free_port, run_job
+
 from logra_dist import GradientStore
 from logra_dist.cli.main import main
 
@@ -46,17 +47,60 @@ def root(tmp_path_factory, one_thread) -> Path:
     ensure_default_model()  # trained (once per machine) here, not by the ranks
     root = tmp_path_factory.mktemp("cli-zero3")
     seconds = {
-        "log": run_job(deepspeed_cmd(REPO / "launch" / "log.py", "--config", ZERO3, "--max-samples", N,
-                                     "--batch-size", 8, "--out", root / "index", "--no-wandb"), root / "log.txt"),
-        "score": run_job(deepspeed_cmd(REPO / "launch" / "score.py", "--config", ZERO3, "--index", root / "index",
-                                       "--queries", QUERIES, "--topk", K, "--out", root / "zero3", "--no-wandb"),
-                         root / "score.txt"),
-        "query_worker": run_job(deepspeed_cmd(WORKER, "--index", root / "index", "--out", root / "worker"),
-                                root / "worker.txt"),
-        "query_worker_fsdp": run_job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                      "--master_port", str(free_port()), str(WORKER), "--index", str(root / "index"),
-                                      "--out", str(root / "worker"), "--configs", "fsdp2,fsdp1"],
-                                     root / "worker-fsdp.txt"),
+        "log": run_job(
+            deepspeed_cmd(
+                REPO / "launch" / "log.py",
+                "--config",
+                ZERO3,
+                "--max-samples",
+                N,
+                "--batch-size",
+                8,
+                "--out",
+                root / "index",
+                "--no-wandb",
+            ),
+            root / "log.txt",
+        ),
+        "score": run_job(
+            deepspeed_cmd(
+                REPO / "launch" / "score.py",
+                "--config",
+                ZERO3,
+                "--index",
+                root / "index",
+                "--queries",
+                QUERIES,
+                "--topk",
+                K,
+                "--out",
+                root / "zero3",
+                "--no-wandb",
+            ),
+            root / "score.txt",
+        ),
+        "query_worker": run_job(
+            deepspeed_cmd(WORKER, "--index", root / "index", "--out", root / "worker"), root / "worker.txt"
+        ),
+        "query_worker_fsdp": run_job(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                str(WORKER),
+                "--index",
+                str(root / "index"),
+                "--out",
+                str(root / "worker"),
+                "--configs",
+                "fsdp2,fsdp1",
+            ],
+            root / "worker-fsdp.txt",
+        ),
     }
     (root / "seconds.json").write_text(json.dumps(seconds))
     return root
@@ -64,8 +108,13 @@ def root(tmp_path_factory, one_thread) -> Path:
 
 def read_topk(path: Path) -> dict[str, np.ndarray]:
     with h5py.File(path / "topk.h5") as f:
-        return {"query_ids": f["query_ids"][:], "train_ids": f["train_ids"][:], "scores": f["scores"][:],
-                "world_size": int(f.attrs["world_size"]), "mode": str(f.attrs["mode"])}
+        return {
+            "query_ids": f["query_ids"][:],
+            "train_ids": f["train_ids"][:],
+            "scores": f["scores"][:],
+            "world_size": int(f.attrs["world_size"]),
+            "mode": str(f.attrs["mode"]),
+        }
 
 
 def listing(path: Path) -> dict[int, dict]:
@@ -85,8 +134,23 @@ def assert_same_topk(got: dict, ref: dict, rtol: float, what: str) -> None:
 @pytest.fixture(scope="module")
 def single(root) -> Path:
     """`score` on one process, no engine config, on the index ZeRO-3 logged."""
-    assert main(["score", "--index", str(root / "index"), "--queries", str(QUERIES), "--topk", str(K),
-                 "--out", str(root / "single"), "--no-wandb"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--index",
+                str(root / "index"),
+                "--queries",
+                str(QUERIES),
+                "--topk",
+                str(K),
+                "--out",
+                str(root / "single"),
+                "--no-wandb",
+            ]
+        )
+        == 0
+    )
     return root / "single"
 
 
@@ -113,30 +177,78 @@ def test_cli_score_under_zero3_equals_one_process(root, single):
 def test_score_query_index_needs_no_model(root, single, monkeypatch, tmp_path):
     """`log --data QUERIES --logra INDEX` builds the query index; `score --query-index` scores it
     without ever loading a model, and ranks as scoring the query texts with the model does."""
-    assert main(["log", "--data", str(QUERIES), "--logra", str(root / "index"), "--out", str(tmp_path / "qidx"),
-                 "--no-wandb"]) == 0
+    assert (
+        main(
+            [
+                "log",
+                "--data",
+                str(QUERIES),
+                "--logra",
+                str(root / "index"),
+                "--out",
+                str(tmp_path / "qidx"),
+                "--no-wandb",
+            ]
+        )
+        == 0
+    )
 
     def no_model(*_args, **_kwargs):
         raise AssertionError("score --query-index loaded a model")
 
     monkeypatch.setattr("logra_dist.cli.jobs.load_engine", no_model)
     monkeypatch.setattr("logra_dist.cli.sources.load_engine", no_model)
-    assert main(["score", "--index", str(root / "index"), "--query-index", str(tmp_path / "qidx"), "--topk", str(K),
-                 "--out", str(tmp_path / "res"), "--no-wandb"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--index",
+                str(root / "index"),
+                "--query-index",
+                str(tmp_path / "qidx"),
+                "--topk",
+                str(K),
+                "--out",
+                str(tmp_path / "res"),
+                "--no-wandb",
+            ]
+        )
+        == 0
+    )
     # query rows went through fp16 storage (measured: scores within 3.4e-5 of the largest)
     assert_same_topk(read_topk(tmp_path / "res"), read_topk(single), 3e-4, "score --query-index vs --queries")
-    assert {q: r["query_text"] for q, r in listing(tmp_path / "res").items()} == \
-        {q: r["query_text"] for q, r in listing(single).items()}
+    assert {q: r["query_text"] for q, r in listing(tmp_path / "res").items()} == {
+        q: r["query_text"] for q, r in listing(single).items()
+    }
 
 
 def test_score_prompts_attributes_the_models_own_completions(root, tmp_path):
-    from logra_dist.scoring.completion import complete, read_prompts
     from logra_dist.embedded import ensure_default_model, load_model_and_tokenizer
+    from logra_dist.scoring.completion import complete, read_prompts
 
     prompts = tmp_path / "prompts.txt"  # one prompt per line
     prompts.write_text("Return a new \nOpen the file and \n\nDecode the object as JSON and \n")
-    assert main(["score", "--index", str(root / "index"), "--prompts", str(prompts), "--max-new-tokens", "8",
-                 "--topk", "3", "--batch-size", "2", "--out", str(tmp_path / "res"), "--no-wandb"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--index",
+                str(root / "index"),
+                "--prompts",
+                str(prompts),
+                "--max-new-tokens",
+                "8",
+                "--topk",
+                "3",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "res"),
+                "--no-wandb",
+            ]
+        )
+        == 0
+    )
     top, records = read_topk(tmp_path / "res"), listing(tmp_path / "res")
     assert top["query_ids"].tolist() == [0, 1, 2] and top["train_ids"].shape == (3, 3)
     assert (np.diff(top["scores"], axis=1) <= 0).all()
@@ -146,7 +258,7 @@ def test_score_prompts_attributes_the_models_own_completions(root, tmp_path):
         rec = records[c.id]
         assert (rec["prompt"], rec["completion"]) == (c.prompt, c.completion) and c.completion
         assert rec["query_text"] == c.prompt + c.completion
-        generated = c.sample.input_ids[c.sample.labels.count(-100):]
+        generated = c.sample.input_ids[c.sample.labels.count(-100) :]
         assert len(generated) == 8 or (len(generated) < 8 and generated[-1] == tokenizer.eos_token_id)
     assert "Open the file and " in (tmp_path / "res" / "topk.md").read_text()
 
@@ -174,13 +286,19 @@ def test_query_gradients_and_completions_under_sharding_equal_one_process(root, 
     for r, got in enumerate(ranks):
         assert str(got["engine"]) == kind
         assert got["local_ids"].tolist() == sorted(ref_rows)[r::2]  # this rank's share, in order
-        np.testing.assert_allclose(got["local_rows"], np.stack([ref_rows[i] for i in got["local_ids"].tolist()]),
-                                   rtol=1e-4, atol=1e-5 * scale, err_msg=f"rank {r} query rows")
+        np.testing.assert_allclose(
+            got["local_rows"],
+            np.stack([ref_rows[i] for i in got["local_ids"].tolist()]),
+            rtol=1e-4,
+            atol=1e-5 * scale,
+            err_msg=f"rank {r} query rows",
+        )
         # the Scorer's gathered queries: identical on both ranks, equal to one process's
         np.testing.assert_array_equal(got["ids"], ref["ids"])
         for key in ("pre", "self_layers"):
-            np.testing.assert_allclose(got[key], ref[key], rtol=1e-4, atol=1e-6 * np.abs(ref[key]).max(),
-                                       err_msg=f"rank {r} gathered {key}")
+            np.testing.assert_allclose(
+                got[key], ref[key], rtol=1e-4, atol=1e-6 * np.abs(ref[key]).max(), err_msg=f"rank {r} gathered {key}"
+            )
         np.testing.assert_array_equal(got["top_ids"], ref["top_ids"])
         np.testing.assert_allclose(got["top_scores"], ref["top_scores"], rtol=1e-4)
         # generation: the same greedy tokens, and no ZeRO-3 weight left gathered afterwards
@@ -193,5 +311,5 @@ def test_query_gradients_and_completions_under_sharding_equal_one_process(root, 
     # the ranks' first generate calls stopped after different numbers of steps, so lockstep
     # generation (synced_gpus) was really needed
     lengths = {int(k): n for k, n in json.loads(str(ref["completion_lengths"])).items()}
-    first = [max(lengths[p.id] for p in qw.PROMPTS[r::2][:qw.BATCH]) for r in (0, 1)]
+    first = [max(lengths[p.id] for p in qw.PROMPTS[r::2][: qw.BATCH]) for r in (0, 1)]
     assert first[0] != first[1], first

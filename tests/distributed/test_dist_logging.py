@@ -4,6 +4,7 @@ Real processes on gloo, grouped into four launches (each launch runs several cas
 process group; see worker.py): the deepspeed launcher, torchrun, mpiexec, and two torchrun
 "nodes" forming one job. Every subprocess has a timeout, so a hang fails instead of blocking.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ from logra_dist.index.store import read_stats  # noqa: E402
 pytestmark = pytest.mark.distributed
 N, BATCH = 11, 3
 TIMEOUT_S = 420
-DS_CASES = ["zero3", "zero3-empty", "zero3-bf16", "zero3-trained", "zero3-module", "zero2-trained",
-            "zero1-trained", "zero0"]
+DS_CASES = [
+    "zero3",
+    "zero3-empty",
+    "zero3-bf16",
+    "zero3-trained",
+    "zero3-module",
+    "zero2-trained",
+    "zero1-trained",
+    "zero0",
+]
 TORCHRUN_CASES = ["fsdp2", "fsdp2-empty", "fsdp2-trained", "fsdp1", "fsdp1-flat-trained", "ddp", "ddp-empty"]
 SHARDED = ("zero3", "fsdp1", "fsdp2")
 
@@ -42,8 +51,15 @@ def _free_port() -> int:
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        TOKENIZERS_PARALLELISM="false",
+    )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
         env.pop(k, None)
     return env
@@ -55,17 +71,29 @@ def _bin(name: str) -> str:
 
 
 def _worker_args(model: Path, out: Path, cases: list[str]) -> list[str]:
-    return [str(HERE / "worker.py"), "--model", str(model), "--out", str(out), "--cases", ",".join(cases),
-            "--samples", str(N), "--batch-size", str(BATCH)]
+    return [
+        str(HERE / "worker.py"),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--cases",
+        ",".join(cases),
+        "--samples",
+        str(N),
+        "--batch-size",
+        str(BATCH),
+    ]
 
 
 def _run(cmds: list[list[str]], log: Path) -> None:
     """Start all commands (one job), wait with a timeout; on failure show each one's output tail."""
     procs = []
     for i, cmd in enumerate(cmds):
-        f = open(log.with_suffix(f".{i}.log"), "w")
-        procs.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO,
-                                       start_new_session=True), f))
+        f = open(log.with_suffix(f".{i}.log"), "w")  # noqa: SIM115 (closed after the jobs)
+        procs.append(
+            (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True), f)
+        )
     failed = []
     for p, f in procs:
         try:
@@ -117,18 +145,28 @@ def reference(model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ds_run(model_dir, tied_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds")
-    _run([[_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
-          + _worker_args(model_dir, out, DS_CASES) + ["--load-check", f"{tied_dir}:zero3,zero3-bf16"]],
-         out / "launch")
+    _run(
+        [
+            [_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+            + _worker_args(model_dir, out, DS_CASES)
+            + ["--load-check", f"{tied_dir}:zero3,zero3-bf16"]
+        ],
+        out / "launch",
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def torchrun_run(model_dir, tied_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
-    _run([[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port())] + _worker_args(model_dir, out, TORCHRUN_CASES)
-          + ["--load-check", f"{tied_dir}:fsdp2,fsdp2-mixed,fsdp1"]], out / "launch")
+    _run(
+        [
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+            + _worker_args(model_dir, out, TORCHRUN_CASES)
+            + ["--load-check", f"{tied_dir}:fsdp2,fsdp2-mixed,fsdp1"]
+        ],
+        out / "launch",
+    )
     return out
 
 
@@ -179,25 +217,32 @@ def check_case(case_dir: Path, case: str, reference, world: int = 2, bf16: bool 
     else:  # same computation up to float reordering
         np.testing.assert_allclose(rows, ref_rows, rtol=1e-4, atol=1e-5 * np.abs(ref_rows).max())
         for key, value in _fisher(ref_stats).items():
-            np.testing.assert_allclose(_fisher(stats)[key], value, rtol=1e-4, atol=1e-6 * np.abs(value).max(),
-                                       err_msg=key)
+            np.testing.assert_allclose(
+                _fisher(stats)[key], value, rtol=1e-4, atol=1e-6 * np.abs(value).max(), err_msg=key
+            )
         ref_lambdas = ref_manifest(reference)["lambdas"]
         assert sorted(manifest["lambdas"]) == sorted(ref_lambdas)
-        np.testing.assert_allclose([manifest["lambdas"][k] for k in ref_lambdas], list(ref_lambdas.values()),
-                                   rtol=1e-4)
+        np.testing.assert_allclose([manifest["lambdas"][k] for k in ref_lambdas], list(ref_lambdas.values()), rtol=1e-4)
     for r in reports:
         assert r["layers"] == ref_report["layers"], "layer names must be the bare model's names"
         assert r["projections_plain"]
         assert r["weight_grads"] == 0, "weights must stay frozen while logging"
-        expected_kind = "module" if worker.CASES[case][3] == "module" else \
-            {"none": "module"}.get(engine, engine if not engine.startswith("zero") else f"deepspeed-{engine}")
+        expected_kind = (
+            "module"
+            if worker.CASES[case][3] == "module"
+            else {"none": "module"}.get(engine, engine if not engine.startswith("zero") else f"deepspeed-{engine}")
+        )
         assert r["engine_kind"] == expected_kind, (r["engine_kind"], expected_kind)
         # logging: no gradient reduction at all; only the engine's weight gathers
         ops = r["logging_collectives"]
         assert not [op for op in ops if "reduce" in op], ops
         if engine in SHARDED:
-            assert set(ops) <= {"c10d::_allgather_base_", "c10d::allgather_", "c10d::broadcast_",
-                                "c10d::allgather_into_tensor_coalesced_"}, ops
+            assert set(ops) <= {
+                "c10d::_allgather_base_",
+                "c10d::allgather_",
+                "c10d::broadcast_",
+                "c10d::allgather_into_tensor_coalesced_",
+            }, ops
             assert r["local_param_numel"] <= 0.55 * ref_report["local_param_numel"]  # weights stay sharded
             if worker.CASES[case][3] != "module":  # (a bare module has no engine to release with)
                 assert r["zero3_gathered_numel"] == 0, "no ZeRO-3 weight may stay gathered between batches"
@@ -232,8 +277,10 @@ def test_torchrun(torchrun_run, reference, case):
 
 def test_mpiexec_zero3(model_dir, reference, tmp_path):
     """`mpiexec -n 2`: ranks, world size and the rendezvous come from MPI alone."""
-    _run([[_bin("mpiexec"), "-n", "2", sys.executable] + _worker_args(model_dir, tmp_path, ["zero3"])],
-         tmp_path / "launch")
+    _run(
+        [[_bin("mpiexec"), "-n", "2", sys.executable] + _worker_args(model_dir, tmp_path, ["zero3"])],
+        tmp_path / "launch",
+    )
     reports = check_case(tmp_path / "zero3", "zero3", reference)
     assert [r["launcher"] for r in reports] == ["mpi", "mpi"]
     assert [r["env"]["RANK"] for r in reports] == ["0", "1"]
@@ -243,9 +290,25 @@ def test_two_nodes_one_job(model_dir, reference, tmp_path):
     """Two torchrun "nodes" of one process each: node 1's process has LOCAL_RANK 0 but global
     rank 1, and must write shard rank-00001 (shards are named by global rank)."""
     port = str(_free_port())
-    cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-             "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", port]
-            + _worker_args(model_dir, tmp_path, ["fsdp2-empty"]) for node in (0, 1)]
+    cmds = [
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--node_rank",
+            str(node),
+            "--nproc_per_node",
+            "1",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            port,
+        ]
+        + _worker_args(model_dir, tmp_path, ["fsdp2-empty"])
+        for node in (0, 1)
+    ]
     _run(cmds, tmp_path / "launch")
     reports = check_case(tmp_path / "fsdp2-empty", "fsdp2-empty", reference)
     assert [(r["rank"], r["local_rank"], r["env"]["GROUP_RANK"]) for r in reports] == [(0, 0, "0"), (1, 0, "1")]
@@ -257,8 +320,9 @@ def _check_loading(run_dir: Path, tied_dir: Path, tolerances: dict[str, float], 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        total = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tied_dir))
-                    .parameters())
+        total = sum(
+            p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tied_dir)).parameters()
+        )
     for rank in (0, 1):
         result = json.loads((run_dir / f"load-check-rank{rank}.json").read_text())
         assert sorted(result) == sorted(tolerances)

@@ -1,5 +1,6 @@
 """Engine plumbing that needs no second process: config files, launcher detection, checkpoint
 reading, meta construction, the bare-module engine."""
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,30 @@ import pytest
 import torch
 
 from logra_dist.engines import Engine, wrap
-from logra_dist.engines.checkpoint import (CheckpointError, HFCheckpoint, construct_uninitialized,
-                                           causal_lm_class, parameters_on_meta, source_names)
+from logra_dist.engines.checkpoint import (
+    CheckpointError,
+    HFCheckpoint,
+    causal_lm_class,
+    construct_uninitialized,
+    parameters_on_meta,
+    source_names,
+)
 from logra_dist.engines.launch import detect_launcher, init_distributed
 from logra_dist.engines.spec import EngineConfigError, read_spec, spec_from_dict
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name,engine,ds", [("zero3.json", "zero3", True), ("zero2.json", "zero2", True),
-                                            ("fsdp2.json", "fsdp2", False), ("fsdp1.json", "fsdp1", False),
-                                            ("ddp.json", "ddp", False)])
+@pytest.mark.parametrize(
+    "name,engine,ds",
+    [
+        ("zero3.json", "zero3", True),
+        ("zero2.json", "zero2", True),
+        ("fsdp2.json", "fsdp2", False),
+        ("fsdp1.json", "fsdp1", False),
+        ("ddp.json", "ddp", False),
+    ],
+)
 def test_shipped_configs_parse(name, engine, ds):
     spec = read_spec(REPO / "configs" / name)
     assert spec.engine == engine and spec.dtype == torch.float32
@@ -36,16 +50,19 @@ def test_dtype_override_switches_deepspeed_precision():
     assert json.loads((REPO / "configs" / "zero3.json").read_text())["bf16"]["enabled"] is False  # file untouched
 
 
-@pytest.mark.parametrize("data,needle", [
-    ({"engine": "fsdp2", "reshard": True}, "unknown key(s) ['reshard']"),
-    ({"engine": "fsdp3"}, "engine='fsdp3'"),
-    ({"engine": "fsdp1", "sharding_strategy": "FULL"}, "sharding_strategy='FULL'"),
-    ({"engine": "fsdp2", "mixed_precision": {"param_dtype": "float8"}}, "mixed_precision.param_dtype"),
-    ({"engine": "fsdp2", "wrap": "LlamaDecoderLayer"}, "wrap must be"),
-    ({"engine": "fsdp2", "reshard_after_forward": "yes"}, "reshard_after_forward must be"),
-    ({"zero_optimization": {"stage": 4}}, "stage=4"),
-    ({"optimizer": {"type": "SGD"}}, "neither a DeepSpeed config"),
-])
+@pytest.mark.parametrize(
+    "data,needle",
+    [
+        ({"engine": "fsdp2", "reshard": True}, "unknown key(s) ['reshard']"),
+        ({"engine": "fsdp3"}, "engine='fsdp3'"),
+        ({"engine": "fsdp1", "sharding_strategy": "FULL"}, "sharding_strategy='FULL'"),
+        ({"engine": "fsdp2", "mixed_precision": {"param_dtype": "float8"}}, "mixed_precision.param_dtype"),
+        ({"engine": "fsdp2", "wrap": "LlamaDecoderLayer"}, "wrap must be"),
+        ({"engine": "fsdp2", "reshard_after_forward": "yes"}, "reshard_after_forward must be"),
+        ({"zero_optimization": {"stage": 4}}, "stage=4"),
+        ({"optimizer": {"type": "SGD"}}, "neither a DeepSpeed config"),
+    ],
+)
 def test_bad_engine_configs_name_file_and_key(data, needle, tmp_path):
     path = tmp_path / "engine.json"
     path.write_text(json.dumps(data))
@@ -56,19 +73,25 @@ def test_bad_engine_configs_name_file_and_key(data, needle, tmp_path):
 
 def test_unreadable_config_is_a_clear_error(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(EngineConfigError, match="bad.json: not valid JSON"):
+    with pytest.raises(EngineConfigError, match=r"bad\.json: not valid JSON"):
         read_spec(tmp_path / "bad.json")
-    with pytest.raises(EngineConfigError, match="missing.json: cannot read"):
+    with pytest.raises(EngineConfigError, match=r"missing\.json: cannot read"):
         read_spec(tmp_path / "missing.json")
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"}, "torchrun"),
-    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "LOCAL_RANK": "1"}, "deepspeed"),
-    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "mpi"),
-    ({"PMI_SIZE": "2", "PMI_RANK": "1"}, "mpi"),
-    ({}, "single"),
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        (
+            {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"},
+            "torchrun",
+        ),
+        ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1", "LOCAL_RANK": "1"}, "deepspeed"),
+        ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "mpi"),
+        ({"PMI_SIZE": "2", "PMI_RANK": "1"}, "mpi"),
+        ({}, "single"),
+    ],
+)
 def test_detect_launcher(env, expected):
     assert detect_launcher(env) == expected
 
@@ -84,8 +107,16 @@ def test_single_process_needs_no_group(monkeypatch):
 def _llama_config(tied: bool):
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                       intermediate_size=48, vocab_size=50, max_position_embeddings=32, tie_word_embeddings=tied)
+    return LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        vocab_size=50,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +135,7 @@ def test_checkpoint_reads_sharded_index_and_slices(tied_checkpoint):
     path, model = tied_checkpoint
     assert (path / "model.safetensors.index.json").is_file()
     ckpt = HFCheckpoint(path)
-    assert len({ckpt.file_of[k] for k in ckpt.keys()}) > 1
+    assert len({ckpt.file_of[k] for k in ckpt}) > 1
     w = model.model.layers[0].mlp.up_proj.weight
     assert torch.equal(ckpt.get("model.layers.0.mlp.up_proj.weight"), w)
     assert torch.equal(ckpt.get_slice("model.layers.0.mlp.up_proj.weight", (slice(5, 9), slice(0, 32))), w[5:9])
@@ -124,7 +155,7 @@ def test_missing_parameters_are_named(tied_checkpoint, tmp_path):
     other = LlamaForCausalLM(_llama_config(tied=False))  # has an untied lm_head the checkpoint lacks
     with pytest.raises(CheckpointError, match=r"lm_head.weight"):
         source_names(other, HFCheckpoint(tied_checkpoint[0]))
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
         HFCheckpoint(tmp_path)
 
 
@@ -158,7 +189,7 @@ def test_loader_errors_are_clear(tied_checkpoint, tmp_path, monkeypatch):
 
     for k in ("RANK", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    with pytest.raises(EngineConfigError, match="no config.json"):
+    with pytest.raises(EngineConfigError, match=r"no config\.json"):
         load_causal_lm(tmp_path, "none")
     with pytest.raises(EngineConfigError, match="needs a launcher"):
         load_causal_lm(tied_checkpoint[0], "ddp")

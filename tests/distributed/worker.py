@@ -6,6 +6,7 @@ reference. Per case and rank it writes `<out>/<case>/report-rank<R>.json`: the c
 while logging and at finalize (torch profiler: every c10d op, whichever library issued it),
 batch counts, projection checks, throughput and peak RSS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from logra_dist import LoGraConfig, attach  # noqa: E402
-from logra_dist.engines import launch  # noqa: E402
+from logra_dist import LoGraConfig, attach
+from logra_dist.engines import launch
 
 VOCAB = 260
 REPO = Path(__file__).resolve().parents[2]
@@ -83,9 +84,11 @@ def load_check(model_path: str, names: list[str], rank: int) -> dict[str, dict]:
         forward = loaded.wrapped.module if spec.engine.startswith("zero") else loaded.wrapped
         with torch.no_grad():
             got = forward(input_ids=ids, attention_mask=mask).logits.float()
-        out[name] = {"rel_err": float((got - expected).abs().max() / expected.abs().max()),
-                     "local_param_numel": local_param_numel(loaded.module),
-                     "param_dtypes": sorted({str(p.dtype) for p in loaded.module.parameters()})}
+        out[name] = {
+            "rel_err": float((got - expected).abs().max() / expected.abs().max()),
+            "local_param_numel": local_param_numel(loaded.module),
+            "param_dtypes": sorted({str(p.dtype) for p in loaded.module.parameters()}),
+        }
         del loaded, forward
         gc.collect()
     return out
@@ -106,9 +109,17 @@ def save_tiny_llama(path: str | Path, seed: int = 0, tied: bool = False, shard_s
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=VOCAB, max_position_embeddings=128,
-                      tie_word_embeddings=tied, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+    )
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     LlamaForCausalLM(cfg).save_pretrained(str(path), **kwargs)
     return Path(path)
@@ -116,8 +127,9 @@ def save_tiny_llama(path: str | Path, seed: int = 0, tied: bool = False, shard_s
 
 def logra_config(flush_rows: int = 4) -> LoGraConfig:
     # flush_rows=4: several commit points per shard, so partial-stat commits run too
-    return LoGraConfig(k_in=4, k_out=4, seed=3, storage_dtype="float32", compute_dtype="float32",
-                       hessian="raw", flush_rows=flush_rows)
+    return LoGraConfig(
+        k_in=4, k_out=4, seed=3, storage_dtype="float32", compute_dtype="float32", hessian="raw", flush_rows=flush_rows
+    )
 
 
 def samples(n: int, seed: int = 0, min_len: int = 4, max_len: int = 16) -> list[torch.Tensor]:
@@ -133,10 +145,10 @@ def assignment(n: int, world: int, rank: int, split: str) -> list[int]:
     if split == "even":
         return ids[rank::world]
     if split == "empty":
-        return [] if rank == world - 1 else ids[rank::max(world - 1, 1)]
+        return [] if rank == world - 1 else ids[rank :: max(world - 1, 1)]
     weights = [world - r for r in range(world)]
     bounds = [round(n * sum(weights[:r]) / sum(weights)) for r in range(world + 1)]
-    return ids[bounds[rank]:bounds[rank + 1]]
+    return ids[bounds[rank] : bounds[rank + 1]]
 
 
 def batch(seqs: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +157,7 @@ def batch(seqs: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]
     ids = torch.zeros(len(seqs), width, dtype=torch.long)
     mask = torch.zeros(len(seqs), width, dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
     return ids.to(device), mask.to(device)
 
 
@@ -227,14 +239,24 @@ def projections_plain(logger) -> bool:
     return True
 
 
-def log_case(model_or_engine, device, out: Path, split: str, n: int, batch_size: int,
-             rank: int = 0, world: int = 1, max_len: int = 16, profile: bool = True,
-             flush_rows: int = 4) -> dict:
+def log_case(
+    model_or_engine,
+    device,
+    out: Path,
+    split: str,
+    n: int,
+    batch_size: int,
+    rank: int = 0,
+    world: int = 1,
+    max_len: int = 16,
+    profile: bool = True,
+    flush_rows: int = 4,
+) -> dict:
     """Log samples 0..n-1 (this rank's share) to `out`; returns the report."""
     logger = attach(model_or_engine, logra_config(flush_rows), out)
     data = samples(n, max_len=max_len)
     mine = assignment(n, world, rank, split)
-    chunks = [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
     steps = logger.engine.lockstep_batches(len(chunks))
     tokens, shadow = 0, 0
     t0 = time.perf_counter()
@@ -252,15 +274,27 @@ def log_case(model_or_engine, device, out: Path, split: str, n: int, batch_size:
     with _profile() as prof:
         manifest = logger.finalize()
     root = logger.engine.root
-    report = {"rank": rank, "world": world, "ids": mine, "batches": len(chunks), "steps": steps,
-              "shadow_batches": shadow, "logging_collectives": logging_ops,
-              "finalize_collectives": _collectives(prof), "layers": [s.name for s in logger.specs],
-              "projections_plain": projections_plain(logger), "engine_kind": logger.engine.kind,
-              "manifest_shards": manifest["shards"], "local_param_numel": local_param_numel(root),
-              "weight_grads": sum(p.grad is not None for p in root.parameters()), "tokens": tokens,
-              "zero3_gathered_numel": sum(p.numel() for p in root.parameters() if hasattr(p, "ds_tensor")),
-              "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    report = {
+        "rank": rank,
+        "world": world,
+        "ids": mine,
+        "batches": len(chunks),
+        "steps": steps,
+        "shadow_batches": shadow,
+        "logging_collectives": logging_ops,
+        "finalize_collectives": _collectives(prof),
+        "layers": [s.name for s in logger.specs],
+        "projections_plain": projections_plain(logger),
+        "engine_kind": logger.engine.kind,
+        "manifest_shards": manifest["shards"],
+        "local_param_numel": local_param_numel(root),
+        "weight_grads": sum(p.grad is not None for p in root.parameters()),
+        "tokens": tokens,
+        "zero3_gathered_numel": sum(p.numel() for p in root.parameters() if hasattr(p, "ds_tensor")),
+        "seconds": elapsed,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     logger.close()
     return report
 
@@ -289,12 +323,28 @@ def main() -> None:
         t0 = time.perf_counter()
         wrapped, device, after = make_engine(name, args.model)
         out = Path(args.out) / name
-        report = log_case(wrapped, device, out, CASES[name][2], args.samples, args.batch_size, info.rank,
-                          info.world_size, args.max_len, not args.no_profile, args.flush_rows)
+        report = log_case(
+            wrapped,
+            device,
+            out,
+            CASES[name][2],
+            args.samples,
+            args.batch_size,
+            info.rank,
+            info.world_size,
+            args.max_len,
+            not args.no_profile,
+            args.flush_rows,
+        )
         if after is not None:
             after()  # the user's training continues after logging: requires_grad was restored
-        report.update(case_seconds=time.perf_counter() - t0, launcher=info.launcher, local_rank=info.local_rank,
-                      env=env, trained_after=after is not None)
+        report.update(
+            case_seconds=time.perf_counter() - t0,
+            launcher=info.launcher,
+            local_rank=info.local_rank,
+            env=env,
+            trained_after=after is not None,
+        )
         (out / f"report-rank{info.rank}.json").write_text(json.dumps(report))
         del wrapped, after
         gc.collect()

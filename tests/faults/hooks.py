@@ -13,6 +13,7 @@ hot path carries no fault code. Spec: `kind[:count][@rank]`, several joined by c
     kill_after_manifest    SIGKILL right after manifest.json is written (per-rank statistics left)
     fsize:BYTES            RLIMIT_FSIZE = BYTES with SIGXFSZ ignored (a full disk, per file)
 """
+
 from __future__ import annotations
 
 import os

@@ -6,6 +6,7 @@
 It follows the resume protocol of launch/log.py: rank r owns samples r, r+world, ...; with
 --resume it skips `logger.done_ids`. Faults come from LOGRA_DIST_FAULT (hooks.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,10 +17,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.join(HERE, "..", ".."), HERE]
 
+import hooks  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import hooks  # noqa: E402
 import logra_dist as ld  # noqa: E402
 from logra_dist import comm  # noqa: E402
 from logra_dist.engines.launch import destroy_distributed, init_distributed  # noqa: E402
@@ -36,8 +37,16 @@ def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def config(args) -> ld.LoGraConfig:
-    return ld.LoGraConfig(k_in=args.k, k_out=args.k, init=args.init, seed=args.seed, hessian=args.hessian,
-                          storage_dtype="float32", flush_rows=args.flush_rows, include=args.include)
+    return ld.LoGraConfig(
+        k_in=args.k,
+        k_out=args.k,
+        init=args.init,
+        seed=args.seed,
+        hessian=args.hessian,
+        storage_dtype="float32",
+        flush_rows=args.flush_rows,
+        include=args.include,
+    )
 
 
 def run(args, net: nn.Module | None = None) -> dict:
@@ -47,10 +56,11 @@ def run(args, net: nn.Module | None = None) -> dict:
     rank, world = comm.rank(), comm.world_size()
     mine = ids if args.no_stride else ids[rank::world]
     mine = mine[mine != args.skip_id]
-    logger = ld.attach(net if net is not None else model(), config(args), args.out, resume=args.resume,
-                       commit_seconds=0)  # commit at every flush_rows rows: deterministic commit points
+    logger = ld.attach(
+        net if net is not None else model(), config(args), args.out, resume=args.resume, commit_seconds=0
+    )  # commit at every flush_rows rows: deterministic commit points
     todo = mine[torch.from_numpy(logger.pending(mine))]
-    batches = [todo[s:s + args.batch] for s in range(0, len(todo), args.batch)]
+    batches = [todo[s : s + args.batch] for s in range(0, len(todo), args.batch)]
     if logger.needs_pca_pass:
         with logger.pca_pass():
             for b in batches:
@@ -92,6 +102,9 @@ if __name__ == "__main__":
     hooks.install()
     manifest = run(parser().parse_args())
     if comm.rank() == 0:
-        print("MANIFEST", json.dumps({"total_rows": manifest["total_rows"],
-                                      "nonfinite_ids": manifest["nonfinite_ids"]}), flush=True)
+        print(
+            "MANIFEST",
+            json.dumps({"total_rows": manifest["total_rows"], "nonfinite_ids": manifest["nonfinite_ids"]}),
+            flush=True,
+        )
     destroy_distributed()

@@ -1,4 +1,5 @@
 """Dataset and collator shared by the Trainer worker and its test's single-process reference."""
+
 import torch
 
 from logra_dist.embedded import build_tokenizer
@@ -22,6 +23,6 @@ class Texts(torch.utils.data.Dataset):
         ids = torch.full((len(items), width), self.tok.pad_token_id)
         mask = torch.zeros((len(items), width), dtype=torch.long)
         for r, x in enumerate(items):
-            ids[r, :len(x["input_ids"])] = torch.tensor(x["input_ids"])
-            mask[r, :len(x["input_ids"])] = 1
+            ids[r, : len(x["input_ids"])] = torch.tensor(x["input_ids"])
+            mask[r, : len(x["input_ids"])] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}

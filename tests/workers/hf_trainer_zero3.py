@@ -6,44 +6,72 @@ whose W&B run is offline. Rank 0 saves the trained weights (gathered from the Ze
 partitions) for the test's single-process reference. The texts and collator live in
 hf_texts.py, shared with the test. argv: OUT_DIR N_SAMPLES
 """
+
 import json
 import os
 import sys
 
+import deepspeed.comm.torch
 import torch
-
-import deepspeed.comm.torch  # noqa: E402,F401  (DeepSpeed's module, not torch itself)
 
 sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the 45 s CPU shm op compile
 
+from hf_texts import Texts  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from logra_dist import LoGraConfig  # noqa: E402
-from hf_texts import Texts  # noqa: E402
 from logra_dist.integrations.hf_trainer import log_trainer_dataset  # noqa: E402
 from logra_dist.tracking import Tracker, start_wandb  # noqa: E402
 
 out, n_samples = sys.argv[1], int(sys.argv[2])
 data = Texts(n_samples)
-ds_config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-             "gradient_clipping": "auto", "zero_allow_untested_optimizer": True,
-             "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-args = TrainingArguments(output_dir=os.path.join(out, "trainer"), per_device_train_batch_size=3, max_steps=2,
-                         learning_rate=1e-2, optim="adamw_torch", deepspeed=ds_config, report_to="none",
-                         save_strategy="no", logging_strategy="no", max_grad_norm=0.0, use_cpu=True, ddp_backend="gloo",
-                         disable_tqdm=True, seed=0)
+ds_config = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "zero_allow_untested_optimizer": True,
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+}
+args = TrainingArguments(
+    output_dir=os.path.join(out, "trainer"),
+    per_device_train_batch_size=3,
+    max_steps=2,
+    learning_rate=1e-2,
+    optim="adamw_torch",
+    deepspeed=ds_config,
+    report_to="none",
+    save_strategy="no",
+    logging_strategy="no",
+    max_grad_norm=0.0,
+    use_cpu=True,
+    ddp_backend="gloo",
+    disable_tqdm=True,
+    seed=0,
+)
 torch.manual_seed(0)
-config = LlamaConfig(vocab_size=len(data.tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                     tie_word_embeddings=False, pad_token_id=data.tok.pad_token_id)
+config = LlamaConfig(
+    vocab_size=len(data.tok),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    pad_token_id=data.tok.pad_token_id,
+)
 model = LlamaForCausalLM(config)
 trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data.collate)
 trainer.train()
 rank = torch.distributed.get_rank()
 
 logra = LoGraConfig(k_in=4, k_out=4, storage_dtype="float32", seed=3)
-tracker = Tracker("hf-trainer-log", total=None, log_every=1,
-                  wandb_run=start_wandb("log", {"logra": logra.to_dict(), "test": "hf_trainer_zero3"}))
+tracker = Tracker(
+    "hf-trainer-log",
+    total=None,
+    log_every=1,
+    wandb_run=start_wandb("log", {"logra": logra.to_dict(), "test": "hf_trainer_zero3"}),
+)
 manifest = log_trainer_dataset(trainer, logra, os.path.join(out, "index"), batch_size=2, tracker=tracker)
 per_rank = tracker.finish({"index/total_rows": manifest["total_rows"]})
 
@@ -57,7 +85,15 @@ with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifie
 if rank == 0:
     torch.save({"state": state, "config": config.to_dict()}, os.path.join(out, "trained.pt"))
     with open(os.path.join(out, "result.json"), "w") as f:
-        json.dump({"per_rank": per_rank, "engine": type(engine).__name__, "adapter": manifest["engine"],
-                   "stage": engine.zero_optimization_stage(), "global_step": trainer.state.global_step}, f)
+        json.dump(
+            {
+                "per_rank": per_rank,
+                "engine": type(engine).__name__,
+                "adapter": manifest["engine"],
+                "stage": engine.zero_optimization_stage(),
+                "global_step": trainer.state.global_step,
+            },
+            f,
+        )
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()  # a live gloo group at exit can abort the process
