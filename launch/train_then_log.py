@@ -19,12 +19,7 @@ from transformers import LlamaForCausalLM
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import logra_dist  # LoGra
-from logra_dist.data import (
-    Document,
-    collate,
-    summed_lm_loss,  # LoGra
-    tokenize,
-)
+from logra_dist.data import Document, collate, tokenize
 from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus
 
 
@@ -95,12 +90,8 @@ def main():
     # LoGra: one pass over the training set with the trained weights. Under ZeRO-3 every forward is
     # collective, so a rank out of data runs shadow batches (no ids: hooks run, nothing is recorded).
     engine.eval()
-    logger = logra_dist.attach(
-        engine,
-        logra_dist.LoGraConfig(k_in=8, k_out=8),
-        args.log_out,
-        metadata={"data": "embedded", "model_path": args.save},
-    )  # for launch/score.py
+    meta = {"data": "embedded", "model_path": args.save}  # what launch/score.py reads back
+    logger = logra_dist.attach(engine, logra_dist.LoGraConfig(k_in=8, k_out=8), args.log_out, metadata=meta)
     mine = samples[rank::world]  # every sample once (a DistributedSampler pads with repeats)
     batches = [collate(mine[i : i + args.batch_size], pad) for i in range(0, len(mine), args.batch_size)]
     shadow = collate(samples[:1], pad)
@@ -109,7 +100,7 @@ def main():
         batch = (batches[step] if step < len(batches) else shadow).to(logger.device)
         with logger.capture(batch.ids, mask=batch.attention_mask):
             logits = logger.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logger.backward(summed_lm_loss(logits, batch.labels))  # per-sample losses SUMMED
+            logger.backward(logra_dist.data.summed_lm_loss(logits, batch.labels))  # per-sample losses SUMMED
     logger.finalize()  # collective: one all-reduce, then rank 0 writes stats.h5 and manifest.json
     logger.close()
     torch.distributed.destroy_process_group()  # a live gloo group at exit can abort the process

@@ -38,7 +38,7 @@ class HFCheckpoint:
             from safetensors import safe_open
 
             with safe_open(str(self.path / SAFE_SINGLE), framework="pt") as f:
-                self.file_of = {k: self.path / SAFE_SINGLE for k in f}
+                self.file_of = {k: self.path / SAFE_SINGLE for k in f.keys()}
         elif (self.path / BIN_INDEX).is_file() or (self.path / BIN_SINGLE).is_file():
             self.format = "bin"
             if (self.path / BIN_INDEX).is_file():

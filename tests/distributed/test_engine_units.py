@@ -135,7 +135,7 @@ def test_checkpoint_reads_sharded_index_and_slices(tied_checkpoint):
     path, model = tied_checkpoint
     assert (path / "model.safetensors.index.json").is_file()
     ckpt = HFCheckpoint(path)
-    assert len({ckpt.file_of[k] for k in ckpt}) > 1
+    assert len({ckpt.file_of[k] for k in ckpt.keys()}) > 1
     w = model.model.layers[0].mlp.up_proj.weight
     assert torch.equal(ckpt.get("model.layers.0.mlp.up_proj.weight"), w)
     assert torch.equal(ckpt.get_slice("model.layers.0.mlp.up_proj.weight", (slice(5, 9), slice(0, 32))), w[5:9])
