@@ -14,6 +14,7 @@ PKG = Path(__file__).resolve().parents[1] / "logra_dist"
 LAYERS = {
     "version": 0,
     "config": 0,
+    "registry": 0,
     "comm": 0,
     "tracking": 0,
     "data": 0,
