@@ -27,7 +27,7 @@ import torch
 from logra_dist import comm
 from logra_dist.config import LoGraConfig
 from logra_dist.core.capture import GradientCapture
-from logra_dist.core.curvature import Accumulator
+from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.projection import LayerSpec
 from logra_dist.index.partial import rank_stats_path
 from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
@@ -144,7 +144,7 @@ class Logger(GradientSession):
         }
 
     def _start_writing(self) -> None:
-        self.accumulator = Accumulator(self.specs, self.config.hessian, self.compute_dtype)
+        self.accumulator = CURVATURES.get(self.config.hessian)(self.specs, self.compute_dtype)
         self._capture.token_stats = self.accumulator if self._logged_batches_feed_statistics else None
         self._writer = ShardWriter(
             shard_path(self.out_dir, self.rank),
@@ -181,7 +181,7 @@ class Logger(GradientSession):
                 "pca_pass() is only for config.init='pca', once, and not in a resumed job (check Logger.needs_pca_pass)"
             )
         full = [LayerSpec(s.name, s.kind, s.d_in, s.d_out, s.d_in, s.d_out) for s in self.specs]
-        acc = Accumulator(full, "kfac", self.compute_dtype)
+        acc = KFAC(full, self.compute_dtype)
         self._capture = GradientCapture(full, self._modules, {s.name: (None, None) for s in full}, self.compute_dtype)
         self._capture.token_stats, self._capture.want_rows = acc, False
         self._pca_accumulator = acc
@@ -202,7 +202,7 @@ class Logger(GradientSession):
     @property
     def _logged_batches_feed_statistics(self) -> bool:
         """With fisher="empirical" the logged rows (data labels) are also the Fisher's samples."""
-        return self.config.hessian == "kfac" and self.config.fisher == "empirical"
+        return self.accumulator.uses_token_statistics and self.config.fisher == "empirical"
 
     @contextmanager
     def statistics_pass(self) -> Iterator[None]:
@@ -221,7 +221,7 @@ class Logger(GradientSession):
         if self._writer is None:
             raise RuntimeError("statistics_pass() needs the projections (init='pca': run pca_pass() first)")
         self._statistics_only = True
-        self._capture.token_stats = self.accumulator if self.config.hessian == "kfac" else None
+        self._capture.token_stats = self.accumulator if self.accumulator.uses_token_statistics else None
         try:
             yield
         finally:
@@ -283,7 +283,7 @@ class Logger(GradientSession):
 
     def _commit(self) -> None:
         """Hand the writer the statistics over exactly the rows appended so far (lent, not
-        copied: `Accumulator.lend`)."""
+        copied: `Curvature.lend`)."""
         start, self._last_commit = time.perf_counter(), time.monotonic()
         parts, released = self.accumulator.lend()
         self._writer.commit(parts, self.nonfinite_ids, released)
@@ -357,7 +357,7 @@ class Logger(GradientSession):
         with self.tracker.phase("all-reduce"):
             reduced = comm.all_reduce_sum(torch.cat([local, info]))
         self.accumulator.load_flat(reduced[: local.numel()])
-        if self.config.fisher == "true" and self.config.hessian != "none" and self.accumulator.samples == 0:
+        if self.config.fisher == "true" and self.accumulator.needs_statistics and self.accumulator.samples == 0:
             raise RuntimeError(
                 "fisher='true' but no batch was captured inside statistics_pass(): the "
                 "Fisher has no samples (capture each batch there with sampled labels)"
@@ -409,7 +409,7 @@ class Logger(GradientSession):
     def _write_stats(self, manifest: dict[str, Any]) -> None:
         state: dict[str, np.ndarray] = {}
         lambdas: dict[str, float] = {}
-        if self.config.hessian != "none" and self.accumulator.samples > 0:
+        if self.accumulator.needs_statistics and self.accumulator.samples > 0:
             pre = self.accumulator.preconditioner(self.config.damping)
             state.update(pre.state())
             lambdas = pre.lambdas

@@ -3,13 +3,13 @@ rows: every reader must see exactly sum_i g_i g_i^T over ALL rows added so far."
 
 import torch
 
-from logra_dist.core.curvature import FISHER_GEMM_ROWS, Accumulator
+from logra_dist.core.curvature.raw import FISHER_GEMM_ROWS, Raw
 from logra_dist.core.projection import LayerSpec
 
 
 def test_buffered_fisher_equals_direct_sum_at_every_read():
     specs = [LayerSpec("a", "linear", 8, 8, 2, 3), LayerSpec("b", "linear", 8, 8, 4, 1)]
-    acc = Accumulator(specs, "raw", torch.float64)
+    acc = Raw(specs, torch.float64)
     gen = torch.Generator().manual_seed(0)
     seen = []
     for batch in (3, 5, FISHER_GEMM_ROWS - 1, 1, 7, 0, 2):  # crosses the threshold, ends mid-buffer
@@ -23,7 +23,7 @@ def test_buffered_fisher_equals_direct_sum_at_every_read():
         )
         torch.testing.assert_close(flat[: expect.numel()], expect)
         assert flat[expect.numel()] == all_rows.shape[0]
-    fresh = Accumulator(specs, "raw", torch.float64)
+    fresh = Raw(specs, torch.float64)
     fresh.update_rows(torch.randn(2, 10, dtype=torch.float64))  # pending rows are dropped by a load
     fresh.load_flat(acc.flat())
     torch.testing.assert_close(fresh.flat(), acc.flat())
@@ -34,14 +34,14 @@ def test_buffered_fisher_equals_direct_sum_at_every_read():
 def test_tiled_fisher_update_equals_direct_sum(monkeypatch):
     """Wide layers update only the tiles on and above the diagonal; every read (before and after
     more updates, widths not a multiple of the tile) must still see the full symmetric sum."""
-    from logra_dist.core import curvature as statistics
+    from logra_dist.core.curvature import raw as statistics
 
     monkeypatch.setattr(statistics, "FISHER_TILE", 4)
     specs = [
         LayerSpec("wide", "linear", 8, 8, 5, 3),
         LayerSpec("narrow", "linear", 8, 8, 2, 3),
     ]  # 15 = 4+4+4+3; 6 < 2 tiles
-    acc = Accumulator(specs, "raw", torch.float32)
+    acc = Raw(specs, torch.float32)
     gen = torch.Generator().manual_seed(1)
     seen = []
     for batch in (FISHER_GEMM_ROWS + 3, 2, FISHER_GEMM_ROWS, 5):
@@ -67,11 +67,11 @@ def test_lent_statistics_stay_exactly_those_of_the_rows_before_the_commit(monkey
 
     import numpy as np
 
-    from logra_dist.core import curvature as statistics
+    from logra_dist.core.curvature import raw as statistics
 
     monkeypatch.setattr(statistics, "FISHER_TILE", 64)
     specs = [LayerSpec("a", "linear", 16, 16, 12, 16), LayerSpec("b", "linear", 16, 16, 4, 1)]  # widths 192, 4
-    acc = Accumulator(specs, "raw", torch.float32)
+    acc = Raw(specs, torch.float32)
     assert acc._lend_rows == (192 * 192 + 16) // 196 > 2 * FISHER_GEMM_ROWS
     gen = torch.Generator().manual_seed(0)
     fisher = lambda r: torch.cat([(r[:, :192].T @ r[:, :192]).reshape(-1), (r[:, 192:].T @ r[:, 192:]).reshape(-1)])  # noqa: E731
@@ -91,6 +91,6 @@ def test_lent_statistics_stay_exactly_those_of_the_rows_before_the_commit(monkey
     flat = acc.flat()
     torch.testing.assert_close(flat[:-3], fisher(torch.cat([before, after, more])).double(), rtol=1e-5, atol=1e-3)
     # a snapshot restores exactly: its parts' float64 concatenation is flat()
-    fresh = Accumulator(specs, "raw", torch.float32)
+    fresh = Raw(specs, torch.float32)
     fresh.load_snapshot(acc.snapshot())
     torch.testing.assert_close(fresh.flat(), flat)

@@ -23,12 +23,11 @@ from scorer_helpers import (
 )
 
 import logra_dist as ld
-from logra_dist.core.curvature import Accumulator
+from logra_dist.core.curvature import CURVATURES
 from logra_dist.index.partition import SHARD_SPLIT_SLACK, assign_rows
 from logra_dist.scoring.kernels import (
     ID_PAD,
     GroupPlan,
-    LayerSelfInfluence,
     RunningTopK,
     layer_self_influence,
     select_topk,
@@ -103,7 +102,7 @@ def test_layer_self_influence_equals_applied_preconditioner(kind):
         LayerSpec("c", "linear", 6, 4, 4, 2),
         LayerSpec("d", "linear", 4, 6, 2, 3),
     ]
-    acc = Accumulator(specs, kind, torch.float64)
+    acc = CURVATURES.get(kind)(specs, torch.float64)
     rows = torch.randn(40, 28, dtype=torch.float64)
     acc.update_rows(rows)
     for s in specs:
@@ -113,7 +112,7 @@ def test_layer_self_influence_equals_applied_preconditioner(kind):
     pre = None if kind == "none" else acc.preconditioner(0.7)
     per_layer = layer_self_influence(pre, specs, rows)
     if kind == "raw":
-        assert [r[:2] for r in LayerSelfInfluence(pre, specs).runs] == [(0, 1), (1, 2), (3, 1)]
+        assert [r[:2] for r in pre.layer_self_influence().runs] == [(0, 1), (1, 2), (3, 1)]
     torch.testing.assert_close(per_layer.sum(1), self_influence(pre, rows))
     col = 0
     for i, s in enumerate(specs):
@@ -123,10 +122,8 @@ def test_layer_self_influence_equals_applied_preconditioner(kind):
 
 
 def _only(pre, i):
-    from logra_dist.core.curvature import Preconditioner
-
     spec = pre.specs[i]
-    return Preconditioner([spec], pre.kind, pre.damping, {spec.name: pre.layers[spec.name]})
+    return type(pre).from_factors([spec], pre.damping, {spec.name: pre.layers[spec.name]})
 
 
 def test_group_plan_overlapping_groups():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from logra_dist.config import LoGraConfig
-from logra_dist.core.curvature import Accumulator
+from logra_dist.core.curvature import CURVATURES
 from logra_dist.core.projection import LayerSpec
 from logra_dist.eval.tasks import Task
 from logra_dist.logger import attach
@@ -115,7 +115,7 @@ class Attributor:
             if m.init == "pca":
                 with logger.pca_pass():  # PCA of the same curvature the Hessian uses
                     self._capture_all(logger, "train", self.train_ids, stat_labels, gen)
-            if m.fisher == "true" and m.hessian != "none":
+            if m.fisher == "true" and CURVATURES.get(m.hessian).needs_statistics:
                 with logger.statistics_pass():
                     self._capture_all(logger, "train", self.train_ids, "sampled", gen)
             self._capture_all(logger, "train", self.train_ids, "data", gen)
@@ -169,17 +169,16 @@ class Attributor:
                 train, query = train @ proj, query @ proj
             elif m.family != "full":
                 raise ValueError(f"unknown method family {m.family!r}")
-            acc = None
-            if m.hessian == "raw":
-                spec = LayerSpec("all", "linear", train.shape[1], 1, train.shape[1], 1)
-                acc = Accumulator([spec], "raw", torch.float64)
-                acc.update_rows(train)
-            elif m.hessian != "none":
+            curvature = CURVATURES.get(m.hessian)
+            if curvature.uses_token_statistics:  # one "layer" of D columns has no tokens
                 raise ValueError(f"{m.name}: dense/full baselines support hessian raw or none")
+            spec = LayerSpec("all", "linear", train.shape[1], 1, train.shape[1], 1)
+            acc = curvature([spec], torch.float64)
+            acc.update_rows(train)
             self._dense[key] = (train, query, acc)
         train, query, acc = self._dense[key]
-        pre = acc.preconditioner(m.damping) if acc is not None else None
-        q_pre = query if pre is None else pre.apply(query)
+        pre = acc.preconditioner(m.damping)
+        q_pre = pre.apply(query)
         q_self = (query * q_pre).sum(1)
         t_self = self_influence(pre, train) if m.mode != "dot" else None
         self.storage[m.name] = int(train.shape[1])

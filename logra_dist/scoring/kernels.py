@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from logra_dist.config import SCORE_MODES
-from logra_dist.core.curvature import Preconditioner
+from logra_dist.core.curvature import Curvature, Identity
 from logra_dist.core.projection import LayerSpec
 
 _TINY = 1e-30
@@ -31,60 +31,13 @@ def layer_columns(specs: list[LayerSpec]) -> torch.Tensor:
     return torch.cat([torch.full((s.width,), i, dtype=torch.int64) for i, s in enumerate(specs)])
 
 
-class LayerSelfInfluence:
-    """(n, L) per-layer g_l^T H_l^-1 g_l of rows, in the eigenbasis: ||V^T g / sqrt(e + lambda)||^2,
-    half the cost of applying H^-1 and taking a dot. For the raw Hessian, consecutive layers of
-    equal width are batched into one bmm with the scaled eigenvectors prepared once."""
-
-    def __init__(self, pre: Preconditioner | None, specs: list[LayerSpec], dtype: torch.dtype = torch.float32):
-        self.pre, self.specs, self.dtype = pre, specs, dtype
-        raw = pre is not None and pre.kind == "raw"
-        runs: list[list[int]] = []  # [first layer, count, first column, width]
-        col = 0
-        for i, s in enumerate(specs):
-            if raw and runs and runs[-1][3] == s.width:
-                runs[-1][1] += 1
-            else:
-                runs.append([i, 1, col, s.width])
-            col += s.width
-        self.runs = [
-            (i, n, c, w, torch.stack([self._scaled(specs[j]) for j in range(i, i + n)]) if raw else None)
-            for i, n, c, w in runs
-        ]
-
-    def _scaled(self, spec: LayerSpec) -> torch.Tensor:
-        f = self.pre.layers[spec.name]
-        return (f["evecs"].double() / (f["evals"].double() + self.pre.lambdas[spec.name]).sqrt()[None, :]).to(
-            self.dtype
-        )
-
-    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(rows.shape[0], len(self.specs), dtype=rows.dtype)
-        pre = self.pre
-        for first, count, col, width, scaled in self.runs:
-            if scaled is not None:  # raw: (count, n, w) @ (count, w, w), squared and summed
-                block = rows[:, col : col + count * width].reshape(-1, count, width).transpose(0, 1)
-                out[:, first : first + count] = torch.bmm(block, scaled.to(rows.dtype)).square_().sum(2).T
-                continue
-            s = self.specs[first]
-            block = rows[:, col : col + width]
-            if pre is None or pre.kind == "none":
-                out[:, first] = (block * block).sum(1)
-            else:  # kfac: rotate both sides into the factors' eigenbases
-                f, lam = pre.layers[s.name], pre.lambdas[s.name]
-                va, vg = f["act_evecs"].to(rows.dtype), f["grad_evecs"].to(rows.dtype)
-                denom = (f["grad_evals"][:, None] * f["act_evals"][None, :] + lam).to(rows.dtype)
-                rot = vg.T @ block.reshape(-1, s.k_out, s.k_in) @ va
-                out[:, first] = (rot * rot / denom).sum((1, 2))
-        return out
+def layer_self_influence(pre: Curvature | None, specs: list[LayerSpec], rows: torch.Tensor) -> torch.Tensor:
+    """(n, L): g_l^T H_l^-1 g_l per row and layer (`Curvature.layer_self_influence`; None: H = I)."""
+    pre = Identity.from_factors(specs) if pre is None else pre
+    return pre.layer_self_influence(rows.dtype)(rows)
 
 
-def layer_self_influence(pre: Preconditioner | None, specs: list[LayerSpec], rows: torch.Tensor) -> torch.Tensor:
-    """(n, L): g_l^T H_l^-1 g_l per row and layer (see LayerSelfInfluence)."""
-    return LayerSelfInfluence(pre, specs, rows.dtype)(rows)
-
-
-def self_influence(pre: Preconditioner | None, rows: torch.Tensor) -> torch.Tensor:
+def self_influence(pre: Curvature | None, rows: torch.Tensor) -> torch.Tensor:
     """g^T H^-1 g for each row (the diagonal of the pairwise dot-score matrix)."""
     pre_rows = rows if pre is None else pre.apply(rows)
     return (rows * pre_rows).sum(dim=1)

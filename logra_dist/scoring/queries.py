@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from logra_dist import comm
-from logra_dist.core.curvature import Preconditioner
+from logra_dist.core.curvature import Curvature
 from logra_dist.core.projection import LayerSpec
 from logra_dist.index.partition import split_rows
 from logra_dist.index.reader import GradientStore
@@ -102,7 +102,7 @@ class QuerySet:
     def local_rows(self) -> torch.Tensor:
         return torch.cat(self._rows) if self._rows else torch.zeros(0, self.width)
 
-    def gather(self, pre: Preconditioner | None, specs: list[LayerSpec], dtype: torch.dtype) -> GatheredQueries:
+    def gather(self, pre: Curvature | None, specs: list[LayerSpec], dtype: torch.dtype) -> GatheredQueries:
         """Collective: precondition this rank's rows (float64, they are few), all-gather, sort by id."""
         rows = self.local_rows().double()
         q_pre = rows if pre is None else pre.apply(rows)

@@ -25,12 +25,12 @@ import torch
 
 from logra_dist import comm
 from logra_dist.config import SCORE_MODES, ConfigError
-from logra_dist.core.curvature import Preconditioner
+from logra_dist.core.curvature import CURVATURES
 from logra_dist.index.partition import assign_rows
 from logra_dist.index.reader import GradientStore
 from logra_dist.index.store import IndexFormatError, layout_to_json, read_stats
 from logra_dist.index.stream import ChunkStream
-from logra_dist.scoring.kernels import GroupPlan, LayerSelfInfluence, RunningTopK, TopKResult, normalize, select_topk
+from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet
 from logra_dist.scoring.results import TextLookup, write_results
 from logra_dist.scoring.selfinf import SelfInfluenceCache
@@ -101,16 +101,12 @@ class Scorer(GradientSession):
                 )
         else:
             self.config, self.specs, self._capture = config, self.store.layout, None
-        self.preconditioner = (
-            None
-            if self.hessian == "none"
-            else Preconditioner.from_state(self.store.layout, self.hessian, self.damping, state)
-        )
+        self.preconditioner = CURVATURES.get(self.hessian).from_state(self.store.layout, self.damping, state)
         self.queries = QuerySet(self.store.width)
         self.rank, self.world = comm.rank(), comm.world_size()
         self.assignment = assign_rows([s.rows for s in self.store.shards], self.world)
         self.cache_self_influence = cache_self_influence
-        self._row_self = LayerSelfInfluence(self.preconditioner, self.store.layout, dtype)
+        self._row_self = self.preconditioner.layer_self_influence(dtype)
         self._cache = SelfInfluenceCache(
             self.index_dir, self.hessian, self.damping, len(self.store), layout_to_json(self.store.layout)
         )

@@ -1,0 +1,71 @@
+"""hessian="kfac": per layer F ~ S (x) A, two small factors from per-token projected activations
+and gradients; its inverse is applied in the factors' eigenbases, never formed."""
+
+from __future__ import annotations
+
+import torch
+
+from logra_dist.core.curvature.base import Curvature, Factors
+from logra_dist.core.projection import LayerSpec
+
+
+class KFAC(Curvature):
+    """Token sums of projected activation (A) and gradient (S) outer products per layer. The
+    eigenvalues of S (x) A are the products of the factors' ones, so (F + lambda I)^-1 is a
+    rotation into both eigenbases, a division, and the rotation back."""
+
+    name = "kfac"
+    uses_token_statistics = True
+
+    def sum_shapes(self, spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+        return {"act": (spec.k_in, spec.k_in), "grad": (spec.k_out, spec.k_out)}
+
+    def observe(self, name: str, acts: torch.Tensor, grads: torch.Tensor, tokens: float = 0.0) -> None:
+        act, grad = self.sums[f"{name}/act"], self.sums[f"{name}/grad"]  # float64 after load_flat (resumed)
+        acts = acts if acts.dtype == act.dtype else acts.to(act.dtype)
+        grads = grads if grads.dtype == grad.dtype else grads.to(grad.dtype)
+        act.addmm_(acts.T, acts)
+        grad.addmm_(grads.T, grads)
+        super().observe(name, acts, grads, tokens)
+
+    def covariances(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """KFAC factors per layer: A = sum x x^T / tokens, S = sum g g^T / samples (also PCA's)."""
+        self.flush()
+        out = {}
+        for s in self.specs:
+            tokens = max(self.tokens[s.name], 1.0)
+            samples = max(self.samples, 1.0)
+            out[s.name] = (self.sums[f"{s.name}/act"].double() / tokens, self.sums[f"{s.name}/grad"].double() / samples)
+        return out
+
+    def factors(self) -> Factors:
+        layers = {}
+        for name, (a, g) in self.covariances().items():
+            ea, va = torch.linalg.eigh(a)
+            eg, vg = torch.linalg.eigh(g)
+            layers[name] = {
+                "act_evals": ea.clamp_min(0),
+                "act_evecs": va,
+                "grad_evals": eg.clamp_min(0),
+                "grad_evecs": vg,
+            }
+        return layers
+
+    def mean_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
+        return float(factors["act_evals"].mean() * factors["grad_evals"].mean())  # that of the Kronecker product
+
+    def rotated(self, spec: LayerSpec, block: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(n, k_out, k_in) blocks in the eigenbases, the damped Kronecker eigenvalues (k_out, k_in),
+        and the eigenvectors of A and S: the whole K-FAC inverse but the division."""
+        f, lam = self.layers[spec.name], self.lambdas[spec.name]
+        va, vg = f["act_evecs"].to(block.dtype), f["grad_evecs"].to(block.dtype)
+        denom = (f["grad_evals"][:, None] * f["act_evals"][None, :] + lam).to(block.dtype)
+        return vg.T @ block.reshape(-1, spec.k_out, spec.k_in) @ va, denom, va, vg
+
+    def apply_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
+        rot, denom, va, vg = self.rotated(spec, block)
+        return (vg @ (rot / denom) @ va.T).reshape(-1, spec.width)
+
+    def layer_quadratic_form(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
+        rot, denom, _, _ = self.rotated(spec, block)
+        return (rot * rot / denom).sum((1, 2))
