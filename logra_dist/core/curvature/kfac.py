@@ -54,12 +54,16 @@ class KFAC(Curvature):
     def mean_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
         return float(factors["act_evals"].mean() * factors["grad_evals"].mean())  # that of the Kronecker product
 
+    def eigenvalues(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(k_out, k_in) eigenvalues of S (x) A in the factors' eigenbasis (EKFAC would refit them)."""
+        return factors["grad_evals"][:, None] * factors["act_evals"][None, :]
+
     def rotated(self, spec: LayerSpec, block: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(n, k_out, k_in) blocks in the eigenbases, the damped Kronecker eigenvalues (k_out, k_in),
-        and the eigenvectors of A and S: the whole K-FAC inverse but the division."""
+        """(n, k_out, k_in) blocks in the eigenbases, the damped eigenvalues (k_out, k_in), and the
+        eigenvectors of A and S: the whole K-FAC inverse but the division."""
         f, lam = self.layers[spec.name], self.lambdas[spec.name]
         va, vg = f["act_evecs"].to(block.dtype), f["grad_evecs"].to(block.dtype)
-        denom = (f["grad_evals"][:, None] * f["act_evals"][None, :] + lam).to(block.dtype)
+        denom = (self.eigenvalues(f) + lam).to(block.dtype)
         return vg.T @ block.reshape(-1, spec.k_out, spec.k_in) @ va, denom, va, vg
 
     def apply_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
