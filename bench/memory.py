@@ -71,9 +71,11 @@ def worker(mode: str, model_name: str, k: int, steps: int) -> dict[str, Any]:
         from logix_compare import logix_session
 
         from logra_dist.core.capture import find_layers
+        from logra_dist.engines import wrap
 
         cfg = logra_config(model_name, k, "none")
-        layers = find_layers(model, cfg.include, cfg.exclude)
+        names = wrap(model).canonical_name
+        layers = find_layers(model, cfg.include, cfg.exclude, layer_types=cfg.layer_types, canonical_name=names)
         width = sum(min(k, d_in, d_out) ** 2 for _, _, _, d_in, d_out in layers)
         _, step = logix_session(model, k, Path(tmp), [n for n, *_ in layers], width, b)
     elif mode == "naive":

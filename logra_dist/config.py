@@ -18,6 +18,9 @@ FISHERS = ("empirical", "true")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 SCORE_MODES = ("dot", "relatif", "cosine")
 COMPUTE_DTYPES = ("float32", "float64")
+# Names of core.layers.LAYER_TYPES (config cannot import core; a test keeps the two equal).
+LAYER_TYPES = ("linear", "conv1d", "embedding")
+DEFAULT_LAYER_TYPES = ("linear", "conv1d")
 
 
 class ConfigError(ValueError):
@@ -37,6 +40,9 @@ class LoGraConfig:
     factors per layer) or "none" (plain gradient dot products).
     damping: lambda = damping x mean eigenvalue of each layer's matrix (1.0 as in the paper).
     include / exclude: regular expressions matched (re.search) against module names.
+    layer_types: which kinds of module are layers ("linear", "conv1d", "embedding"); by default
+    Linear and transformers' Conv1D. "embedding" logs nn.Embedding weights (d_in = vocabulary:
+    keep init="identity" and PCA for small vocabularies). Changes the layout, hence the rows.
     """
 
     k_in: int = 16
@@ -45,6 +51,7 @@ class LoGraConfig:
     seed: int = 0
     include: list[str] = field(default_factory=lambda: [r".*"])
     exclude: list[str] = field(default_factory=list)
+    layer_types: list[str] = field(default_factory=lambda: list(DEFAULT_LAYER_TYPES))
     storage_dtype: str = "float16"
     hessian: str = "raw"
     fisher: str = "empirical"
@@ -93,11 +100,20 @@ class LoGraConfig:
                 except re.error as e:
                     raise ConfigError(f"LoGraConfig: {name} pattern {p!r} is not a valid regex: {e}") from e
         need(len(self.include) > 0, "include must name at least one pattern")
+        types = self.layer_types
+        need(
+            isinstance(types, (list, tuple)) and len(types) > 0 and all(isinstance(t, str) for t in types),
+            f"layer_types must be a non-empty list of layer type names, got {types!r}",
+        )
+        unknown = [t for t in types if t not in LAYER_TYPES]
+        need(not unknown, f"layer_types {unknown} are not among {list(LAYER_TYPES)}")
+        need(len(set(types)) == len(types), f"layer_types {list(types)} names a type twice")
 
     @property
     def row_compatibility_key(self) -> dict[str, Any]:
         """Fields that must agree between shards for their rows to be comparable."""
-        return {k: getattr(self, k) for k in ("k_in", "k_out", "init", "seed", "include", "exclude")}
+        key = {k: getattr(self, k) for k in ("k_in", "k_out", "init", "seed", "include", "exclude")}
+        return {**key, "layer_types": sorted(self.layer_types)}  # a set: the layout is in model order
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ import torch
 
 from logra_dist.config import ConfigError, LoGraConfig
 from logra_dist.core.capture import GradientCapture, find_layers
+from logra_dist.core.layers import LAYER_TYPES
 from logra_dist.core.projection import LayerSpec, build_projections
 from logra_dist.data import Batch, batches, summed_lm_loss
 from logra_dist.engines import Engine, wrap
@@ -21,11 +22,18 @@ Projections = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
 
 def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec], dict[str, torch.nn.Module]]:
     """Layer specs in model order; ranks validated against each layer's width."""
-    found = find_layers(engine.root, config.include, config.exclude)
+    found = find_layers(
+        engine.root,
+        config.include,
+        config.exclude,
+        layer_types=config.layer_types,
+        canonical_name=engine.canonical_name,
+    )
     if not found:
         names = [n for n, _ in engine.root.named_modules()][:20]
+        kinds = "/".join(LAYER_TYPES.get(t).__name__ for t in config.layer_types)  # e.g. Linear/Conv1D
         raise ConfigError(
-            f"include={config.include} exclude={config.exclude} select no Linear/Conv1D "
+            f"include={config.include} exclude={config.exclude} select no {kinds} "
             f"layer of {type(engine.root).__name__}; some module names: {names}"
         )
     specs, modules = [], {}

@@ -92,7 +92,7 @@ def projected_reference(session, model: nn.Module, weight_grads: dict[str, torch
     parts = []
     for spec in session.specs:
         g = weight_grads[f"{spec.name}.weight"]
-        if spec.kind == "conv1d":  # Conv1D stores weight as (d_in, d_out)
+        if spec.kind in ("conv1d", "embedding"):  # both store the weight as (d_in, d_out)
             g = g.transpose(1, 2)
         assert g.shape[1:] == (spec.d_out, spec.d_in), (spec, g.shape, type(modules[spec.name]))
         p_in, p_out = session.projection(spec.name)

@@ -84,7 +84,8 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
             if path.is_dir()
             else json.loads(path.read_text())
         )
-    for key in ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude"):
+    keys = ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude", "layer_types")
+    for key in keys:
         value = getattr(args, key)
         if value is not None:
             base[key] = value

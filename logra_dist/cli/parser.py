@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from logra_dist.config import HESSIANS, INITS, SCORE_MODES, STORAGE_DTYPES
+from logra_dist.config import HESSIANS, INITS, LAYER_TYPES, SCORE_MODES, STORAGE_DTYPES
 
 DESCRIPTION = "LoGra data valuation: log projected per-sample gradients, score queries, inspect and report."
 
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--seed", type=int, default=None)
     log.add_argument("--include", nargs="*", default=None, help="regexes of layer names to log")
     log.add_argument("--exclude", nargs="*", default=None, help="regexes of layer names to skip")
+    log.add_argument(
+        "--layer-types",
+        nargs="+",
+        default=None,
+        choices=list(LAYER_TYPES),
+        help="kinds of module to log (default: linear conv1d)",
+    )
     log.add_argument(
         "--resume",
         action="store_true",

@@ -8,7 +8,8 @@ The forward hook projects the input at once (only B x T x k_in is kept) and regi
 *that call's* output tensor, so a module used several times in one forward pairs every call with
 its own gradient; the per-sample result is the sum over calls, as the weight gradient is.
 Under ZeRO-3 and FSDP weights are sharded but activations are not, so this needs no
-communication at all.
+communication at all. Which modules are layers, and how their inputs are projected, is up to
+the handlers of core/layers.py.
 """
 
 from __future__ import annotations
@@ -20,39 +21,41 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from logra_dist.core.layers import LAYER_TYPES, LayerHandler, handler_for
 from logra_dist.core.projection import LayerSpec
 
-# Segments that wrappers insert into module names; removed so names (and hence projection seeds
-# and the stored layout) are the same under every engine.
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
 
-
-def canonical_name(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
-
-def _layer_dims(module: nn.Module) -> tuple[str, int, int] | None:
-    if isinstance(module, nn.Linear):
-        return "linear", module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx"):
-        return "conv1d", int(module.nx), int(module.nf)  # transformers' GPT-2 Conv1D
-    return None
-
-
-def find_layers(root: nn.Module, include: list[str], exclude: list[str]) -> list[tuple[str, str, nn.Module, int, int]]:
-    """(canonical name, kind, module, d_in, d_out) of every supported layer the patterns select."""
+def find_layers(
+    root: nn.Module,
+    include: list[str],
+    exclude: list[str],
+    *,
+    layer_types: list[str] | tuple[str, ...],
+    canonical_name: Callable[[str], str],
+) -> list[tuple[str, str, nn.Module, int, int]]:
+    """(name, kind, module, d_in, d_out) of every layer of `layer_types` the patterns select.
+    `canonical_name` (the engine's) drops the segments wrappers insert into module names, so
+    names, projection seeds and the stored layout are the same under every engine."""
     inc = [re.compile(p) for p in include]
     exc = [re.compile(p) for p in exclude]
     found, seen = [], set()
     for raw_name, module in root.named_modules():
-        dims = _layer_dims(module)
-        if dims is None or id(module) in seen:
+        handler = handler_for(module)
+        if handler is None or handler.name not in layer_types or id(module) in seen:
             continue
         name = canonical_name(raw_name)
         if any(p.search(name) for p in inc) and not any(p.search(name) for p in exc):
             seen.add(id(module))
-            found.append((name, dims[0], module, dims[1], dims[2]))
+            found.append((name, handler.name, module, handler.d_in, handler.d_out))
     return found
+
+
+# A layer whose input is one row broadcast over the batch (e.g. GPT-2's position embedding `wpe`
+# fed (1, T) position ids) only sees the batch-summed gradient: no per-sample gradient exists.
+_SHARED_INPUT_HINT = (
+    "; if its input is shared by the whole batch (like a position embedding's), it has no "
+    "per-sample gradient: exclude it"
+)
 
 
 class TokenStatistics:
@@ -86,6 +89,7 @@ class GradientCapture:
         self._pending = 0
         self._anchors: dict[tuple, torch.Tensor] = {}
         self._token_blocks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.handlers: dict[str, LayerHandler] = {s.name: LAYER_TYPES.get(s.kind)(modules[s.name]) for s in specs}
         self._handles = [modules[s.name].register_forward_hook(self._make_forward_hook(s.name)) for s in specs]
 
     def remove(self) -> None:
@@ -110,31 +114,29 @@ class GradientCapture:
         return self._pending
 
     def _as_compute(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, T, d) view of an activation or gradient in the compute dtype (no copy if it is)."""
+        """(B, T, d) view of an output gradient in the compute dtype (no copy if it is)."""
         t = t.detach()
         t = t.reshape(t.shape[0], -1, t.shape[-1])
         return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
     def _make_forward_hook(self, name: str) -> Callable:
-        p_in, p_out = self.projections[name]
-        p_in_t = None if p_in is None else p_in.T  # None = identity (full rank): skip a d x d matmul
+        p_in, p_out = self.projections[name]  # None = identity (full rank): no d x d matmul
         p_out_t = None if p_out is None else p_out.T
+        handler = self.handlers[name]
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
             if not self._active:
                 return None
             x = inputs[0]
-            mask = self._token_mask(x, name)
-            px = self._as_compute(x)
-            if p_in_t is not None:
-                px = px @ p_in_t
+            mask = self._token_mask(handler.token_shape(x), x.device, name)
+            px = handler.project_input(x, p_in, self.compute_dtype)
             if mask is not None:
                 px = px * mask
             returned = None
             if not output.requires_grad:
-                # The layer's input carries no gradient (first layers, weights frozen): add a
-                # zero scalar that requires grad so the output joins the graph. Unlike making the
-                # output a leaf, nothing of the output's size is kept as `.grad`.
+                # The layer's input carries no gradient (first layers, embeddings, weights frozen):
+                # add a zero scalar that requires grad so the output joins the graph. Unlike
+                # making the output a leaf, nothing of the output's size is kept as `.grad`.
                 output = returned = output + self._anchor(output)
             self._pending += 1
             output.register_hook(self._make_grad_hook(name, px, mask, p_out_t))
@@ -148,23 +150,24 @@ class GradientCapture:
             self._anchors[key] = torch.zeros((), dtype=like.dtype, device=like.device, requires_grad=True)
         return self._anchors[key]
 
-    def _token_mask(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """The batch's (B, T, 1) 0/1 mask in the compute dtype on x's device, built once per batch
-        and device; None when there is no padding."""
+    def _token_mask(self, shape: torch.Size | None, device: torch.device, name: str) -> torch.Tensor | None:
+        """The batch's (B, T, 1) 0/1 mask in the compute dtype on `device`, built once per batch
+        and device; None when there is no padding or the input has no token axis (shape None)."""
         source = self._mask
-        if source is None or x.dim() < 3:
+        if source is None or shape is None:
             return None
-        if source.shape != x.shape[:-1]:
+        if source.shape != shape:
+            hint = _SHARED_INPUT_HINT if shape[0] == 1 < source.shape[0] else ""
             raise ValueError(
                 f"layer {name!r}: mask of shape {tuple(source.shape)} does not match the "
-                f"activations' (batch, tokens) shape {tuple(x.shape[:-1])}"
+                f"activations' (batch, tokens) shape {tuple(shape)}{hint}"
             )
         if not self._padded:
             return None
-        mask = self._mask_cache.get(x.device)
+        mask = self._mask_cache.get(device)
         if mask is None:
-            mask = source.reshape(x.shape[0], -1, 1).to(device=x.device, dtype=self.compute_dtype)
-            self._mask_cache[x.device] = mask
+            mask = source.reshape(shape[0], -1, 1).to(device=device, dtype=self.compute_dtype)
+            self._mask_cache[device] = mask
         return mask
 
     def _make_grad_hook(
@@ -225,9 +228,10 @@ class GradientCapture:
             if block is None:
                 block = torch.zeros(batch_size, spec.k_out, spec.k_in, dtype=self.compute_dtype, device=device)
             elif block.shape[0] != batch_size:
+                hint = _SHARED_INPUT_HINT if block.shape[0] == 1 else ""
                 raise ValueError(
                     f"layer {spec.name!r} saw a batch of {block.shape[0]} samples but "
-                    f"capture() was given {batch_size} ids"
+                    f"capture() was given {batch_size} ids{hint}"
                 )
             parts.append(block.reshape(batch_size, -1))
         return torch.cat(parts, dim=1)

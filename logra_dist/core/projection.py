@@ -19,7 +19,7 @@ class LayerSpec:
     """Shape of one logged layer; dims come from module attributes, never `weight.shape`."""
 
     name: str
-    kind: str  # "linear" | "conv1d"
+    kind: str  # a core.layers.LAYER_TYPES name: "linear", "conv1d", "embedding"
     d_in: int
     d_out: int
     k_in: int

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from logra_dist import comm
+
+FSDP1_SEGMENT = "_fsdp_wrapped_module"  # what FullyShardedDataParallel inserts into module names
 
 
 class Engine:
@@ -22,11 +24,21 @@ class Engine:
     """
 
     kind = "module"
+    # Segments that wrappers insert into module names (activation checkpointing, torch.compile);
+    # engines add their own, so layer names, projection seeds and layouts match the bare model's.
+    wrapper_segments: ClassVar[tuple[str, ...]] = ("_checkpoint_wrapped_module", "_orig_mod")
 
     def __init__(self, wrapped: Any, root: nn.Module, model: Callable | None = None):
         self.wrapped, self.root = wrapped, root
         self.model = model if model is not None else wrapped
         self._saved_requires_grad: list[tuple[torch.nn.Parameter, bool]] | None = None
+        self._segments = set(self.wrapper_segments)
+        if any(type(m).__name__ == "FullyShardedDataParallel" for m in root.modules()):
+            self._segments.add(FSDP1_SEGMENT)  # FSDP1 units inside a model handed over bare
+
+    def canonical_name(self, raw_name: str) -> str:
+        """A module name of `root` without wrapper segments: the same under every engine."""
+        return ".".join(part for part in raw_name.split(".") if part not in self._segments)
 
     @property
     def device(self) -> torch.device:

@@ -5,8 +5,8 @@ weights for the forward and again for the backward (activation gradients still n
 With the weights frozen no unit produces a weight gradient, so FSDP skips its reduce-scatter
 entirely; `sync_disabled` is therefore a no-op rather than FSDP1's `no_sync()`, which for
 SHARD_GRAD_OP would keep whole unsharded weights alive between batches for nothing.
-FSDP1 inserts `_fsdp_wrapped_module` into module names; `capture.canonical_name` drops it, so
-layer names equal the bare model's. FSDP2 keeps names unchanged.
+FSDP1 inserts `_fsdp_wrapped_module` into module names; `FSDP1Engine.canonical_name` drops it,
+so layer names equal the bare model's. FSDP2 keeps names unchanged.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from logra_dist.engines.base import Engine
+from logra_dist.engines.base import FSDP1_SEGMENT, Engine
 
 
 class FSDP1Engine(Engine):
     kind = "fsdp1"
+    wrapper_segments = (*Engine.wrapper_segments, FSDP1_SEGMENT)
 
     def __init__(self, fsdp: nn.Module):
         # freeze() acts on whatever `parameters()` yields: FlatParameters with
