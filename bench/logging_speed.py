@@ -206,7 +206,9 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
     projection (x P_in^T, g P_out^T and the masks), per-sample products (bmm + row assembly),
     statistics (raw Fisher GEMM amortized per row / KFAC factors) and writes (main thread:
     finite check + fp16 encode + enqueue; writer thread: HDF5 append, overlapped)."""
-    from logra_dist.index.store import encode_rows
+    from logra_dist.index.codecs import codec_for
+
+    encode_rows = codec_for("float16").encode
 
     b, t = SIZES[model]
     bench = make_bench(model, b, t)
@@ -256,10 +258,10 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
         n = max(fisher_rows(), b)
         big = torch.randn(n, rows.shape[1])
         stats = _median_time(lambda: lg.accumulator.update_rows(big), reps=3) * b / n
-    writes_main = _median_time(lambda: (torch.isfinite(rows).all(dim=1), encode_rows(rows, "float16")))
+    writes_main = _median_time(lambda: (torch.isfinite(rows).all(dim=1), encode_rows(rows)))
     import h5py
 
-    arr = encode_rows(rows, "float16")
+    arr = encode_rows(rows)
     with h5py.File(tmp / f"p-{model}-{k}-{hessian}.h5", "w") as h5:
         ds = h5.create_dataset(
             "grads",

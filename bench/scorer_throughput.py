@@ -40,8 +40,9 @@ import torch
 from logra_dist import GradientStore, LoGraConfig, Scorer
 from logra_dist.core.curvature import Accumulator
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.store import h5_dtype, layout_to_json, write_index, write_stats
+from logra_dist.index.format import layout_to_json, write_stats
 from logra_dist.index.stream import ChunkStream
+from logra_dist.index.writer import write_index
 
 
 def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -> None:
@@ -169,7 +170,7 @@ def main() -> None:
     q = torch.randn(args.queries, d, generator=torch.Generator().manual_seed(1))
     pairs = n * args.queries
     rows = torch.from_numpy(store.read(0, n))  # float32, in memory, for the baselines
-    stored_bytes = n * d * h5_dtype(store.storage_dtype).itemsize  # the rows as stored, headers excluded
+    stored_bytes = n * store.codec.bytes_per_row(d)  # the rows as stored, headers excluded
 
     def stream(decode: bool) -> int:  # what the scorer streams, in its reader thread
         return sum(len(ids) for _, ids, _, _ in ChunkStream(store, [(0, n)], args.chunk_rows, decode=decode))
