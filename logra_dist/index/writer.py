@@ -114,7 +114,7 @@ class ShardWriter:
         asynchronous: bool = True,
     ):
         self.final_path, self.path = path, partial_dir(path)
-        self.storage_dtype, self.flush_rows = attrs.storage_dtype, flush_rows
+        self.flush_rows = flush_rows
         self.codec = codec_for(attrs.storage_dtype, specs)
         self.width = sum(s.width for s in specs)
         self.attrs = attrs.to_dict()
