@@ -128,7 +128,7 @@ def _time_model(model: str, ks: list[int], hessians: list[str], reps: int, raw_r
 
 def commit_cost(lg, batch_size: int, path: Path, step_s: float, max_bytes: int = 1 << 30) -> dict[str, Any]:
     """What the timed blocks leave out: a commit point, where the Logger lends its statistics to
-    the writer thread (`Accumulator.lend`: views, nothing copied on the main thread) which writes
+    the writer thread (`Curvature.lend`: views, nothing copied on the main thread) which writes
     them to their own file and fsyncs it (`partial.write_stats`). Commits come after
     `flush_rows` rows, at most once per commit_seconds and per 1/COMMIT_SHARE x their cost, so
     amortized per step: cost x step_s / interval. Parts over `max_bytes`: one layer's part is
@@ -206,7 +206,9 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
     projection (x P_in^T, g P_out^T and the masks), per-sample products (bmm + row assembly),
     statistics (raw Fisher GEMM amortized per row / KFAC factors) and writes (main thread:
     finite check + fp16 encode + enqueue; writer thread: HDF5 append, overlapped)."""
-    from logra_dist.index.store import encode_rows
+    from logra_dist.index.codecs import codec_for
+
+    encode_rows = codec_for("float16").encode
 
     b, t = SIZES[model]
     bench = make_bench(model, b, t)
@@ -256,10 +258,10 @@ def profile_phases(model: str, k: int, hessian: str, tmp: Path) -> dict[str, Any
         n = max(fisher_rows(), b)
         big = torch.randn(n, rows.shape[1])
         stats = _median_time(lambda: lg.accumulator.update_rows(big), reps=3) * b / n
-    writes_main = _median_time(lambda: (torch.isfinite(rows).all(dim=1), encode_rows(rows, "float16")))
+    writes_main = _median_time(lambda: (torch.isfinite(rows).all(dim=1), encode_rows(rows)))
     import h5py
 
-    arr = encode_rows(rows, "float16")
+    arr = encode_rows(rows)
     with h5py.File(tmp / f"p-{model}-{k}-{hessian}.h5", "w") as h5:
         ds = h5.create_dataset(
             "grads",

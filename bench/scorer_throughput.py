@@ -38,10 +38,11 @@ import numpy as np
 import torch
 
 from logra_dist import GradientStore, LoGraConfig, Scorer
-from logra_dist.core.curvature import Accumulator
+from logra_dist.core.curvature import CURVATURES
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.store import h5_dtype, layout_to_json, write_index, write_stats
+from logra_dist.index.format import layout_to_json, write_stats
 from logra_dist.index.stream import ChunkStream
+from logra_dist.index.writer import write_index
 
 
 def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -> None:
@@ -49,7 +50,7 @@ def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -
     cfg = LoGraConfig(k_in=16, k_out=16, storage_dtype="float16", hessian="raw")
     width = sum(s.width for s in specs)
     gen = torch.Generator().manual_seed(seed)
-    acc = Accumulator(specs, "raw", torch.float64)
+    acc = CURVATURES.get("raw")(specs, torch.float64)
     per_shard = [len(a) for a in np.array_split(np.arange(rows), shards)]
     starts = np.cumsum([0] + per_shard)
 
@@ -169,7 +170,7 @@ def main() -> None:
     q = torch.randn(args.queries, d, generator=torch.Generator().manual_seed(1))
     pairs = n * args.queries
     rows = torch.from_numpy(store.read(0, n))  # float32, in memory, for the baselines
-    stored_bytes = n * d * h5_dtype(store.storage_dtype).itemsize  # the rows as stored, headers excluded
+    stored_bytes = n * store.codec.bytes_per_row(d)  # the rows as stored, headers excluded
 
     def stream(decode: bool) -> int:  # what the scorer streams, in its reader thread
         return sum(len(ids) for _, ids, _, _ in ChunkStream(store, [(0, n)], args.chunk_rows, decode=decode))

@@ -13,8 +13,8 @@ top = scorer.topk(10)
 """
 
 from logra_dist.config import ConfigError, LoGraConfig
+from logra_dist.index.format import IndexFormatError
 from logra_dist.index.reader import GradientStore
-from logra_dist.index.store import IndexFormatError
 from logra_dist.logger import Logger, attach
 from logra_dist.scoring.kernels import TopKResult
 from logra_dist.scoring.scorer import Scorer

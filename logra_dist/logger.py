@@ -29,21 +29,22 @@ from logra_dist.config import LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.partial import rank_stats_path
-from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
-from logra_dist.index.store import (
-    FORMAT_VERSION,
-    SHARD_DIR,
+from logra_dist.index.format import (
+    MANIFEST_FILE,
+    STATS_FILE,
     IndexFormatError,
-    ShardWriter,
+    Manifest,
+    ShardAttrs,
     layout_to_json,
+    rank_stats_path,
     shard_path,
-    write_json_atomic,
     write_stats,
 )
+from logra_dist.index.h5io import write_json_atomic
+from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
+from logra_dist.index.writer import ShardWriter
 from logra_dist.session import GradientSession
 from logra_dist.tracking import NullTracker
-from logra_dist.version import versions
 
 # A commit (statistics snapshot + its file + fsyncs) may take at most this share of the time:
 # commits are spaced by at least its cost / COMMIT_SHARE. A raw Fisher at k=64 is GBs (float32:
@@ -62,11 +63,6 @@ def model_identity(root: torch.nn.Module) -> dict[str, Any]:
         "name_or_path": getattr(cfg, "_name_or_path", None) or None,
         "parameters": numel,
     }
-
-
-def _shard_model(info: dict[str, Any]) -> str:
-    """The part of the model identity every rank sees alike (parameter counts can be per-shard)."""
-    return json.dumps({k: info.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
 
 
 def _digest_words(digest: str) -> tuple[int, int]:
@@ -118,7 +114,7 @@ class Logger(GradientSession):
         self.model_info = model_info or model_identity(self.engine.root)
         try:
             self._resuming, self._finished = agree_on_state(
-                self.out_dir, self.rank, self.world_size, self._shard_attrs(), resume
+                self.out_dir, self.rank, self.world_size, self._shard_attrs().to_dict(), resume
             )
             if self._resuming and config.init == "pca":  # log with the projections of the first attempt
                 self._install(
@@ -133,15 +129,10 @@ class Logger(GradientSession):
             super().close()  # leave the user's model as it was: no hooks, weights unfrozen
             raise
 
-    def _shard_attrs(self) -> dict[str, Any]:
-        return {
-            "layout": layout_to_json(self.specs),
-            "config": self.config.to_json(),
-            "storage_dtype": self.config.storage_dtype,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "model": _shard_model(self.model_info),
-        }
+    def _shard_attrs(self) -> ShardAttrs:
+        return ShardAttrs.for_job(
+            self.specs, self.config.to_json(), self.config.storage_dtype, self.rank, self.world_size, self.model_info
+        )
 
     def _start_writing(self) -> None:
         self.accumulator = CURVATURES.get(self.config.hessian)(self.specs, self.compute_dtype)
@@ -149,15 +140,11 @@ class Logger(GradientSession):
         self._writer = ShardWriter(
             shard_path(self.out_dir, self.rank),
             self.specs,
-            self.config.to_json(),
-            self.config.storage_dtype,
-            self.rank,
-            self.world_size,
+            self._shard_attrs(),
             self.config.flush_rows,
             self.config.writer_queue,
             resume=self._resuming,
             asynchronous=self._asynchronous,
-            model_json=_shard_model(self.model_info),
         )
         state = self._writer.resume_state
         if state.stats is not None:
@@ -322,7 +309,7 @@ class Logger(GradientSession):
     def _finished_manifest(self) -> dict[str, Any]:
         """A resumed job whose manifest was already written (killed after it, or resumed once
         done): the index is complete and its statistics may be gone, so nothing is recomputed."""
-        path = self.out_dir / "manifest.json"
+        path = self.out_dir / MANIFEST_FILE
         try:
             manifest = json.loads(path.read_text())
             mine = manifest["shards"][self.rank]
@@ -375,7 +362,7 @@ class Logger(GradientSession):
         if self.rank == 0:
             with self.tracker.phase("stats"):  # eigendecomposition, damping, stats.h5
                 self._write_stats(manifest)
-            write_json_atomic(self.out_dir / "manifest.json", manifest)
+            write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
         return manifest
 
     def _gather_nonfinite(self, total: int) -> list[int]:
@@ -387,24 +374,17 @@ class Logger(GradientSession):
         return sorted(int(i) for g in gathered for i in g.reshape(-1).tolist())
 
     def _manifest(self, rows_per_rank: list[int], digests: list[str], nonfinite: list[int]) -> dict[str, Any]:
-        return {
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "layout": layout_to_json(self.specs),
-            "width": self.width,
-            "world_size": self.world_size,
-            "shards": [
-                {"path": f"{SHARD_DIR}/{shard_path(self.out_dir, r).name}", "rank": r, "rows": n, "ids_digest": d}
-                for r, (n, d) in enumerate(zip(rows_per_rank, digests))
-            ],
-            "total_rows": int(sum(rows_per_rank)),
-            "samples_in_statistics": int(self.accumulator.samples),
-            "nonfinite_ids": nonfinite,
-            "model": self.model_info,
-            "engine": self.engine.kind,
-            "metadata": self.metadata,
-            "versions": versions(),
-        }
+        return Manifest.build(
+            config=self.config.to_dict(),
+            specs=self.specs,
+            rows_per_rank=rows_per_rank,
+            digests=digests,
+            samples_in_statistics=self.accumulator.samples,
+            nonfinite_ids=nonfinite,
+            model=self.model_info,
+            engine=self.engine.kind,
+            metadata=self.metadata,
+        ).to_dict()
 
     def _write_stats(self, manifest: dict[str, Any]) -> None:
         state: dict[str, np.ndarray] = {}
@@ -419,7 +399,7 @@ class Logger(GradientSession):
                 state[f"{name}/p_out"] = p_out.cpu().numpy()
         manifest["lambdas"] = lambdas
         write_stats(
-            self.out_dir / "stats.h5",
+            self.out_dir / STATS_FILE,
             self.config.hessian,
             self.config.damping,
             state,

@@ -184,7 +184,7 @@ def write_synthetic_index(out: Path, shard_rows: list[int], storage_dtype: str, 
     """Shards of random rows written with store.write_index (no model, no stats); returns the
     float32 rows that were given to the writer, in store order."""
     from logra_dist.core.projection import LayerSpec
-    from logra_dist.index.store import write_index
+    from logra_dist.index.writer import write_index
 
     specs = [LayerSpec("a", "linear", 4, 4, 2, 3), LayerSpec("b", "linear", 4, 4, 3, 2)]
     cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype=storage_dtype, flush_rows=3)

@@ -152,42 +152,6 @@ def test_kill_after_the_manifest_then_resume_only_cleans_up(tmp_path, reference)
     assert os.listdir(out / "shards") == ["rank-00000.h5"] and (out / "manifest.json").read_bytes() == manifest
 
 
-def test_finalize_resumes_from_a_format_2_shard_holding_its_statistics(tmp_path, reference):
-    """Shards written before the statistics moved beside them held them as `local_stats`."""
-    out = tmp_path / "index"
-    assert run_mlp(out, *CONFIGS["raw"], fault="kill_before_manifest").returncode == -9
-    side = out / "shards" / "rank-00000.stats.npz"
-    with np.load(side) as z:
-        flat = np.concatenate([z[f"part_{i}"].astype(np.float64).ravel() for i in range(len(z.files) - 1)])
-    with h5py.File(out / "shards" / "rank-00000.h5", "a") as f:
-        f.create_dataset("local_stats", data=flat)
-    side.unlink()
-    with pytest.warns(RuntimeWarning, match=r"ids \[13\]"):
-        mlp_worker.run(mlp_args(out, *CONFIGS["raw"], "--resume"))
-    assert_same_index(out, reference("raw"))
-
-
-def test_resume_from_a_partial_of_the_previous_version_with_inline_statistics(tmp_path, reference):
-    """Partials written before statistics got their own file held them in commit.npz as one
-    float64 vector `stats` (no `stats_file`, no `seq`): such a job still resumes exactly."""
-    out = tmp_path / "index"
-    assert run_mlp(out, *CONFIGS["raw"], fault="kill_in_commit:2").returncode == -9
-    part = out / "shards" / "rank-00000.partial"
-    with np.load(part / "commit.npz") as z:
-        record = {name: z[name] for name in z.files}
-    stats_file = part / str(record.pop("stats_file")[()])
-    with np.load(stats_file) as z:
-        assert int(z["rows"]) == int(record["rows"]) == 8
-        flat = np.concatenate([z[f"part_{i}"].astype(np.float64).ravel() for i in range(len(z.files) - 1)])
-    record.pop("seq")
-    np.savez(part / "commit.npz", stats=flat, **record)  # the old record: statistics inline
-    stats_file.unlink()
-    with pytest.warns(RuntimeWarning, match=r"ids \[13\]"):
-        mlp_worker.run(mlp_args(out, *CONFIGS["raw"], "--resume"))
-    assert os.listdir(out / "shards") == ["rank-00000.h5"]
-    assert_same_index(out, reference("raw"))
-
-
 def test_commits_are_spaced_by_their_cost(tmp_path):
     """commit_seconds > 0: a commit waits until its last cost is <= 5% of the time since the last
     one; commit_seconds=0 commits at every flush_rows rows whatever the cost."""
@@ -567,7 +531,7 @@ def test_nothing_is_unpickled():
 
 def test_write_index_from_precomputed_rows_reads_back(tmp_path):
     from logra_dist.core.projection import LayerSpec
-    from logra_dist.index.store import write_index
+    from logra_dist.index.writer import write_index
 
     specs = [LayerSpec("a", "linear", 4, 4, 2, 3), LayerSpec("b", "linear", 4, 4, 3, 2)]
     cfg = ld.LoGraConfig(k_in=2, k_out=2, storage_dtype="float32", flush_rows=3)

@@ -8,7 +8,7 @@ import torch
 from reference import log_classifier, mlp
 
 import logra_dist as ld
-from logra_dist.index.store import decode_rows, encode_rows
+from logra_dist.index.codecs import codec_for
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
@@ -50,7 +50,11 @@ def test_store_round_trip_each_dtype(tmp_path, dtype):
 
 def test_bf16_encoding_is_the_bit_pattern():
     x = torch.tensor([[1.0, -2.5, 3.14159, 1e-3]])
-    np.testing.assert_array_equal(decode_rows(encode_rows(x, "bfloat16"), "bfloat16"), x.bfloat16().float().numpy())
+    codec = codec_for("bfloat16")
+    stored = codec.encode(x)
+    assert stored.dtype == np.uint16
+    np.testing.assert_array_equal(stored, x.bfloat16().view(torch.int16).numpy().view(np.uint16))
+    np.testing.assert_array_equal(codec.decode(stored).numpy(), x.bfloat16().float().numpy())
 
 
 def test_config_json_round_trip_and_validation():

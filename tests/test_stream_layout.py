@@ -17,8 +17,9 @@ from scorer_helpers import write_synthetic_index
 
 import logra_dist as ld
 from logra_dist.index import stream
-from logra_dist.index.reader import ShardInfo
+from logra_dist.index.codecs import codec_for
 from logra_dist.index.stream import ChunkStream, _Source, plain_runs
+from logra_dist.index.verify import ShardInfo
 
 
 def _shards(root: Path) -> list[Path]:
@@ -104,8 +105,8 @@ def test_stream_in_small_pieces_equals_store_reads(tmp_path, monkeypatch, storag
                         assert rows.dtype == torch.float32
                         np.testing.assert_array_equal(rows.numpy(), want)
                     else:
-                        assert rows.dtype == ld.index.store.h5_dtype(storage)
-                        np.testing.assert_array_equal(ld.index.store.decode_rows(rows, storage), want)
+                        assert rows.dtype == codec_for(storage).h5_dtype
+                        np.testing.assert_array_equal(codec_for(storage).decode(rows).numpy(), want)
                     seen += list(range(start, start + len(ids)))
                 assert seen == [r for lo, hi in ranges for r in range(lo, hi)]
 
@@ -136,7 +137,7 @@ def test_a_flipped_byte_fails_the_stream_on_either_path(tmp_path, monkeypatch, r
 
 def test_stream_check_sees_every_block_at_any_piece_boundaries():
     from logra_dist.index.h5io import block_checksums, row_checksums
-    from logra_dist.index.reader import StreamCheck
+    from logra_dist.index.verify import StreamCheck
 
     rng = np.random.default_rng(1)
     rows = rng.integers(0, 2**16, (50, 6), dtype=np.uint16)

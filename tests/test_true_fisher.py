@@ -9,7 +9,7 @@ from torch import nn
 
 import logra_dist
 from logra_dist import LoGraConfig
-from logra_dist.index.store import read_stats
+from logra_dist.index.format import read_stats
 
 
 def _mlp() -> nn.Module:

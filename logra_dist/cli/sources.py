@@ -128,7 +128,7 @@ def run_score_prompts(args: argparse.Namespace):
 
 # -- score ----------------------------------------------------------------------------------------
 def run_score(args: argparse.Namespace):
-    from logra_dist.index.reader import read_manifest
+    from logra_dist.index.format import read_manifest
     from logra_dist.scoring.scorer import Scorer
 
     check_args(args)

@@ -1,16 +1,19 @@
-"""Low-level file safety for the index: fsync, HDF5 written through an error guard, checksums.
+"""Low-level file safety for the index: fsync, atomic JSON, HDF5 written through an error guard,
+checksums.
 
-Nothing here knows LoGra; `store` and `reader` build on it.
+Nothing here knows LoGra; `format`, `writer` and `reader` build on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -23,6 +26,14 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """`data` as JSON under `path`, durably: a temporary name, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    fsync_path(tmp)
+    os.replace(tmp, path)
 
 
 class _GuardedFile(io.RawIOBase):

@@ -1,10 +1,11 @@
 """`logra-dist inspect DIR`: what an index holds, read straight from its files.
 
 Unlike `GradientStore`, which refuses anything but a finalized index, this reads partial indexes
-too (a running or killed job): partial shards (`rank-NNNNN.partial/`, see `partial.py`), a missing
-manifest or stats file, ranks that never wrote a shard, and says what is incomplete. Shards are
-opened read-only without HDF5 file locking, and a partial shard's rows are read only up to its
-commit record, so a live job can be looked at.
+too (a running or killed job): partial shards (`rank-NNNNN.partial/`, read through
+`partial.PartialRows`), a missing manifest or stats file, ranks that never wrote a shard, and says
+what is incomplete. Shards are opened read-only without HDF5 file locking, and a partial shard's
+rows are read only up to its commit record, so a live job can be looked at. Rows are decoded by
+the shard's row codec.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from logra_dist.index.partial import COMMIT, GRADS, IDS, PartialShardError, read_record
-from logra_dist.index.store import SHARD_DIR, decode_rows
+from logra_dist.config import ConfigError
+from logra_dist.index.codecs import codec_for
+from logra_dist.index.format import MANIFEST_FILE, SHARD_DIR, STATS_FILE, layout_from_json
+from logra_dist.index.partial import PartialRows, PartialShardError
 
 _SHARD = re.compile(r"^rank-(\d+)\.(h5|partial|h5\.partial)$")
 
@@ -83,7 +86,12 @@ def _shard_facts(
         positions = _sample_positions(usable, sample_rows)
         sample = None
         if len(positions):
-            sample = decode_rows(f["grads"][positions], facts["storage_dtype"])
+            try:
+                codec = codec_for(facts["storage_dtype"], layout_from_json(attrs["layout"]) if layout else [])
+            except ConfigError as e:
+                facts["error"] = str(e)
+                return facts, None, layout
+            sample = codec.decode(f["grads"][positions]).numpy()
             ids = f["ids"][:usable]
             seen_ids.append(ids)
             facts["id_range"] = [int(ids.min()), int(ids.max())]
@@ -95,35 +103,36 @@ def _partial_facts(
 ) -> tuple[dict[str, Any], np.ndarray | None, list | None]:
     """Facts of a running or killed job's partial shard: only committed rows count."""
     try:
-        record = read_record(path / COMMIT)
+        part = PartialRows.open(path)
     except (PartialShardError, FileNotFoundError) as e:
         facts["error"] = f"unreadable commit record ({e}); being created, or damaged"
         return facts, None, None
-    meta = record.meta
-    dtype, width = np.dtype(meta.get("row_dtype", "<f2")), int(meta.get("width", 0))
-    rows_on_disk = (path / GRADS).stat().st_size // max(1, dtype.itemsize * width) if (path / GRADS).exists() else 0
+    meta = part.record.meta
     facts.update(
-        rows=int(rows_on_disk),
-        width=width,
+        rows=part.rows_on_disk,
+        width=part.width,
         complete=False,
-        rows_committed=record.rows,
+        rows_committed=part.record.rows,
         storage_dtype=str(meta.get("storage_dtype", "?")),
-        stored_as=str(dtype),
+        stored_as=str(part.row_dtype),
         world_size=int(meta.get("world_size", 0)),
         chunks=[],
-        has_partial_stats=record.has_stats,
+        has_partial_stats=part.record.has_stats,
         config=json.loads(meta["config"]) if "config" in meta else None,
     )
-    usable = min(record.rows, rows_on_disk)
-    positions = _sample_positions(usable, sample_rows)
+    layout = json.loads(meta["layout"]) if "layout" in meta else None
+    positions = _sample_positions(part.committed, sample_rows)
     sample = None
     if len(positions):
-        grads = np.memmap(path / GRADS, dtype=dtype, mode="r", shape=(usable, width))
-        sample = decode_rows(np.asarray(grads[positions]), facts["storage_dtype"])
-        ids = np.fromfile(path / IDS, dtype="<i8", count=usable)
+        try:
+            sample = part.decoded_at(positions)
+        except ConfigError as e:
+            facts["error"] = str(e)
+            return facts, None, layout
+        ids = part.committed_ids()
         seen_ids.append(ids)
         facts["id_range"] = [int(ids.min()), int(ids.max())]
-    return facts, sample, json.loads(meta["layout"]) if "layout" in meta else None
+    return facts, sample, layout
 
 
 def _layer_norms(samples: list[np.ndarray], layout: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -154,14 +163,14 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         raise FileNotFoundError(f"{root}: not a directory")
     problems: list[str] = []
     manifest = None
-    if (root / "manifest.json").exists():
+    if (root / MANIFEST_FILE).exists():
         try:
-            manifest = json.loads((root / "manifest.json").read_text())
+            manifest = json.loads((root / MANIFEST_FILE).read_text())
         except ValueError as e:
             problems.append(f"manifest.json is not valid JSON: {e}")
     else:
         problems.append("manifest.json missing: the job has not finalized (Logger.finalize)")
-    if not (root / "stats.h5").exists():
+    if not (root / STATS_FILE).exists():
         problems.append("stats.h5 missing: no Hessian statistics yet (written at finalize)")
     files = sorted(
         (p for p in (root / SHARD_DIR).glob("rank-*") if _SHARD.match(p.name)),

@@ -19,12 +19,15 @@ record says; rows past it are cut off when the shard is reopened (and logged aga
 files it does not name are deleted. Files are read with `allow_pickle=False`: a partial from
 elsewhere is only parsed. The statistics are kept out of the small record so that reading a
 record (attach, inspect) never reads them, and so that finalize can hard-link the last ones
-beside the shard instead of copying them (`store.write_shard`).
+beside the shard instead of copying them (`writer.write_shard`).
 
 At finalize the last statistics go beside the complete shard as `rank-00003.stats.npz` (renamed
 into place before the shard): the finalize's one all-reduce needs every rank's statistics, so an
 interrupted finalize is re-run from them. Once `manifest.json` exists every rank deletes its own:
 a finished index holds per-sample data and the global `stats.h5` only.
+
+`PartialRows` reads a partial's committed rows (read-only: `inspect` looks at a live job through
+it); `PartialShard`, the writer's side, extends it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+from logra_dist.index.codecs import RowCodec, codec_for
+from logra_dist.index.format import layout_from_json, rank_stats_path
 from logra_dist.index.h5io import fsync_path
 
 GRADS, IDS, COMMIT = "grads.bin", "ids.bin", "commit.npz"
@@ -58,11 +63,10 @@ class CommitRecord:
     stats_file: str | None = None  # file in the partial with the statistics over `rows` (write_stats)
     nonfinite_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     seq: int = 0  # commits so far: numbers the next statistics file
-    inline_stats: np.ndarray | None = None  # records of older versions held a flat float64 vector
 
     @property
     def has_stats(self) -> bool:
-        return self.stats_file is not None or self.inline_stats is not None
+        return self.stats_file is not None
 
 
 def write_record(path: Path, record: CommitRecord) -> None:
@@ -88,6 +92,8 @@ def write_record(path: Path, record: CommitRecord) -> None:
 def read_record(path: Path) -> CommitRecord:
     try:
         with np.load(path, allow_pickle=False) as z:
+            if "stats" in z.files:  # pre-release records held the statistics inline: not resumable
+                raise ValueError("a record of a pre-release version (statistics inline)")
             meta = json.loads(z["meta"].tobytes().decode())
             stats_file = str(z["stats_file"][()]) if "stats_file" in z.files else None
             if stats_file is not None and not _STATS_FILE.match(stats_file):
@@ -97,8 +103,7 @@ def read_record(path: Path) -> CommitRecord:
                 meta,
                 stats_file,
                 z["nonfinite_ids"].astype(np.int64),
-                int(z["seq"]) if "seq" in z.files else 0,
-                z["stats"] if "stats" in z.files else None,
+                int(z["seq"]),
             )
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise PartialShardError(
@@ -107,7 +112,7 @@ def read_record(path: Path) -> CommitRecord:
 
 
 def write_stats(path: Path, parts: list[np.ndarray], rows: int) -> None:
-    """Statistics (`Accumulator.snapshot` parts) over `rows` rows, durable under `path` once this
+    """Statistics (`Curvature.snapshot` parts) over `rows` rows, durable under `path` once this
     returns (temporary name, fsync, rename; the caller fsyncs the folder). Written part by part
     in the parts' own dtypes: no float64 copy of the whole."""
     tmp = path.with_name(path.name + ".tmp")
@@ -126,13 +131,6 @@ def read_stats(path: Path) -> tuple[int, list[np.ndarray]]:
             return int(z["rows"]), [z[f"part_{i}"] for i in range(count)]
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise PartialShardError(f"{path}: unreadable statistics ({e})") from e
-
-
-def rank_stats_path(shard: Path) -> Path:
-    """`rank-NNNNN.stats.npz`: the last commit's statistics beside the complete shard `shard`,
-    kept from the shard's rename until the manifest exists, so an interrupted finalize can be
-    re-run (its one all-reduce needs every rank's local statistics); then deleted."""
-    return shard.with_name(shard.name[: -len(".h5")] + ".stats.npz")
 
 
 def read_rank_stats(shard: Path, rows: int) -> list[np.ndarray] | None:
@@ -165,7 +163,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 @dataclass
 class ResumeState:
     """What an earlier, interrupted run of this rank left: its committed ids, the statistics over
-    exactly them (`Accumulator.snapshot` parts), its non-finite ids, whether its shard is complete."""
+    exactly them (`Curvature.snapshot` parts), its non-finite ids, whether its shard is complete."""
 
     ids: np.ndarray
     stats: list[np.ndarray] | None
@@ -173,12 +171,62 @@ class ResumeState:
     complete: bool = False
 
 
-class PartialShard:
+class PartialRows:
+    """The committed rows of a partial shard, read-only: rows and ids as of its commit record
+    (a live job's too: rows past the record are ignored). `open` reads the record."""
+
+    def __init__(self, directory: Path, record: CommitRecord, row_dtype: np.dtype, width: int):
+        self.dir, self.record, self.row_dtype, self.width = directory, record, np.dtype(row_dtype), width
+        self.row_bytes = self.row_dtype.itemsize * width
+
+    @classmethod
+    def open(cls, directory: Path) -> PartialRows:
+        """PartialShardError for an unreadable record, FileNotFoundError for none (being created)."""
+        record = read_record(directory / COMMIT)
+        return cls(directory, record, np.dtype(record.meta.get("row_dtype", "<f2")), int(record.meta.get("width", 0)))
+
+    @property
+    def rows_on_disk(self) -> int:
+        path = self.dir / GRADS
+        return path.stat().st_size // max(1, self.row_bytes) if path.exists() else 0
+
+    @property
+    def committed(self) -> int:
+        """Rows that count: those of the record (fewer if the data file was damaged)."""
+        return min(self.record.rows, self.rows_on_disk)
+
+    def committed_ids(self) -> np.ndarray:
+        return np.fromfile(self.dir / IDS, dtype="<i8", count=self.committed)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Committed rows [start, stop) as stored (for building the final shard)."""
+        count = (stop - start) * self.width
+        out = np.fromfile(self.dir / GRADS, dtype=self.row_dtype, count=count, offset=start * self.row_bytes)
+        if out.size != count:
+            raise PartialShardError(f"{self.dir / GRADS}: rows {start}..{stop} are missing")
+        return out.reshape(stop - start, self.width)
+
+    def rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """Stored rows at the given positions (each < `committed`)."""
+        grads = np.memmap(self.dir / GRADS, dtype=self.row_dtype, mode="r", shape=(self.committed, self.width))
+        return np.array(grads[positions])
+
+    @property
+    def codec(self) -> RowCodec:
+        """The codec the rows were stored with (ConfigError if the record names an unknown one)."""
+        meta = self.record.meta
+        return codec_for(str(meta.get("storage_dtype")), layout_from_json(meta["layout"]) if "layout" in meta else [])
+
+    def decoded_at(self, positions: np.ndarray) -> np.ndarray:
+        """float32 rows at the given committed positions."""
+        return self.codec.decode(self.rows_at(positions)).numpy()
+
+
+class PartialShard(PartialRows):
     """Append-only writer over one rank's partial directory (single thread: the shard writer)."""
 
     def __init__(self, directory: Path, row_dtype: np.dtype, width: int, meta: dict):
-        self.dir, self.row_dtype, self.width = directory, np.dtype(row_dtype), width
-        self.row_bytes = self.row_dtype.itemsize * width
+        super().__init__(directory, CommitRecord(0, {}), row_dtype, width)
         meta = {**meta, "row_dtype": self.row_dtype.str, "width": width}
         if (directory / COMMIT).exists():
             self.record = read_record(directory / COMMIT)
@@ -230,9 +278,7 @@ class PartialShard:
         return None if self.record.stats_file is None else self.dir / self.record.stats_file
 
     def stats(self) -> list[np.ndarray] | None:
-        """The committed statistics (`Accumulator.snapshot` parts), None if none were committed."""
-        if self.record.inline_stats is not None:
-            return [self.record.inline_stats]
+        """The committed statistics (`Curvature.snapshot` parts), None if none were committed."""
         if self.stats_path is None:
             return None
         rows, parts = read_stats(self.stats_path)
@@ -247,14 +293,8 @@ class PartialShard:
         """The committed statistics under `dst` (`rank_stats_path`), durable; none: no file."""
         if self.stats_path is not None:
             _link_or_copy(self.stats_path, dst)
-        elif self.record.inline_stats is not None:  # a partial of an older version
-            write_stats(dst, [self.record.inline_stats], self.record.rows)
-            fsync_path(dst.parent)
         else:
             dst.unlink(missing_ok=True)
-
-    def committed_ids(self) -> np.ndarray:
-        return np.fromfile(self.dir / IDS, dtype="<i8", count=self.record.rows)
 
     def append(self, rows: np.ndarray, ids: np.ndarray) -> None:
         rows = np.ascontiguousarray(rows, dtype=self.row_dtype)
@@ -279,14 +319,6 @@ class PartialShard:
         write_record(self.dir / COMMIT, self.record)  # fsyncs the folder: the new statistics file too
         if old is not None and old.name != name:
             old.unlink(missing_ok=True)
-
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Committed rows [start, stop) as stored (for building the final shard)."""
-        count = (stop - start) * self.width
-        out = np.fromfile(self.dir / GRADS, dtype=self.row_dtype, count=count, offset=start * self.row_bytes)
-        if out.size != count:
-            raise PartialShardError(f"{self.dir / GRADS}: rows {start}..{stop} are missing")
-        return out.reshape(stop - start, self.width)
 
     def close(self) -> None:
         for f in (self._grads, self._ids):

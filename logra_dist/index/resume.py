@@ -16,21 +16,22 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import torch
 
 from logra_dist import comm
-from logra_dist.index.h5io import fsync_path
-from logra_dist.index.partial import COMMIT, PartialShardError, rank_stats_path, read_record
-from logra_dist.index.store import (
+from logra_dist.index.format import (
+    MANIFEST_FILE,
     SHARD_DIR,
     IndexFormatError,
-    check_shard_attrs,
     layout_from_json,
     partial_dir,
+    rank_stats_path,
     shard_path,
 )
+from logra_dist.index.h5io import fsync_path
+from logra_dist.index.partial import COMMIT, PartialShardError, read_record
+from logra_dist.index.writer import check_shard_attrs
 
 _RANK_FILE = re.compile(r"^rank-(\d+)\.(h5|partial)$")
 
@@ -59,14 +60,8 @@ def rank_state(path: Path, want: dict[str, Any]) -> tuple[str, str | None]:
 
 def has_rank_stats(path: Path) -> bool:
     """Whether the complete shard at `path` still has the local statistics that re-running its
-    finalize needs (deleted once the manifest is written; format-2 shards held them inside)."""
-    if rank_stats_path(path).exists():
-        return True
-    try:
-        with h5py.File(path, "r") as f:
-            return "local_stats" in f
-    except OSError:
-        return False
+    finalize needs (deleted once the manifest is written)."""
+    return rank_stats_path(path).exists()
 
 
 def agree_on_state(out_dir: Path, rank: int, w: int, want: dict[str, Any], resume: bool) -> tuple[bool, bool]:
@@ -79,7 +74,7 @@ def agree_on_state(out_dir: Path, rank: int, w: int, want: dict[str, Any], resum
     flags[rank] = {"none": 0, "partial": 1, "complete": 2}[kind]
     flags[w + rank] = problem is not None
     flags[2 * w + rank] = kind == "complete" and not has_rank_stats(mine)
-    flags[-1] = rank == 0 and (out_dir / "manifest.json").exists()
+    flags[-1] = rank == 0 and (out_dir / MANIFEST_FILE).exists()
     flags = comm.all_reduce_sum(flags)
     kinds, problems = flags[:w].long().tolist(), [r for r in range(w) if flags[w + r] > 0]
     no_stats = [r for r in range(w) if flags[2 * w + r] > 0]
@@ -115,7 +110,7 @@ def agree_on_state(out_dir: Path, rank: int, w: int, want: dict[str, Any], resum
         raise IndexFormatError(
             f"{first}: cannot re-run the finalize: the statistics of this complete shard "
             f"({rank_stats_path(first).name}; rank(s) {no_stats[:8]}) are deleted once a "
-            f"manifest is written, and {out_dir / 'manifest.json'} is gone or other shards "
+            f"manifest is written, and {out_dir / MANIFEST_FILE} is gone or other shards "
             "are missing; delete the index to log again"
         )
     return bool(started), finished

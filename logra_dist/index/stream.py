@@ -1,15 +1,16 @@
-"""Streaming training rows for scoring at memory speed: raw reads into reused buffers, in a thread.
+"""The one row reader: training rows at memory speed, raw reads into reused buffers, in a thread.
 
-`GradientStore.iter_chunks` returns fresh float32 arrays decoded by numpy; for scoring that is
-the bottleneck. This reader keeps a small ring of float32 buffers filled by a background thread.
-A shard's rows are unfiltered HDF5 chunks of whole rows, so they lie in the file as plain bytes
-(in a few runs of consecutive chunks): the thread reads them with `os.preadv` (no HDF5 call, no
-lock held while the GEMM runs) in cache-sized pieces, and checksums and widens each piece to
-float32 while it is hot in cache, so the stored bytes cross memory once. A shard laid out any
-other way (filters, another byte order) is read through HDF5 instead. Rows are only valid until the next
-iteration: score them, do not keep them. `side(start, stop)` reads companion data of the same
-rows (the self-influence cache) in the same thread: h5py serializes all HDF5 calls behind one
-lock, so a small read in the main thread would wait for the current large read to finish.
+Every read of a finalized index goes through `ChunkStream`: the scorer's stream, and
+`GradientStore.read` / `[]` / `rows_for_ids` / `iter_chunks`. It keeps a small ring of float32
+buffers filled by a background thread. A shard's rows are unfiltered HDF5 chunks of whole rows,
+so they lie in the file as plain bytes (in a few runs of consecutive chunks): the thread reads
+them with `os.preadv` (no HDF5 call, no lock held while the GEMM runs) in cache-sized pieces, and
+checksums and decodes each piece to float32 (the shard's row codec, `codecs.py`) while it is hot
+in cache, so the stored bytes cross memory once. A shard laid out any other way (filters,
+another byte order) is read through HDF5 instead. Rows are only valid until the next iteration:
+score them, do not keep them. `side(start, stop)` reads companion data of the same rows (the
+self-influence cache) in the same thread: h5py serializes all HDF5 calls behind one lock, so a
+small read in the main thread would wait for the current large read to finish.
 """
 
 from __future__ import annotations
@@ -23,21 +24,36 @@ import time
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import h5py
 import numpy as np
 import torch
 
-from logra_dist.config import STORAGE_DTYPES
+from logra_dist.index.codecs import RowCodec
+from logra_dist.index.format import IndexFormatError
 from logra_dist.index.h5io import row_checksums
 from logra_dist.index.partition import Ranges
-from logra_dist.index.reader import GradientStore, ShardInfo, StreamCheck
-from logra_dist.index.store import IndexFormatError, h5_dtype
+from logra_dist.index.verify import ShardInfo, StreamCheck
+from logra_dist.tracking import NullTracker
 
 PIECE_BYTES = 512 << 10  # read + checksum + widen unit: stays in a core's L2 cache
 IO_PIECE_BYTES = 4 << 20  # read + checksum unit when rows are kept as stored (fewer calls)
-_KNOWN_RUNS: weakref.WeakKeyDictionary[GradientStore, dict] = weakref.WeakKeyDictionary()
+
+
+class RowSpace(Protocol):
+    """What the stream reads: shards behind one row space (`reader.GradientStore`)."""
+
+    root: Path
+    width: int
+    codec: RowCodec
+    shards: list[ShardInfo]
+    ids: np.ndarray
+    tracker: NullTracker
+
+
+_KNOWN_RUNS: weakref.WeakKeyDictionary[RowSpace, dict] = weakref.WeakKeyDictionary()
 
 
 def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
@@ -132,41 +148,44 @@ class _Source:
 
 
 class ChunkStream:
-    """(start, ids, float32 rows, side data or None) chunks over the given row ranges of a store.
-    decode=False yields the rows as stored instead (numpy; bfloat16 as its uint16 bits), still
-    checked against the checksums: for copying them, or for timing the I/O alone."""
+    """(start, ids, float32 rows, side data or None) chunks over the given row ranges (ascending,
+    disjoint) of a store. decode=False yields the rows as stored instead (numpy records of the
+    codec's `h5_dtype`; bfloat16 as its uint16 bits), still checked against the checksums: for
+    copying them, or for timing the I/O alone. `tracker`: where read time and bytes go (default
+    the store's)."""
 
     def __init__(
         self,
-        store: GradientStore,
+        store: RowSpace,
         ranges: Ranges,
         chunk_rows: int,
         buffers: int = 3,
         side: Callable[[int, int], Any] | None = None,
         decode: bool = True,
+        tracker: NullTracker | None = None,
     ):
         self.store, self.chunk_rows, self.side, self.decode = store, chunk_rows, side, decode
+        self.tracker = store.tracker if tracker is None else tracker
         self.bounds = [(s, min(s + chunk_rows, hi)) for lo, hi in ranges for s in range(lo, hi, chunk_rows)]
         self.n_buffers = max(2, buffers)
-        self.storage = store.storage_dtype
-        if self.storage not in STORAGE_DTYPES:
-            raise IndexFormatError(f"{store.root}: unknown storage dtype {self.storage!r}")
-        self.stage_dtype = h5_dtype(self.storage)  # as stored: bf16 as its uint16 bits
-        self.row_bytes = store.width * self.stage_dtype.itemsize
-        self.piece_rows = max(1, PIECE_BYTES // max(1, self.row_bytes))  # read, checked, widened
+        self.codec = store.codec
+        self.stage_dtype = self.codec.h5_dtype  # as stored: bf16 as its uint16 bits
+        self.stored_width = self.codec.stored_width(store.width)
+        self.row_bytes = self.codec.bytes_per_row(store.width)
+        self.piece_rows = max(1, PIECE_BYTES // max(1, self.row_bytes))  # read, checked, decoded
         self.io_rows = max(1, IO_PIECE_BYTES // max(1, self.row_bytes))  # read and checked in place
 
     def _read(self, files: list[_Source], lo: int, hi: int, dest: tuple[np.ndarray | None, torch.Tensor]) -> None:
         """Rows [lo, hi) of the global row space into dest (stored rows, float32 rows), crossing
-        shard boundaries, each checked against its shard's block checksums (reader.StreamCheck,
+        shard boundaries, each checked against its shard's block checksums (verify.StreamCheck,
         one per iteration). Pieces to decode pass through a small buffer, hot in cache."""
         stage, out = dest
-        rows = out.numpy() if self.storage == "float32" else stage
+        rows = out.numpy() if self.codec.passthrough else stage
         if rows is not None:
             piece_rows, target = self.io_rows, (rows, memoryview(rows.reshape(-1).view(np.uint8)))
         else:
             piece_rows, target = self.piece_rows, self._piece
-        sums, rb = self._sums[: hi - lo], self.row_bytes
+        sums, rb, decode = self._sums[: hi - lo], self.row_bytes, self.codec.decode
         for src, check in zip(files, self._checks):
             a, b = max(lo, src.info.offset), min(hi, src.info.offset + src.info.rows)
             for p in range(a, b, piece_rows):
@@ -176,7 +195,7 @@ class ChunkStream:
                 src.read(p - src.info.offset, q - src.info.offset, piece, target[1][start * rb : (start + q - p) * rb])
                 row_checksums(piece, out=sums[p - lo : q - lo])
                 if rows is None:
-                    out[p - lo : q - lo].copy_(target[2][: q - p])
+                    decode(piece, out[p - lo : q - lo])
             if a < b:
                 check.see_sums(a - src.info.offset, sums[a - lo : b - lo])
 
@@ -185,33 +204,31 @@ class ChunkStream:
             return
         width, rows = self.store.width, min(self.chunk_rows, max(hi - lo for lo, hi in self.bounds))
         free: queue.Queue = queue.Queue()
-        keep_stored = not self.decode and self.storage != "float32"
-        for _ in range(self.n_buffers):
+        passthrough = self.codec.passthrough
+        keep_stored = not self.decode and not passthrough
+        for _ in range(min(self.n_buffers, len(self.bounds))):
             free.put(
                 (
-                    np.empty((rows, width), self.stage_dtype) if keep_stored else None,
-                    torch.empty(rows, width) if self.decode or self.storage == "float32" else None,
+                    np.empty((rows, self.stored_width), self.stage_dtype) if keep_stored else None,
+                    torch.empty(rows, width) if self.decode or passthrough else None,
                 )
             )
-        piece = np.empty((self.piece_rows, width), self.stage_dtype)
-        piece_t = torch.from_numpy(piece)
-        self._piece = (
-            piece,
-            memoryview(piece.reshape(-1).view(np.uint8)),
-            piece_t.view(torch.bfloat16) if self.storage == "bfloat16" else piece_t,
-        )
+        piece = np.empty((self.piece_rows, self.stored_width), self.stage_dtype)
+        self._piece = (piece, memoryview(piece.reshape(-1).view(np.uint8)))
         self._sums = np.empty(rows, np.uint64)
+        first, last = self.bounds[0][0], self.bounds[-1][1]
+        shards = [s for s in self.store.shards if s.offset < last and s.offset + s.rows > first]
         ready: queue.Queue = queue.Queue()
         stop = threading.Event()
-        tracker = self.store.tracker
+        tracker = self.tracker
 
         def produce() -> None:
             files: list[_Source] = []
             try:
                 known = _KNOWN_RUNS.setdefault(self.store, {})
-                for s in self.store.shards:
+                for s in shards:
                     files.append(_Source(s, self.stage_dtype.itemsize, self.row_bytes, known))
-                self._checks = [StreamCheck(s) for s in self.store.shards]
+                self._checks = [StreamCheck(s) for s in shards]
                 for lo, hi in self.bounds:
                     item = None
                     while item is None and not stop.is_set():

@@ -16,9 +16,9 @@ import torch
 from logra_dist import comm
 from logra_dist.core.curvature import Curvature
 from logra_dist.core.projection import LayerSpec
+from logra_dist.index.format import IndexFormatError, read_stats
 from logra_dist.index.partition import split_rows
 from logra_dist.index.reader import GradientStore
-from logra_dist.index.store import IndexFormatError, read_stats
 from logra_dist.scoring.kernels import layer_self_influence
 
 

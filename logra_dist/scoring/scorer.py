@@ -26,9 +26,9 @@ import torch
 from logra_dist import comm
 from logra_dist.config import SCORE_MODES, ConfigError
 from logra_dist.core.curvature import CURVATURES
+from logra_dist.index.format import IndexFormatError, layout_to_json, read_stats
 from logra_dist.index.partition import assign_rows
 from logra_dist.index.reader import GradientStore
-from logra_dist.index.store import IndexFormatError, layout_to_json, read_stats
 from logra_dist.index.stream import ChunkStream
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet

@@ -20,8 +20,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from logra_dist.index.format import MANIFEST_FILE, IndexFormatError
 from logra_dist.index.partition import Ranges
-from logra_dist.index.store import IndexFormatError
 
 FILE_NAME = "selfinf.h5"
 _COPY_ROWS = 1 << 16
@@ -40,7 +40,7 @@ class SelfInfluenceCache:
         self.key = cache_key(kind, damping)
         self.n_rows, self.layout_json = n_rows, layout_json
         self.n_layers = len(json.loads(layout_json))
-        self.manifest_sha = hashlib.sha256((self.index_dir / "manifest.json").read_bytes()).hexdigest()
+        self.manifest_sha = hashlib.sha256((self.index_dir / MANIFEST_FILE).read_bytes()).hexdigest()
         self._file: h5py.File | None = None
 
     def _valid(self, ds: h5py.Dataset) -> bool:

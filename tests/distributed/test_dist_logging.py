@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 import worker  # noqa: E402
 
 from logra_dist import GradientStore  # noqa: E402
-from logra_dist.index.store import read_stats  # noqa: E402
+from logra_dist.index.format import read_stats  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 N, BATCH = 11, 3

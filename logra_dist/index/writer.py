@@ -1,6 +1,6 @@
-"""On-disk index: per-rank HDF5 shards of projected gradients, `stats.h5`, `manifest.json`.
+"""Write side of an index: per-rank HDF5 shards of projected gradients (format: `format.py`).
 
-Write side: `ShardWriter` appends rows from a background thread so disk writes overlap the next
+`ShardWriter` appends rows from a background thread so disk writes overlap the next
 batch. While a job runs, a rank's rows live in a partial shard (`shards/rank-NNNNN.partial/`,
 append-only raw files plus an atomically replaced commit record: see `partial.py`); at finalize
 the committed rows become the HDF5 shard, built as `rank-NNNNN.h5.partial` and renamed to
@@ -9,9 +9,8 @@ the committed rows become the HDF5 shard, built as `rank-NNNNN.h5.partial` and r
 identity (config, layout, model, rank, world size) as attributes. The rank's local statistics
 (to re-run an interrupted finalize) sit beside it until the manifest exists: `partial.py`.
 
-Read side (`reader.GradientStore`): every shard checked against the manifest when opened, every
-block of rows checked against its checksum when read. HDF5 has no bfloat16: bf16 rows are stored
-as their uint16 bit pattern with a `storage_dtype` attribute saying so. Nothing is pickled.
+Rows are stored by the shard's row codec (`codecs.py`: one fixed-size record per row, named by
+the `storage_dtype` attribute). Read side: `reader.GradientStore`. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -31,78 +30,20 @@ import numpy as np
 import torch
 
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest
-from logra_dist.index.partial import (
-    COMMIT,
-    PartialShard,
-    PartialShardError,
-    ResumeState,
+from logra_dist.index.codecs import codec_for
+from logra_dist.index.format import (
+    FORMAT_VERSION,
+    MANIFEST_FILE,
+    IndexFormatError,
+    Manifest,
+    ShardAttrs,
+    partial_dir,
+    partial_path,
     rank_stats_path,
-    read_rank_stats,
+    shard_path,
 )
-
-SHARD_DIR = "shards"
-FORMAT_VERSION = 2
-
-
-class IndexFormatError(ValueError):
-    """A problem with an index on disk; the message names the file and what is wrong."""
-
-
-def shard_path(out_dir: str | Path, rank: int) -> Path:
-    return Path(out_dir) / SHARD_DIR / f"rank-{rank:05d}.h5"
-
-
-def partial_path(path: Path) -> Path:
-    """Where the final HDF5 shard is built before its rename."""
-    return path.with_name(path.name + ".partial")
-
-
-def partial_dir(path: Path) -> Path:
-    """Where a running job keeps the rank's rows (`rank-NNNNN.partial/`)."""
-    return path.with_name(path.name[: -len(".h5")] + ".partial")
-
-
-def layout_to_json(specs: list[LayerSpec]) -> str:
-    offset, rows = 0, []
-    for s in specs:
-        rows.append(
-            {
-                "name": s.name,
-                "kind": s.kind,
-                "d_in": s.d_in,
-                "d_out": s.d_out,
-                "k_in": s.k_in,
-                "k_out": s.k_out,
-                "offset": offset,
-            }
-        )
-        offset += s.width
-    return json.dumps(rows)
-
-
-def layout_from_json(text: str) -> list[LayerSpec]:
-    return [LayerSpec(r["name"], r["kind"], r["d_in"], r["d_out"], r["k_in"], r["k_out"]) for r in json.loads(text)]
-
-
-def encode_rows(rows: torch.Tensor, storage_dtype: str) -> np.ndarray:
-    """Torch rows -> the numpy array stored on disk (bf16 as its uint16 bit pattern)."""
-    rows = rows.detach().cpu()
-    if storage_dtype == "bfloat16":
-        return rows.to(torch.bfloat16).view(torch.uint16).numpy()
-    return rows.to(getattr(torch, storage_dtype)).numpy()
-
-
-def decode_rows(arr: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """Stored array -> float32."""
-    if storage_dtype == "bfloat16":
-        return (arr.astype(np.uint32) << 16).view(np.float32)
-    return arr.astype(np.float32, copy=False)
-
-
-def h5_dtype(storage_dtype: str) -> np.dtype:
-    return np.dtype(np.uint16) if storage_dtype == "bfloat16" else np.dtype(storage_dtype)
-
+from logra_dist.index.h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest, write_json_atomic
+from logra_dist.index.partial import COMMIT, PartialShard, PartialShardError, ResumeState, read_rank_stats
 
 # Target bytes per HDF5 chunk of `grads`. HDF5 allocates a shard's last chunk whole, so a shard
 # carries up to chunk_rows - 1 rows of padding: 256 KiB keeps that under 3% of a 1024-row shard
@@ -111,8 +52,8 @@ def h5_dtype(storage_dtype: str) -> np.dtype:
 CHUNK_BYTES = 1 << 18
 
 
-def chunk_rows_for(width: int, itemsize: int, flush_rows: int) -> int:
-    return max(1, min(flush_rows, CHUNK_BYTES // max(1, width * itemsize)))
+def chunk_rows_for(row_bytes: int, flush_rows: int) -> int:
+    return max(1, min(flush_rows, CHUNK_BYTES // max(1, row_bytes)))
 
 
 def write_shard(path: Path, partial: PartialShard, attrs: dict[str, Any], chunk_rows: int) -> str:
@@ -166,27 +107,17 @@ class ShardWriter:
         self,
         path: Path,
         specs: list[LayerSpec],
-        config_json: str,
-        storage_dtype: str,
-        rank: int,
-        world_size: int,
+        attrs: ShardAttrs,
         flush_rows: int = 1024,
         queue_size: int = 4,
         resume: bool = False,
         asynchronous: bool = True,
-        model_json: str = "null",
     ):
         self.final_path, self.path = path, partial_dir(path)
-        self.storage_dtype, self.flush_rows = storage_dtype, flush_rows
+        self.flush_rows = flush_rows
+        self.codec = codec_for(attrs.storage_dtype, specs)
         self.width = sum(s.width for s in specs)
-        self.attrs = {
-            "layout": layout_to_json(specs),
-            "config": config_json,
-            "storage_dtype": storage_dtype,
-            "rank": rank,
-            "world_size": world_size,
-            "model": model_json,
-        }
+        self.attrs = attrs.to_dict()
         self.bytes_written, self.ids_digest = 0, ""
         self.partial: PartialShard | None = None
         self.complete, self._closed = False, False
@@ -209,7 +140,7 @@ class ShardWriter:
             )
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.partial = PartialShard(self.path, h5_dtype(storage_dtype), self.width, self.attrs)
+            self.partial = PartialShard(self.path, self.codec.h5_dtype, self.codec.stored_width(self.width), self.attrs)
         except PartialShardError as e:
             raise IndexFormatError(str(e)) from e
         except OSError as e:
@@ -221,7 +152,7 @@ class ShardWriter:
         self.resume_state = ResumeState(self.partial.committed_ids(), stats, self.partial.record.nonfinite_ids)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         if asynchronous:
-            self._thread = threading.Thread(target=self._run, name=f"logra-writer-{rank}", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"logra-writer-{attrs.rank}", daemon=True)
             self._thread.start()
 
     def _adopt_complete(self) -> tuple[ResumeState, str]:
@@ -229,11 +160,10 @@ class ShardWriter:
         if problem:
             raise IndexFormatError(f"{self.final_path}: cannot resume, {problem}")
         with h5py.File(self.final_path, "r") as f:
-            stats = [f["local_stats"][()]] if "local_stats" in f else None  # format-2 shards of before
-            state = ResumeState(f["ids"][:], stats, f["nonfinite_ids"][:], complete=True)
+            state = ResumeState(f["ids"][:], None, f["nonfinite_ids"][:], complete=True)
             digest = str(f.attrs["ids_digest"])
         try:
-            state.stats = read_rank_stats(self.final_path, len(state.ids)) or state.stats
+            state.stats = read_rank_stats(self.final_path, len(state.ids))
         except PartialShardError as e:
             raise IndexFormatError(f"{e}; cannot re-run the finalize (delete the index to log again)") from e
         return state, digest
@@ -245,7 +175,7 @@ class ShardWriter:
                 f"{self.final_path}: this rank's shard is already complete (resumed "
                 "job): skip the ids in Logger.done_ids"
             )
-        self._put(("rows", encode_rows(rows, self.storage_dtype), ids.detach().cpu().numpy().astype(np.int64)))
+        self._put(("rows", self.codec.encode(rows), ids.detach().cpu().numpy().astype(np.int64)))
 
     @property
     def commits_pending(self) -> int:
@@ -254,7 +184,7 @@ class ShardWriter:
 
     def commit(self, stats: list[np.ndarray] | None, nonfinite_ids=(), released: threading.Event | None = None) -> None:
         """Make everything appended so far durable, with the statistics covering exactly it
-        (parts left unchanged until `released` is set, once written or failed: `Accumulator.lend`)."""
+        (parts left unchanged until `released` is set, once written or failed: `Curvature.lend`)."""
         if self.complete:
             return
         self._commits_put += 1
@@ -360,7 +290,7 @@ class ShardWriter:
         elif kind == "close":
             self.rows_total = self.partial.rows
             if a:
-                chunk = chunk_rows_for(self.width, self.partial.row_dtype.itemsize, self.flush_rows)
+                chunk = chunk_rows_for(self.codec.bytes_per_row(self.width), self.flush_rows)
                 self.ids_digest = write_shard(self.final_path, self.partial, self.attrs, chunk)
                 self.partial.remove()
             else:
@@ -373,50 +303,27 @@ def write_index(
     config_json: str,
     shards: list[Iterable[tuple[Any, Any]]],
     model: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """An index from precomputed rows, in one process: for tests, benchmarks and tools. `shards`:
     per rank, an iterable of (ids, rows) blocks. Shards and manifest are exactly what a logging
-    job writes; no stats.h5 (write_stats adds one). Returns the manifest."""
-    out_dir, model = Path(out_dir), model or {"class": None, "name_or_path": None}
+    job writes (`Manifest.build`, as the Logger's; no statistics: samples_in_statistics 0, no
+    engine); no stats.h5 (format.write_stats adds one). Returns the manifest."""
+    out_dir = Path(out_dir)
     config = json.loads(config_json)
-    model_json = json.dumps({k: model.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
-    entries = []
+    rows, digests = [], []
     for rank, blocks in enumerate(shards):
-        w = ShardWriter(
-            shard_path(out_dir, rank),
-            specs,
-            config_json,
-            config["storage_dtype"],
-            rank,
-            len(shards),
-            flush_rows=config["flush_rows"],
-            asynchronous=False,
-            model_json=model_json,
-        )
-        for ids, rows in blocks:
-            w.append(torch.as_tensor(np.asarray(rows)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
+        attrs = ShardAttrs.for_job(specs, config_json, config["storage_dtype"], rank, len(shards), model)
+        w = ShardWriter(shard_path(out_dir, rank), specs, attrs, flush_rows=config["flush_rows"], asynchronous=False)
+        for ids, block in blocks:
+            w.append(torch.as_tensor(np.asarray(block)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
         w.close(complete=True)
-        entries.append(
-            {
-                "path": f"{SHARD_DIR}/{shard_path(out_dir, rank).name}",
-                "rank": rank,
-                "rows": w.rows_total,
-                "ids_digest": w.ids_digest,
-            }
-        )
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "config": config,
-        "layout": layout_to_json(specs),
-        "width": sum(s.width for s in specs),
-        "world_size": len(shards),
-        "shards": entries,
-        "total_rows": sum(e["rows"] for e in entries),
-        "nonfinite_ids": [],
-        "model": model,
-        "metadata": {},
-    }
-    write_json_atomic(out_dir / "manifest.json", manifest)
+        rows.append(w.rows_total)
+        digests.append(w.ids_digest)
+    manifest = Manifest.build(
+        config=config, specs=specs, rows_per_rank=rows, digests=digests, model=model, metadata=metadata
+    ).to_dict()
+    write_json_atomic(out_dir / MANIFEST_FILE, manifest)
     return manifest
 
 
@@ -435,42 +342,3 @@ def check_shard_attrs(path: Path, want: dict[str, Any]) -> str | None:
         if attr_value(attrs.get(key)) != value:
             return f"it was written with another {key} ({attr_value(attrs.get(key))!r:.120} != {value!r:.120})"
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# manifest and statistics
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    fsync_path(tmp)
-    os.replace(tmp, path)
-
-
-def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """stats.h5: one group per layer holding the eigendecomposition (and PCA projections)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with h5_writing(tmp) as f:
-        f.attrs.update({"hessian": kind, "damping": damping, **attrs})
-        for key, arr in state.items():
-            f.create_dataset(key, data=arr)
-    os.replace(tmp, path)
-
-
-def read_stats(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    if not path.exists():
-        raise IndexFormatError(f"{path}: missing; the index was not finalized (Logger.finalize)")
-    state: dict[str, np.ndarray] = {}
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = dict(f.attrs)
-
-            def visit(name, obj):
-                if isinstance(obj, h5py.Dataset):
-                    state[name] = obj[()]
-
-            f.visititems(visit)
-    except OSError as e:
-        raise IndexFormatError(f"{path}: unreadable statistics (truncated or corrupted?): {e}") from e
-    return attrs, state
