@@ -52,18 +52,6 @@ from logra_dist.version import versions
 COMMIT_SHARE = 0.05
 
 
-def model_identity(root: torch.nn.Module) -> dict[str, Any]:
-    cfg = getattr(root, "config", None)
-    numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
-    # FSDP2 swaps in a generated subclass "FSDP<Name>": name the user's class under every engine
-    cls = next(c for c in type(root).__mro__ if not c.__name__.startswith("FSDP"))
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
-        "parameters": numel,
-    }
-
-
 def _shard_model(info: dict[str, Any]) -> str:
     """The part of the model identity every rank sees alike (parameter counts can be per-shard)."""
     return json.dumps({k: info.get(k) for k in ("class", "name_or_path")}, sort_keys=True)
@@ -115,7 +103,7 @@ class Logger(GradientSession):
         self._writer: ShardWriter | None = None
         self._statistics_only = False
         super().__init__(model_or_engine, config, None)
-        self.model_info = model_info or model_identity(self.engine.root)
+        self.model_info = model_info or self.engine.model_identity()
         try:
             self._resuming, self._finished = agree_on_state(
                 self.out_dir, self.rank, self.world_size, self._shard_attrs(), resume
