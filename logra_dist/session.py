@@ -3,7 +3,7 @@ and the capture/backward protocol that yields per-sample projected-gradient rows
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,6 +17,7 @@ from logra_dist.engines import Engine, wrap
 from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 Projections = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+RowsCallback = Callable[[torch.Tensor, torch.Tensor], None]  # (ids (B,) int64 on the CPU, rows (B, D))
 
 
 def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec], dict[str, torch.nn.Module]]:
@@ -46,13 +47,28 @@ def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec],
 
 
 class GradientSession:
-    """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows."""
+    """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows.
+
+    The rows of each batch go to `on_rows(ids, rows)` (the Scorer's query set), or to a
+    subclass's `_on_batch` (the Logger's shard writer)."""
 
     tracker: NullTracker = NULL_TRACKER  # phase timers (logra_dist.tracking); a no-op by default
 
-    def __init__(self, model_or_engine: Any, config: LoGraConfig, projections: Projections | None = None):
+    def __init__(
+        self,
+        model_or_engine: Any,
+        config: LoGraConfig,
+        projections: Projections | None = None,
+        *,
+        on_rows: RowsCallback | None = None,
+        tracker: NullTracker | None = None,
+    ):
         config.validate()
+        if tracker is not None:
+            self.tracker = tracker
         self.config = config
+        self._on_rows = on_rows
+        self._closed = False
         self.engine = wrap(model_or_engine)
         self.specs, self._modules = select_layers(self.engine, config)
         self.compute_dtype = getattr(torch, config.compute_dtype)
@@ -60,10 +76,14 @@ class GradientSession:
         self.engine.freeze()
         self._capture: GradientCapture | None = None
         self._backward_done = False
-        if projections is None and config.init != "pca":
-            projections = self._build_projections()
-        if projections is not None:
-            self._install(projections)
+        try:
+            if projections is None and config.init != "pca":
+                projections = self._build_projections()
+            if projections is not None:
+                self._install(projections)
+        except BaseException:
+            self.close()  # leave the user's model as it was: weights unfrozen
+            raise
 
     # -- projections ------------------------------------------------------------------------
     def _build_projections(self, covariances=None) -> Projections:
@@ -74,13 +94,15 @@ class GradientSession:
         )
 
     def _install(self, projections: Projections) -> None:
+        """Use these projections (moved to where the activations are, in the compute dtype)."""
         missing = [s.name for s in self.specs if s.name not in projections]
         if missing:
             raise ConfigError(f"no projection for layer(s) {missing[:5]}")
-        self.projections = projections
+        on_device = lambda p: None if p is None else p.to(self.device, self.compute_dtype)  # noqa: E731
+        self.projections = {k: (on_device(a), on_device(b)) for k, (a, b) in projections.items()}
         if self._capture is not None:
             self._capture.remove()
-        self._capture = GradientCapture(self.specs, self._modules, projections, self.compute_dtype)
+        self._capture = GradientCapture(self.specs, self._modules, self.projections, self.compute_dtype)
 
     def projection(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) of a layer, as used for its rows (identity materialized on request)."""
@@ -110,8 +132,7 @@ class GradientSession:
         inside the block, with `loss` the SUM of per-sample losses. ids: global sample ids.
         Empty ids make a shadow batch (any dummy input; nothing recorded) for a rank that ran
         out of data while its ZeRO-3/FSDP peers still step (see `engine.lockstep_batches`)."""
-        if self._capture is None:
-            raise RuntimeError("projections are not built yet: init='pca' needs pca_pass() first")
+        self._check_capture()
         ids = torch.as_tensor(ids)
         if ids.numel() == 0:  # a shadow batch: see Engine.forward_is_collective
             ids = ids.reshape(0).to(torch.int64)
@@ -142,11 +163,21 @@ class GradientSession:
         self.engine.backward(loss)
         self._backward_done = True
 
+    def _check_capture(self) -> None:
+        """Refuse a capture that cannot record (the Logger checks its phase instead)."""
+        if self._closed:
+            raise RuntimeError("capture() after close(): the hooks are removed; attach again")
+        if self._capture is None:
+            raise RuntimeError("projections are not built yet: init='pca' needs pca_pass() first")
+
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        raise NotImplementedError
+        if self._on_rows is None:
+            raise RuntimeError("GradientSession(on_rows=None): nothing receives the rows (pass on_rows)")
+        self._on_rows(ids, rows)
 
     def close(self) -> None:
         """Remove hooks and restore the weights' requires_grad."""
+        self._closed = True
         if self._capture is not None:
             self._capture.remove()
         self.engine.unfreeze()
