@@ -227,10 +227,12 @@ def run_batches(
     run the same number (`engine.lockstep_batches`). With a tracker: "forward" (with the loss) and
     "backward" timed, `tracker.step(samples, tokens)` per batch (shadows count none)."""
     tracker = tracker or NULL_TRACKER
-    local = len(batches) if count is None else count  # type: ignore[arg-type]
+    local = len(batches) if count is None else count
     steps = session.engine.lockstep_batches(local)
     done, tokens, empty = 0, 0, torch.zeros(0, dtype=torch.int64)
     for ids, batch in batches:
+        if done == local:
+            raise ValueError(f"run_batches: count={local} but more batches came")
         shadow = batch if shadow is None else shadow
         tokens += _capture_one(session, ids, batch, loss_fn, tracker)
         done += 1
