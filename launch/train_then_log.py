@@ -87,20 +87,19 @@ def main():
             engine.module.config.save_pretrained(args.save)
             tokenizer.save_pretrained(args.save)
 
-    # LoGra: one pass over the training set with the trained weights. Under ZeRO-3 every forward is
-    # collective, so a rank out of data runs shadow batches (no ids: hooks run, nothing is recorded).
+    # LoGra: one pass over the training set with the trained weights, in lock-step over ranks (under
+    # ZeRO-3 every forward is collective: a rank out of data runs shadow batches that record nothing).
     engine.eval()
     meta = {"data": "embedded", "model_path": args.save}  # what launch/score.py reads back
     logger = logra_dist.attach(engine, logra_dist.LoGraConfig(k_in=8, k_out=8), args.log_out, metadata=meta)
     mine = samples[rank::world]  # every sample once (a DistributedSampler pads with repeats)
-    batches = [collate(mine[i : i + args.batch_size], pad) for i in range(0, len(mine), args.batch_size)]
-    shadow = collate(samples[:1], pad)
-    shadow.ids = shadow.ids[:0]
-    for step in range(logger.engine.lockstep_batches(len(batches))):
-        batch = (batches[step] if step < len(batches) else shadow).to(logger.device)
-        with logger.capture(batch.ids, mask=batch.attention_mask):
-            logits = logger.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            logger.backward(logra_dist.data.summed_lm_loss(logits, batch.labels))  # per-sample losses SUMMED
+    batches = [(b.ids, b) for b in logra_dist.data.batches(mine, args.batch_size, pad)]
+
+    def summed_loss(model, batch):  # per-sample losses SUMMED, not averaged
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return logra_dist.data.summed_lm_loss(logits, batch.labels)
+
+    logra_dist.session.run_batches(logger, batches, summed_loss)  # capture + backward per batch
     logger.finalize()  # collective: one all-reduce, then rank 0 writes stats.h5 and manifest.json
     logger.close()
     torch.distributed.destroy_process_group()  # a live gloo group at exit can abort the process

@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -53,21 +54,35 @@ from logra_dist.tracking import NullTracker
 COMMIT_SHARE = 0.05
 
 
-def model_identity(root: torch.nn.Module) -> dict[str, Any]:
-    cfg = getattr(root, "config", None)
-    numel = sum(int(getattr(p, "ds_numel", p.numel())) for p in root.parameters())
-    # FSDP2 swaps in a generated subclass "FSDP<Name>": name the user's class under every engine
-    cls = next(c for c in type(root).__mro__ if not c.__name__.startswith("FSDP"))
-    return {
-        "class": f"{cls.__module__}.{cls.__qualname__}",
-        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
-        "parameters": numel,
-    }
-
-
 def _digest_words(digest: str) -> tuple[int, int]:
     """A 96-bit hex digest as two 48-bit integers (exact in the float64 all-reduce)."""
     return int(digest[:12], 16), int(digest[12:24], 16)
+
+
+class Phase(Enum):
+    """Where a Logger is in its life; every method checks it, so a call out of order says what to do.
+
+    PCA_PENDING -> (pca_pass: PCA) -> LOGGING <-> (statistics_pass: STATISTICS) -> FINALIZED;
+    close() from any phase -> CLOSED. Without init="pca" (or when resuming) it starts in LOGGING.
+    """
+
+    PCA_PENDING = "pca-pending"  # init="pca": no projections yet, run pca_pass() first
+    PCA = "pca"  # inside pca_pass(): batches feed the PCA covariances only
+    LOGGING = "logging"  # batches are written to the shard
+    STATISTICS = "statistics"  # inside statistics_pass(): batches feed the curvature only
+    FINALIZED = "finalized"  # the index is complete
+    CLOSED = "closed"  # hooks removed, weights unfrozen
+
+
+_FIX = {
+    Phase.PCA_PENDING: "init='pca' needs its projections first: capture a pass over the data inside "
+    "`with logger.pca_pass():`",
+    Phase.PCA: "leave the `with logger.pca_pass():` block first",
+    Phase.LOGGING: "",
+    Phase.STATISTICS: "leave the `with logger.statistics_pass():` block first",
+    Phase.FINALIZED: "the index is finalized; attach a new Logger to log more",
+    Phase.CLOSED: "the Logger is closed; attach a new one",
+}
 
 
 class Logger(GradientSession):
@@ -108,22 +123,17 @@ class Logger(GradientSession):
         self._covariances: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.nonfinite_ids: list[int] = []
         self.done_ids: set[int] = set()  # handled by this rank (logged or non-finite), resumed ones too
-        self._writer: ShardWriter | None = None
-        self._statistics_only = False
+        self._writer: ShardWriter | None = None  # exists in phases LOGGING and STATISTICS
+        self.phase = Phase.PCA_PENDING
         super().__init__(model_or_engine, config, None)
-        self.model_info = model_info or model_identity(self.engine.root)
+        self.model_info = model_info or self.engine.model_identity()
         try:
             self._resuming, self._finished = agree_on_state(
                 self.out_dir, self.rank, self.world_size, self._shard_attrs().to_dict(), resume
             )
             if self._resuming and config.init == "pca":  # log with the projections of the first attempt
-                self._install(
-                    {
-                        k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
-                        for k, (a, b) in read_pca(pca_path(self.out_dir), layout_to_json(self.specs)).items()
-                    }
-                )
-            if self._capture is not None:
+                self._install(read_pca(pca_path(self.out_dir), layout_to_json(self.specs)))
+            if config.init != "pca" or self._resuming:
                 self._start_writing()
         except BaseException:
             super().close()  # leave the user's model as it was: no hooks, weights unfrozen
@@ -152,11 +162,20 @@ class Logger(GradientSession):
         self.nonfinite_ids = [int(i) for i in state.nonfinite_ids]
         self.done_ids = set(int(i) for i in state.ids) | set(self.nonfinite_ids)
         self._rows_since_commit, self._last_commit, self._snapshot_seconds = 0, time.monotonic(), 0.0
+        self.phase = Phase.LOGGING
+
+    def _require(self, call: str, *allowed: Phase) -> None:
+        """Refuse `call` outside the allowed phases, naming the phase and what to do instead."""
+        if self.phase not in allowed:
+            raise RuntimeError(f"{call} in phase {self.phase.value!r}: {_FIX[self.phase]}")
+
+    def _check_capture(self) -> None:
+        self._require("capture()", Phase.PCA, Phase.LOGGING, Phase.STATISTICS)
 
     @property
     def needs_pca_pass(self) -> bool:
         """init="pca" and no projections yet (a resumed job reuses those of its first attempt)."""
-        return self.config.init == "pca" and self._writer is None
+        return self.phase is Phase.PCA_PENDING
 
     # -- PCA: a statistics pass before logging --------------------------------------------------
     @contextmanager
@@ -165,18 +184,22 @@ class Logger(GradientSession):
         the block; nothing is written), then build PCA projections. Collective at exit."""
         if not self.needs_pca_pass:
             raise RuntimeError(
-                "pca_pass() is only for config.init='pca', once, and not in a resumed job (check Logger.needs_pca_pass)"
+                f"pca_pass() in phase {self.phase.value!r}: it is only for config.init='pca', once, before "
+                "logging, and not in a resumed job (check Logger.needs_pca_pass)"
             )
         full = [LayerSpec(s.name, s.kind, s.d_in, s.d_out, s.d_in, s.d_out) for s in self.specs]
         acc = KFAC(full, self.compute_dtype)
         self._capture = GradientCapture(full, self._modules, {s.name: (None, None) for s in full}, self.compute_dtype)
         self._capture.token_stats, self._capture.want_rows = acc, False
         self._pca_accumulator = acc
+        self.phase = Phase.PCA
         try:
             yield
         finally:
             self._capture.remove()
             self._capture = None
+            if self.phase is Phase.PCA:
+                self.phase = Phase.PCA_PENDING
         acc.load_flat(comm.all_reduce_sum(acc.flat()))
         self._covariances = acc.covariances()
         self._install(self._build_projections(self._covariances))
@@ -205,15 +228,15 @@ class Logger(GradientSession):
                 "statistics_pass() is for fisher='true'; with fisher='empirical' the "
                 "logged batches themselves feed the statistics"
             )
-        if self._writer is None:
-            raise RuntimeError("statistics_pass() needs the projections (init='pca': run pca_pass() first)")
-        self._statistics_only = True
+        self._require("statistics_pass()", Phase.LOGGING)
+        self.phase = Phase.STATISTICS
         self._capture.token_stats = self.accumulator if self.accumulator.uses_token_statistics else None
         try:
             yield
         finally:
-            self._statistics_only = False
             self._capture.token_stats = None
+            if self.phase is Phase.STATISTICS:
+                self.phase = Phase.LOGGING
 
     def _drop_nonfinite(self, ids: torch.Tensor, rows: torch.Tensor, logged: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep finite rows only, so that no NaN reaches a shard or the statistics; feed this
@@ -230,12 +253,12 @@ class Logger(GradientSession):
 
     # -- per batch --------------------------------------------------------------------------
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        if self._writer is None:  # inside pca_pass: statistics only, of finite samples only
+        if self.phase is Phase.PCA:  # statistics only, of finite samples only
             finite = self._capture.finite_samples(len(ids))
             self._capture.flush_token_statistics(finite)
             self._pca_accumulator.samples += int(finite.sum())
             return
-        if self._statistics_only:  # before the duplicate check: these ids are logged again outside
+        if self.phase is Phase.STATISTICS:  # before the duplicate check: these ids are logged again outside
             _, rows = self._drop_nonfinite(ids, rows, logged=False)
             self.accumulator.update_rows(rows)
             return
@@ -292,8 +315,7 @@ class Logger(GradientSession):
         """Collective: build this rank's shard, ONE all-reduce of statistics, counts and shard
         fingerprints, then rank 0 writes stats.h5 and manifest.json. Returns the manifest. Safe
         to re-run after a kill (resume=True): complete shards are adopted, not rebuilt."""
-        if self._writer is None:
-            raise RuntimeError("finalize() before any projection exists (init='pca' needs pca_pass())")
+        self._require("finalize()", Phase.LOGGING)
         with self.tracker.phase("write-drain"):  # close() waits for the writer: views, no copy
             self._writer.close(
                 complete=True, stats=self.accumulator.snapshot(copy=False), nonfinite_ids=self.nonfinite_ids
@@ -303,7 +325,7 @@ class Logger(GradientSession):
         manifest = self._finished_manifest() if self._finished else self._reduce_and_write()
         comm.barrier()  # manifest.json exists: the per-rank statistics are no longer needed
         rank_stats_path(shard_path(self.out_dir, self.rank)).unlink(missing_ok=True)
-        self._writer = None
+        self._writer, self.phase = None, Phase.FINALIZED
         return manifest
 
     def _finished_manifest(self) -> dict[str, Any]:
@@ -407,9 +429,13 @@ class Logger(GradientSession):
         )
 
     def close(self) -> None:
+        """Remove the hooks and restore the weights; an unfinalized shard stays, for resume=True."""
+        if self.phase is Phase.CLOSED:
+            return
         if self._writer is not None:  # not finalized: keep the partial shard for resume
             self._writer.close(complete=False)
             self._writer = None
+        self.phase = Phase.CLOSED
         super().close()
 
 

@@ -3,7 +3,7 @@ and the capture/backward protocol that yields per-sample projected-gradient rows
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,11 +13,12 @@ from logra_dist.config import ConfigError, LoGraConfig
 from logra_dist.core.capture import GradientCapture, find_layers
 from logra_dist.core.layers import LAYER_TYPES
 from logra_dist.core.projection import LayerSpec, build_projections
-from logra_dist.data import Batch, batches, summed_lm_loss
+from logra_dist.data import Batch, TokenizedSample, batches, summed_lm_loss
 from logra_dist.engines import Engine, wrap
 from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 Projections = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]
+RowsCallback = Callable[[torch.Tensor, torch.Tensor], None]  # (ids (B,) int64 on the CPU, rows (B, D))
 
 
 def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec], dict[str, torch.nn.Module]]:
@@ -54,13 +55,28 @@ def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec],
 
 
 class GradientSession:
-    """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows."""
+    """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows.
+
+    The rows of each batch go to `on_rows(ids, rows)` (the Scorer's query set), or to a
+    subclass's `_on_batch` (the Logger's shard writer)."""
 
     tracker: NullTracker = NULL_TRACKER  # phase timers (logra_dist.tracking); a no-op by default
 
-    def __init__(self, model_or_engine: Any, config: LoGraConfig, projections: Projections | None = None):
+    def __init__(
+        self,
+        model_or_engine: Any,
+        config: LoGraConfig,
+        projections: Projections | None = None,
+        *,
+        on_rows: RowsCallback | None = None,
+        tracker: NullTracker | None = None,
+    ):
         config.validate()
+        if tracker is not None:
+            self.tracker = tracker
         self.config = config
+        self._on_rows = on_rows
+        self._closed = False
         self.engine = wrap(model_or_engine)
         self.specs, self._modules = select_layers(self.engine, config)
         self.compute_dtype = getattr(torch, config.compute_dtype)
@@ -68,10 +84,14 @@ class GradientSession:
         self.engine.freeze()
         self._capture: GradientCapture | None = None
         self._backward_done = False
-        if projections is None and config.init != "pca":
-            projections = self._build_projections()
-        if projections is not None:
-            self._install(projections)
+        try:
+            if projections is None and config.init != "pca":
+                projections = self._build_projections()
+            if projections is not None:
+                self._install(projections)
+        except BaseException:
+            self.close()  # leave the user's model as it was: weights unfrozen
+            raise
 
     # -- projections ------------------------------------------------------------------------
     def _build_projections(self, covariances=None) -> Projections:
@@ -82,13 +102,15 @@ class GradientSession:
         )
 
     def _install(self, projections: Projections) -> None:
+        """Use these projections (moved to where the activations are, in the compute dtype)."""
         missing = [s.name for s in self.specs if s.name not in projections]
         if missing:
             raise ConfigError(f"no projection for layer(s) {missing[:5]}")
-        self.projections = projections
+        on_device = lambda p: None if p is None else p.to(self.device, self.compute_dtype)  # noqa: E731
+        self.projections = {k: (on_device(a), on_device(b)) for k, (a, b) in projections.items()}
         if self._capture is not None:
             self._capture.remove()
-        self._capture = GradientCapture(self.specs, self._modules, projections, self.compute_dtype)
+        self._capture = GradientCapture(self.specs, self._modules, self.projections, self.compute_dtype)
 
     def projection(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) of a layer, as used for its rows (identity materialized on request)."""
@@ -118,8 +140,7 @@ class GradientSession:
         inside the block, with `loss` the SUM of per-sample losses. ids: global sample ids.
         Empty ids make a shadow batch (any dummy input; nothing recorded) for a rank that ran
         out of data while its ZeRO-3/FSDP peers still step (see `engine.lockstep_batches`)."""
-        if self._capture is None:
-            raise RuntimeError("projections are not built yet: init='pca' needs pca_pass() first")
+        self._check_capture()
         ids = torch.as_tensor(ids)
         if ids.numel() == 0:  # a shadow batch: see Engine.forward_is_collective
             ids = ids.reshape(0).to(torch.int64)
@@ -150,45 +171,116 @@ class GradientSession:
         self.engine.backward(loss)
         self._backward_done = True
 
+    def _check_capture(self) -> None:
+        """Refuse a capture that cannot record (the Logger checks its phase instead)."""
+        if self._closed:
+            raise RuntimeError("capture() after close(): the hooks are removed; attach again")
+        if self._capture is None:
+            raise RuntimeError("projections are not built yet: init='pca' needs pca_pass() first")
+
     def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
-        raise NotImplementedError
+        if self._on_rows is None:
+            raise RuntimeError("GradientSession(on_rows=None): nothing receives the rows (pass on_rows)")
+        self._on_rows(ids, rows)
 
     def close(self) -> None:
         """Remove hooks and restore the weights' requires_grad."""
+        self._closed = True
         if self._capture is not None:
             self._capture.remove()
         self.engine.unfreeze()
 
 
-def run_batches(session, samples, batch_size: int, pad_id: int, tracker=None) -> int:
-    """Capture this rank's samples batch by batch; returns its token count. Under ZeRO-3/FSDP
-    every forward is collective, so a rank with fewer batches than its peers runs shadow batches
-    (no ids: hooks fire, nothing is recorded) until all ranks have run the same number."""
-    mine = list(batches(samples, batch_size, pad_id))
-    steps = session.engine.lockstep_batches(len(mine))
+# -- the batch loop ------------------------------------------------------------------------------
+LossFn = Callable[[Callable, Any], torch.Tensor]  # (session.model, batch on the device) -> summed loss
+
+
+def lm_loss(model: Callable, batch: Batch) -> torch.Tensor:
+    """Forward a `data.Batch` and return the sum over samples of each one's summed token loss."""
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return summed_lm_loss(out.logits, batch.labels)
+
+
+def _mask(batch: Any) -> torch.Tensor | None:
+    return batch.attention_mask if isinstance(batch, Batch) else batch.get("attention_mask")
+
+
+def _tokens(batch: Any) -> int:
+    mask = _mask(batch)
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Batch):
+        return batch.to(device)
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def run_batches(
+    session,
+    batches: Iterable[tuple[Any, Batch | Mapping[str, Any]]],
+    loss_fn: LossFn = lm_loss,
+    *,
+    count: int | None = None,
+    shadow: Batch | Mapping[str, Any] | None = None,
+    tracker: NullTracker | None = None,
+) -> int:
+    """Capture this rank's (ids, batch) pairs in order; returns its token count.
+
+    batch: a `data.Batch` or a mapping of tensors (a collator's output; its "attention_mask", if
+    any, masks padding). loss_fn(session.model, batch) runs the forward and returns the SUM of
+    per-sample losses. count: number of pairs, when `batches` has no len(). Under ZeRO-3/FSDP every
+    forward is collective, so a rank with fewer batches than its peers then runs shadow batches (no
+    ids: hooks fire, nothing is recorded) on `shadow` (default: its first batch) until all ranks have
+    run the same number (`engine.lockstep_batches`). With a tracker: "forward" (with the loss) and
+    "backward" timed, `tracker.step(samples, tokens)` per batch (shadows count none)."""
+    tracker = tracker or NULL_TRACKER
+    local = len(batches) if count is None else count
+    steps = session.engine.lockstep_batches(local)
+    done, tokens, empty = 0, 0, torch.zeros(0, dtype=torch.int64)
+    for ids, batch in batches:
+        if done == local:
+            raise ValueError(f"run_batches: count={local} but more batches came")
+        shadow = batch if shadow is None else shadow
+        tokens += _capture_one(session, ids, batch, loss_fn, tracker)
+        done += 1
+    if done != local:
+        raise ValueError(f"run_batches: count={local} but {done} batches came")
+    for _ in range(steps - done):
+        if shadow is None:
+            raise ValueError(
+                "run_batches: this rank has no batch but its peers do, and the forward is collective: "
+                "pass shadow= (any input batch; it runs with no ids)"
+            )
+        _capture_one(session, empty, shadow, loss_fn, tracker)
+    return tokens
+
+
+def _capture_one(session, ids: Any, batch: Any, loss_fn: LossFn, tracker: NullTracker) -> int:
+    """One batch through capture; its token count (0 for a shadow batch)."""
+    ids = torch.as_tensor(ids)
+    tokens = _tokens(batch) if ids.numel() else 0  # on the CPU copy: no device sync
+    batch = _to(batch, session.device)
+    with session.capture(ids, mask=_mask(batch)):
+        with tracker.phase("forward"):
+            loss = loss_fn(session.model, batch)
+        with tracker.phase("backward"):
+            session.backward(loss)
+    tracker.step(samples=int(ids.numel()), tokens=tokens)
+    return tokens
+
+
+def run_samples(
+    session, samples: Sequence[TokenizedSample], batch_size: int, pad_id: int, tracker: NullTracker | None = None
+) -> int:
+    """Tokenized samples in padded batches of batch_size, through `run_batches` with the summed LM
+    loss; a rank out of samples runs a two-token shadow batch. Returns this rank's token count."""
     shadow = Batch(
         torch.zeros(0, dtype=torch.long),
         torch.full((1, 2), pad_id),
         torch.ones(1, 2, dtype=torch.long),
         torch.full((1, 2), pad_id),
     )
-    tokens = 0
-    for i in range(steps):
-        batch = mine[i] if i < len(mine) else shadow
-        capture_batch(session, batch, tracker)
-        tokens += int(batch.attention_mask.sum()) if i < len(mine) else 0
-    return tokens
-
-
-def capture_batch(session, batch, tracker=None) -> None:
-    """One batch through capture; with a tracker: forward/backward timed, samples and tokens counted."""
-    tracker = tracker or NULL_TRACKER
-    tokens = int(batch.attention_mask.sum())  # on the CPU copy: no device sync
-    batch = batch.to(session.device)
-    with session.capture(batch.ids, mask=batch.attention_mask):
-        with tracker.phase("forward"):
-            out = session.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            loss = summed_lm_loss(out.logits, batch.labels)
-        with tracker.phase("backward"):
-            session.backward(loss)
-    tracker.step(samples=len(batch.ids), tokens=tokens)
+    pairs = ((b.ids, b) for b in batches(samples, batch_size, pad_id))
+    count = -(-len(samples) // batch_size)
+    return run_batches(session, pairs, lm_loss, count=count, shadow=shadow, tracker=tracker)

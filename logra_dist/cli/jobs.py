@@ -21,7 +21,7 @@ from logra_dist.cli.parser import check_args
 from logra_dist.config import LoGraConfig
 from logra_dist.data import Document, pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
-from logra_dist.session import run_batches
+from logra_dist.session import run_samples
 
 EMBEDDED = "embedded"
 
@@ -141,9 +141,9 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     todo = [s for s in mine if s.id not in logger.done_ids]
     if logger.needs_pca_pass:
         with logger.pca_pass():
-            run_batches(logger, todo, args.batch_size, pad_id)
+            run_samples(logger, todo, args.batch_size, pad_id)
     start = time.perf_counter()
-    tokens = run_batches(logger, todo, args.batch_size, pad_id, tracker)
+    tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker)
     elapsed = time.perf_counter() - start
     with tracker.phase("finalize"):
         manifest = logger.finalize()

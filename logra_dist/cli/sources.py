@@ -20,7 +20,7 @@ from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, 
 from logra_dist.cli.parser import check_args
 from logra_dist.data import pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
-from logra_dist.session import run_batches
+from logra_dist.session import run_samples
 
 
 def _index_manifest(path: str | Path, what: str = "index") -> dict:
@@ -113,7 +113,7 @@ def run_score_prompts(args: argparse.Namespace):
         )
     scorer = Scorer(model, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
     pad_id = pad_token_id(tokenizer)
-    run_batches(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
+    run_samples(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
         result = scorer.topk(args.topk)
     records = gather_completions(completions)  # collective
@@ -145,7 +145,7 @@ def run_score(args: argparse.Namespace):
     scorer = Scorer(model, index, mode=args.mode, damping=args.damping, tracker=tracker)
     pad_id = pad_token_id(tokenizer)
     mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
-    run_batches(scorer, mine, args.batch_size, pad_id, tracker)
+    run_samples(scorer, mine, args.batch_size, pad_id, tracker)
     with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective
         result = scorer.topk(args.topk)
     tracker.finish(

@@ -47,6 +47,23 @@ class Engine:
                 return t.device
         return torch.device("cpu")
 
+    def parameter_count(self) -> int:
+        """The model's full parameter count (sharding adapters count the unsharded sizes)."""
+        return sum(p.numel() for p in self.root.parameters())
+
+    def model_class(self) -> type:
+        """The user's model class (adapters that substitute a generated class name the original)."""
+        return type(self.root)
+
+    def model_identity(self) -> dict[str, Any]:
+        """Class, Hugging Face name_or_path and parameter count: what an index records of its model."""
+        cls, cfg = self.model_class(), getattr(self.root, "config", None)
+        return {
+            "class": f"{cls.__module__}.{cls.__qualname__}",
+            "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+            "parameters": self.parameter_count(),
+        }
+
     def parameters_to_freeze(self) -> Iterator[torch.nn.Parameter]:
         yield from self.root.parameters()
 

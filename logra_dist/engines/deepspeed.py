@@ -34,6 +34,10 @@ class DeepSpeedEngineAdapter(Engine):
         self.stage = int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
         self.kind = f"deepspeed-zero{self.stage}"
 
+    def parameter_count(self) -> int:
+        """ZeRO-3 partitions leave each rank an empty tensor; `ds_numel` is the full size."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.root.parameters())
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
         if self.stage == 3:

@@ -46,6 +46,10 @@ class FSDP2Engine(Engine):
     def __init__(self, module: nn.Module):
         super().__init__(module, module, module)
 
+    def model_class(self) -> type:
+        """`fully_shard` swaps in a generated subclass "FSDP<Name>": name the user's class under it."""
+        return next(c for c in type(self.root).__mro__ if not c.__name__.startswith("FSDP"))
+
     @property
     def device(self) -> torch.device:
         for p in self.root.parameters():

@@ -34,6 +34,7 @@ from logra_dist import comm
 from logra_dist.config import LoGraConfig
 from logra_dist.data import IGNORE, summed_lm_loss
 from logra_dist.logger import attach
+from logra_dist.session import run_batches
 from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
@@ -117,20 +118,17 @@ def log_trainer_dataset(
     info = {"source": "transformers.Trainer", "samples": len(dataset), "batch_size": batch_size}
     logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})})
     keys = _forward_keys(logger.engine.root)
+
+    def forward_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels" and (keys is None or k in keys)}
+        return loss_fn(model(**inputs), batch)
+
+    pairs = (
+        (torch.as_tensor(positions, dtype=torch.int64), trainer.data_collator([dataset[int(i)] for i in positions]))
+        for positions in plan
+    )
     try:
-        for positions in plan:
-            batch = trainer.data_collator([dataset[int(i)] for i in positions])
-            batch = {k: v.to(logger.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            inputs = {k: v for k, v in batch.items() if k != "labels" and (keys is None or k in keys)}
-            mask = batch.get("attention_mask")
-            with logger.capture(torch.as_tensor(positions, dtype=torch.int64), mask=mask):
-                with tracker.phase("forward"):
-                    outputs = logger.model(**inputs)
-                    loss = loss_fn(outputs, batch)
-                with tracker.phase("backward"):
-                    logger.backward(loss)
-            tokens = int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
-            tracker.step(samples=len(positions), tokens=tokens)
+        run_batches(logger, pairs, forward_loss, count=len(plan), tracker=tracker)
         with tracker.phase("finalize"):
             manifest = logger.finalize()
     finally:

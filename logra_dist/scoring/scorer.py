@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import torch
 from logra_dist import comm
 from logra_dist.config import SCORE_MODES, ConfigError
 from logra_dist.core.curvature import CURVATURES
+from logra_dist.core.projection import LayerSpec
+from logra_dist.engines import Engine
 from logra_dist.index.format import IndexFormatError, layout_to_json, read_stats
 from logra_dist.index.partition import assign_rows
 from logra_dist.index.reader import GradientStore
@@ -35,12 +38,16 @@ from logra_dist.scoring.queries import GatheredQueries, QuerySet
 from logra_dist.scoring.results import TextLookup, write_results
 from logra_dist.scoring.selfinf import SelfInfluenceCache
 from logra_dist.session import GradientSession
+from logra_dist.tracking import NULL_TRACKER
 
 Chunk = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]  # start, ids, rows, self (c, L)
 
 
-class Scorer(GradientSession):
+class Scorer:
     """Pass the model (or engine) to compute query gradients, or None to score precomputed ones.
+
+    With a model, `self.session` (a GradientSession) captures query batches into `self.queries`;
+    `capture`, `backward`, `model`, `engine`, `device` and `projection` are the session's.
 
     chunk_rows: training rows per streamed chunk. 512 rows keep the chunked GEMM as fast as one
     big matmul (the queries are re-read once per chunk) and the stream's buffers small enough to
@@ -62,8 +69,7 @@ class Scorer(GradientSession):
         cache_self_influence: bool = True,
         tracker=None,
     ):
-        if tracker is not None:  # phase timers (logra_dist.tracking.Tracker)
-            self.tracker = tracker
+        self.tracker = tracker if tracker is not None else NULL_TRACKER  # phase timers (logra_dist.tracking)
         if mode not in SCORE_MODES:
             raise ConfigError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
         if chunk_rows < 1 or block_bytes < 1:
@@ -82,27 +88,22 @@ class Scorer(GradientSession):
                 s.name: (torch.from_numpy(state[f"{s.name}/p_in"]), torch.from_numpy(state[f"{s.name}/p_out"]))
                 for s in self.store.layout
             }
+        self.config = config
+        self.queries = QuerySet(self.store.width)
+        self.session: GradientSession | None = None
         if model_or_engine is not None:
-            super().__init__(model_or_engine, config, projections)
-            if list(self.specs) != self.store.layout:
-                GradientSession.close(self)  # leave the user's model as it was: no hooks, weights unfrozen
+            self.session = GradientSession(
+                model_or_engine, config, projections, on_rows=self._add_rows, tracker=self.tracker
+            )
+            if list(self.session.specs) != self.store.layout:
+                self.session.close()  # leave the user's model as it was: no hooks, weights unfrozen
                 self.store.close()
                 raise IndexFormatError(
                     f"{self.index_dir}: the model's selected layers do not match the index "
-                    f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.specs][:4]}..., "
+                    f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.session.specs][:4]}..., "
                     f"index: {[(s.name, s.d_in, s.d_out) for s in self.store.layout][:4]}...)"
                 )
-            if projections is not None:  # PCA matrices must live where activations are
-                self._install(
-                    {
-                        k: (a.to(self.device, self.compute_dtype), b.to(self.device, self.compute_dtype))
-                        for k, (a, b) in projections.items()
-                    }
-                )
-        else:
-            self.config, self.specs, self._capture = config, self.store.layout, None
         self.preconditioner = CURVATURES.get(self.hessian).from_state(self.store.layout, self.damping, state)
-        self.queries = QuerySet(self.store.width)
         self.rank, self.world = comm.rank(), comm.world_size()
         self.assignment = assign_rows([s.rows for s in self.store.shards], self.world)
         self.cache_self_influence = cache_self_influence
@@ -112,7 +113,43 @@ class Scorer(GradientSession):
         )
 
     # -- queries (local, no collectives) ----------------------------------------------------
-    def _on_batch(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+    def _query_session(self, call: str) -> GradientSession:
+        if self.session is None:
+            raise RuntimeError(
+                f"Scorer.{call}: this Scorer was made without a model (Scorer(None, ...)) and scores "
+                "precomputed query gradients (add_query_gradients); pass the model to capture queries"
+            )
+        return self.session
+
+    def capture(self, ids, mask: torch.Tensor | None = None) -> AbstractContextManager[None]:
+        """Capture one query batch, as `Logger.capture` does a training batch (see GradientSession)."""
+        return self._query_session("capture()").capture(ids, mask)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self._query_session("backward()").backward(loss)
+
+    @property
+    def model(self):
+        """Call this for the query forward passes (see GradientSession.model)."""
+        return self._query_session("model").model
+
+    @property
+    def engine(self) -> Engine:
+        return self._query_session("engine").engine
+
+    @property
+    def device(self) -> torch.device:
+        return self._query_session("device").device
+
+    @property
+    def specs(self) -> list[LayerSpec]:
+        """The scored layers (the index layout; with a model, checked to be the model's selection)."""
+        return self.store.layout
+
+    def projection(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._query_session("projection()").projection(layer_name)
+
+    def _add_rows(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
         self.queries.add(rows, ids)
 
     def add_query_gradients(self, rows: Any, ids: Any = None, *, share: bool = True) -> None:
@@ -348,5 +385,5 @@ class Scorer(GradientSession):
     def close(self) -> None:
         self._cache.close()
         self.store.close()
-        if self._capture is not None:
-            super().close()
+        if self.session is not None:
+            self.session.close()

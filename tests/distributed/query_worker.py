@@ -30,7 +30,7 @@ from logra_dist.embedded import ensure_default_model, load_tokenizer
 from logra_dist.engines import launch, wrap
 from logra_dist.engines.loading import build
 from logra_dist.scoring.completion import Prompt, complete, gather_completions
-from logra_dist.session import run_batches
+from logra_dist.session import run_samples
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY_FILE = REPO / "launch" / "example_queries.jsonl"
@@ -74,7 +74,7 @@ def run(model_or_engine, model_path: Path, index: Path, folder: Path, batch: int
     tokenizer = load_tokenizer(model_path)
     scorer = Scorer(model_or_engine, index, mode="relatif")
     mine = rank_samples(tokenize(query_documents(folder), tokenizer, MAX_LENGTH), comm.rank(), comm.world_size())
-    run_batches(scorer, mine, batch, tokenizer.pad_token_id)
+    run_samples(scorer, mine, batch, tokenizer.pad_token_id)
     local_ids, local_rows = scorer.queries.local_ids, scorer.queries.local_rows()
     gathered = scorer.queries.gather(scorer.preconditioner, scorer.store.layout, torch.float64)
     top = scorer.topk(K)

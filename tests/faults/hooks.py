@@ -38,13 +38,13 @@ def install(spec: str | None = None) -> None:
 
 
 def _after_batches(k: int, action) -> None:
-    from logra_dist.logger import Logger
+    from logra_dist.logger import Logger, Phase
 
     original, seen = Logger._on_batch, [0]
 
     def on_batch(self, ids, rows):
         original(self, ids, rows)
-        if self._writer is not None:  # logged batches only (not a PCA pass)
+        if self.phase in (Phase.LOGGING, Phase.STATISTICS):  # batches after the projections (not a PCA pass)
             seen[0] += 1
             if seen[0] == k:
                 action()
