@@ -10,7 +10,7 @@
    depend on the world size. Every rank calls every collective, also a rank with no rows.
 Memory is O(queries x (D + k) + query_chunk x chunk_rows), never O(queries x index) unless
 `scores()` is asked for. Self-influence (RelatIF, cosine) is computed while scoring the first
-time and cached in the index (`selfinf.py`).
+time and cached in the index (`scoring/selfinf.py`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Worker for tests/test_hf_trainer.py, started by torchrun with 2 ranks (gloo, CPU).
+"""Worker for tests/integrations/test_hf_trainer.py, started by torchrun with 2 ranks (gloo, CPU).
 
 A transformers.Trainer with a DeepSpeed ZeRO-3 config trains a tiny Llama (built from a config)
 for two steps, then `log_trainer_dataset` logs one pass over its training set with a Tracker

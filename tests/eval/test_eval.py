@@ -16,7 +16,7 @@ from logra_dist.eval.plans import plan_for
 from logra_dist.eval.retrain import make_job, subset_hash
 from logra_dist.eval.runner import lds_subsets, top_k_ids
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_rankdata_and_spearman_match_definitions():

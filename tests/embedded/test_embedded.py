@@ -24,7 +24,7 @@ from logra_dist.embedded import (
 )
 from logra_dist.embedded.cache import _is_complete
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # Pinned: changes only if corpus.jsonl.gz is deliberately rebuilt.
 CORPUS_SHA256 = "01d86f4fbd6a733dc1717c85e3dbdc7ac9d70fdc75beb312714c6b988a44afcf"
 UNICODE_SAMPLES = [

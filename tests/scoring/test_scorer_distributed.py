@@ -29,7 +29,7 @@ from scorer_helpers import (
 )
 
 pytestmark = pytest.mark.distributed
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORLDS = (1, 2, 3)
 
 

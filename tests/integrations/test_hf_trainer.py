@@ -21,11 +21,11 @@ from logra_dist import GradientStore, LoGraConfig, attach
 from logra_dist.data import summed_lm_loss
 from logra_dist.integrations.hf_trainer import rank_batches
 
-sys.path.insert(0, str(Path(__file__).parent / "workers"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workers"))
 from hf_texts import Texts
 
 N = 11  # odd: the ranks hold 6 and 5 samples
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_rank_batches_cover_every_sample_once_with_equal_batch_counts():

@@ -170,7 +170,7 @@ def test_inspect_complete_index(job):
         [sys.executable, "-m", "logra_dist.cli", "inspect", "--json", str(job["root"] / "index")],
         capture_output=True,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
     )
     assert out.returncode == 0 and json.loads(out.stdout)["rows_on_disk"] == N_TRAIN
 
