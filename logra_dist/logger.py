@@ -114,7 +114,6 @@ class Logger(GradientSession):
             self.tracker = tracker
             tracker.add_source(self._writer_figures)
         self.rank, self.world_size = comm.rank(), comm.world_size()
-        self._resume = resume
         self.metadata = metadata or {}
         self._asynchronous = asynchronous_writes
         self._commit_seconds = (

@@ -81,8 +81,6 @@ _NO_PHASE = _NoPhase()
 class NullTracker:
     """The default everywhere: records nothing, costs one attribute lookup per call."""
 
-    enabled = False
-
     def phase(self, name: str) -> _NoPhase:
         return _NO_PHASE
 
@@ -114,8 +112,6 @@ class Tracker(NullTracker):
     log_every: batches between W&B history rows (and plain progress lines, at most one per
     `progress_interval_s`). total: expected samples on this rank, for the progress bar.
     """
-
-    enabled = True
 
     def __init__(
         self,

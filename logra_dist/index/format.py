@@ -232,7 +232,9 @@ STATS_ATTRS = ("hessian", "damping", "samples", "layout", "config")
 
 def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """stats.h5: one group per layer holding the eigendecomposition (and PCA projections);
-    `attrs`: the other STATS_ATTRS."""
+    `attrs`: the other STATS_ATTRS, all of them (readers rely on each)."""
+    if sorted(attrs) != sorted(STATS_ATTRS[2:]):
+        raise ValueError(f"write_stats({path}): attributes {sorted(attrs)}, expected {sorted(STATS_ATTRS[2:])}")
     tmp = path.with_name(path.name + ".tmp")
     with h5_writing(tmp) as f:
         f.attrs.update({"hessian": kind, "damping": damping, **attrs})

@@ -40,10 +40,6 @@ class StreamCheck:
         size = self.info.block_rows
         return b * size, min((b + 1) * size, self.info.rows)
 
-    def see(self, lo: int, rows: np.ndarray) -> None:
-        """Stored rows lo, lo+1, ... of the shard (local indexes), just read."""
-        self.see_sums(lo, row_checksums(rows))
-
     def see_sums(self, lo: int, sums: np.ndarray) -> None:
         """The row checksums of stored rows lo, lo+1, ... of the shard, just read. Blocks read
         whole in one call are checked at once; the others are summed up piece by piece."""
