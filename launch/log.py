@@ -6,7 +6,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from logra_dist.cli.main import main
+from logra_dist.cli.main import run
 
 if __name__ == "__main__":
-    sys.exit(main(["log", *sys.argv[1:]]))
+    run(["log", *sys.argv[1:]])

@@ -1,7 +1,5 @@
 """`python -m logra_dist.cli ...` is `logra-dist ...`."""
 
-import sys
+from logra_dist.cli.main import run
 
-from logra_dist.cli.main import main
-
-sys.exit(main())
+run()

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -44,5 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run(argv: Sequence[str] | None = None) -> None:
+    """The `logra-dist` entry point (and `launch/*.py`): `main`, then a clean end of the process
+    (`engines.launch.exit_process`: no interpreter teardown after a distributed job)."""
+    from logra_dist.engines.launch import exit_process
+
+    exit_process(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

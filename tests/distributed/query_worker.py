@@ -119,6 +119,7 @@ def main() -> None:
         del engine
         comm.barrier()
     launch.destroy_distributed()
+    launch.exit_process(0)
 
 
 if __name__ == "__main__":

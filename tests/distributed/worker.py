@@ -350,6 +350,7 @@ def main() -> None:
         gc.collect()
         dist.barrier()
     launch.destroy_distributed()
+    launch.exit_process(0)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ sys.path[:0] = [os.path.join(HERE, "..", ".."), HERE]
 
 import hooks  # noqa: E402
 
-from logra_dist.cli.main import main  # noqa: E402
+from logra_dist.cli.main import run  # noqa: E402
 
 if __name__ == "__main__":
     hooks.install()
-    sys.exit(main(sys.argv[1:]))
+    run(sys.argv[1:])

@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 
 import logra_dist as ld  # noqa: E402
 from logra_dist import comm  # noqa: E402
-from logra_dist.engines.launch import destroy_distributed, init_distributed  # noqa: E402
+from logra_dist.engines.launch import destroy_distributed, exit_process, init_distributed  # noqa: E402
 
 
 def model() -> nn.Module:
@@ -108,3 +108,4 @@ if __name__ == "__main__":
             flush=True,
         )
     destroy_distributed()
+    exit_process(0)
