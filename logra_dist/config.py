@@ -15,7 +15,7 @@ from typing import Any
 INITS = ("random", "pca", "identity")
 HESSIANS = ("raw", "kfac", "none")
 FISHERS = ("empirical", "true")
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "sign")
 SCORE_MODES = ("dot", "relatif", "cosine")
 COMPUTE_DTYPES = ("float32", "float64")
 # Names of core.layers.LAYER_TYPES (config cannot import core; a test keeps the two equal).
@@ -40,6 +40,9 @@ class LoGraConfig:
     factors per layer) or "none" (plain gradient dot products).
     damping: lambda = damping x mean eigenvalue of each layer's matrix (1.0 as in the paper).
     include / exclude: regular expressions matched (re.search) against module names.
+    storage_dtype: the row codec of the shards: "float32", "float16", "bfloat16", or quantized
+    per row and layer block "int8", "int4", "sign" (1 bit a value; index/codecs.py). The
+    curvature statistics always come from the full-precision rows.
     layer_types: which kinds of module are layers ("linear", "conv1d", "embedding"); by default
     Linear and transformers' Conv1D. "embedding" logs nn.Embedding weights (d_in = vocabulary:
     keep init="identity" and PCA for small vocabularies). Changes the layout, hence the rows.

@@ -43,7 +43,7 @@ def config(args) -> ld.LoGraConfig:
         init=args.init,
         seed=args.seed,
         hessian=args.hessian,
-        storage_dtype="float32",
+        storage_dtype=args.storage_dtype,
         flush_rows=args.flush_rows,
         include=args.include,
     )
@@ -90,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default="random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hessian", default="raw")
+    p.add_argument("--storage-dtype", default="float32")
     p.add_argument("--nan-id", type=int, default=-1)
     p.add_argument("--skip-id", type=int, default=-1, help="leave this sample out of the data")
     p.add_argument("--include", nargs="*", default=[".*"])

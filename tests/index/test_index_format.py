@@ -27,11 +27,11 @@ def test_codec_names_are_the_configs_storage_dtypes():
     assert sorted(CODECS.names()) == sorted(STORAGE_DTYPES)
     for name in STORAGE_DTYPES:
         assert issubclass(CODECS.get(name), RowCodec) and CODECS.get(name).name == name
-    with pytest.raises(ld.ConfigError, match="unknown storage codec 'int8'"):
-        codec_for("int8")
+    with pytest.raises(ld.ConfigError, match="unknown storage codec 'int3'"):
+        codec_for("int3")
 
 
-@pytest.mark.parametrize("name", STORAGE_DTYPES)
+@pytest.mark.parametrize("name", ["float32", "float16", "bfloat16"])  # quantized ones: test_codecs.py
 def test_codec_round_trip_record_size_and_checksum(name):
     codec = codec_for(name, SPECS)
     assert codec.block_widths == (6, 6)
