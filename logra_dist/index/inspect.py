@@ -216,15 +216,15 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
             layout = shard_layout
         if sample is not None and shard_layout == layout:
             samples.append(sample)
-    if finalized:
-        damaged += index_problems(root)
-        if (root / STATS_FILE).exists():
-            try:
-                read_stats(root / STATS_FILE)
-            except IndexFormatError as e:
-                damaged.append(str(e))
-    else:
+    if not finalized:
         _unfinished_problems(root, shards, seen_ids, unfinished, damaged)
+    if manifest is not None:  # an unreadable manifest is listed already; nothing checks against it
+        damaged += index_problems(root)
+    if finalized and (root / STATS_FILE).exists():
+        try:
+            read_stats(root / STATS_FILE)
+        except IndexFormatError as e:
+            damaged.append(str(e))
     world = max([s.get("world_size", 0) for s in shards] + [manifest.get("world_size", 0) if manifest else 0])
     problems = unfinished + damaged
     status = "damaged" if damaged or (finalized and unfinished) else "partial" if unfinished else "usable"

@@ -53,8 +53,8 @@ def rank_state(path: Path, want: dict[str, Any]) -> tuple[str, str | None]:
     problem = another_job(meta, want, "in the interrupted job")
     if problem:
         return "partial", (
-            f"{record_path.parent}: {problem}; cannot resume: resume with the original settings, "
-            f"or delete {path.parent.parent} to start over"
+            f"{record_path.parent}: {problem}; so it cannot be resumed: rerun with the original "
+            f"settings, or delete {path.parent.parent} to start over"
         )
     return "partial", None
 

@@ -121,3 +121,14 @@ def test_a_killed_job_is_resumable_and_exits_1(tmp_path):
     assert facts["exit_code"] == 2 and any(
         "rank-00000.partial: unreadable commit record" in p for p in facts["problems"]
     )
+
+
+def test_a_finalize_killed_before_the_manifest_is_resumable_until_its_statistics_go(tmp_path):
+    out = tmp_path / "index"
+    killed = run_mlp(out, "--flush-rows", "4", fault="kill_before_manifest")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    facts = inspect_index(out)
+    assert facts["exit_code"] == 1 and facts["shards"][0]["complete"], facts["problems"]
+    (out / "shards" / "rank-00000.stats.npz").unlink()  # resume could not re-run the finalize now
+    facts = inspect_index(out)
+    assert facts["exit_code"] == 2 and any("its finalize cannot be re-run" in p for p in facts["problems"])

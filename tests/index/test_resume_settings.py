@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 from reliability_helpers import CLI_WORKER, assert_same_index, env, rows_by_id
 
@@ -101,6 +102,8 @@ def test_resume_refuses_other_rows_settings_and_finishes_with_the_same(tmp_path)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["digest"] == digest and manifest["data"]["paths"] == [str(data)]
     assert manifest["data"]["samples"] == 20 and manifest["data"]["max_length"] == 48
+    with h5py.File(out / "shards" / "rank-00000.h5") as f:  # the complete shard carries it too
+        assert json.loads(f.attrs["data"])["digest"] == digest and "paths" not in json.loads(f.attrs["data"])
 
 
 def _record_meta(partial: Path) -> dict:
