@@ -30,6 +30,7 @@ from logra_dist.config import LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.projection import LayerSpec
+from logra_dist.data import DataIdentity
 from logra_dist.index.format import (
     MANIFEST_FILE,
     STATS_FILE,
@@ -99,6 +100,7 @@ class Logger(GradientSession):
         resume: bool = False,
         model_info: dict[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
+        data: DataIdentity | None = None,
         asynchronous_writes: bool = True,
         commit_seconds: float | None = None,
         tracker: NullTracker | None = None,
@@ -107,7 +109,9 @@ class Logger(GradientSession):
         is none); commit_seconds: commit at most this often (default $LOGRA_DIST_COMMIT_SECONDS or
         30), only after `flush_rows` new rows and at most once per 20x the last commit's cost,
         bounding the work a kill loses (0: at every `flush_rows` rows, whatever the cost); metadata: JSON-able
-        facts about the job (data source, model path) recorded in the manifest; tracker: phase
+        facts about the job (data source, model path) recorded in the manifest; data: what is
+        logged (`data.DataIdentity`), recorded in every shard and the manifest: a resume with
+        other data or row-changing settings is refused, naming the field; tracker: phase
         timers and I/O counters (logra_dist.tracking.Tracker), none by default."""
         self.out_dir = Path(out_dir)
         if tracker is not None:
@@ -115,6 +119,7 @@ class Logger(GradientSession):
             tracker.add_source(self._writer_figures)
         self.rank, self.world_size = comm.rank(), comm.world_size()
         self.metadata = metadata or {}
+        self.data = data.to_dict() if data is not None else {}
         self._asynchronous = asynchronous_writes
         self._commit_seconds = (
             float(os.environ.get("LOGRA_DIST_COMMIT_SECONDS") or 30.0) if commit_seconds is None else commit_seconds
@@ -140,7 +145,13 @@ class Logger(GradientSession):
 
     def _shard_attrs(self) -> ShardAttrs:
         return ShardAttrs.for_job(
-            self.specs, self.config.to_json(), self.config.storage_dtype, self.rank, self.world_size, self.model_info
+            self.specs,
+            self.config.to_json(),
+            self.config.storage_dtype,
+            self.rank,
+            self.world_size,
+            self.model_info,
+            self.data,
         )
 
     def _start_writing(self) -> None:
@@ -405,6 +416,7 @@ class Logger(GradientSession):
             model=self.model_info,
             engine=self.engine.kind,
             metadata=self.metadata,
+            data=self.data,
         ).to_dict()
 
     def _write_stats(self, manifest: dict[str, Any]) -> None:

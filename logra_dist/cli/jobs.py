@@ -19,7 +19,7 @@ import torch
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
 from logra_dist.config import LoGraConfig
-from logra_dist.data import Document, pad_token_id, rank_samples, read_documents, tokenize
+from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
 from logra_dist.session import run_samples
 
@@ -135,8 +135,15 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         "max_length": args.max_length,
         "model_path": model_path,
     }
+    data = DataIdentity.of(  # every rank digests every logged sample: the same identity everywhere
+        samples[: args.max_samples],
+        args.data if args.data and args.data != [EMBEDDED] else None,
+        max_length=args.max_length,
+        max_samples=args.max_samples,
+        model_dtype=args.dtype,
+    )
     tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
-    logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, tracker=tracker)
+    logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, data=data, tracker=tracker)
     pad_id = pad_token_id(tokenizer)
     todo = [s for s in mine if s.id not in logger.done_ids]
     if logger.needs_pca_pass:

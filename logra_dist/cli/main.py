@@ -36,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         facts = inspect_index(args.index, sample_rows=args.sample_rows)
         print(json.dumps(facts, indent=2) if args.json else render(facts))
+        return facts["exit_code"]  # 0 usable, 1 unfinished but resumable, 2 damaged
     elif args.command == "report":
         from logra_dist.cli.report import write_report
 

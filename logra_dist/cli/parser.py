@@ -86,7 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
     score.add_argument("--out", default=None, help="directory for topk.h5 and the listing (default: print)")
 
-    inspect = sub.add_parser("inspect", help="what an index holds: shards, rows, layout, completeness, norms, disk use")
+    inspect = sub.add_parser(
+        "inspect",
+        help="what an index holds: shards, rows, layout, completeness, norms, disk use; every problem "
+        "the readers would refuse it for. Exit code 0: usable; 1: unfinished but resumable "
+        "(rerun the job with --resume); 2: damaged (not usable without repair)",
+        description="Exit codes: 0 usable (complete and valid); 1 partial (a running or interrupted job "
+        "whose shards are consistent: rerun it with --resume); 2 damaged (not usable without repair).",
+    )
     inspect.add_argument("index", help="index directory (complete or partial)")
     inspect.add_argument("--sample-rows", type=int, default=256, help="rows per shard read for the norm summary")
     inspect.add_argument("--json", action="store_true", help="print the facts as JSON")

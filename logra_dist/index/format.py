@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,17 @@ def shard_model_json(info: dict[str, Any] | None) -> str:
     return json.dumps({k: (info or {}).get(k) for k in SHARD_MODEL_FIELDS}, sort_keys=True)
 
 
+# -- data identity ----------------------------------------------------------------------------------
+# The data a job logged (`data.DataIdentity.to_dict`: digest of the samples' tokens, count,
+# max_length, max_samples, model dtype, paths). The manifest records all of it; a shard every field
+# but the paths as given (the same file is named differently from another working directory).
+DATA_UNCOMPARED = ("paths",)
+
+
+def shard_data_json(info: dict[str, Any] | None) -> str:
+    return json.dumps({k: v for k, v in (info or {}).items() if k not in DATA_UNCOMPARED}, sort_keys=True)
+
+
 # -- shard attributes -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShardAttrs:
@@ -116,6 +128,7 @@ class ShardAttrs:
     world_size: int
     model: str  # shard_model_json
     rank: int
+    data: str = "{}"  # shard_data_json: the samples logged and the settings that cut them
 
     @classmethod
     def for_job(
@@ -126,8 +139,17 @@ class ShardAttrs:
         rank: int,
         world_size: int,
         model: dict[str, Any] | None,
+        data: dict[str, Any] | None = None,
     ) -> ShardAttrs:
-        return cls(layout_to_json(specs), config_json, storage_dtype, world_size, shard_model_json(model), rank)
+        return cls(
+            layout_to_json(specs),
+            config_json,
+            storage_dtype,
+            world_size,
+            shard_model_json(model),
+            rank,
+            shard_data_json(data),
+        )
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], rank: int) -> ShardAttrs:
@@ -140,10 +162,74 @@ class ShardAttrs:
             manifest["world_size"],
             shard_model_json(manifest.get("model")),
             rank,
+            shard_data_json(manifest.get("data")),
         )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Attributes holding JSON: compared field by field, so an error names `config.seed`, not two
+# configs cut short.
+JSON_ATTRS = ("layout", "config", "model", "data")
+_ABSENT = object()
+MAX_DIFFERENCES = 12
+
+
+def _parse(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _differences(path: str, got: Any, want: Any) -> list[tuple[str, Any, Any]]:
+    if got == want:
+        return []
+    if isinstance(got, dict) and isinstance(want, dict):
+        keys = list(want) + [k for k in got if k not in want]
+        return [d for k in keys for d in _differences(f"{path}.{k}", got.get(k, _ABSENT), want.get(k, _ABSENT))]
+    if isinstance(got, list) and isinstance(want, list):
+        head = [] if len(got) == len(want) else [(f"len({path})", len(got), len(want))]
+        return head + [d for i, (a, b) in enumerate(zip(got, want)) for d in _differences(f"{path}[{i}]", a, b)]
+    return [(path, got, want)]
+
+
+def attr_differences(got: dict[str, Any], want: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(field, recorded value, this job's value) for every difference, in `want`'s key order;
+    JSON-valued attributes (`JSON_ATTRS`) by their fields (`config.seed`, `data.max_length`)."""
+    out = []
+    for key, value in want.items():
+        have = got.get(key, _ABSENT)
+        if key in JSON_ATTRS:
+            out += _differences(key, _parse(have), _parse(value))
+        elif have != value:
+            out.append((key, have, value))
+    return out
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]], then: str, now: str = "now") -> str:
+    """'config.seed is 1 in the interrupted job, 0 now; ...': both values in full."""
+
+    def show(v: Any) -> str:
+        return "absent" if v is _ABSENT else json.dumps(v) if not isinstance(v, str) else repr(v)
+
+    parts = [f"{field} is {show(a)} {then}, {show(b)} {now}" for field, a, b in diffs[:MAX_DIFFERENCES]]
+    if len(diffs) > MAX_DIFFERENCES:
+        parts.append(f"and {len(diffs) - MAX_DIFFERENCES} more difference(s)")
+    return "; ".join(parts)
+
+
+def another_job(got: dict[str, Any], want: dict[str, Any], then: str, now: str = "now") -> str | None:
+    """None if the recorded attributes `got` match this job's `want`; else 'written with another
+    <attribute>: <every difference, both values>' (resume refuses it)."""
+    diffs = attr_differences(got, want)
+    if not diffs:
+        return None
+    key = re.split(r"[.\[]", diffs[0][0].removeprefix("len(").rstrip(")"))[0]
+    return f"written with another {key}: {describe_differences(diffs, then, now)}"
 
 
 # -- manifest ---------------------------------------------------------------------------------------
@@ -164,6 +250,7 @@ class Manifest:
     metadata: dict[str, Any]
     versions: dict[str, Any]
     lambdas: dict[str, float] = field(default_factory=dict)  # per layer damping used (stats.h5)
+    data: dict[str, Any] = field(default_factory=dict)  # DataIdentity.to_dict: what was logged
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -179,6 +266,7 @@ class Manifest:
         model: dict[str, Any] | None = None,
         engine: str | None = None,
         metadata: dict[str, Any] | None = None,
+        data: dict[str, Any] | None = None,
     ) -> Manifest:
         return cls(
             config=config,
@@ -196,6 +284,7 @@ class Manifest:
             engine=engine,
             metadata=dict(metadata or {}),
             versions=versions(),
+            data=dict(data or {}),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -6,10 +6,17 @@ too (a running or killed job): partial shards (`rank-NNNNN.partial/`, read throu
 what is incomplete. Shards are opened read-only without HDF5 file locking, and a partial shard's
 rows are read only up to its commit record, so a live job can be looked at. Rows are decoded by
 the shard's row codec.
+
+It tells the truth by reusing the checks of those who would read the index: a finalized one
+gets every problem `GradientStore` would refuse it for (`reader.index_problems`, all of them, not
+the first) and `stats.h5` read whole as the scorer reads it; an unfinished one the resume checks
+(one job's attributes across shards, ranks in their own files, statistics for a re-run finalize).
+Exit codes (`EXIT_CODES`): 0 usable, 1 unfinished but resumable, 2 damaged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -20,9 +27,25 @@ import numpy as np
 
 from logra_dist.config import ConfigError
 from logra_dist.index.codecs import codec_for
-from logra_dist.index.format import MANIFEST_FILE, SHARD_DIR, STATS_FILE, layout_from_json
+from logra_dist.index.format import (
+    MANIFEST_FILE,
+    SHARD_DIR,
+    STATS_FILE,
+    IndexFormatError,
+    ShardAttrs,
+    another_job,
+    layout_from_json,
+    rank_stats_path,
+    read_manifest,
+    read_stats,
+)
+from logra_dist.index.h5io import attr_value
 from logra_dist.index.partial import PartialRows, PartialShardError
+from logra_dist.index.reader import index_problems
 
+# `logra-dist inspect` exits with these (cli/parser.py, README, docs/reliability.md say the same).
+EXIT_CODES = {"usable": 0, "partial": 1, "damaged": 2}
+IDENTITY = tuple(f.name for f in dataclasses.fields(ShardAttrs))  # what resume and readers compare
 _SHARD = re.compile(r"^rank-(\d+)\.(h5|partial|h5\.partial)$")
 
 
@@ -66,6 +89,7 @@ def _shard_facts(
             facts["error"] = "datasets 'grads'/'ids' missing"
             return facts, None, None
         attrs = f.attrs
+        facts["identity"] = {k: attr_value(attrs[k]) for k in IDENTITY if k in attrs}
         rows, n_ids = int(f["grads"].shape[0]), int(f["ids"].shape[0])
         facts.update(
             rows=rows,
@@ -108,6 +132,7 @@ def _partial_facts(
         facts["error"] = f"unreadable commit record ({e}); being created, or damaged"
         return facts, None, None
     meta = part.record.meta
+    facts["identity"] = {k: meta[k] for k in IDENTITY if k in meta}
     facts.update(
         rows=part.rows_on_disk,
         width=part.width,
@@ -157,21 +182,28 @@ def _layer_norms(samples: list[np.ndarray], layout: list[dict[str, Any]]) -> lis
 
 
 def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, Any]:
-    """Facts about an index (JSON-able); `problems` lists what is incomplete or inconsistent."""
+    """Facts about an index (JSON-able): `problems` lists every problem found, `status` /
+    `exit_code` say whether the index is usable (0), a consistent unfinished job (1: `--resume`
+    finishes it) or damaged (2). A finalized index gets the readers' own checks
+    (`reader.index_problems`, `format.read_stats`); an unfinished one the resume checks."""
     root = Path(index_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    problems: list[str] = []
+    unfinished: list[str] = []  # what --resume completes
+    damaged: list[str] = []  # what only a repair (or a new job) fixes
     manifest = None
-    if (root / MANIFEST_FILE).exists():
+    finalized = (root / MANIFEST_FILE).exists()
+    if finalized:
         try:
-            manifest = json.loads((root / MANIFEST_FILE).read_text())
-        except ValueError as e:
-            problems.append(f"manifest.json is not valid JSON: {e}")
+            manifest = read_manifest(root / MANIFEST_FILE)
+        except IndexFormatError as e:
+            damaged.append(str(e))
     else:
-        problems.append("manifest.json missing: the job has not finalized (Logger.finalize)")
+        unfinished.append("manifest.json missing: the job has not finalized (Logger.finalize)")
     if not (root / STATS_FILE).exists():
-        problems.append("stats.h5 missing: no Hessian statistics yet (written at finalize)")
+        (damaged if finalized else unfinished).append(
+            "stats.h5 missing: no Hessian statistics yet (written at finalize)"
+        )
     files = sorted(
         (p for p in (root / SHARD_DIR).glob("rank-*") if _SHARD.match(p.name)),
         key=lambda p: (int(_SHARD.match(p.name).group(1)), p.name),
@@ -180,50 +212,32 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
     for path in files:
         facts, sample, shard_layout = _shard_facts(path, sample_rows, seen_ids)
         shards.append(facts)
-        if "error" in facts:
-            problems.append(f"{facts['path']}: {facts['error']}")
-        elif not facts["complete"]:
-            problems.append(
-                f"{facts['path']}: incomplete ({facts['rows']} rows on disk, "
-                f"{facts['rows_committed']} committed and resumable)"
-            )
-        if shard_layout is not None:
-            if layout is None:
-                layout = shard_layout
-            elif shard_layout != layout:
-                problems.append(f"{facts['path']}: layer layout differs from the first shard's")
-                continue
+        if shard_layout is not None and layout is None:
+            layout = shard_layout
         if sample is not None and shard_layout == layout:
             samples.append(sample)
-    if seen_ids:
-        ids = np.concatenate(seen_ids)
-        uniq, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
-            problems.append(
-                f"{int((counts > 1).sum())} sample id(s) logged more than once, e.g. {uniq[counts > 1][:5].tolist()}"
-            )
-    if not files:
-        problems.append(f"no shard files under {root / SHARD_DIR}")
+    if not finalized:
+        _unfinished_problems(root, shards, seen_ids, unfinished, damaged)
+    if manifest is not None:  # an unreadable manifest is listed already; nothing checks against it
+        damaged += index_problems(root)
+    if finalized and (root / STATS_FILE).exists():
+        try:
+            read_stats(root / STATS_FILE)
+        except IndexFormatError as e:
+            damaged.append(str(e))
     world = max([s.get("world_size", 0) for s in shards] + [manifest.get("world_size", 0) if manifest else 0])
-    present = {s["rank"] for s in shards}
-    missing = [r for r in range(world) if r not in present]
-    if missing:
-        problems.append(f"no shard at all for rank(s) {missing} of world size {world}")
-    if manifest is not None:
-        for entry in manifest.get("shards", []):
-            match = [s for s in shards if s["path"] == entry["path"]]
-            if not match:
-                problems.append(f"{entry['path']}: listed in manifest.json but missing")
-            elif match[0].get("rows") != entry["rows"]:
-                problems.append(f"{entry['path']}: {match[0].get('rows')} rows, manifest says {entry['rows']}")
+    problems = unfinished + damaged
+    status = "damaged" if damaged or (finalized and unfinished) else "partial" if unfinished else "usable"
     total = sum(s.get("rows", 0) for s in shards)
     first = next((s for s in shards if "config" in s), {})
     return {
         "index": str(root),
-        "complete": not problems,
+        "complete": status == "usable",
+        "status": status,
+        "exit_code": EXIT_CODES[status],
         "problems": problems,
         "world_size": world,
-        "shards": [{k: v for k, v in s.items() if k != "config"} for s in shards],
+        "shards": [{k: v for k, v in s.items() if k not in ("config", "identity")} for s in shards],
         "rows_on_disk": total,
         "rows_in_manifest": manifest.get("total_rows") if manifest else None,
         "width": first.get("width"),
@@ -231,12 +245,61 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         "config": (manifest or {}).get("config") or first.get("config"),
         "engine": (manifest or {}).get("engine"),
         "model": (manifest or {}).get("model"),
+        "data": (manifest or {}).get("data"),
         "lambdas": (manifest or {}).get("lambdas"),
         "layout": layout or [],
         "layer_norms": _layer_norms(samples, layout) if samples and layout else [],
         "sampled_rows": int(sum(len(s) for s in samples)),
         "disk_bytes": _disk_use(root),
     }
+
+
+def _unfinished_problems(
+    root: Path, shards: list[dict[str, Any]], seen_ids: list[np.ndarray], unfinished: list[str], damaged: list[str]
+) -> None:
+    """What a job without a manifest left: resumable only if every shard is readable, all
+    belong to one job (the attributes resume compares), hold each id once, and complete ones
+    still have the statistics a re-run finalize needs."""
+    if not shards:
+        damaged.append(f"no shard files under {root / SHARD_DIR}: nothing to resume")
+        return
+    reference = next((s for s in shards if "identity" in s), None)
+    for s in shards:
+        if "error" in s:
+            being_built = s["path"].endswith(".h5.partial")
+            (unfinished if being_built else damaged).append(f"{s['path']}: {s['error']}")
+            continue
+        if not s["complete"]:
+            unfinished.append(
+                f"{s['path']}: incomplete ({s['rows']} rows on disk, {s['rows_committed']} committed and resumable)"
+            )
+        elif not rank_stats_path(root / s["path"]).exists():
+            damaged.append(
+                f"{s['path']}: complete, but without {rank_stats_path(root / s['path']).name} and with no "
+                "manifest: its finalize cannot be re-run; delete the index to log again"
+            )
+        ident = s.get("identity", {})
+        if ident.get("rank", s["rank"]) != s["rank"]:
+            damaged.append(f"{s['path']}: holds the shard of rank {ident['rank']} (files swapped or renamed?)")
+        if reference is not None and s is not reference:
+            want = {k: v for k, v in reference["identity"].items() if k != "rank"}
+            problem = another_job(ident, want, f"in {s['path']}", f"in {reference['path']}")
+            if problem:
+                damaged.append(f"{s['path']}: another job's shard: {problem}")
+    if seen_ids:
+        uniq, counts = np.unique(np.concatenate(seen_ids), return_counts=True)
+        if (counts > 1).any():
+            damaged.append(
+                f"{int((counts > 1).sum())} sample id(s) logged more than once, e.g. {uniq[counts > 1][:5].tolist()}"
+            )
+    world = max(s.get("world_size", 0) for s in shards)
+    present = {s["rank"] for s in shards}
+    missing = [r for r in range(world) if r not in present]
+    if missing:
+        unfinished.append(f"no shard at all for rank(s) {missing} of world size {world}")
+    extra = sorted(r for r in present if r >= world)
+    if extra:
+        damaged.append(f"shards of rank(s) {extra} exceed the world size {world} of the others")
 
 
 def _size(n: float) -> str:
@@ -247,11 +310,18 @@ def _size(n: float) -> str:
     return f"{n} B"
 
 
+_HEADLINE = {
+    "usable": "COMPLETE",
+    "partial": "INCOMPLETE, resumable (rerun the job with --resume)",
+    "damaged": "INCOMPLETE, DAMAGED (not usable without repair)",
+}
+
+
 def render(facts: dict[str, Any]) -> str:
     """The facts as a terminal page."""
     cfg = facts.get("config") or {}
     lines = [
-        f"index {facts['index']}: {'COMPLETE' if facts['complete'] else 'INCOMPLETE'}",
+        f"index {facts['index']}: {_HEADLINE[facts['status']]} (exit code {facts['exit_code']})",
         f"  rows: {facts['rows_on_disk']} on disk"
         + (f", {facts['rows_in_manifest']} in manifest" if facts["rows_in_manifest"] is not None else ""),
         f"  width D={facts['width']}, stored as {facts['storage_dtype']}, {len(facts['layout'])} layers, "
@@ -282,5 +352,5 @@ def render(facts: dict[str, Any]) -> str:
                 f"{layer['mean_norm']:>11.4g} {layer['max_norm']:>11.4g}{bad}"
             )
     if facts["problems"]:
-        lines += ["", "incomplete or inconsistent:"] + [f"  - {p}" for p in facts["problems"]]
+        lines += ["", f"{len(facts['problems'])} problem(s):"] + [f"  - {p}" for p in facts["problems"]]
     return "\n".join(lines)

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from logra_dist.index.codecs import RowCodec, codec_for
-from logra_dist.index.format import layout_from_json, rank_stats_path
+from logra_dist.index.format import another_job, layout_from_json, rank_stats_path
 from logra_dist.index.h5io import fsync_path
 
 GRADS, IDS, COMMIT = "grads.bin", "ids.bin", "commit.npz"
@@ -245,14 +245,12 @@ class PartialShard(PartialRows):
         self._ids = open(directory / IDS, "ab")  # noqa: SIM115 (closed in close())
 
     def _check(self, meta: dict) -> None:
-        for key, want in meta.items():
-            got = self.record.meta.get(key)
-            if got != want:
-                raise PartialShardError(
-                    f"{self.dir}: cannot resume, it was written with another {key} "
-                    f"({_short(got)} != {_short(want)}); resume with the original "
-                    f"settings, or delete {self.dir.parent} to start over"
-                )
+        problem = another_job(self.record.meta, meta, "in the interrupted job")
+        if problem:
+            raise PartialShardError(
+                f"{self.dir}: cannot resume, it was {problem}; resume with the original "
+                f"settings, or delete {self.dir.parent} to start over"
+            )
 
     def _truncate(self, rows: int) -> None:
         """Cut rows written after the last commit (they are logged again)."""
@@ -328,8 +326,3 @@ class PartialShard(PartialRows):
     def remove(self) -> None:
         self.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _short(value) -> str:
-    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
-    return text if len(text) <= 120 else text[:117] + "..."

@@ -48,8 +48,11 @@ class GradientStore:
 
     tracker: NullTracker = NULL_TRACKER  # `iter_chunks` (and the scorer's stream) report read time and bytes to it
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, problems: list[str] | None = None):
+        """problems=None: raise the first problem found; a list: append every problem to it and
+        go on with what can still be checked (`index_problems`, what `inspect` reports)."""
         self.root = Path(out_dir)
+        self._problems = problems
         manifest_path = self.root / MANIFEST_FILE
         self.manifest = read_manifest(manifest_path)
         m = self.manifest
@@ -68,22 +71,34 @@ class GradientStore:
         self._check_no_strays([self.root / e["path"] for e in m["shards"]])
         for entry in m["shards"]:
             path = self.root / entry["path"]
-            with self._open(path) as f:
-                shard_ids = self._check_shard(path, f, entry)
-                n = len(shard_ids)
-                self.shards.append(ShardInfo(path, n, offset, int(f.attrs["block_rows"]), f["block_sums"][:]))
+            try:
+                with self._open(path) as f:
+                    shard_ids = self._check_shard(path, f, entry)
+                    n = len(shard_ids)
+                    self.shards.append(ShardInfo(path, n, offset, int(f.attrs["block_rows"]), f["block_sums"][:]))
+            except IndexFormatError as e:
+                self._report(e)
+                continue
             ids.append(shard_ids)
             offset += n
-        self.ids = np.concatenate(ids)
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         uniq, counts = np.unique(self.ids, return_counts=True)
         if (counts > 1).any():
             dup = uniq[counts > 1][:5].tolist()
             owners = [str(s.path.name) for s, i in zip(self.shards, ids) if np.isin(dup, i).any()]
-            raise IndexFormatError(
-                f"{self.root}: ids logged more than once across shards, e.g. {dup} (in {owners[:4]})"
+            self._report(
+                IndexFormatError(f"{self.root}: ids logged more than once across shards, e.g. {dup} (in {owners[:4]})")
             )
         self._row_of_id = None
-        self._check_stats(m["layout"])
+        try:
+            self._check_stats(m["layout"])
+        except IndexFormatError as e:
+            self._report(e)
+
+    def _report(self, error: IndexFormatError) -> None:
+        if self._problems is None:
+            raise error
+        self._problems.append(str(error))
 
     def _check_stats(self, layout: str) -> None:
         """stats.h5, when present, must be this index's (read_stats reports a missing one)."""
@@ -102,10 +117,12 @@ class GradientStore:
         folder = self.root / SHARD_DIR
         names = {p.name for p in listed}
         strays = sorted(p.name for p in folder.glob("rank-*.h5") if p.name not in names) if folder.is_dir() else []
-        if strays:
-            raise IndexFormatError(
-                f"{folder / strays[0]}: a shard the manifest does not list (from another "
-                f"job?); remove it or rebuild the index. Listed: {sorted(names)[:4]}"
+        for stray in strays:
+            self._report(
+                IndexFormatError(
+                    f"{folder / stray}: a shard the manifest does not list (from another "
+                    f"job?); remove it or rebuild the index. Listed: {sorted(names)[:4]}"
+                )
             )
 
     def _check_shard(self, path: Path, f: h5py.File, entry: dict) -> np.ndarray:
@@ -255,3 +272,14 @@ class GradientStore:
         stop = len(self) if stop is None else stop
         for lo, ids, rows, _ in ChunkStream(self, [(start, stop)] if start < stop else [], chunk_rows):
             yield lo, ids, rows.numpy().copy()
+
+
+def index_problems(out_dir: str | Path) -> list[str]:
+    """Every problem for which `GradientStore(out_dir)` refuses the index (it raises the first),
+    each naming its file; [] for an index it opens. A manifest it cannot read is one problem."""
+    problems: list[str] = []
+    try:
+        GradientStore(out_dir, problems)
+    except (ValueError, KeyError) as e:  # IndexFormatError, or a manifest naming an unknown codec
+        problems.append(str(e))
+    return problems

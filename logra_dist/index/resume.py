@@ -24,6 +24,7 @@ from logra_dist.index.format import (
     MANIFEST_FILE,
     SHARD_DIR,
     IndexFormatError,
+    another_job,
     layout_from_json,
     partial_dir,
     rank_stats_path,
@@ -49,12 +50,12 @@ def rank_state(path: Path, want: dict[str, Any]) -> tuple[str, str | None]:
         meta = read_record(record_path).meta
     except PartialShardError as e:
         return "partial", str(e)
-    for key, value in want.items():
-        if meta.get(key) != value:
-            return "partial", (
-                f"{record_path.parent}: written with another {key} "
-                f"({str(meta.get(key))[:120]!r} != {str(value)[:120]!r})"
-            )
+    problem = another_job(meta, want, "in the interrupted job")
+    if problem:
+        return "partial", (
+            f"{record_path.parent}: {problem}; so it cannot be resumed: rerun with the original "
+            f"settings, or delete {path.parent.parent} to start over"
+        )
     return "partial", None
 
 

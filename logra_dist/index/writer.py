@@ -37,6 +37,7 @@ from logra_dist.index.format import (
     IndexFormatError,
     Manifest,
     ShardAttrs,
+    another_job,
     partial_dir,
     partial_path,
     rank_stats_path,
@@ -338,7 +339,5 @@ def check_shard_attrs(path: Path, want: dict[str, Any]) -> str | None:
         return f"not a readable HDF5 shard (truncated or corrupted?): {e}"
     if not attrs.get("complete", False) or not {"grads", "ids", "nonfinite_ids"} <= names:
         return "the shard is incomplete"
-    for key, value in want.items():
-        if attr_value(attrs.get(key)) != value:
-            return f"it was written with another {key} ({attr_value(attrs.get(key))!r:.120} != {value!r:.120})"
-    return None
+    problem = another_job({k: attr_value(v) for k, v in attrs.items()}, want, "in the shard")
+    return f"it was {problem}" if problem else None

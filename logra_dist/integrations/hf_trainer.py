@@ -32,7 +32,7 @@ import torch
 
 from logra_dist import comm
 from logra_dist.config import LoGraConfig
-from logra_dist.data import IGNORE, summed_lm_loss
+from logra_dist.data import IGNORE, DataIdentity, digest_from_words, digest_words, sample_digest, summed_lm_loss
 from logra_dist.logger import attach
 from logra_dist.session import run_batches
 from logra_dist.tracking import NULL_TRACKER, NullTracker
@@ -84,6 +84,24 @@ def causal_lm_loss(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Ten
     return summed_lm_loss(outputs.logits, labels)
 
 
+def dataset_identity(dataset: Any, collate: Callable, plan: list[np.ndarray]) -> DataIdentity:
+    """Collective. What the index records of a Trainer's dataset: its length and the digest of
+    every sample's collated input ids and labels (padding cut by the attention mask), keyed by
+    dataset position; each rank digests its own batches (one extra collation pass) and one small
+    all-reduce of exact 16-bit words sums them, so every rank records the same identity."""
+    total = 0
+    for positions in plan:
+        batch = collate([dataset[int(i)] for i in positions])
+        input_ids = torch.as_tensor(batch["input_ids"])
+        mask = torch.as_tensor(batch.get("attention_mask", torch.ones_like(input_ids))).bool()
+        labels = torch.as_tensor(batch.get("labels", torch.full_like(input_ids, IGNORE)))
+        for row, position in enumerate(positions.tolist()):
+            keep = mask[row]
+            total += sample_digest(position, position, input_ids[row][keep].tolist(), labels[row][keep].tolist())
+    digest = digest_from_words(comm.all_reduce_sum(digest_words(total & ((1 << 64) - 1))))
+    return DataIdentity(len(dataset), f"{digest:016x}")
+
+
 def _forward_keys(module: torch.nn.Module) -> set[str] | None:
     try:
         params = inspect.signature(module.forward).parameters
@@ -116,7 +134,8 @@ def log_trainer_dataset(
     batch_size = batch_size or trainer.args.per_device_train_batch_size
     plan = rank_batches(len(dataset), comm.rank(), comm.world_size(), batch_size)
     info = {"source": "transformers.Trainer", "samples": len(dataset), "batch_size": batch_size}
-    logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})})
+    data = dataset_identity(dataset, trainer.data_collator, plan)
+    logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})}, data=data)
     keys = _forward_keys(logger.engine.root)
 
     def forward_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from wandb_offline import read_run
 
 from logra_dist import GradientStore, LoGraConfig, attach
 from logra_dist.data import summed_lm_loss
-from logra_dist.integrations.hf_trainer import rank_batches
+from logra_dist.integrations.hf_trainer import dataset_identity, rank_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workers"))
 from hf_texts import Texts
@@ -92,6 +92,10 @@ def test_trainer_zero3_logs_every_sample_once_with_reference_rows(zero3_run):
     assert result["stage"] == 3 and result["global_step"] == 2 and result["adapter"] == "deepspeed-zero3"
     manifest = json.loads((out / "index" / "manifest.json").read_text())
     assert [s["rows"] for s in manifest["shards"]] == [6, 5]
+    # the data identity: the same digest a single process computes (world-size free), other batches too
+    texts = Texts(N)
+    expected = dataset_identity(texts, texts.collate, rank_batches(N, 0, 1, 4))
+    assert manifest["data"] == {**expected.to_dict()} and manifest["data"]["samples"] == N
     with GradientStore(out / "index") as store:
         assert sorted(store.ids.tolist()) == list(range(N))  # every sample, once (the store refuses duplicates)
         rows = store.rows_for_ids(np.arange(N))
