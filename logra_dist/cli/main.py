@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +51,12 @@ def run(argv: Sequence[str] | None = None) -> None:
     (`engines.launch.exit_process`: no interpreter teardown after a distributed job)."""
     from logra_dist.engines.launch import exit_process
 
-    exit_process(main(argv))
+    try:
+        code = main(argv)
+    except BrokenPipeError:  # `logra-dist inspect DIR | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def _shard_facts(
         if n_ids != rows:
             facts["error"] = f"{rows} gradient rows but {n_ids} ids"
         layout = json.loads(attrs["layout"]) if "layout" in attrs else None
+        facts.update(_widths(layout, facts["width"]))
         facts["config"] = json.loads(attrs["config"]) if "config" in attrs else None
         usable = min(rows, n_ids) if facts["complete"] else min(facts["rows_committed"], rows, n_ids)
         positions = _sample_positions(usable, sample_rows)
@@ -143,6 +144,7 @@ def _partial_facts(
         world_size=int(meta.get("world_size", 0)),
         chunks=[],
         has_partial_stats=part.record.has_stats,
+        **_widths(json.loads(meta["layout"]) if "layout" in meta else None, part.width),
         config=json.loads(meta["config"]) if "config" in meta else None,
     )
     layout = json.loads(meta["layout"]) if "layout" in meta else None
@@ -158,6 +160,13 @@ def _partial_facts(
         seen_ids.append(ids)
         facts["id_range"] = [int(ids.min()), int(ids.max())]
     return facts, sample, layout
+
+
+def _widths(layout: list[dict] | None, stored: int) -> dict[str, int]:
+    """D (values a row holds, from the layout) and the stored record's width: they differ for the
+    quantized codecs, whose records carry per-layer scales."""
+    width = sum(layer["k_out"] * layer["k_in"] for layer in layout) if layout else stored
+    return {"width": width, "stored_width": stored}
 
 
 def _layer_norms(samples: list[np.ndarray], layout: list[dict[str, Any]]) -> list[dict[str, Any]]:
