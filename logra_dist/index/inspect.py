@@ -20,8 +20,9 @@ import numpy as np
 
 from logra_dist.config import ConfigError
 from logra_dist.index.codecs import codec_for
-from logra_dist.index.format import MANIFEST_FILE, SHARD_DIR, STATS_FILE, layout_from_json
+from logra_dist.index.format import MANIFEST_FILE, SHARD_DIR, STATS_FILE, IndexFormatError, layout_from_json, read_stats
 from logra_dist.index.partial import PartialRows, PartialShardError
+from logra_dist.index.reader import GradientStore
 
 _SHARD = re.compile(r"^rank-(\d+)\.(h5|partial|h5\.partial)$")
 
@@ -156,6 +157,17 @@ def _layer_norms(samples: list[np.ndarray], layout: list[dict[str, Any]]) -> lis
     return out
 
 
+def _integrity(root: Path) -> list[str]:
+    """What the verified reader refuses in a finalized index (job keys, content digests, stats.h5
+    checksums, manifest entries), as problems rather than exceptions."""
+    try:
+        GradientStore(root).close()
+        read_stats(root / STATS_FILE)
+    except IndexFormatError as e:
+        return [str(e)]
+    return []
+
+
 def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, Any]:
     """Facts about an index (JSON-able); `problems` lists what is incomplete or inconsistent."""
     root = Path(index_dir)
@@ -216,6 +228,8 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
                 problems.append(f"{entry['path']}: listed in manifest.json but missing")
             elif match[0].get("rows") != entry["rows"]:
                 problems.append(f"{entry['path']}: {match[0].get('rows')} rows, manifest says {entry['rows']}")
+    if manifest is not None and not problems:
+        problems.extend(_integrity(root))
     total = sum(s.get("rows", 0) for s in shards)
     first = next((s for s in shards if "config" in s), {})
     return {

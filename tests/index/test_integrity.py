@@ -18,6 +18,7 @@ from scorer_helpers import TinyNet, capture_batches, config
 import logra_dist as ld
 from logra_dist.core.projection import LayerSpec
 from logra_dist.index.format import read_stats
+from logra_dist.index.inspect import inspect_index
 from logra_dist.index.writer import write_index
 
 TRAIN_IDS = np.arange(17)
@@ -91,6 +92,8 @@ def test_foreign_stats_h5_is_refused(indexes, tmp_path, source):
     field = "job_key" if source == "b" else "shards_digest"  # c: the same job key, other shards
     refused(rf"stats.h5: statistics of another job or other shards: its {field} is", lambda: ld.GradientStore(a))
     refused(rf"stats.h5: .*its {field}", lambda: ld.Scorer(None, a))
+    report = inspect_index(a)
+    assert not report["complete"] and any(f"its {field} is" in p for p in report["problems"])
 
 
 def test_one_flipped_bit_in_stats_h5_names_the_dataset(indexes, tmp_path):
