@@ -40,7 +40,7 @@ import torch
 from logra_dist import GradientStore, LoGraConfig, Scorer
 from logra_dist.core.curvature import CURVATURES
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.format import layout_to_json, write_stats
+from logra_dist.index.format import stats_attrs, write_stats
 from logra_dist.index.stream import ChunkStream
 from logra_dist.index.writer import write_index
 
@@ -63,14 +63,14 @@ def build_index(out: Path, rows: int, layers: int, shards: int, seed: int = 0) -
             yield torch.arange(starts[r] + s, starts[r] + s + b), block
 
     cfg.flush_rows = 4096
-    write_index(out, specs, cfg.to_json(), [blocks(r) for r in range(shards)])
+    manifest = write_index(out, specs, cfg.to_json(), [blocks(r) for r in range(shards)])
     pre = acc.preconditioner(cfg.damping)
     write_stats(
         out / "stats.h5",
         "raw",
         cfg.damping,
         pre.state(),
-        {"samples": acc.samples, "layout": layout_to_json(specs), "config": cfg.to_json()},
+        stats_attrs(manifest, acc.samples),
     )
 
 

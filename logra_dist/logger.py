@@ -31,15 +31,19 @@ from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.projection import LayerSpec
 from logra_dist.data import DataIdentity
+from logra_dist.engines.fingerprint import model_fingerprint
 from logra_dist.index.format import (
     MANIFEST_FILE,
     STATS_FILE,
     IndexFormatError,
     Manifest,
     ShardAttrs,
+    job_identity,
     layout_to_json,
     rank_stats_path,
+    shard_content_digest,
     shard_path,
+    stats_attrs,
     write_stats,
 )
 from logra_dist.index.h5io import write_json_atomic
@@ -132,6 +136,10 @@ class Logger(GradientSession):
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or self.engine.model_identity()
         try:
+            with self.tracker.phase("fingerprint"):  # collective: one small all-reduce
+                fingerprint = model_fingerprint(self.engine.root, self._modules)
+            self.model_info = {**self.model_info, "fingerprint": fingerprint}
+            self.identity = job_identity(self.model_info, self.metadata)
             self._resuming, self._finished = agree_on_state(
                 self.out_dir, self.rank, self.world_size, self._shard_attrs().to_dict(), resume
             )
@@ -152,6 +160,7 @@ class Logger(GradientSession):
             self.world_size,
             self.model_info,
             self.data,
+            self.identity,
         )
 
     def _start_writing(self) -> None:
@@ -368,9 +377,11 @@ class Logger(GradientSession):
     def _reduce_and_write(self) -> dict[str, Any]:
         """The one all-reduce of statistics, counts and fingerprints; rank 0 writes the files."""
         w = self.world_size
-        info = torch.zeros(3 * w + 1, dtype=torch.float64)
+        info = torch.zeros(5 * w + 1, dtype=torch.float64)
         info[self.rank] = self._writer.rows_total
         info[w + self.rank], info[2 * w + self.rank] = _digest_words(self._writer.ids_digest)
+        content = shard_content_digest(shard_path(self.out_dir, self.rank))
+        info[3 * w + self.rank], info[4 * w + self.rank] = _digest_words(content)
         info[-1] = len(self.nonfinite_ids)
         local = self.accumulator.flat()
         with self.tracker.phase("all-reduce"):
@@ -383,13 +394,14 @@ class Logger(GradientSession):
             )
         counts = [int(c) for c in reduced[local.numel() :].tolist()]
         digests = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[w : 2 * w], counts[2 * w : 3 * w])]
+        contents = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[3 * w : 4 * w], counts[4 * w : 5 * w])]
         nonfinite = self._gather_nonfinite(counts[-1])
         if sum(counts[:w]) == 0:
             raise ValueError(
                 f"{self.out_dir}: no sample was logged ({len(nonfinite)} had non-finite "
                 "gradients); an index needs at least one"
             )
-        manifest = self._manifest(counts[:w], digests, nonfinite)
+        manifest = self._manifest(counts[:w], digests, nonfinite, contents)
         self._warn_nonfinite(nonfinite)
         if self.rank == 0:
             with self.tracker.phase("stats"):  # eigendecomposition, damping, stats.h5
@@ -405,7 +417,9 @@ class Logger(GradientSession):
         gathered = comm.all_gather_rows(torch.tensor(self.nonfinite_ids, dtype=torch.int64).reshape(-1, 1))
         return sorted(int(i) for g in gathered for i in g.reshape(-1).tolist())
 
-    def _manifest(self, rows_per_rank: list[int], digests: list[str], nonfinite: list[int]) -> dict[str, Any]:
+    def _manifest(
+        self, rows_per_rank: list[int], digests: list[str], nonfinite: list[int], contents: list[str]
+    ) -> dict[str, Any]:
         return Manifest.build(
             config=self.config.to_dict(),
             specs=self.specs,
@@ -417,6 +431,7 @@ class Logger(GradientSession):
             engine=self.engine.kind,
             metadata=self.metadata,
             data=self.data,
+            content_digests=contents,
         ).to_dict()
 
     def _write_stats(self, manifest: dict[str, Any]) -> None:
@@ -436,7 +451,7 @@ class Logger(GradientSession):
             self.config.hessian,
             self.config.damping,
             state,
-            {"samples": self.accumulator.samples, "layout": manifest["layout"], "config": self.config.to_json()},
+            stats_attrs(manifest, self.accumulator.samples),
         )
 
     def close(self) -> None:

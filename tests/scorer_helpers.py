@@ -83,8 +83,9 @@ def log_index(out: Path, ids, cfg: ld.LoGraConfig | None = None) -> None:
 
 # -- integer index with duplicated rows: exact arithmetic, so ties are exact ------------------
 class Bilinear(nn.Module):
-    def __init__(self):
+    def __init__(self, seed: int = 0):
         super().__init__()
+        torch.manual_seed(seed)  # the same weights when logging and scoring (the index records them)
         self.self_attn = Attn()
         self.self_attn.q = nn.Linear(3, 2, bias=False)
 

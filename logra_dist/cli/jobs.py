@@ -8,6 +8,7 @@ and every rank takes its strided share of the samples (or queries).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -37,6 +38,15 @@ def load_engine(args: argparse.Namespace):
     check_context(model_path, args.max_length)
     engine, _device = build(None, model_path, args.config, getattr(torch, args.dtype))
     return engine, load_tokenizer(model_path), str(model_path)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (96 bits) over the sorted vocabulary and the special tokens with their ids: recorded
+    in the manifest (`metadata.tokenizer`), and checked by `score` against the index's."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(zip(tokenizer.all_special_tokens, tokenizer.all_special_ids))
+    text = json.dumps({"vocab": vocab, "special": special, "pad": tokenizer.pad_token_id}, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def check_context(model_path: Path, max_length: int) -> None:
@@ -134,6 +144,8 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         "max_samples": args.max_samples,
         "max_length": args.max_length,
         "model_path": model_path,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "dtype": args.dtype,
     }
     data = DataIdentity.of(  # every rank digests every logged sample: the same identity everywhere
         samples[: args.max_samples],

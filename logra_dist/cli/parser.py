@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--topk", type=int, default=10)
     score.add_argument("--mode", default="relatif", choices=list(SCORE_MODES))
     score.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
+    score.add_argument(
+        "--allow-model-mismatch",
+        action="store_true",
+        help="score with another model or tokenizer than the index was logged with (e.g. a fine-tuned "
+        "checkpoint); recorded in the results",
+    )
     score.add_argument("--out", default=None, help="directory for topk.h5 and the listing (default: print)")
 
     inspect = sub.add_parser(

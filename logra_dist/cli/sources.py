@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from logra_dist import comm
-from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, training_data
+from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, tokenizer_fingerprint, training_data
 from logra_dist.cli.parser import check_args
 from logra_dist.data import pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
@@ -39,6 +39,17 @@ def _texts_of(manifest: dict, where: str) -> dict[int, str] | None:
         return None
 
 
+def _scoring(args: argparse.Namespace, tokenizer, tracker) -> dict[str, Any]:
+    """Scorer options from the command line, with the tokenizer's fingerprint to check."""
+    return {
+        "mode": args.mode,
+        "damping": args.damping,
+        "tracker": tracker,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "allow_model_mismatch": args.allow_model_mismatch,
+    }
+
+
 def report_scores(
     args: argparse.Namespace,
     scorer,
@@ -51,6 +62,8 @@ def report_scores(
     from logra_dist.scoring.results import listing, markdown
 
     if comm.rank() == 0:
+        if scorer.model_mismatch:
+            say(f"note: scored across models (--allow-model-mismatch): {scorer.model_mismatch}")
         train_text = _texts_of(manifest, f"training index {args.index}")
         if args.out:
             scorer.write_results(args.out, result, query_text, train_text, query_fields=query_fields)
@@ -71,7 +84,14 @@ def run_score_query_index(args: argparse.Namespace):
         {"index": str(args.index), "query_index": str(args.query_index), "index_config": manifest.get("config")},
         query_manifest["total_rows"],
     )
-    scorer = Scorer(None, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
+    scorer = Scorer(
+        None,
+        args.index,
+        mode=args.mode,
+        damping=args.damping,
+        tracker=tracker,
+        allow_model_mismatch=args.allow_model_mismatch,
+    )
     scorer.add_query_gradients(args.query_index)
     with tracker.phase("score"):
         result = scorer.topk(args.topk)
@@ -111,7 +131,7 @@ def run_score_prompts(args: argparse.Namespace):
             batch_size=args.batch_size,
             max_length=args.max_length,
         )
-    scorer = Scorer(model, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
+    scorer = Scorer(model, args.index, **_scoring(args, tokenizer, tracker))
     pad_id = pad_token_id(tokenizer)
     run_samples(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
@@ -142,7 +162,7 @@ def run_score(args: argparse.Namespace):
         args.model = manifest["metadata"]["model_path"]
     model, tokenizer, _ = load_engine(args)
     tracker = make_tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
-    scorer = Scorer(model, index, mode=args.mode, damping=args.damping, tracker=tracker)
+    scorer = Scorer(model, index, **_scoring(args, tokenizer, tracker))
     pad_id = pad_token_id(tokenizer)
     mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
     run_samples(scorer, mine, args.batch_size, pad_id, tracker)

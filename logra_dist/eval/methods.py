@@ -33,7 +33,8 @@ from logra_dist.scoring.scorer import Scorer
 class Method:
     """family "logra": init/k/hessian/fisher are LoGraConfig fields (k_in = k_out = k);
     family "dense": `dim` Gaussian projection of the full gradient; "full": no projection.
-    hessian "none" = plain gradient dot products."""
+    hessian "none" = plain gradient dot products. storage: the row codec of a LoGra index
+    (float32 by default; the quantized codecs are compared at the main rank)."""
 
     name: str
     family: str = "logra"
@@ -45,9 +46,10 @@ class Method:
     mode: str = "dot"
     dim: int = 0
     seed: int = 0
+    storage: str = "float32"
 
     def index_key(self) -> tuple:
-        return (self.family, self.init, self.k, self.hessian, self.fisher, self.dim, self.seed)
+        return (self.family, self.init, self.k, self.hessian, self.fisher, self.dim, self.seed, self.storage)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,7 +96,7 @@ class Attributor:
 
     def _log_index(self, m: Method) -> Path:
         key = m.index_key()
-        out = self.workdir / f"index-{m.init}-{m.hessian}-k{m.k}-{m.fisher}-{m.dim}-s{m.seed}"
+        out = self.workdir / f"index-{m.init}-{m.hessian}-k{m.k}-{m.fisher}-{m.dim}-s{m.seed}-{m.storage}"
         if (out / "manifest.json").exists() and key in self._query_rows:
             return out
         shutil.rmtree(out, ignore_errors=True)
@@ -106,7 +108,7 @@ class Attributor:
             hessian=m.hessian,
             fisher=m.fisher,
             damping=1.0,
-            storage_dtype="float32",
+            storage_dtype=m.storage,
         )
         gen = torch.Generator().manual_seed(self.label_seed)
         stat_labels = "sampled" if m.fisher == "true" else "data"

@@ -62,6 +62,8 @@ def classification_methods(ranks: list[int], main_k: int, n_layers: int) -> list
         for c in (0.1, 10.0):
             methods.append(_logra(init, "raw", k, damping=c, suffix=[f"damp{c:g}"]))
     methods.append(Method(f"graddot-k{k}-relatif", "logra", init="random", k=k, hessian="none", mode="relatif"))
+    for codec in ("float16", "int8", "int4", "sign"):  # row codecs: the same rows, stored compressed
+        methods.append(_logra("pca", "raw", k, storage=codec, suffix=[codec]))
     return methods
 
 

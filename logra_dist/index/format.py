@@ -16,6 +16,7 @@ engines: a model is described by the `MODEL_FIELDS` of a dict the caller builds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -89,7 +90,7 @@ def layout_from_json(text: str) -> list[LayerSpec]:
 # -- model identity ---------------------------------------------------------------------------------
 # The manifest records MODEL_FIELDS; a shard records SHARD_MODEL_FIELDS, the part every rank sees
 # alike (parameter counts can be per-shard under ZeRO-3 / FSDP), and readers and resume compare it.
-MODEL_FIELDS = ("class", "name_or_path", "parameters")
+MODEL_FIELDS = ("class", "name_or_path", "parameters", "fingerprint")  # fingerprint: engines/fingerprint.py
 SHARD_MODEL_FIELDS = ("class", "name_or_path")
 
 
@@ -114,6 +115,50 @@ def shard_data_json(info: dict[str, Any] | None) -> str:
     return json.dumps({k: v for k, v in (info or {}).items() if k not in DATA_UNCOMPARED}, sort_keys=True)
 
 
+# -- job key and content digests --------------------------------------------------------------------
+# Metadata fields that change a job's rows; any of them the job records flows into its job key
+# (with the model/tokenizer fingerprints, the identity's other entries, and every ShardAttrs field).
+ROW_METADATA = ("data", "data_fingerprint", "max_length", "max_samples", "dtype", "tokenizer")
+
+
+def job_identity(model: dict[str, Any] | None, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """What besides the shard attributes makes the rows: the model's fingerprint (weights and
+    architecture) and the ROW_METADATA fields the job records (tokenizer, data, max length...)."""
+    rows = {k: (metadata or {})[k] for k in ROW_METADATA if k in (metadata or {})}
+    return {"model_fingerprint": (model or {}).get("fingerprint"), "rows": rows}
+
+
+def _sha(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def job_key(attrs: dict[str, Any], identity: dict[str, Any] | None) -> str:
+    """A digest of everything that changes rows: every shard attribute but the rank (config by
+    its row key) and the job identity (job_identity). Generic: new fields flow in unchanged."""
+    fields = {k: v for k, v in attrs.items() if k not in ("rank", "job_key")}
+    if "config" in fields:
+        fields["config"] = LoGraConfig.from_json(fields["config"]).row_compatibility_key
+    return _sha({"attrs": fields, "identity": identity or {}})
+
+
+def content_digest(block_sums: np.ndarray, ids_digest: str, key: str) -> str:
+    """A shard's content digest: over its block checksums (every row's bytes), ids and job key."""
+    h = hashlib.sha256(np.ascontiguousarray(block_sums, dtype="<u8").tobytes())
+    h.update(f"|{ids_digest}|{key}".encode())
+    return h.hexdigest()[:24]
+
+
+def shard_content_digest(path: Path) -> str:
+    """The content digest of the complete shard at `path` (as written: its recorded ids digest)."""
+    with h5py.File(path, "r") as f:
+        return content_digest(f["block_sums"][:], str(f.attrs["ids_digest"]), str(f.attrs.get("job_key", "")))
+
+
+def shards_digest(digests: list[str]) -> str:
+    """The digest of an index's shards (their content digests in rank order)."""
+    return _sha(list(digests))
+
+
 # -- shard attributes -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ShardAttrs:
@@ -129,6 +174,7 @@ class ShardAttrs:
     model: str  # shard_model_json
     rank: int
     data: str = "{}"  # shard_data_json: the samples logged and the settings that cut them
+    job_key: str = ""  # job_key(): the digest of everything else that changes rows
 
     @classmethod
     def for_job(
@@ -140,8 +186,9 @@ class ShardAttrs:
         world_size: int,
         model: dict[str, Any] | None,
         data: dict[str, Any] | None = None,
+        identity: dict[str, Any] | None = None,
     ) -> ShardAttrs:
-        return cls(
+        attrs = cls(
             layout_to_json(specs),
             config_json,
             storage_dtype,
@@ -150,12 +197,13 @@ class ShardAttrs:
             rank,
             shard_data_json(data),
         )
+        return dataclasses.replace(attrs, job_key=job_key(attrs.to_dict(), identity or job_identity(model, None)))
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any], rank: int) -> ShardAttrs:
         """What the manifest (`read_manifest`) says shard `rank` carries."""
         config = LoGraConfig.from_dict(manifest["config"])
-        return cls(
+        attrs = cls(
             manifest["layout"],
             config.to_json(),
             config.storage_dtype,
@@ -164,6 +212,8 @@ class ShardAttrs:
             rank,
             shard_data_json(manifest.get("data")),
         )
+        identity = job_identity(manifest.get("model"), manifest.get("metadata"))
+        return dataclasses.replace(attrs, job_key=job_key(attrs.to_dict(), identity))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -251,6 +301,8 @@ class Manifest:
     versions: dict[str, Any]
     lambdas: dict[str, float] = field(default_factory=dict)  # per layer damping used (stats.h5)
     data: dict[str, Any] = field(default_factory=dict)  # DataIdentity.to_dict: what was logged
+    job_key: str = ""  # job_key(): every shard carries it
+    shards_digest: str = ""  # shards_digest() of the entries' content digests; stats.h5 records it
     format_version: int = FORMAT_VERSION
 
     @classmethod
@@ -267,15 +319,23 @@ class Manifest:
         engine: str | None = None,
         metadata: dict[str, Any] | None = None,
         data: dict[str, Any] | None = None,
+        content_digests: list[str] | None = None,
     ) -> Manifest:
-        return cls(
+        contents = list(content_digests or [""] * len(rows_per_rank))
+        built = cls(
             config=config,
             layout=layout_to_json(specs),
             width=sum(s.width for s in specs),
             world_size=len(rows_per_rank),
             shards=[
-                {"path": f"{SHARD_DIR}/{shard_path('', r).name}", "rank": r, "rows": int(n), "ids_digest": d}
-                for r, (n, d) in enumerate(zip(rows_per_rank, digests))
+                {
+                    "path": f"{SHARD_DIR}/{shard_path('', r).name}",
+                    "rank": r,
+                    "rows": int(n),
+                    "ids_digest": d,
+                    "content_digest": c,
+                }
+                for r, (n, d, c) in enumerate(zip(rows_per_rank, digests, contents))
             ],
             total_rows=int(sum(rows_per_rank)),
             samples_in_statistics=int(samples_in_statistics),
@@ -285,7 +345,10 @@ class Manifest:
             metadata=dict(metadata or {}),
             versions=versions(),
             data=dict(data or {}),
+            shards_digest=shards_digest(contents),
         )
+        built.job_key = ShardAttrs.from_manifest(built.to_dict(), 0).job_key
+        return built
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -311,12 +374,47 @@ def read_manifest(path: Path) -> dict:
         raise IndexFormatError(
             f"{path}: format version {manifest.get('format_version')}, this reader reads {FORMAT_VERSION}"
         )
+    check_manifest_entries(path, manifest)
     return manifest
+
+
+def check_manifest_entries(path: Path, manifest: dict) -> None:
+    """world_size, the entries' ranks and paths and total_rows must agree with each other: a rank
+    entry deleted together with its file would otherwise score silently with rows missing."""
+    entries, w = manifest["shards"], manifest["world_size"]
+    problem = None
+    if not isinstance(entries, list) or len(entries) != w:
+        problem = f"world_size is {w} but it lists {len(entries) if isinstance(entries, list) else '?'} shard entries"
+    else:
+        for r, e in enumerate(entries):
+            want = f"{SHARD_DIR}/{shard_path('', r).name}"
+            if not isinstance(e, dict) or e.get("rank") != r or e.get("path") != want:
+                problem = f"shard entry {r} is {str(e)[:120]!r}, expected rank {r} at {want!r}"
+                break
+        else:
+            rows = sum(int(e.get("rows", 0)) for e in entries)
+            if "total_rows" in manifest and manifest["total_rows"] != rows:
+                problem = f"total_rows is {manifest['total_rows']} but its shard entries hold {rows}"
+    if problem:
+        raise IndexFormatError(f"{path}: field 'shards': {problem}; the manifest was altered or is incomplete")
 
 
 # -- stats.h5 ---------------------------------------------------------------------------------------
 # Attributes of stats.h5: the curvature kind and damping, plus the `attrs` its writer passes.
-STATS_ATTRS = ("hessian", "damping", "samples", "layout", "config")
+STATS_ATTRS = ("hessian", "damping", "samples", "layout", "config", "job_key", "shards_digest")
+
+
+def stats_attrs(manifest: dict[str, Any], samples: float) -> dict[str, Any]:
+    """The STATS_ATTRS a writer passes for the index `manifest` describes: stats.h5 names the
+    job and the shards its statistics were computed from (the reader checks both)."""
+    config = manifest["config"]
+    return {
+        "samples": samples,
+        "layout": manifest["layout"],
+        "config": config if isinstance(config, str) else LoGraConfig.from_dict(config).to_json(),
+        "job_key": manifest["job_key"],
+        "shards_digest": manifest["shards_digest"],
+    }
 
 
 def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
@@ -327,9 +425,24 @@ def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarr
     tmp = path.with_name(path.name + ".tmp")
     with h5_writing(tmp) as f:
         f.attrs.update({"hessian": kind, "damping": damping, **attrs})
+        sums = {}
         for key, arr in state.items():
-            f.create_dataset(key, data=arr)
+            ds = f.create_dataset(key, data=arr)
+            ds.attrs["sha256"] = sums[key] = dataset_sha(np.asarray(arr))
+        f.attrs["digest"] = stats_digest(sums, attrs)
     os.replace(tmp, path)
+
+
+def dataset_sha(arr: np.ndarray) -> str:
+    """The checksum a stats.h5 dataset carries: sha256 of its dtype, shape and bytes."""
+    h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def stats_digest(sums: dict[str, str], attrs: dict[str, Any]) -> str:
+    """stats.h5's own digest (its datasets' checksums, job key, shards digest): caches key on it."""
+    return _sha({"datasets": sums, "job_key": attrs.get("job_key"), "shards": attrs.get("shards_digest")})
 
 
 def read_stats(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -340,11 +453,22 @@ def read_stats(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
 
+            sums: dict[str, str] = {}
+
             def visit(name, obj):
                 if isinstance(obj, h5py.Dataset):
                     state[name] = obj[()]
+                    sums[name] = str(obj.attrs.get("sha256", ""))
 
             f.visititems(visit)
     except OSError as e:
         raise IndexFormatError(f"{path}: unreadable statistics (truncated or corrupted?): {e}") from e
+    for name, arr in state.items():
+        if sums[name] != dataset_sha(np.asarray(arr)):
+            raise IndexFormatError(
+                f"{path}: dataset {name!r} fails its checksum (field 'sha256'): the statistics are "
+                "corrupted; re-finalize the index (rerun the job with --resume) or log it again"
+            )
+    if "digest" in attrs and str(attrs["digest"]) != stats_digest(sums, attrs):
+        raise IndexFormatError(f"{path}: field 'digest' does not match its datasets and attributes (edited?)")
     return attrs, state

@@ -136,7 +136,6 @@ def _partial_facts(
     facts["identity"] = {k: meta[k] for k in IDENTITY if k in meta}
     facts.update(
         rows=part.rows_on_disk,
-        width=part.width,
         complete=False,
         rows_committed=part.record.rows,
         storage_dtype=str(meta.get("storage_dtype", "?")),

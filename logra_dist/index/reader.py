@@ -22,6 +22,7 @@ from logra_dist.index.format import (
     STATS_FILE,
     IndexFormatError,
     ShardAttrs,
+    content_digest,
     layout_from_json,
     partial_dir,
     partial_path,
@@ -101,17 +102,25 @@ class GradientStore:
         self._problems.append(str(error))
 
     def _check_stats(self, layout: str) -> None:
-        """stats.h5, when present, must be this index's (read_stats reports a missing one)."""
+        """stats.h5, when present, must be this index's: same layout, job key and shards (the
+        digest of the shards it was computed from); read_stats checks its datasets' checksums."""
         path = self.root / STATS_FILE
         if not path.exists():
             return
         try:
             with h5py.File(path, "r") as f:
-                got = attr_value(f.attrs.get("layout"))
+                got = {k: attr_value(f.attrs.get(k)) for k in ("layout", "job_key", "shards_digest")}
         except OSError as e:
             raise IndexFormatError(f"{path}: unreadable statistics (truncated or corrupted?): {e}") from e
-        if got != layout:
+        if got["layout"] != layout:
             raise IndexFormatError(f"{path}: statistics of another layer layout than {self.root / MANIFEST_FILE}")
+        for key in ("job_key", "shards_digest"):
+            if got[key] != self.manifest.get(key):
+                raise IndexFormatError(
+                    f"{path}: statistics of another job or other shards: its {key} is {got[key]!r}, "
+                    f"{self.root / MANIFEST_FILE} records {self.manifest.get(key)!r}; re-finalize this index "
+                    "(rerun the job with --resume) instead of copying stats.h5 from another"
+                )
 
     def _check_no_strays(self, listed: list[Path]) -> None:
         folder = self.root / SHARD_DIR
@@ -165,6 +174,13 @@ class GradientStore:
         block_rows = int(attrs.get("block_rows", 0))
         if block_rows < 1 or f["block_sums"].shape != (-(-n // block_rows),):
             raise IndexFormatError(f"{path}: block checksums missing or of the wrong length")
+        got = content_digest(f["block_sums"][:], ids_digest(shard_ids), attrs.get("job_key", ""))
+        if got != entry.get("content_digest"):
+            raise IndexFormatError(
+                f"{path}: its content digest {got!r} (block checksums, ids, job key) does not match the "
+                f"manifest's field 'content_digest' {entry.get('content_digest')!r}: a shard of another "
+                "job or altered; shards of different runs cannot be mixed"
+            )
         return shard_ids
 
     @staticmethod

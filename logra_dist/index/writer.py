@@ -38,9 +38,11 @@ from logra_dist.index.format import (
     Manifest,
     ShardAttrs,
     another_job,
+    job_identity,
     partial_dir,
     partial_path,
     rank_stats_path,
+    shard_content_digest,
     shard_path,
 )
 from logra_dist.index.h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest, write_json_atomic
@@ -312,17 +314,27 @@ def write_index(
     engine); no stats.h5 (format.write_stats adds one). Returns the manifest."""
     out_dir = Path(out_dir)
     config = json.loads(config_json)
-    rows, digests = [], []
+    rows, digests, contents = [], [], []
     for rank, blocks in enumerate(shards):
-        attrs = ShardAttrs.for_job(specs, config_json, config["storage_dtype"], rank, len(shards), model)
+        identity = job_identity(model, metadata)
+        attrs = ShardAttrs.for_job(
+            specs, config_json, config["storage_dtype"], rank, len(shards), model, identity=identity
+        )
         w = ShardWriter(shard_path(out_dir, rank), specs, attrs, flush_rows=config["flush_rows"], asynchronous=False)
         for ids, block in blocks:
             w.append(torch.as_tensor(np.asarray(block)), torch.as_tensor(np.asarray(ids), dtype=torch.int64))
         w.close(complete=True)
         rows.append(w.rows_total)
         digests.append(w.ids_digest)
+        contents.append(shard_content_digest(shard_path(out_dir, rank)))
     manifest = Manifest.build(
-        config=config, specs=specs, rows_per_rank=rows, digests=digests, model=model, metadata=metadata
+        config=config,
+        specs=specs,
+        rows_per_rank=rows,
+        digests=digests,
+        model=model,
+        metadata=metadata,
+        content_digests=contents,
     ).to_dict()
     write_json_atomic(out_dir / MANIFEST_FILE, manifest)
     return manifest

@@ -33,6 +33,7 @@ from logra_dist.index.format import IndexFormatError, layout_to_json, read_stats
 from logra_dist.index.partition import assign_rows
 from logra_dist.index.reader import GradientStore
 from logra_dist.index.stream import ChunkStream
+from logra_dist.scoring.identity import check_query_index, check_scoring_model
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet
 from logra_dist.scoring.results import TextLookup, write_results
@@ -68,6 +69,8 @@ class Scorer:
         dtype: torch.dtype = torch.float32,
         cache_self_influence: bool = True,
         tracker=None,
+        tokenizer: str | None = None,
+        allow_model_mismatch: bool = False,
     ):
         self.tracker = tracker if tracker is not None else NULL_TRACKER  # phase timers (logra_dist.tracking)
         if mode not in SCORE_MODES:
@@ -103,6 +106,8 @@ class Scorer:
                     f"layout (model: {[(s.name, s.d_in, s.d_out) for s in self.session.specs][:4]}..., "
                     f"index: {[(s.name, s.d_in, s.d_out) for s in self.store.layout][:4]}...)"
                 )
+        self.allow_model_mismatch = allow_model_mismatch
+        self.model_mismatch = check_scoring_model(self.store, self.session, tokenizer, allow_model_mismatch)
         self.preconditioner = CURVATURES.get(self.hessian).from_state(self.store.layout, self.damping, state)
         self.rank, self.world = comm.rank(), comm.world_size()
         self.assignment = assign_rows([s.rows for s in self.store.shards], self.world)
@@ -163,7 +168,8 @@ class Scorer:
         if isinstance(rows, GradientStore):
             if ids is not None:
                 raise ValueError("add_query_gradients(store): ids come from the query index; do not pass ids")
-            self.queries.add_store(rows, self.store, share, self.chunk_rows)
+            self.queries.add_store(rows, self.store, share, self.chunk_rows)  # layouts and configs checked first
+            self.model_mismatch = check_query_index(self.store, rows, self.allow_model_mismatch) or self.model_mismatch
             return None
         if ids is None:
             raise ValueError("add_query_gradients(rows, ids): ids are required for an array of rows")
@@ -378,7 +384,12 @@ class Scorer:
             config=self.config,
             query_text=query_text,
             train_text=train_text,
-            attrs={"hessian": self.hessian, "world_size": self.world},
+            attrs={
+                "hessian": self.hessian,
+                "world_size": self.world,
+                "allow_model_mismatch": self.allow_model_mismatch,
+                "model_mismatch": self.model_mismatch or {},
+            },
             query_fields=query_fields,
         )
 

@@ -7,7 +7,10 @@ in the index's row order. Per layer, so that any layer group's value is a sum of
 Writing is distributed without gathering rows anywhere: each scoring rank streams the values of
 its own rows into a part file while it scores, then rank 0 copies the parts block by block into
 a temporary file that replaces `selfinf.h5` atomically (existing keys are carried over). An entry
-records the manifest's hash, so an index rebuilt in the same folder never reuses a stale cache.
+records what it was computed from (`sources`: the manifest's hash, job key and shards digest
+(the shards' content digests) and stats.h5's digest), so a stale cache is never reused, and a
+sha256 of its values, so an edited one is detected: either is recomputed (an edited one with
+a warning) and replaced; nothing is ever read from an entry that fails either check.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from logra_dist.index.format import MANIFEST_FILE, IndexFormatError
+from logra_dist.index.format import MANIFEST_FILE, STATS_FILE, IndexFormatError, dataset_sha
 from logra_dist.index.partition import Ranges
 
 FILE_NAME = "selfinf.h5"
@@ -29,6 +33,23 @@ _COPY_ROWS = 1 << 16
 
 def cache_key(kind: str, damping: float) -> str:
     return f"{kind}_damping_{float(damping)!r}"
+
+
+def cache_sources(index_dir: Path, manifest_bytes: bytes) -> str:
+    """What a cache entry is computed from: the manifest's job key and shards digest (its shards'
+    content digests) and stats.h5's digest (its datasets' checksums), all verified on open."""
+    try:
+        manifest = json.loads(manifest_bytes)
+    except ValueError:
+        manifest = {}
+    stats = ""
+    try:
+        with h5py.File(Path(index_dir) / STATS_FILE, "r") as f:
+            stats = str(f.attrs.get("digest", ""))
+    except OSError:
+        pass
+    parts = [str(manifest.get("job_key", "")), str(manifest.get("shards_digest", "")), stats]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 class SelfInfluenceCache:
@@ -40,15 +61,28 @@ class SelfInfluenceCache:
         self.key = cache_key(kind, damping)
         self.n_rows, self.layout_json = n_rows, layout_json
         self.n_layers = len(json.loads(layout_json))
-        self.manifest_sha = hashlib.sha256((self.index_dir / MANIFEST_FILE).read_bytes()).hexdigest()
+        manifest_bytes = (self.index_dir / MANIFEST_FILE).read_bytes()
+        self.manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
+        self.sources = cache_sources(self.index_dir, manifest_bytes)
         self._file: h5py.File | None = None
 
     def _valid(self, ds: h5py.Dataset) -> bool:
-        return (
+        if not (
             ds.shape == (self.n_rows, self.n_layers)
             and ds.attrs.get("manifest_sha256") == self.manifest_sha
+            and ds.attrs.get("sources") == self.sources
             and ds.attrs.get("layout") == self.layout_json
-        )
+        ):
+            return False  # stale: computed from other shards or statistics
+        if ds.attrs.get("sha256") != dataset_sha(ds[()]):
+            warnings.warn(
+                f"{self.path}: entry {self.key!r} fails its checksum (field 'sha256': edited or corrupted); "
+                "recomputing it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        return True
 
     def available(self) -> bool:
         """Whether a valid entry exists (checked by every rank; the caller agrees collectively)."""
@@ -88,6 +122,7 @@ class SelfInfluenceCache:
                 ds.attrs.update({"manifest_sha256": self.manifest_sha, "layout": self.layout_json})
                 for rank, ranges in enumerate(assignment):
                     self._copy_part(self.part_path(token, rank), ranges, ds)
+                ds.attrs.update({"sources": self.sources, "sha256": dataset_sha(ds[()])})
             os.replace(tmp, self.path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -106,7 +141,7 @@ class SelfInfluenceCache:
             pass  # an unreadable old cache is dropped, not fatal
 
     def _valid_other(self, ds: h5py.Dataset) -> bool:
-        return ds.attrs.get("manifest_sha256") == self.manifest_sha
+        return ds.attrs.get("manifest_sha256") == self.manifest_sha and ds.attrs.get("sources") == self.sources
 
     @staticmethod
     def _copy_part(path: Path, ranges: Ranges, ds: h5py.Dataset) -> None:

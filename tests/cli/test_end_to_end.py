@@ -38,3 +38,32 @@ def test_each_training_document_is_its_own_top1(tmp_path, capsys):
     assert "training examples per query" in capsys.readouterr().out
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["total_rows"] == N_TRAIN and manifest["metadata"]["data"] == "embedded"
+
+
+def test_score_with_another_checkpoint_needs_allow_model_mismatch(tmp_path):
+    """A checkpoint one ulp of one logged weight away (a 'fine-tuned' one) is refused by score,
+    naming both fingerprints; --allow-model-mismatch scores and records it in topk.h5."""
+    import pytest
+    import torch
+
+    from logra_dist.embedded.cache import ensure_default_model, load_model_and_tokenizer
+    from logra_dist.index.format import IndexFormatError
+
+    index, other = tmp_path / "index", tmp_path / "other"
+    assert main(["log", "--out", str(index), "--max-samples", "8", "--batch-size", "8"]) == 0
+    model, tokenizer = load_model_and_tokenizer(ensure_default_model())[:2]
+    with torch.no_grad():
+        w = model.model.layers[0].self_attn.q_proj.weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"text": "def f(x): return x"}) + "\n")
+    args = ["score", "--index", str(index), "--queries", str(queries), "--topk", "2", "--model", str(other)]
+    with pytest.raises(IndexFormatError, match=r"field 'model.fingerprint.weights' is '[0-9a-f]+' in the index"):
+        main(args)
+    assert main([*args, "--allow-model-mismatch", "--out", str(tmp_path / "out")]) == 0
+    with h5py.File(tmp_path / "out" / "topk.h5") as f:
+        assert bool(f.attrs["allow_model_mismatch"])
+        assert "model.fingerprint.weights" in json.loads(f.attrs["model_mismatch"])
+        assert "model.fingerprint.config" not in json.loads(f.attrs["model_mismatch"])

@@ -340,3 +340,19 @@ def test_sharded_loading_zero3(ds_run, tied_dir):
 def test_sharded_loading_fsdp(torchrun_run, tied_dir):
     # fsdp2-mixed keeps fp32 weights (sharded) and computes in bf16; bf16 errors measured 0.0035
     _check_loading(torchrun_run, tied_dir, {"fsdp2": 1e-6, "fsdp2-mixed": 1.5e-2, "fsdp1": 1e-6}, set())
+
+
+def test_model_fingerprint_is_the_same_under_every_engine(ds_run, torchrun_run, reference):
+    """The weight digest is summed from each rank's own slice (ZeRO-3 partitions, FSDP2 rows,
+    replicated weights on rank 0): the same value as one process on the same checkpoint."""
+    ref = ref_manifest(reference)["model"]["fingerprint"]
+    assert ref["config"] and ref["weights"]
+    for run, case in ((ds_run, "zero3"), (ds_run, "zero3-module"), (ds_run, "zero0"), (torchrun_run, "fsdp2")):
+        got = json.loads((run / case / "manifest.json").read_text())["model"]["fingerprint"]
+        assert got == ref, case
+    ddp = json.loads((torchrun_run / "ddp" / "manifest.json").read_text())["model"]["fingerprint"]
+    assert ddp == ref
+    fsdp1 = json.loads((torchrun_run / "fsdp1" / "manifest.json").read_text())["model"]["fingerprint"]
+    assert fsdp1 == {"config": ref["config"], "weights": None}  # FlatParameter: weights not digested
+    bf16 = json.loads((ds_run / "zero3-bf16" / "manifest.json").read_text())["model"]["fingerprint"]
+    assert bf16["weights"] != ref["weights"]  # other storage dtype bits

@@ -15,7 +15,7 @@ from reliability_helpers import ROOT, run_mlp
 
 import logra_dist as ld
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.format import layout_to_json, write_stats
+from logra_dist.index.format import stats_attrs, write_stats
 from logra_dist.index.inspect import inspect_index, render
 from logra_dist.index.writer import write_index
 
@@ -27,9 +27,9 @@ def _index(out: Path, seed: int = 0) -> Path:
     cfg = ld.LoGraConfig(k_in=2, k_out=2, seed=seed, storage_dtype="float32", flush_rows=4).to_json()
     rng = np.random.default_rng(seed)
     shards = [[(np.arange(r, 16, 2), rng.standard_normal((8, 12)))] for r in range(2)]
-    write_index(out, SPECS, cfg, shards)
+    manifest = write_index(out, SPECS, cfg, shards)
     state = {f"{s.name}/evals": rng.standard_normal(4096) for s in SPECS}
-    write_stats(out / "stats.h5", "raw", 1.0, state, {"samples": 16, "layout": layout_to_json(SPECS), "config": cfg})
+    write_stats(out / "stats.h5", "raw", 1.0, state, stats_attrs(manifest, 16))
     return out
 
 

@@ -466,7 +466,7 @@ def _cli_cases(tmp_path: Path) -> list[tuple[list[str], type, str]]:
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     bad_cfg = tmp_path / "bad.json"
-    bad_cfg.write_text(json.dumps({"storage_dtype": "int8"}))
+    bad_cfg.write_text(json.dumps({"storage_dtype": "int3"}))
     out = ["--out", str(tmp_path / "index")]
     return [
         (
@@ -477,7 +477,7 @@ def _cli_cases(tmp_path: Path) -> list[tuple[list[str], type, str]]:
         ),
         (["log", *out, "--batch-size", "0"], SystemExit, "--batch-size must be >= 1, got 0"),
         (["log", *out, "--max-samples", "0"], SystemExit, "--max-samples must be >= 1, got 0"),
-        (["log", *out, "--logra", str(bad_cfg)], ld.ConfigError, r"storage_dtype='int8' is not one of"),
+        (["log", *out, "--logra", str(bad_cfg)], ld.ConfigError, r"storage_dtype='int3' is not one of"),
         (["log", *out, "--data", str(empty)], ValueError, r"empty\.jsonl'\]: no documents"),
         (
             ["log", *out, "--max-samples", "4", "--k-in", "100"],
@@ -505,7 +505,7 @@ def test_cli_rejects_bad_input_before_any_work(tmp_path):
         assert re.search(message, str(info.value.code if error is SystemExit else info.value)), (argv, info.value)
         assert not (tmp_path / "index" / "shards").exists(), argv
     with pytest.raises(SystemExit):  # argparse: an unknown storage dtype never reaches the job
-        main(["log", "--out", str(tmp_path / "index"), "--storage-dtype", "int8"])
+        main(["log", "--out", str(tmp_path / "index"), "--storage-dtype", "int3"])
     from logra_dist.cli.jobs import check_context, default_model_path  # `score` runs the same check
 
     with pytest.raises(SystemExit, match=r"--max-length 999 exceeds the context"):

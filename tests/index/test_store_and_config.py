@@ -62,7 +62,7 @@ def test_config_json_round_trip_and_validation():
     assert ld.LoGraConfig.from_json(cfg.to_json()) == cfg
     for bad, msg in (
         ({"k_in": 0}, "k_in must be a positive integer"),
-        ({"storage_dtype": "int8"}, "storage_dtype='int8' is not one of"),
+        ({"storage_dtype": "int3"}, "storage_dtype='int3' is not one of"),
         ({"init": "svd"}, "init='svd'"),
         ({"damping": -1}, "damping"),
         ({"include": ["("]}, "not a valid regex"),
