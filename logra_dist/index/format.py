@@ -7,8 +7,8 @@ carries, the model identity recorded, `stats.h5`, and `manifest.json` (one build
     <index>/shards/rank-NNNNN.partial/    a running job's rows (partial.py)
     <index>/shards/rank-NNNNN.h5.partial  the HDF5 shard being built at finalize
     <index>/shards/rank-NNNNN.stats.npz   a rank's local statistics, until the manifest exists
-    <index>/shards/rank-NNNNN.lock        held by the job writing that rank's shard (lock.py)
-    <index>/index.lock                    held by rank 0 of that job (finalize; lock.py)
+    <index>/locks/rank-NNNNN.lock         held by the job writing that rank's shard (lock.py)
+    <index>/locks/index.lock              held by rank 0 of that job (finalize; lock.py)
 
 Writers (writer.py, the Logger), readers (reader.py), resume and inspect use these definitions,
 so a field added here is written and checked everywhere alike. Nothing here knows models or
@@ -35,6 +35,7 @@ from logra_dist.version import versions
 
 FORMAT_VERSION = 2
 SHARD_DIR = "shards"
+LOCK_DIR = "locks"  # apart from shards/: a killed job's lock files never mix with its shards
 MANIFEST_FILE = "manifest.json"
 STATS_FILE = "stats.h5"
 
@@ -67,12 +68,12 @@ def rank_stats_path(shard: Path) -> Path:
 
 def shard_lock_path(out_dir: str | Path, rank: int) -> Path:
     """Held (flock) by the job writing rank `rank`'s shard, for its whole life (lock.py)."""
-    return Path(out_dir) / SHARD_DIR / f"rank-{rank:05d}.lock"
+    return Path(out_dir) / LOCK_DIR / f"rank-{rank:05d}.lock"
 
 
 def index_lock_path(out_dir: str | Path) -> Path:
     """Held by rank 0 of the job writing the index: its finalize writes stats.h5 and the manifest."""
-    return Path(out_dir) / "index.lock"
+    return Path(out_dir) / LOCK_DIR / "index.lock"
 
 
 # -- layer layout -----------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ def _why_unfinished(path: Path) -> str:
     """The manifest is missing: a job is still running (its lock is held), or it was
     interrupted, or there is no index here at all."""
     root, shards = path.parent, path.parent / SHARD_DIR
-    locks = [index_lock_path(root), *(sorted(shards.glob("rank-*.lock")) if shards.is_dir() else [])]
+    locks = [index_lock_path(root), *sorted((root / LOCK_DIR).glob("rank-*.lock"))]
     held = next((p for p in locks if lockfile.is_held(p)), None)
     if held is not None:
         return (

@@ -1,11 +1,12 @@
 """One writer per index: the locks a logging job holds for its whole life.
 
-Every rank locks its shard (`shards/rank-NNNNN.lock`), rank 0 also the index
-(`index.lock`: the finalize writes stats.h5 and manifest.json, and a `--resume` of a finished
+Every rank locks its shard (`locks/rank-NNNNN.lock`), rank 0 also the index
+(`locks/index.lock`: the finalize writes stats.h5 and manifest.json, and a `--resume` of a finished
 index would re-run it), before anything is read, cut or written. A second job on the same index
 is refused at once with the holder named; a killed job's lock is free (the kernel drops it) and
-is taken over. The lock files sit beside the files they guard, not inside the partial
-directory, which finalize deletes while the lock must still be held. Ranks agree on failure
+is taken over. The lock files sit in their own folder: not inside the partial directory, which
+finalize deletes while the lock must still be held, and not in shards/, where a killed job's
+lock file would sit among its shards. Ranks agree on failure
 through one small all-reduce, so that no rank goes on alone while another refused.
 """
 

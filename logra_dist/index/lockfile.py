@@ -138,10 +138,13 @@ class LockFile:
     def acquire(cls, path: Path, what: str, wait_s: float = 0.3) -> LockFile:
         """Take the lock or raise LockHeld naming its holder. Retries for `wait_s` only to ride
         out a reader's instant shared probe (`is_held`), never to wait for a job."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + wait_s
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was just removed by a releasing holder
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -169,7 +172,7 @@ class LockFile:
 
     def release(self) -> None:
         """Delete the file (while still holding it: a waiting job then locks a fresh file) and
-        unlock. Idempotent."""
+        its folder if that is now empty, and unlock. Idempotent."""
         if self.fd < 0:
             return
         try:
@@ -181,3 +184,5 @@ class LockFile:
             _HELD.remove(self.fd)
         os.close(self.fd)
         self.fd = -1
+        with contextlib.suppress(OSError):  # not empty: other locks are held in it
+            self.path.parent.rmdir()
