@@ -182,7 +182,7 @@ def test_two_ranks_refuse_together_when_one_rank_is_locked(tmp_path):
     print(f"2-rank job refused in {proc.elapsed:.1f} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_deepspeed_runner_signal_takes_its_ranks_and_leaves_a_resumable_index(tmp_path, sig):
     index = tmp_path / "index"
     cmd = deepspeed_cmd(MLP_WORKER, "--out", index, "--samples", "40")
