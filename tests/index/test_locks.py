@@ -220,3 +220,28 @@ def test_deepspeed_runner_signal_takes_its_ranks_and_leaves_a_resumable_index(tm
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     _ids_once(index, 40)
     assert json.loads((index / "manifest.json").read_text())["world_size"] == 2
+
+
+def test_lock_files_naming_another_host_or_a_live_unlocked_holder(tmp_path):
+    """What flock cannot see is said: a record of another host is taken over with a warning; a
+    record of a live process here whose lock is free (flock not honoured) is refused."""
+    from logra_dist.index.lock import IndexLockedError, lock_job
+    from logra_dist.index.lockfile import me
+
+    lock = tmp_path / "locks" / "index.lock"
+    lock.parent.mkdir()
+    lock.write_text(json.dumps({**me("elsewhere"), "host": "other-host", "pid": 4242}))
+    with pytest.warns(RuntimeWarning, match=r"took over the lock of host other-host pid 4242 .*another host"):
+        lock_job(tmp_path, 0, 1).release()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        record = {**me("a job"), "pid": sleeper.pid}
+        record["process_start_ticks"] = int(Path(f"/proc/{sleeper.pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        lock.parent.mkdir(exist_ok=True)
+        lock.write_text(json.dumps(record))
+        with pytest.raises(IndexLockedError, match=rf"pid {sleeper.pid} .*yet its lock is free: this file system"):
+            lock_job(tmp_path, 0, 1)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
