@@ -47,6 +47,7 @@ from logra_dist.index.format import (
     write_stats,
 )
 from logra_dist.index.h5io import write_json_atomic
+from logra_dist.index.lock import JobLocks, lock_job
 from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
 from logra_dist.index.writer import ShardWriter
 from logra_dist.session import GradientSession
@@ -132,10 +133,12 @@ class Logger(GradientSession):
         self.nonfinite_ids: list[int] = []
         self.done_ids: set[int] = set()  # handled by this rank (logged or non-finite), resumed ones too
         self._writer: ShardWriter | None = None  # exists in phases LOGGING and STATISTICS
+        self._locks = JobLocks([])  # one writer per index: held from here to finalize/close (index/lock.py)
         self.phase = Phase.PCA_PENDING
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or self.engine.model_identity()
         try:
+            self._locks = lock_job(self.out_dir, self.rank, self.world_size)  # before anything is read or cut
             with self.tracker.phase("fingerprint"):  # collective: one small all-reduce
                 fingerprint = model_fingerprint(self.engine.root, self._modules)
             self.model_info = {**self.model_info, "fingerprint": fingerprint}
@@ -148,6 +151,7 @@ class Logger(GradientSession):
             if config.init != "pca" or self._resuming:
                 self._start_writing()
         except BaseException:
+            self._locks.release()
             super().close()  # leave the user's model as it was: no hooks, weights unfrozen
             raise
 
@@ -344,6 +348,7 @@ class Logger(GradientSession):
         manifest = self._finished_manifest() if self._finished else self._reduce_and_write()
         comm.barrier()  # manifest.json exists: the per-rank statistics are no longer needed
         rank_stats_path(shard_path(self.out_dir, self.rank)).unlink(missing_ok=True)
+        self._locks.release()
         self._writer, self.phase = None, Phase.FINALIZED
         return manifest
 
@@ -461,6 +466,7 @@ class Logger(GradientSession):
         if self._writer is not None:  # not finalized: keep the partial shard for resume
             self._writer.close(complete=False)
             self._writer = None
+        self._locks.release()
         self.phase = Phase.CLOSED
         super().close()
 

@@ -10,9 +10,14 @@ port chosen by rank 0 and broadcast. `rank` is always the GLOBAL rank (it names 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
@@ -92,6 +97,46 @@ def skip_deepspeed_shm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+def _parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` (/proc/<pid>/stat field 4); None when it is gone."""
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def exit_with_launcher(poll_s: float = 0.5, grace_s: float = 30.0) -> None:
+    """A rank must not outlive its launcher, or it keeps writing an index a new job may resume.
+    SIGTERM (then, after `grace_s`, SIGKILL) this process when its parent dies (Linux
+    parent-death signal, plus a watchdog) and, under the deepspeed runner, when the runner dies:
+    it returns at once on SIGINT/SIGTERM, orphaning its per-node `deepspeed.launcher.launch`
+    with the ranks still running (measured). A killed rank leaves a resumable partial shard.
+    Off with LOGRA_DIST_EXIT_WITH_LAUNCHER=0."""
+    if os.environ.get("LOGRA_DIST_EXIT_WITH_LAUNCHER", "1") == "0":
+        return
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the watchdog alone
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    # the runner, when the parent is its per-node launch: the launch's parent changes when it dies
+    runner = _parent_of(parent) if "deepspeed.launcher.launch" in _cmdline(parent) else None
+
+    def watch() -> None:
+        while os.getppid() == parent and (runner is None or _parent_of(parent) == runner):
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="logra-dist-launcher-watchdog", daemon=True).start()
+
+
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "gloo"
 
@@ -124,6 +169,8 @@ def init_distributed(
         )
     if "deepspeed" in sys.modules:
         skip_deepspeed_shm_build()
+    if launcher in ("torchrun", "deepspeed") and not dist.is_initialized():
+        exit_with_launcher()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if dist.is_initialized():
         backend = dist.get_backend()

@@ -7,6 +7,8 @@ carries, the model identity recorded, `stats.h5`, and `manifest.json` (one build
     <index>/shards/rank-NNNNN.partial/    a running job's rows (partial.py)
     <index>/shards/rank-NNNNN.h5.partial  the HDF5 shard being built at finalize
     <index>/shards/rank-NNNNN.stats.npz   a rank's local statistics, until the manifest exists
+    <index>/locks/rank-NNNNN.lock         held by the job writing that rank's shard (lock.py)
+    <index>/locks/index.lock              held by rank 0 of that job (finalize; lock.py)
 
 Writers (writer.py, the Logger), readers (reader.py), resume and inspect use these definitions,
 so a field added here is written and checked everywhere alike. Nothing here knows models or
@@ -29,11 +31,13 @@ import numpy as np
 
 from logra_dist.config import LoGraConfig
 from logra_dist.core.projection import LayerSpec
+from logra_dist.index import lockfile
 from logra_dist.index.h5io import h5_writing
 from logra_dist.version import versions
 
 FORMAT_VERSION = 2
 SHARD_DIR = "shards"
+LOCK_DIR = "locks"  # apart from shards/: a killed job's lock files never mix with its shards
 MANIFEST_FILE = "manifest.json"
 STATS_FILE = "stats.h5"
 
@@ -62,6 +66,16 @@ def rank_stats_path(shard: Path) -> Path:
     kept from the shard's rename until the manifest exists, so an interrupted finalize can be
     re-run (its one all-reduce needs every rank's local statistics); then deleted."""
     return shard.with_name(shard.name[: -len(".h5")] + ".stats.npz")
+
+
+def shard_lock_path(out_dir: str | Path, rank: int) -> Path:
+    """Held (flock) by the job writing rank `rank`'s shard, for its whole life (lock.py)."""
+    return Path(out_dir) / LOCK_DIR / f"rank-{rank:05d}.lock"
+
+
+def index_lock_path(out_dir: str | Path) -> Path:
+    """Held by rank 0 of the job writing the index: its finalize writes stats.h5 and the manifest."""
+    return Path(out_dir) / LOCK_DIR / "index.lock"
 
 
 # -- layer layout -----------------------------------------------------------------------------------
@@ -360,10 +374,7 @@ REQUIRED_MANIFEST_KEYS = ("config", "layout", "shards", "world_size")
 def read_manifest(path: Path) -> dict:
     """manifest.json as written by `Manifest.to_dict`, checked for what every reader needs."""
     if not path.exists():
-        raise IndexFormatError(
-            f"{path}: missing; {path.parent} is not a finalized LoGra index (if a job "
-            "was interrupted, rerun it with --resume)"
-        )
+        raise IndexFormatError(_why_unfinished(path))
     try:
         manifest = json.loads(path.read_text())
         for key in REQUIRED_MANIFEST_KEYS:
@@ -397,6 +408,25 @@ def check_manifest_entries(path: Path, manifest: dict) -> None:
                 problem = f"total_rows is {manifest['total_rows']} but its shard entries hold {rows}"
     if problem:
         raise IndexFormatError(f"{path}: field 'shards': {problem}; the manifest was altered or is incomplete")
+
+
+def _why_unfinished(path: Path) -> str:
+    """The manifest is missing: a job is still running (its lock is held), or it was
+    interrupted, or there is no index here at all."""
+    root, shards = path.parent, path.parent / SHARD_DIR
+    locks = [index_lock_path(root), *sorted((root / LOCK_DIR).glob("rank-*.lock"))]
+    held = next((p for p in locks if lockfile.is_held(p)), None)
+    if held is not None:
+        return (
+            f"{path}: missing; {root} is not a finalized LoGra index yet: a job is running: "
+            f"{lockfile.describe(lockfile.read_holder(held))}; wait for it to finish"
+        )
+    if not (root / STATS_FILE).exists() and not (shards.is_dir() and any(shards.iterdir())):
+        return f"{path}: missing; no index at {root}"
+    return (
+        f"{path}: missing; {root} is not a finalized LoGra index: the job that wrote it was "
+        "interrupted (no job holds its locks); rerun it with --resume"
+    )
 
 
 # -- stats.h5 ---------------------------------------------------------------------------------------

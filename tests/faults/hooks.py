@@ -7,6 +7,7 @@ hot path carries no fault code. Spec: `kind[:count][@rank]`, several joined by c
     kill_after_batches:K   SIGKILL after the K-th logged batch (rows may still sit in the queue)
     raise_after_batches:K  raise RuntimeError there instead
     stall_after_batches:K  sleep there for an hour (a live rank that stops participating)
+    slow_batches:MS        sleep MS milliseconds after every logged batch (a job that runs a while)
     kill_in_commit:K       SIGKILL inside the K-th commit: data fsynced, record not yet replaced
     kill_in_build          SIGKILL while the final HDF5 shard is being written (before the rename)
     kill_before_manifest   SIGKILL after the shards were renamed, before manifest.json is written
@@ -48,6 +49,18 @@ def _after_batches(k: int, action) -> None:
             seen[0] += 1
             if seen[0] == k:
                 action()
+
+    Logger._on_batch = on_batch
+
+
+def _slow_batches(ms: int) -> None:
+    from logra_dist.logger import Logger
+
+    original = Logger._on_batch
+
+    def on_batch(self, ids, rows):
+        original(self, ids, rows)
+        time.sleep(ms / 1000)
 
     Logger._on_batch = on_batch
 
@@ -115,6 +128,7 @@ _INSTALL = {
     "kill_after_batches": lambda k: _after_batches(k, _die),
     "raise_after_batches": lambda k: _after_batches(k, _raise),
     "stall_after_batches": lambda k: _after_batches(k, lambda: time.sleep(3600)),
+    "slow_batches": _slow_batches,
     "kill_in_commit": _kill_in_commit,
     "kill_in_build": _kill_in_build,
     "kill_before_manifest": _kill_before_manifest,

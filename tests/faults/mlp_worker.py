@@ -83,7 +83,7 @@ def _step(logger, b, X, Y, nan_id) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
-    p.add_argument("--n", type=int, default=40)
+    p.add_argument("--n", "--samples", dest="n", type=int, default=40)  # --samples: under the deepspeed runner
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--flush-rows", type=int, default=8)
     p.add_argument("--k", type=int, default=2)
@@ -96,6 +96,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--include", nargs="*", default=[".*"])
     p.add_argument("--no-stride", action="store_true", help="every rank logs every sample (a user bug)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher's
     return p
 
 
