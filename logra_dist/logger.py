@@ -43,6 +43,7 @@ from logra_dist.index.format import (
 )
 from logra_dist.index.h5io import write_json_atomic
 from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
+from logra_dist.index.signals import StopOnSignals
 from logra_dist.index.writer import ShardWriter
 from logra_dist.session import GradientSession
 from logra_dist.tracking import NullTracker
@@ -124,7 +125,12 @@ class Logger(GradientSession):
         self.done_ids: set[int] = set()  # handled by this rank (logged or non-finite), resumed ones too
         self._writer: ShardWriter | None = None  # exists in phases LOGGING and STATISTICS
         self.phase = Phase.PCA_PENDING
-        super().__init__(model_or_engine, config, None)
+        self._signals = StopOnSignals().install()  # SIGINT/SIGTERM: a clean stop, the shard resumable
+        try:
+            super().__init__(model_or_engine, config, None)
+        except BaseException:
+            self._signals.restore()
+            raise
         self.model_info = model_info or self.engine.model_identity()
         try:
             self._resuming, self._finished = agree_on_state(
@@ -135,6 +141,7 @@ class Logger(GradientSession):
             if config.init != "pca" or self._resuming:
                 self._start_writing()
         except BaseException:
+            self._signals.restore()
             super().close()  # leave the user's model as it was: no hooks, weights unfrozen
             raise
 
@@ -435,6 +442,7 @@ class Logger(GradientSession):
             self._writer.close(complete=False)
             self._writer = None
         self.phase = Phase.CLOSED
+        self._signals.restore()
         super().close()
 
 

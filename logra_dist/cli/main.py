@@ -23,7 +23,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "log":
             from logra_dist.cli.jobs import run_log
 
-            run_log(args)
+            try:
+                run_log(args)
+            except KeyboardInterrupt as e:  # SIGINT or SIGTERM (index.signals): the shards stay resumable
+                return interrupted(e, args.out)
         else:
             from logra_dist.cli.sources import run_score
 
@@ -42,6 +45,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(write_report(args.results, args.out, max_queries=args.max_queries, max_chars=args.max_chars))
     return 0
+
+
+def interrupted(e: KeyboardInterrupt, out: str) -> int:
+    """One line instead of a traceback; exit status 128 + the signal, as the shell reports it."""
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(
+        f"logra-dist log: interrupted by {signal.Signals(signum).name}; what was committed in {out} is kept: "
+        "rerun the same command with --resume to finish the index",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 128 + signum
 
 
 if __name__ == "__main__":
