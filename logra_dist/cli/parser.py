@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--mode", default="relatif", choices=list(SCORE_MODES))
     score.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
     score.add_argument("--out", default=None, help="directory for topk.h5 and the listing (default: print)")
+    score.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the self-influence cache goes when the index is read-only (default $LOGRA_DIST_HOME/selfinf)",
+    )
+    score.add_argument("--no-cache", action="store_true", help="never write a self-influence cache")
 
     inspect = sub.add_parser("inspect", help="what an index holds: shards, rows, layout, completeness, norms, disk use")
     inspect.add_argument("index", help="index directory (complete or partial)")
