@@ -90,6 +90,7 @@ class Logger(GradientSession):
     """Writes per-sample projected gradients of every captured batch to this rank's shard."""
 
     _written = (0.0, 0)  # (seconds, bytes) of this logger's writers already closed (tracker figures)
+    _signals = StopOnSignals()  # replaced by an installed one in __init__; this one restores nothing
 
     def __init__(
         self,
@@ -125,13 +126,9 @@ class Logger(GradientSession):
         self.done_ids: set[int] = set()  # handled by this rank (logged or non-finite), resumed ones too
         self._writer: ShardWriter | None = None  # exists in phases LOGGING and STATISTICS
         self.phase = Phase.PCA_PENDING
-        self._signals = StopOnSignals().install()  # SIGINT/SIGTERM: a clean stop, the shard resumable
-        try:
-            super().__init__(model_or_engine, config, None)
-        except BaseException:
-            self._signals.restore()
-            raise
+        super().__init__(model_or_engine, config, None)
         self.model_info = model_info or self.engine.model_identity()
+        self._signals = StopOnSignals().install()  # SIGINT/SIGTERM: a clean stop, the shard resumable
         try:
             self._resuming, self._finished = agree_on_state(
                 self.out_dir, self.rank, self.world_size, self._shard_attrs().to_dict(), resume
