@@ -44,6 +44,7 @@ class StopOnSignals:
     def install(self) -> StopOnSignals:
         if threading.current_thread() is not threading.main_thread():
             return self
+        _received[0] = 0  # an earlier interrupt in this process (a notebook) is not this job's
         for sig in SIGNALS:
             current = signal.getsignal(sig)
             if current in (signal.SIG_DFL, signal.default_int_handler):

@@ -96,19 +96,24 @@ def test_signal_in_each_phase_exits_within_seconds_then_resumes(tmp_path, refere
     assert_same_index(out, reference)
 
 
-def test_cli_interrupted_says_so_in_one_line_then_resumes(tmp_path):
-    """`python launch/log.py` (through the fault worker) given SIGTERM while building the shard:
-    exit status 143, the last line says how to resume; the same command plus --resume finishes."""
+@pytest.mark.parametrize("phase,sig", [("build", "TERM"), ("batch", "INT"), ("commit", "TERM")])
+def test_cli_interrupted_says_so_in_one_line_then_resumes(tmp_path, phase, sig):
+    """`python launch/log.py` (through the fault worker) given a signal while building the shard,
+    while rows are queued (the writer drops them on close), or in a commit that takes a minute
+    (close waits ABANDON_WAIT_S for it, not a minute): exit status 128 + the signal, the last
+    line says how to resume; the same command plus --resume finishes."""
     cfg = tmp_path / "logra.json"
     cfg.write_text(json.dumps({"k_in": 4, "k_out": 4, "flush_rows": 4, "storage_dtype": "float32"}))
-    common = ["--max-samples", "12", "--batch-size", "4", "--max-length", "32", "--logra", str(cfg)]
+    common = ["--max-samples", "16", "--batch-size", "2", "--max-length", "32", "--logra", str(cfg)]
     out, ref = tmp_path / "index", tmp_path / "ref"
     cmd = [sys.executable, str(CLI_WORKER), "log", "--out", str(out), *common]
-    proc, seconds = _run(cmd, "signal_in:build:TERM")
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    proc, seconds = _run(cmd, f"signal_in:{phase}:{sig}")
+    signum = getattr(signal, f"SIG{sig}")
+    assert proc.returncode == 128 + signum, proc.stderr[-3000:]
     assert seconds < EXIT_WITHIN_S
+    print(f"CLI {phase} SIG{sig}: exited {seconds:.2f} s after the signal")
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"logra-dist log: interrupted by SIGTERM; what was committed in {out} is kept: "
+        f"logra-dist log: interrupted by SIG{sig}; what was committed in {out} is kept: "
         "rerun the same command with --resume to finish the index"
     )
     assert main(["log", "--out", str(out), *common, "--resume"]) == 0
