@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 INITS = ("random", "pca", "identity")
@@ -135,3 +137,9 @@ class LoGraConfig:
     @classmethod
     def from_json(cls, text: str) -> LoGraConfig:
         return cls.from_dict(json.loads(text))
+
+
+def default_cache_dir() -> Path:
+    """``$LOGRA_DIST_HOME`` if set, else ``~/.cache/logra_dist`` (the bundled model, the
+    self-influence cache of read-only indexes)."""
+    return Path(os.environ.get("LOGRA_DIST_HOME") or "~/.cache/logra_dist").expanduser()

@@ -49,6 +49,7 @@ from logra_dist.index.format import (
 from logra_dist.index.h5io import write_json_atomic
 from logra_dist.index.lock import JobLocks, lock_job
 from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
+from logra_dist.index.signals import StopOnSignals
 from logra_dist.index.writer import ShardWriter
 from logra_dist.session import GradientSession
 from logra_dist.tracking import NullTracker
@@ -95,6 +96,7 @@ class Logger(GradientSession):
     """Writes per-sample projected gradients of every captured batch to this rank's shard."""
 
     _written = (0.0, 0)  # (seconds, bytes) of this logger's writers already closed (tracker figures)
+    _signals = StopOnSignals()  # replaced by an installed one in __init__; this one restores nothing
 
     def __init__(
         self,
@@ -137,6 +139,7 @@ class Logger(GradientSession):
         self.phase = Phase.PCA_PENDING
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or self.engine.model_identity()
+        self._signals = StopOnSignals().install()  # SIGINT/SIGTERM: a clean stop, the shard resumable
         try:
             self._locks = lock_job(self.out_dir, self.rank, self.world_size)  # before anything is read or cut
             with self.tracker.phase("fingerprint"):  # collective: one small all-reduce
@@ -152,6 +155,7 @@ class Logger(GradientSession):
                 self._start_writing()
         except BaseException:
             self._locks.release()
+            self._signals.restore()
             super().close()  # leave the user's model as it was: no hooks, weights unfrozen
             raise
 
@@ -468,6 +472,7 @@ class Logger(GradientSession):
             self._writer = None
         self._locks.release()
         self.phase = Phase.CLOSED
+        self._signals.restore()
         super().close()
 
 

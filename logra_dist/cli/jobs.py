@@ -156,17 +156,19 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     )
     tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, data=data, tracker=tracker)
-    pad_id = pad_token_id(tokenizer)
-    todo = [s for s in mine if s.id not in logger.done_ids]
-    if logger.needs_pca_pass:
-        with logger.pca_pass():
-            run_samples(logger, todo, args.batch_size, pad_id)
-    start = time.perf_counter()
-    tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker)
-    elapsed = time.perf_counter() - start
-    with tracker.phase("finalize"):
-        manifest = logger.finalize()
-    logger.close()
+    try:
+        pad_id = pad_token_id(tokenizer)
+        todo = [s for s in mine if s.id not in logger.done_ids]
+        if logger.needs_pca_pass:
+            with logger.pca_pass():
+                run_samples(logger, todo, args.batch_size, pad_id)
+        start = time.perf_counter()
+        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker)
+        elapsed = time.perf_counter() - start
+        with tracker.phase("finalize"):
+            manifest = logger.finalize()
+    finally:
+        logger.close()  # unfinalized (error, SIGINT/SIGTERM): the partial shard is kept for --resume
     tracker.finish(
         {
             "index/total_rows": manifest["total_rows"],

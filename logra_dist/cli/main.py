@@ -24,7 +24,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "log":
             from logra_dist.cli.jobs import run_log
 
-            run_log(args)
+            try:
+                run_log(args)
+            except KeyboardInterrupt as e:  # SIGINT or SIGTERM (index.signals): the shards stay resumable
+                return interrupted(e, args.out)
         else:
             from logra_dist.cli.sources import run_score
 
@@ -57,6 +60,20 @@ def run(argv: Sequence[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
     exit_process(code)
+
+
+def interrupted(e: KeyboardInterrupt, out: str) -> int:
+    """One line instead of a traceback; exit status 128 + the signal, as the shell reports it."""
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    print(
+        f"logra-dist log: interrupted by {signal.Signals(signum).name}; what was committed in {out} is kept: "
+        "rerun the same command with --resume to finish the index",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint); recorded in the results",
     )
     score.add_argument("--out", default=None, help="directory for topk.h5 and the listing (default: print)")
+    score.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the self-influence cache goes when the index is read-only (default $LOGRA_DIST_HOME/selfinf)",
+    )
+    score.add_argument("--no-cache", action="store_true", help="never write a self-influence cache")
 
     inspect = sub.add_parser(
         "inspect",

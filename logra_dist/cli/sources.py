@@ -91,6 +91,7 @@ def run_score_query_index(args: argparse.Namespace):
         damping=args.damping,
         tracker=tracker,
         allow_model_mismatch=args.allow_model_mismatch,
+        **cache_options(args),
     )
     scorer.add_query_gradients(args.query_index)
     with tracker.phase("score"):
@@ -131,7 +132,7 @@ def run_score_prompts(args: argparse.Namespace):
             batch_size=args.batch_size,
             max_length=args.max_length,
         )
-    scorer = Scorer(model, args.index, **_scoring(args, tokenizer, tracker))
+    scorer = Scorer(model, args.index, **_scoring(args, tokenizer, tracker), **cache_options(args))
     pad_id = pad_token_id(tokenizer)
     run_samples(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
@@ -162,7 +163,7 @@ def run_score(args: argparse.Namespace):
         args.model = manifest["metadata"]["model_path"]
     model, tokenizer, _ = load_engine(args)
     tracker = make_tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
-    scorer = Scorer(model, index, **_scoring(args, tokenizer, tracker))
+    scorer = Scorer(model, index, **_scoring(args, tokenizer, tracker), **cache_options(args))
     pad_id = pad_token_id(tokenizer)
     mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
     run_samples(scorer, mine, args.batch_size, pad_id, tracker)
@@ -174,3 +175,8 @@ def run_score(args: argparse.Namespace):
     report_scores(args, scorer, result, manifest, {q.id: q.full_text for q in queries})
     scorer.close()
     return result
+
+
+def cache_options(args) -> dict:
+    """--cache-dir / --no-cache: where the self-influence cache may go (scoring/cacheplace.py)."""
+    return {"cache_self_influence": not args.no_cache, "cache_dir": args.cache_dir}

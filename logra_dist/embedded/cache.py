@@ -17,16 +17,12 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from logra_dist.config import default_cache_dir  # re-exported by logra_dist.embedded
 from logra_dist.embedded.corpus import corpus_sha256
 from logra_dist.embedded.model import MARKER, train_default_model
 
 DEFAULT_MODEL_SUBDIR = "default-model-v1"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", MARKER)
-
-
-def default_cache_dir() -> Path:
-    """``$LOGRA_DIST_HOME`` if set, else ``~/.cache/logra_dist``."""
-    return Path(os.environ.get("LOGRA_DIST_HOME") or "~/.cache/logra_dist").expanduser()
 
 
 def _is_complete(path: Path) -> bool:

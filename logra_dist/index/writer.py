@@ -47,12 +47,14 @@ from logra_dist.index.format import (
 )
 from logra_dist.index.h5io import attr_value, block_checksums, fsync_path, h5_writing, ids_digest, write_json_atomic
 from logra_dist.index.partial import COMMIT, PartialShard, PartialShardError, ResumeState, read_rank_stats
+from logra_dist.index.signals import received
 
 # Target bytes per HDF5 chunk of `grads`. HDF5 allocates a shard's last chunk whole, so a shard
 # carries up to chunk_rows - 1 rows of padding: 256 KiB keeps that under 3% of a 1024-row shard
 # at D = 3840 fp16 (4 MiB chunks: 2.1x for 256 rows), and reads of 1024-row slices stayed within
 # measurement noise of 4 MiB chunks (bench/storage.py, bench/README.md).
 CHUNK_BYTES = 1 << 18
+ABANDON_WAIT_S = 5.0  # after SIGINT/SIGTERM, how long close() waits for a commit being written
 
 
 def chunk_rows_for(row_bytes: int, flush_rows: int) -> int:
@@ -105,6 +107,7 @@ class ShardWriter:
     write_seconds = 0.0  # time spent handling writes, commits and the close (observability)
     last_commit_seconds = 0.0  # the writer's time for its latest commit (statistics file + fsyncs)
     _commits_put = _commits_done = 0
+    _abandon = False  # interrupted: the writer thread drops what is queued and ends
 
     def __init__(
         self,
@@ -202,7 +205,8 @@ class ShardWriter:
         """complete=True: commit, build the final shard, return its path (raises if any write
         failed); `stats` may be views of live tensors, as this waits for the writer.
         complete=False: stop writing and keep the partial shard as of its last commit (never
-        raises: it runs on error paths)."""
+        raises: it runs on error paths); after SIGINT/SIGTERM (`signals.received`) the queued
+        rows and commits are dropped instead of written, as a kill would."""
         if self.complete or self._closed:
             return self.final_path if self.complete else self.path
         if not complete:
@@ -210,17 +214,38 @@ class ShardWriter:
             self._stop()
             return self.path
         self.commit(stats, nonfinite_ids)
-        self._put(("close", True, None))
+        self._put(("stop", None, None))
         self._closed = True
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join()  # interruptible; the thread never touches HDF5
         self._raise_if_failed()
+        # The shard is built here, in the calling thread, so that a signal stops it between two
+        # HDF5 calls: a writer thread left holding h5py's lock hangs the interpreter's exit.
+        start = time.perf_counter()
+        try:
+            self._build()
+        except Exception as e:
+            self._error = e
+            self._raise_if_failed()
+        finally:
+            self.write_seconds += time.perf_counter() - start
+            self.partial.close()
         self.complete = True
         return self.final_path
+
+    def _build(self) -> None:
+        self.rows_total = self.partial.rows
+        chunk = chunk_rows_for(self.codec.bytes_per_row(self.width), self.flush_rows)
+        self.ids_digest = write_shard(self.final_path, self.partial, self.attrs, chunk)
+        self.partial.remove()
 
     def _stop(self) -> None:
         if self._thread is None:
             self.partial.close()
+            return
+        if received():  # interrupted: drop what is queued; a commit being written ends within seconds
+            self._abandon = True
+            self._thread.join(ABANDON_WAIT_S)  # a commit still running after that is left to the kill-safe record
             return
         self._queue.put(("close", False, None))  # after an error the thread still drains the queue
         self._thread.join()
@@ -256,18 +281,25 @@ class ShardWriter:
     # -- consumer side (writer thread) -----------------------------------------------------
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
             try:
-                if self._error is None:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._abandon:
+                    break
+                continue
+            try:
+                if self._error is None and not self._abandon:
                     self._timed_handle(item)
             except BaseException as e:  # surfaced in the main thread at the next call
                 self._error = e
             finally:
                 if item[0] == "commit" and item[2] is not None:
                     item[2].set()  # even after an error: the caller may wait for it
+            if item[0] == "stop":
+                return  # the calling thread builds the shard (close)
             if item[0] == "close":
-                self.partial.close()
-                return
+                break
+        self.partial.close()
 
     def _timed_handle(self, item) -> None:
         start = time.perf_counter()
@@ -292,12 +324,7 @@ class ShardWriter:
                 self._commits_done += 1
         elif kind == "close":
             self.rows_total = self.partial.rows
-            if a:
-                chunk = chunk_rows_for(self.codec.bytes_per_row(self.width), self.flush_rows)
-                self.ids_digest = write_shard(self.final_path, self.partial, self.attrs, chunk)
-                self.partial.remove()
-            else:
-                self.partial.close()
+            self.partial.close()
 
 
 def write_index(

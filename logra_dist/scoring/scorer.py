@@ -15,7 +15,6 @@ time and cached in the index (`scoring/selfinf.py`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -33,6 +32,7 @@ from logra_dist.index.format import IndexFormatError, layout_to_json, read_stats
 from logra_dist.index.partition import assign_rows
 from logra_dist.index.reader import GradientStore
 from logra_dist.index.stream import ChunkStream
+from logra_dist.scoring import cacheplace
 from logra_dist.scoring.identity import check_query_index, check_scoring_model
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet
@@ -54,7 +54,9 @@ class Scorer:
     big matmul (the queries are re-read once per chunk) and the stream's buffers small enough to
     stay in cache: 4096 read 35% slower (bench/scorer_throughput.py). block_bytes: bound on one score block
     (query_chunk x chunk_rows floats per layer-group atom); queries are processed in chunks of
-    that size against each training chunk. cache_self_influence=False never writes to the index.
+    that size against each training chunk. Self-influence (relatif, cosine) is cached in the index,
+    or in `cache_dir` (default $LOGRA_DIST_HOME/selfinf) where the index is read-only, or not at
+    all (scoring/cacheplace.py); cache_self_influence=False never writes anything.
     """
 
     def __init__(
@@ -68,6 +70,7 @@ class Scorer:
         block_bytes: int = 256 << 20,
         dtype: torch.dtype = torch.float32,
         cache_self_influence: bool = True,
+        cache_dir: str | Path | None = None,
         tracker=None,
         tokenizer: str | None = None,
         allow_model_mismatch: bool = False,
@@ -114,7 +117,7 @@ class Scorer:
         self.cache_self_influence = cache_self_influence
         self._row_self = self.preconditioner.layer_self_influence(dtype)
         self._cache = SelfInfluenceCache(
-            self.index_dir, self.hessian, self.damping, len(self.store), layout_to_json(self.store.layout)
+            self.index_dir, self.hessian, self.damping, len(self.store), layout_to_json(self.store.layout), cache_dir
         )
 
     # -- queries (local, no collectives) ----------------------------------------------------
@@ -209,32 +212,26 @@ class Scorer:
         """Collective: ('read' | 'write' | 'compute' | None, token). All ranks agree."""
         if not need:
             return None, 0
-        here = float(self._cache.available())
-        if comm.all_reduce_sum(torch.tensor([here], dtype=torch.float64)).item() == self.world:
-            return "read", 0
-        if not self.cache_self_influence:
-            return "compute", 0
-        token = torch.tensor([[int.from_bytes(os.urandom(8), "little") >> 2]], dtype=torch.int64)  # unique per job
-        return "write", int(comm.all_gather_rows(token)[0].item())
+        return cacheplace.plan(self._cache, self.cache_self_influence, self.world)
 
     def _scored(self, work: Callable[[], Any], self_plan: tuple[str | None, int]) -> Any:
         """The local streaming phase, agreed across ranks; on failure no part file is left behind."""
         try:
             return self._agreed(work, "scoring")
-        except Exception:
+        except BaseException:  # KeyboardInterrupt too
             if self_plan[0] == "write":
-                self._cache.part_path(self_plan[1], self.rank).unlink(missing_ok=True)
+                cacheplace.remove_quietly(self._cache.part_path(self_plan[1], self.rank))
             self._cache.close()
             raise
 
-    def _finish_self_influence(self, plan: str | None, token: int) -> None:
-        """Collective: rank 0 merges the parts into selfinf.h5 once every rank has closed its own."""
-        if plan == "write":
-            self._agreed(
-                lambda: self._cache.merge(token, self.assignment) if self.rank == 0 else None,
-                "writing the self-influence cache",
-            )
+    def _finish_self_influence(self, plan: str | None, token: int) -> bool:
+        """Collective: rank 0 merges the parts into selfinf.h5 once every rank has closed its own;
+        whether the cache holds the values now."""
+        cached = plan == "read" or (
+            plan == "write" and cacheplace.finish(self._cache, token, self.assignment, self._agreed)
+        )
         self._cache.close()
+        return cached
 
     # -- streaming (local) ------------------------------------------------------------------
     def _chunks(self, plan: str | None, token: int) -> Iterator[Chunk]:
@@ -261,7 +258,7 @@ class Scorer:
             if writer is not None:
                 writer.close()
                 if not ok:
-                    writer.path.unlink(missing_ok=True)
+                    cacheplace.remove_quietly(writer.path)
 
     def _query_chunk(self, n_q: int, n_atoms: int) -> int:
         """Queries per score block; the same on every rank (depends on global sizes only)."""
@@ -352,8 +349,7 @@ class Scorer:
         plan, token = self._plan_self_influence(True)
         if plan != "read":
             parts = self._scored(lambda: [(s, rs) for s, _, _, rs in self._chunks(plan, token)], (plan, token))
-            self._finish_self_influence(plan, token)
-            if plan == "compute":  # no cache to read back: gather (small: N x L)
+            if not self._finish_self_influence(plan, token):  # no cache to read back: gather (small: N x L)
                 mine = torch.cat([rs for _, rs in parts]) if parts else torch.zeros(0, len(self.store.layout))
                 blocks = comm.all_gather_rows(mine.float())
                 values = np.empty((len(self.store), len(self.store.layout)), np.float32)

@@ -1,8 +1,9 @@
-"""Per-layer self-influence g_l^T H_l^-1 g_l of every training row, cached inside the index.
+"""Per-layer self-influence g_l^T H_l^-1 g_l of every training row, cached with the index.
 
 RelatIF and cosine divide by it; computing it costs a GEMM per layer per row, so it is done
 once per (hessian kind, damping) and stored in `<index>/selfinf.h5` as an (N, L) float32 dataset
 in the index's row order. Per layer, so that any layer group's value is a sum of columns.
+It lives in the index, or in a user cache folder where the index is read-only (`cacheplace`).
 
 Writing is distributed without gathering rows anywhere: each scoring rank streams the values of
 its own rows into a part file while it scores, then rank 0 copies the parts block by block into
@@ -15,6 +16,7 @@ a warning) and replaced; nothing is ever read from an entry that fails either ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +27,9 @@ import h5py
 import numpy as np
 
 from logra_dist.index.format import MANIFEST_FILE, STATS_FILE, IndexFormatError, dataset_sha
+from logra_dist.index.h5io import _GuardedFile, h5_writing
 from logra_dist.index.partition import Ranges
+from logra_dist.scoring.cacheplace import lock, remove_quietly, user_dir
 
 FILE_NAME = "selfinf.h5"
 _COPY_ROWS = 1 << 16
@@ -55,16 +59,25 @@ def cache_sources(index_dir: Path, manifest_bytes: bytes) -> str:
 class SelfInfluenceCache:
     """The cache entry for one (hessian kind, damping) of one index."""
 
-    def __init__(self, index_dir: Path, kind: str, damping: float, n_rows: int, layout_json: str):
+    def __init__(
+        self, index_dir: Path, kind: str, damping: float, n_rows: int, layout_json: str, cache_dir: Path | None = None
+    ):
         self.index_dir = Path(index_dir)
-        self.path = self.index_dir / FILE_NAME
         self.key = cache_key(kind, damping)
         self.n_rows, self.layout_json = n_rows, layout_json
         self.n_layers = len(json.loads(layout_json))
         manifest_bytes = (self.index_dir / MANIFEST_FILE).read_bytes()
         self.manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
         self.sources = cache_sources(self.index_dir, manifest_bytes)
+        self.user_dir = user_dir(self.index_dir, self.manifest_sha, cache_dir)  # if the index is read-only
+        self.dir = self.index_dir  # where the entry is read and written (cacheplace.plan)
+        self.part_error: OSError | None = None  # this rank's part could not be written
+        self.held: list[int] = []  # locks on this rank's closed part, until the merge
         self._file: h5py.File | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dir / FILE_NAME
 
     def _valid(self, ds: h5py.Dataset) -> bool:
         if not (
@@ -84,12 +97,13 @@ class SelfInfluenceCache:
             return False
         return True
 
-    def available(self) -> bool:
+    def available(self, folder: Path | None = None) -> bool:
         """Whether a valid entry exists (checked by every rank; the caller agrees collectively)."""
-        if not self.path.exists():
+        path = self.path if folder is None else folder / FILE_NAME
+        if not path.exists():
             return False
         try:
-            with h5py.File(self.path, "r") as f:
+            with h5py.File(path, "r") as f:
                 return self.key in f and self._valid(f[self.key])
         except OSError:
             return False  # unreadable cache: recomputed and replaced
@@ -104,19 +118,23 @@ class SelfInfluenceCache:
         if self._file is not None:
             self._file.close()
             self._file = None
+        while self.held:
+            os.close(self.held.pop())
 
     # -- writing ----------------------------------------------------------------------------
     def part_path(self, token: int, rank: int) -> Path:
-        return self.index_dir / f"{FILE_NAME}.part-{token:016x}-rank-{rank:05d}"
+        return self.dir / f"{FILE_NAME}.part-{token:016x}-rank-{rank:05d}"
 
     def part_writer(self, token: int, rank: int) -> PartWriter:
-        return PartWriter(self.part_path(token, rank), self.n_layers)
+        self.part_error = None
+        return PartWriter(self.part_path(token, rank), self.n_layers, self)
 
     def merge(self, token: int, assignment: list[Ranges]) -> None:
         """Rank 0, after every rank closed its part: build the new selfinf.h5 and swap it in."""
-        tmp = self.index_dir / f"{FILE_NAME}.tmp-{token:016x}"
+        tmp = self.dir / f"{FILE_NAME}.tmp-{token:016x}"
+        held = lock(tmp)  # a dead merge's file is removed by a later run (cacheplace.remove_stale)
         try:
-            with h5py.File(tmp, "w") as dst:
+            with h5_writing(tmp) as dst:  # a full disk is an OSError, never an HDF5 crash
                 self._carry_over(dst)
                 ds = dst.create_dataset(self.key, shape=(self.n_rows, self.n_layers), dtype=np.float32)
                 ds.attrs.update({"manifest_sha256": self.manifest_sha, "layout": self.layout_json})
@@ -125,9 +143,10 @@ class SelfInfluenceCache:
                 ds.attrs.update({"sources": self.sources, "sha256": dataset_sha(ds[()])})
             os.replace(tmp, self.path)
         finally:
-            tmp.unlink(missing_ok=True)
+            os.close(held)
+            remove_quietly(tmp)
             for rank in range(len(assignment)):
-                self.part_path(token, rank).unlink(missing_ok=True)
+                remove_quietly(self.part_path(token, rank))
 
     def _carry_over(self, dst: h5py.File) -> None:
         if not self.path.exists():
@@ -150,7 +169,7 @@ class SelfInfluenceCache:
             if expected:
                 raise IndexFormatError(f"{path}: self-influence part missing ({expected} rows expected)")
             return
-        with h5py.File(path, "r") as part:
+        with h5py.File(path, "r", locking=False) as part:  # the part is flock'ed by its job (cacheplace)
             data = part["rows"]
             if data.shape[0] != expected:
                 raise IndexFormatError(f"{path}: holds {data.shape[0]} self-influence rows, {expected} expected")
@@ -165,26 +184,48 @@ class SelfInfluenceCache:
 class PartWriter:
     """One rank's self-influence rows, appended in the order the rank streams its ranges. Writes
     are batched (`flush_rows`): every HDF5 call waits for h5py's global lock, which the row
-    reader thread holds during its large reads."""
+    reader thread holds during its large reads. A failed write (disk full) is recorded in
+    `cache.part_error` and removes the part: the scores need the values, not the file. The part
+    is flock'ed until closed, so no other job takes it for a dead one's."""
 
     flush_rows = 1 << 17
 
-    def __init__(self, path: Path, n_layers: int):
-        self.path = path
-        try:
-            self.file = h5py.File(path, "w")
-        except OSError as e:
-            raise OSError(
-                f"{path}: cannot write the self-influence cache ({e}); score a read-only index "
-                "with Scorer(..., cache_self_influence=False)"
-            ) from e
-        self.data = self.file.create_dataset(
-            "rows", shape=(0, n_layers), maxshape=(None, n_layers), dtype=np.float32, chunks=(4096, max(1, n_layers))
-        )
+    def __init__(self, path: Path, n_layers: int, cache: SelfInfluenceCache | None = None):
+        self.path, self._cache = path, cache
+        self.file = None
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
+        self._lock: int | None = None
+        try:
+            self._lock = lock(path)
+            self._guard = _GuardedFile(path)  # HDF5 never sees a failed write (it can crash on close)
+            self.file = h5py.File(self._guard, "w")
+            self.data = self.file.create_dataset(
+                "rows",
+                shape=(0, n_layers),
+                maxshape=(None, n_layers),
+                dtype=np.float32,
+                chunks=(4096, max(1, n_layers)),
+            )
+        except OSError as e:
+            self._fail(e)
+
+    def _fail(self, error: OSError) -> None:
+        if self._cache is not None and self._cache.part_error is None:
+            self._cache.part_error = error
+        self._pending, self._pending_rows = [], 0
+        self._close_file()
+        remove_quietly(self.path)
+        if self._cache is None:
+            raise error
+
+    @property
+    def failed(self) -> bool:
+        return self.file is None
 
     def append(self, values: np.ndarray) -> None:
+        if self.failed:
+            return
         self._pending.append(np.array(values, dtype=np.float32))
         self._pending_rows += len(values)
         if self._pending_rows >= self.flush_rows:
@@ -195,12 +236,44 @@ class PartWriter:
             return
         values = np.concatenate(self._pending)
         self._pending, self._pending_rows = [], 0
-        n = self.data.shape[0]
-        self.data.resize(n + len(values), axis=0)
-        self.data[n:] = values
+        try:
+            n = self.data.shape[0]
+            self.data.resize(n + len(values), axis=0)
+            self.data[n:] = values
+        except OSError as e:
+            self._fail(e)
+            return
+        if self._guard.error is not None:
+            self._fail(self._guard.error)
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+        guard = getattr(self, "_guard", None)
+        if guard is not None and not guard.closed:
+            guard.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def close(self) -> None:
-        try:
-            self._flush()
-        finally:
-            self.file.close()
+        if self.failed:
+            self._close_file()
+            return
+        self._flush()
+        if self.failed:
+            return
+        self.file.close()
+        self.file = None
+        error = self._guard.error
+        self._guard.close()
+        if error is not None:
+            self._fail(error)
+            return
+        if self._cache is not None:  # held until the merge is done (SelfInfluenceCache.close)
+            self._cache.held.append(self._lock)
+        else:
+            os.close(self._lock)
+        self._lock = None

@@ -13,6 +13,12 @@ hot path carries no fault code. Spec: `kind[:count][@rank]`, several joined by c
     kill_before_manifest   SIGKILL after the shards were renamed, before manifest.json is written
     kill_after_manifest    SIGKILL right after manifest.json is written (per-rank statistics left)
     fsize:BYTES            RLIMIT_FSIZE = BYTES with SIGXFSZ ignored (a full disk, per file)
+    signal_in:PHASE:SIG[:group]
+                           send SIG (INT or TERM) to this process (group: its process group) in
+                           PHASE, then keep the phase busy for a minute (a long phase): batch (after
+                           the 5th batch, rows queued), commit (inside the 2nd commit, writer
+                           thread), build (building the HDF5 shard, holding h5py's lock), stats
+                           (writing stats.h5), manifest
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import sys
 import time
 
 
@@ -35,7 +42,75 @@ def install(spec: str | None = None) -> None:
         if on_rank and int(on_rank) != rank:
             continue
         kind, _, arg = item.partition(":")
+        if kind == "signal_in":
+            _signal_in(*arg.split(":"))
+            continue
         _INSTALL[kind](int(arg) if arg else 0)
+
+
+def _busy_after(sig: str, hold_h5_lock: bool = False, group: bool = False) -> None:
+    """Send the signal to this process (group: to its process group, as Ctrl-C in a terminal
+    signals a launcher and all its ranks), then stay in the phase for up to a minute (as a long
+    shard build or stats write would); with hold_h5_lock, inside h5py's global lock, as a thread
+    writing HDF5 holds it."""
+    import h5py
+
+    print(f"SIGNAL_SENT {time.time():.3f}", file=sys.stderr, flush=True)  # the test times the exit from here
+    if group:
+        os.killpg(os.getpgid(0), getattr(signal, f"SIG{sig}"))
+    else:
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig}"))
+    deadline = time.monotonic() + 60
+    if hold_h5_lock:
+        with h5py._objects.phil:
+            while time.monotonic() < deadline:
+                time.sleep(0.05)
+    else:
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def _signal_in(phase: str, sig: str, target: str = "self") -> None:
+    from logra_dist import logger
+    from logra_dist.index import partial, writer
+
+    if phase == "batch":
+        _after_batches(5, lambda: _busy_after(sig, group=target == "group"))
+    elif phase == "commit":
+        original_record, seen = partial.write_record, [0]
+
+        def write_record(path, record):
+            if record.rows > 0:
+                seen[0] += 1
+                if seen[0] == 2:
+                    _busy_after(sig, group=target == "group")
+            original_record(path, record)
+
+        partial.write_record = write_record
+    elif phase == "build":
+        original_checksums = writer.block_checksums
+
+        def block_checksums(rows, block_rows):  # the .h5.partial is open, half made
+            _busy_after(sig, hold_h5_lock=True, group=target == "group")
+            return original_checksums(rows, block_rows)
+
+        writer.block_checksums = block_checksums
+    elif phase in ("stats", "manifest"):
+        original_json, original_stats = logger.write_json_atomic, logger.write_stats
+
+        def write_stats(path, *a, **k):
+            if phase == "stats":
+                _busy_after(sig, group=target == "group")
+            original_stats(path, *a, **k)
+
+        def write_json_atomic(path, data):
+            if phase == "manifest" and path.name == "manifest.json":
+                _busy_after(sig, group=target == "group")
+            original_json(path, data)
+
+        logger.write_stats, logger.write_json_atomic = write_stats, write_json_atomic
+    else:
+        raise ValueError(f"signal_in: unknown phase {phase!r}")
 
 
 def _after_batches(k: int, action) -> None:
