@@ -68,7 +68,7 @@ class Document:
         return self.prompt + self.text
 
 
-def _record_to_document(record: dict, index: int, where: str) -> Document:
+def record_to_document(record: dict, index: int, where: str) -> Document:
     doc_id = record.get("id", index)
     if not isinstance(doc_id, int) or isinstance(doc_id, bool) or doc_id < 0:
         raise ValueError(f"{where}: 'id' must be a non-negative integer, got {doc_id!r}")
@@ -95,7 +95,7 @@ def read_documents(paths: str | Path | Sequence[str | Path]) -> list[Document]:
                     if not raw.strip():
                         continue
                     record = json_record(raw, path, line_no)
-                    docs.append(_record_to_document(record, len(docs), f"{path}:{line_no}"))
+                    docs.append(record_to_document(record, len(docs), f"{path}:{line_no}"))
         else:
             text = decode_text(path.read_bytes(), path)
             for para in (p.strip() for p in text.split("\n\n")):
