@@ -16,6 +16,7 @@ engines: a model is described by the `MODEL_FIELDS` of a dict the caller builds.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -227,6 +228,7 @@ def read_manifest(path: Path) -> dict:
 
 # -- stats.h5 ---------------------------------------------------------------------------------------
 # Attributes of stats.h5: the curvature kind and damping, plus the `attrs` its writer passes.
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file-size limit, quota
 STATS_ATTRS = ("hessian", "damping", "samples", "layout", "config")
 
 
@@ -236,10 +238,19 @@ def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarr
     if sorted(attrs) != sorted(STATS_ATTRS[2:]):
         raise ValueError(f"write_stats({path}): attributes {sorted(attrs)}, expected {sorted(STATS_ATTRS[2:])}")
     tmp = path.with_name(path.name + ".tmp")
-    with h5_writing(tmp) as f:
-        f.attrs.update({"hessian": kind, "damping": damping, **attrs})
-        for key, arr in state.items():
-            f.create_dataset(key, data=arr)
+    try:
+        with h5_writing(tmp) as f:
+            f.attrs.update({"hessian": kind, "damping": damping, **attrs})
+            for key, arr in state.items():
+                f.create_dataset(key, data=arr)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # never renamed into place; the shards and side files stay
+        if e.errno in DISK_FULL:
+            raise IndexFormatError(
+                f"{path}: disk full while writing the statistics ({e!r}); the shards are complete: "
+                "free space and rerun the same command with --resume to finish the index"
+            ) from e
+        raise
     os.replace(tmp, path)
 
 

@@ -12,6 +12,7 @@ hot path carries no fault code. Spec: `kind[:count][@rank]`, several joined by c
     kill_before_manifest   SIGKILL after the shards were renamed, before manifest.json is written
     kill_after_manifest    SIGKILL right after manifest.json is written (per-rank statistics left)
     fsize:BYTES            RLIMIT_FSIZE = BYTES with SIGXFSZ ignored (a full disk, per file)
+    fsize_at_stats:BYTES   the same, set just before rank 0 writes stats.h5 (the disk fills then)
 """
 
 from __future__ import annotations
@@ -111,6 +112,18 @@ def _fsize(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+def _fsize_at_stats(limit: int) -> None:
+    from logra_dist import logger
+
+    original = logger.write_stats
+
+    def write_stats(*args, **kwargs):
+        _fsize(limit)
+        original(*args, **kwargs)
+
+    logger.write_stats = write_stats
+
+
 _INSTALL = {
     "kill_after_batches": lambda k: _after_batches(k, _die),
     "raise_after_batches": lambda k: _after_batches(k, _raise),
@@ -120,4 +133,5 @@ _INSTALL = {
     "kill_before_manifest": _kill_before_manifest,
     "kill_after_manifest": _kill_after_manifest,
     "fsize": _fsize,
+    "fsize_at_stats": _fsize_at_stats,
 }
