@@ -4,8 +4,9 @@ Reads a `score --out` directory: `topk.h5` (scores, train_ids, query_ids, mode, 
 numbers shown) and `topk.jsonl` (the texts), refusing the pair when their run ids differ. Each
 query's text stands beside its most valuable training texts with their scores; a histogram of
 all top-k scores (and of the top-1 scores) sits on top. The plot is inline SVG drawn here: the
-page loads nothing (no JS, no CDN, no fonts), so it renders the same offline, in CI's headless Chromium and in a mail attachment.
-The listing layout read is `results.listing`'s: `{"query_text", "results": [...]}`.
+page loads nothing (no JS, no CDN, no fonts), so it renders the same offline, in CI's headless
+Chromium and in a mail attachment. The listing layout read is `results.listing`'s:
+`{"query_text", "results": [...]}`.
 """
 
 from __future__ import annotations
