@@ -27,7 +27,7 @@ def check_surrogates(text: str, where: str) -> None:
     found = _SURROGATE.search(text)
     if found:
         raise ValueError(
-            f"{where}: lone surrogate {found.group()!r} (a \\uXXXX escape of half a UTF-16 pair) at "
+            f"{where}: lone surrogate {found.group()!r} (a \\uXXXX escape of half a UTF-16 pair, not UTF-8) at "
             f"character {found.start()}; replace it with the character it was meant to be, or drop it"
         )
 
