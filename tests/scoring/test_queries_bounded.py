@@ -5,6 +5,7 @@ memory of `logra-dist score` does not grow with the number of queries."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +94,18 @@ def test_cli_chunks_give_the_results_of_one_pass(index, capsys):
         got[chunk] = _read(out)
     (small, rec_small, md_small), (big, rec_big, md_big) = got["4"], got["1000"]
     assert small["query_ids"].tolist() == sorted(qids.tolist())
-    for key in small:
+    for key in ("query_ids", "train_ids"):  # the same ranking, ties and order
         np.testing.assert_array_equal(small[key], big[key], err_msg=key)
-    assert rec_small == rec_big and md_small == md_big
+    # the same query rows (same batches); score GEMMs of other shapes round differently (measured
+    # up to 5.5e-6 relative; docs/scoring.md "Determinism")
+    np.testing.assert_allclose(small["scores"], big["scores"], rtol=2e-5, atol=2e-5 * np.abs(big["scores"]).max())
+
+    def drop_scores(records):
+        return [{**r, "results": [{**x, "score": None} for x in r["results"]]} for r in records]
+
+    assert drop_scores(rec_small) == drop_scores(rec_big)
+    cells = re.compile(r"^(\| \d+ \| \d+ \| )[^|]+", re.M)  # the score column of the markdown tables
+    assert cells.sub(r"\1", md_small) == cells.sub(r"\1", md_big)
     tied = small["train_ids"][small["query_ids"] == qids[0]][0]  # the query that is training doc 3 = 9
     assert tied[:2].tolist() == [3, 9]
 
