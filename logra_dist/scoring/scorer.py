@@ -112,8 +112,7 @@ class Scorer:
         self._cache = SelfInfluenceCache(
             self.index_dir, self.hessian, self.damping, len(self.store), layout_to_json(self.store.layout)
         )
-        # score_in_chunks: the self-influence plan of the first chunk, and (plan "compute", no
-        # cache) this rank's row self-influence by chunk start, so no later chunk recomputes it
+        # score_in_chunks: the first chunk's self-influence plan; for "compute", row values by chunk
         self._kept_plan: tuple[str | None, int] | None = None
         self._kept_row_self: dict[int, torch.Tensor] | None = None
 
@@ -321,11 +320,9 @@ class Scorer:
     def score_in_chunks(
         self, k: int, chunks: Iterable[Callable[[], Any]], groups: dict[str, str] | None = None
     ) -> Iterator[TopKResult]:
-        """Collective: many queries in bounded memory. Each item of `chunks` (the same number on
-        every rank) adds this rank's queries of one chunk when called (capture/backward or
-        add_query_gradients); they are scored with topk(k, groups), the result is yielded and the
-        queries are dropped. The training rows' self-influence is planned (and computed or cached)
-        once for all chunks. Chunks of consecutive query-id ranges concatenate to one topk()."""
+        """Collective, bounded memory: each item of `chunks` (as many on every rank), called, adds
+        this rank's queries of one chunk; topk(k, groups) of them is yielded, then they are dropped.
+        Training self-influence is planned (computed or cached) once for all chunks."""
         self._kept_plan, self._kept_row_self = None, {}
         try:
             for feed in chunks:
