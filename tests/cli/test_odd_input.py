@@ -86,3 +86,12 @@ def test_report_reads_results_written_before_run_ids(tmp_path):
     (tmp_path / "topk.jsonl").write_text(json.dumps({"query_id": 0, "results": [], "run_id": "c" * 32}) + "\n")
     with pytest.raises(ValueError, match=r"topk.jsonl:1: run id c{32} but .*topk.h5 has run id None"):
         write_report(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_training_text_is_named_before_any_shard(tmp_path, name):
+    data, message = BAD[name]
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=message):
+        main(["log", "--out", str(tmp_path / "index"), "--data", str(tmp_path / name), "--no-wandb"])
+    assert not (tmp_path / "index" / "shards").exists()
