@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,45 @@ import numpy as np
 import torch
 
 IGNORE = -100
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+UTF8_FIX = "save the file as UTF-8 (e.g. `iconv -f <its encoding> -t utf-8`)"
+
+
+def check_surrogates(text: str, where: str) -> None:
+    """JSON escapes like "\\ud800" decode to a lone surrogate, which no tokenizer can encode."""
+    found = _SURROGATE.search(text)
+    if found:
+        raise ValueError(
+            f"{where}: lone surrogate {found.group()!r} (a \\uXXXX escape of half a UTF-16 pair, not UTF-8) at "
+            f"character {found.start()}; replace it with the character it was meant to be, or drop it"
+        )
+
+
+def decode_text(raw: bytes, path: str | Path, line_no: int | None = None) -> str:
+    """UTF-8 bytes as text; an error names the file, the line and the byte."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = line_no if line_no is not None else raw[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start]:#04x}: {e.reason}); {UTF8_FIX}") from None
+    return text  # strict UTF-8 never yields a surrogate; only JSON escapes can
+
+
+def json_record(raw: bytes, path: str | Path, line_no: int) -> dict:
+    """One jsonl line: valid UTF-8, a JSON object, no lone surrogate in its strings."""
+    where = f"{path}:{line_no}"
+    try:
+        record = json.loads(decode_text(raw, path, line_no))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for key, value in record.items():
+        if isinstance(value, str):
+            check_surrogates(value, f"{where}: field {key!r}")
+    return record
 
 
 @dataclass(frozen=True)
@@ -32,7 +72,7 @@ class Document:
         return self.prompt + self.text
 
 
-def _record_to_document(record: dict, index: int, where: str) -> Document:
+def record_to_document(record: dict, index: int, where: str) -> Document:
     doc_id = record.get("id", index)
     if not isinstance(doc_id, int) or isinstance(doc_id, bool) or doc_id < 0:
         raise ValueError(f"{where}: 'id' must be a non-negative integer, got {doc_id!r}")
@@ -54,20 +94,14 @@ def read_documents(paths: str | Path | Sequence[str | Path]) -> list[Document]:
         if not path.exists():
             raise FileNotFoundError(f"data file {path} does not exist")
         if path.suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
+            with path.open("rb") as f:
+                for line_no, raw in enumerate(f, 1):
+                    if not raw.strip():
                         continue
-                    where = f"{path}:{line_no}"
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{where}: not valid JSON: {e}") from e
-                    if not isinstance(record, dict):
-                        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-                    docs.append(_record_to_document(record, len(docs), where))
+                    record = json_record(raw, path, line_no)
+                    docs.append(record_to_document(record, len(docs), f"{path}:{line_no}"))
         else:
-            text = path.read_text(encoding="utf-8")
+            text = decode_text(path.read_bytes(), path)
             for para in (p.strip() for p in text.split("\n\n")):
                 if para:
                     docs.append(Document(len(docs), para))

@@ -81,7 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(score)
     score.add_argument("--index", required=True, help="index directory written by `log`")
     _add_query_sources(score)
-    score.add_argument("--topk", type=int, default=10)
+    score.add_argument("--topk", type=int, default=10, help="results per query (capped at the index's rows)")
+    score.add_argument(
+        "--query-chunk",
+        type=int,
+        default=None,
+        help="--queries scored this many at a time, so memory does not grow with their number "
+        "(default: about 256 MB of query rows per chunk; rounded up to a multiple of ranks x batch size)",
+    )
     score.add_argument("--mode", default="relatif", choices=list(SCORE_MODES))
     score.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
     score.add_argument(
@@ -139,7 +146,7 @@ def _add_query_sources(score: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Cheap checks of the command line, before any process group, model or data is touched."""
-    for name, low in (("batch_size", 1), ("max_length", 2), ("max_samples", 1), ("topk", 1)):
+    for name, low in (("batch_size", 1), ("max_length", 2), ("max_samples", 1), ("topk", 1), ("query_chunk", 1)):
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {value}")

@@ -1,11 +1,12 @@
 """`logra-dist report RESULTS`: one self-contained HTML page of top-k attributions.
 
 Reads a `score --out` directory: `topk.h5` (scores, train_ids, query_ids, mode, damping; the
-numbers shown) and `topk.jsonl` (the texts). Each query's text stands beside its most valuable
-training texts with their scores; a histogram of all top-k scores (and of the top-1 scores)
-sits on top. The plot is inline SVG drawn here: the page loads nothing (no JS, no CDN, no
-fonts), so it renders the same offline, in CI's headless Chromium and in a mail attachment.
-The listing layout read is `results.listing`'s: `{"query_text", "results": [...]}`.
+numbers shown) and `topk.jsonl` (the texts), refusing the pair when their run ids differ. Each
+query's text stands beside its most valuable training texts with their scores; a histogram of
+all top-k scores (and of the top-1 scores) sits on top. The plot is inline SVG drawn here: the
+page loads nothing (no JS, no CDN, no fonts), so it renders the same offline, in CI's headless
+Chromium and in a mail attachment. The listing layout read is `results.listing`'s:
+`{"query_text", "results": [...]}`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ ol.top li:first-child{border-top:none}
 """
 
 
-def _load_listing(path: Path) -> dict[int, dict[str, Any]]:
-    """query id -> {"prompt", "completion", "train": {train id: text}} from either jsonl layout."""
+def _load_listing(path: Path, run_id: str | None = None) -> dict[int, dict[str, Any]]:
+    """query id -> {"prompt", "completion", "train": {train id: text}} from either jsonl layout;
+    every record must carry `run_id` (topk.h5's: both files from one run; None: written before
+    run ids, and then no record may carry one)."""
     out: dict[int, dict[str, Any]] = {}
     if not path.exists():
         return out
@@ -62,6 +65,11 @@ def _load_listing(path: Path) -> dict[int, dict[str, Any]]:
             rec = json.loads(line)
         except ValueError as e:
             raise ValueError(f"{path}:{line_no}: not valid JSON: {e}") from e
+        if rec.get("run_id") != run_id:
+            raise ValueError(
+                f"{path}:{line_no}: run id {rec.get('run_id')} but {path.with_name('topk.h5')} has run id "
+                f"{run_id}: the two files come from different `score` runs; score again into an empty --out"
+            )
         out[int(rec["query_id"])] = {
             "prompt": "",
             "completion": rec.get("query_text") or "",
@@ -159,7 +167,7 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
         raise ValueError(
             f"{h5_path}: scores {scores.shape}, train_ids {train_ids.shape} and {len(query_ids)} query ids do not agree"
         )
-    listing = _load_listing(root / "topk.jsonl")
+    listing = _load_listing(root / "topk.jsonl", attrs.get("run_id"))
     esc = html.escape
     n_q, k = scores.shape
     meta = (

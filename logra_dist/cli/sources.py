@@ -18,8 +18,9 @@ from typing import Any
 from logra_dist import comm
 from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, tokenizer_fingerprint, training_data
 from logra_dist.cli.parser import check_args
-from logra_dist.data import pad_token_id, rank_samples, read_documents, tokenize
+from logra_dist.data import pad_token_id, rank_samples, tokenize
 from logra_dist.engines.launch import init_distributed
+from logra_dist.scoring.results import listing, markdown_body, markdown_header
 from logra_dist.session import run_samples
 
 
@@ -148,33 +149,78 @@ def run_score_prompts(args: argparse.Namespace):
 
 
 # -- score ----------------------------------------------------------------------------------------
+def cap_topk(args: argparse.Namespace, manifest: dict) -> None:
+    """--topk above the index's rows returns every row: capped before anything is allocated."""
+    rows = int(manifest.get("total_rows", 0))
+    if rows and args.topk > rows:
+        say(f"note: --topk {args.topk} capped at the index's {rows} rows")
+        args.topk = rows
+
+
+def query_chunk(args: argparse.Namespace, manifest: dict) -> int:
+    """Queries per chunk: --query-chunk, or what keeps one chunk's (n, D) rows near CHUNK_BYTES;
+    a multiple of world x batch size, so every batch holds the same queries as in one pass."""
+    unit = comm.world_size() * args.batch_size
+    size = args.query_chunk or max(1, CHUNK_BYTES // (16 * int(manifest.get("width") or 1)))
+    return -(-size // unit) * unit
+
+
+CHUNK_BYTES = 256 << 20  # float32 gathered rows + float64 preconditioning of one chunk
+
+
 def run_score(args: argparse.Namespace):
+    from logra_dist.cli.queries import QueryFile
     from logra_dist.index.format import read_manifest
     from logra_dist.scoring.scorer import Scorer
 
     check_args(args)
     if args.query_index is not None or args.prompts is not None:
         return run_score_query_index(args) if args.query_index is not None else run_score_prompts(args)
-    init_distributed()
-    queries = read_documents(args.queries)
+    queries = QueryFile(args.queries)  # every line checked; only ids and offsets kept
     index = Path(args.index)
     manifest = read_manifest(index / "manifest.json")
+    cap_topk(args, manifest)
+    init_distributed()
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
     model, tokenizer, _ = load_engine(args)
     tracker = make_tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
     scorer = Scorer(model, index, **_scoring(args, tokenizer, tracker), **cache_options(args))
     pad_id = pad_token_id(tokenizer)
-    mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
-    run_samples(scorer, mine, args.batch_size, pad_id, tracker)
-    with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective
-        result = scorer.topk(args.topk)
-    tracker.finish(
-        {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
-    )
-    report_scores(args, scorer, result, manifest, {q.id: q.full_text for q in queries})
+    chunks = queries.chunks(query_chunk(args, manifest))
+    current: list = []
+
+    def feeds():
+        for docs in chunks:
+            current[:] = docs
+
+            def feed(docs=docs):
+                mine = rank_samples(tokenize(docs, tokenizer, args.max_length), comm.rank(), comm.world_size())
+                run_samples(scorer, mine, args.batch_size, pad_id, tracker)
+
+            yield feed
+
+    train_text = _texts_of(manifest, f"training index {args.index}") if comm.rank() == 0 else None
+    writer = scorer.results_writer(args.out) if args.out and comm.rank() == 0 else None
+    n_scored = 0
+    try:
+        for i, result in enumerate(scorer.score_in_chunks(args.topk, feeds())):
+            n_scored += len(result.query_ids)
+            if comm.rank() == 0:
+                query_text = {q.id: q.full_text for q in current}
+                if writer is not None:
+                    writer.append(result, query_text, train_text)
+                records = listing(result, query_text, train_text)
+                print((markdown_header(result, writer and writer.run_id) if i == 0 else "") + markdown_body(records))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    tracker.finish({"score/queries": n_scored, "score/index_rows": len(scorer.store), "score/k": args.topk})
     scorer.close()
-    return result
+    return n_scored
 
 
 def cache_options(args) -> dict:

@@ -18,6 +18,7 @@ engines: a model is described by the `MODEL_FIELDS` of a dict the caller builds.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -431,6 +432,7 @@ def _why_unfinished(path: Path) -> str:
 
 # -- stats.h5 ---------------------------------------------------------------------------------------
 # Attributes of stats.h5: the curvature kind and damping, plus the `attrs` its writer passes.
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # no space, file-size limit, quota
 STATS_ATTRS = ("hessian", "damping", "samples", "layout", "config", "job_key", "shards_digest")
 
 
@@ -453,13 +455,22 @@ def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarr
     if sorted(attrs) != sorted(STATS_ATTRS[2:]):
         raise ValueError(f"write_stats({path}): attributes {sorted(attrs)}, expected {sorted(STATS_ATTRS[2:])}")
     tmp = path.with_name(path.name + ".tmp")
-    with h5_writing(tmp) as f:
-        f.attrs.update({"hessian": kind, "damping": damping, **attrs})
-        sums = {}
-        for key, arr in state.items():
-            ds = f.create_dataset(key, data=arr)
-            ds.attrs["sha256"] = sums[key] = dataset_sha(np.asarray(arr))
-        f.attrs["digest"] = stats_digest(sums, attrs)
+    try:
+        with h5_writing(tmp) as f:
+            f.attrs.update({"hessian": kind, "damping": damping, **attrs})
+            sums = {}
+            for key, arr in state.items():
+                ds = f.create_dataset(key, data=arr)
+                ds.attrs["sha256"] = sums[key] = dataset_sha(np.asarray(arr))
+            f.attrs["digest"] = stats_digest(sums, attrs)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # never renamed into place; the shards and side files stay
+        if e.errno in DISK_FULL:
+            raise IndexFormatError(
+                f"{path}: disk full while writing the statistics ({e!r}); the shards are complete: "
+                "free space and rerun the same command with --resume to finish the index"
+            ) from e
+        raise
     os.replace(tmp, path)
 
 

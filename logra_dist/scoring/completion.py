@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from logra_dist import comm
-from logra_dist.data import IGNORE, TokenizedSample, pad_token_id
+from logra_dist.data import IGNORE, TokenizedSample, check_surrogates, decode_text, pad_token_id
 from logra_dist.engines import wrap
 
 
@@ -48,7 +48,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
     prompts: list[Prompt] = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for line_no, line in enumerate(decode_text(path.read_bytes(), path).splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix in (".jsonl", ".json"):
@@ -59,6 +59,7 @@ def read_prompts(path: str | Path) -> list[Prompt]:
                 raise ValueError(f"{where}: not valid JSON: {e}") from e
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f'{where}: expected {{"prompt": "..."}}, got {line[:80]!r}')
+            check_surrogates(record["prompt"], f"{where}: field 'prompt'")
             pid = record.get("id", len(prompts))
             if not isinstance(pid, int) or isinstance(pid, bool) or pid < 0:
                 raise ValueError(f"{where}: 'id' must be a non-negative integer, got {pid!r}")

@@ -47,15 +47,32 @@ def check_query_store(queries: GradientStore, index: GradientStore) -> None:
     if index.config.init == "pca":
         _, q_state = read_stats(queries.root / "stats.h5")
         _, i_state = read_stats(index.root / "stats.h5")
+        pca_projections(i_state, index.layout, index.root / "stats.h5")
+        pca_projections(q_state, queries.layout, queries.root / "stats.h5")
         for s in index.layout:
             for side in ("p_in", "p_out"):
                 key = f"{s.name}/{side}"
-                if key not in q_state or not np.array_equal(q_state[key], i_state[key]):
+                if not np.array_equal(q_state[key], i_state[key]):
                     raise IndexFormatError(
                         f"{where}: PCA projection {key} differs; PCA projections are fitted "
                         "per logging run, so queries must be captured with the Scorer "
                         "on the model instead of logged separately"
                     )
+
+
+def pca_projections(state: dict[str, np.ndarray], layout: list[LayerSpec], path) -> dict[str, tuple]:
+    """A PCA index's fitted projections from its stats.h5 (they cannot be regenerated from a seed)."""
+    for s in layout:
+        for side in ("p_in", "p_out"):
+            if f"{s.name}/{side}" not in state:
+                raise IndexFormatError(
+                    f"{path}: PCA index without its projections: layer {s.name!r} has no dataset "
+                    f"'{s.name}/{side}' (stats.h5 damaged or replaced by another job's?); restore the "
+                    "stats.h5 written with these shards, or log the index again"
+                )
+    return {
+        s.name: (torch.from_numpy(state[f"{s.name}/p_in"]), torch.from_numpy(state[f"{s.name}/p_out"])) for s in layout
+    }
 
 
 class QuerySet:

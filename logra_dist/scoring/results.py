@@ -2,15 +2,20 @@
 
 Only rank 0 writes (every rank holds the same merged result); no collective is involved, so a
 caller may call this on every rank. Files appear atomically (temporary name, then rename).
+`ResultsWriter` appends query chunk by query chunk (the CLI scores queries in bounded chunks),
+so memory holds one chunk's results, not the run's. Every file carries the run's id (uuid4 hex:
+topk.h5 attribute `run_id`, each topk.jsonl record, the topk.md header), so `report` can tell
+files of different runs apart.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TextIO
 
 import h5py
 import numpy as np
@@ -112,13 +117,18 @@ def _cell(text: str | None, limit: int = 200) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown(records: list[dict[str, Any]], result: TopKResult) -> str:
-    lines = [
-        f"# Top-{result.scores.shape[1]} training examples per query",
-        "",
-        f"mode: {result.mode}, damping: {result.damping:g}",
-        "",
-    ]
+def markdown_header(result: TopKResult, run_id: str | None = None) -> str:
+    run = f", run id: {run_id}" if run_id else ""
+    title = f"# Top-{result.scores.shape[1]} training examples per query"
+    return f"{title}\n\nmode: {result.mode}, damping: {result.damping:g}{run}\n\n"
+
+
+def markdown(records: list[dict[str, Any]], result: TopKResult, run_id: str | None = None) -> str:
+    return markdown_header(result, run_id) + markdown_body(records)
+
+
+def markdown_body(records: list[dict[str, Any]]) -> str:
+    lines: list[str] = []
     for rec in records:
         lines += [f"## Query {rec['query_id']}", ""]
         if rec["query_text"] is not None:
@@ -130,13 +140,102 @@ def markdown(records: list[dict[str, Any]], result: TopKResult) -> str:
             lines += ["| rank | train id | score | text |", "|---:|---:|---:|---|"]
             lines += [f"| {r['rank']} | {r['train_id']} | {r['score']:.6g} | {_cell(r['text'])} |" for r in rows]
             lines.append("")
-    return "\n".join(lines)
+    return "".join(line + "\n" for line in lines)  # chunks concatenate like one listing
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+class ResultsWriter:
+    """Rank 0 (elsewhere a no-op): out_dir/topk.h5, topk.jsonl and topk.md, appended one query
+    chunk at a time (h5 datasets grow along the query axis) under temporary names, renamed into
+    place by close(); abort() removes them."""
+
+    NAMES: ClassVar[dict[str, str]] = {"h5": "topk.h5", "jsonl": "topk.jsonl", "md": "topk.md"}
+
+    def __init__(self, out_dir: str | Path, attrs: Mapping[str, Any] | None = None, run_id: str | None = None):
+        self.run_id = run_id or new_run_id()
+        self.active = comm.rank() == 0
+        self.out, self.attrs, self.rows = Path(out_dir), dict(attrs or {}), 0
+        self._h5: h5py.File | None = None
+        self._text: dict[str, TextIO] = {}
+
+    def _tmp(self, key: str) -> Path:
+        return self.out / (self.NAMES[key] + ".tmp")
+
+    def _open(self, result: TopKResult) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._h5 = f = h5py.File(self._tmp("h5"), "w")
+        k = int(result.scores.shape[1])
+        for g in [f, *(f.create_group(f"groups/{name}") for name in result.groups)]:
+            g.create_dataset("scores", (0, k), np.float32, maxshape=(None, k), chunks=(max(1, 65536 // max(1, k)), k))
+            g.create_dataset("train_ids", (0, k), np.int64, maxshape=(None, k), chunks=(max(1, 65536 // max(1, k)), k))
+        f.create_dataset("query_ids", (0,), np.int64, maxshape=(None,), chunks=(65536,))
+        f.attrs.update(
+            {
+                "format_version": FORMAT_VERSION,
+                "mode": result.mode,
+                "damping": float(result.damping),
+                "k": k,
+                "groups": json.dumps(list(result.groups)),
+                "run_id": self.run_id,
+            }
+        )
+        for key, value in self.attrs.items():
+            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
+        self._text = {key: self._tmp(key).open("w", encoding="utf-8") for key in ("jsonl", "md")}
+        self._text["md"].write(markdown_header(result, self.run_id))
+
+    def append(
+        self,
+        result: TopKResult,
+        query_text: TextLookup = None,
+        train_text: TextLookup = None,
+        query_fields: Mapping[int, Mapping[str, Any]] | None = None,
+    ) -> list[dict[str, Any]] | None:
+        """Add one chunk's results (queries after those already written); returns its records."""
+        if not self.active:
+            return None
+        if self._h5 is None:
+            self._open(result)
+        n, lo = len(result.query_ids), self.rows
+        for g, r in [(self._h5, result), *((self._h5[f"groups/{name}"], sub) for name, sub in result.groups.items())]:
+            for key, value in (("scores", r.scores), ("train_ids", r.train_ids)):
+                g[key].resize(lo + n, axis=0)
+                g[key][lo:] = value
+        self._h5["query_ids"].resize(lo + n, axis=0)
+        self._h5["query_ids"][lo:] = np.asarray(result.query_ids, np.int64)
+        self.rows += n
+        records = listing(result, query_text, train_text, query_fields)
+        self._text["jsonl"].write(
+            "".join(json.dumps({**r, "run_id": self.run_id}, ensure_ascii=False) + "\n" for r in records)
+        )
+        self._text["md"].write(markdown_body(records))
+        return records
+
+    def _shut(self) -> None:
+        if self._h5 is not None:
+            self._h5.close()
+        for f in self._text.values():
+            f.close()
+
+    def close(self) -> dict[str, Path] | None:
+        """Finish the files and rename them into place (rank 0); their paths, None elsewhere."""
+        if not self.active or self._h5 is None:
+            return None
+        self._shut()
+        self._h5 = None
+        paths = {key: self.out / name for key, name in self.NAMES.items()}
+        for key, path in paths.items():
+            os.replace(self._tmp(key), path)
+        return paths
+
+    def abort(self) -> None:
+        if self.active:
+            self._shut()
+            for key in self.NAMES:
+                self._tmp(key).unlink(missing_ok=True)
 
 
 def write_results(
@@ -149,21 +248,24 @@ def write_results(
     train_text: TextLookup = None,
     attrs: Mapping[str, Any] | None = None,
     query_fields: Mapping[int, Mapping[str, Any]] | None = None,
+    run_id: str | None = None,
 ) -> dict[str, Path] | None:
     """On rank 0: out_dir/topk.h5, topk.jsonl and topk.md. Returns their paths (None elsewhere).
     config: the index's LoGraConfig (or anything JSON-able) recorded in topk.h5's attributes."""
-    if comm.rank() != 0:
-        return None
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = ResultsWriter(out_dir, results_meta(index_dir, config, attrs), run_id)
+    try:
+        writer.append(result, query_text, train_text, query_fields)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def results_meta(index_dir: str | Path | None, config: Any, attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """topk.h5 attributes beyond the result's own: the index path and config, and `attrs`."""
     meta = dict(attrs or {})
     if index_dir is not None:
         meta["index"] = str(Path(index_dir).resolve())
     if config is not None:
         meta["config"] = config.to_json() if hasattr(config, "to_json") else json.dumps(config, sort_keys=True)
-    paths = {"h5": write_topk_h5(out / "topk.h5", result, meta)}
-    records = listing(result, query_text, train_text, query_fields)
-    _write_text_atomic(out / "topk.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _write_text_atomic(out / "topk.md", markdown(records, result))
-    paths.update(jsonl=out / "topk.jsonl", md=out / "topk.md")
-    return paths
+    return meta

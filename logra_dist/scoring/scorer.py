@@ -15,7 +15,7 @@ time and cached in the index (`scoring/selfinf.py`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,8 @@ from logra_dist.index.stream import ChunkStream
 from logra_dist.scoring import cacheplace
 from logra_dist.scoring.identity import check_query_index, check_scoring_model
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
-from logra_dist.scoring.queries import GatheredQueries, QuerySet
-from logra_dist.scoring.results import TextLookup, write_results
+from logra_dist.scoring.queries import GatheredQueries, QuerySet, pca_projections
+from logra_dist.scoring.results import ResultsWriter, TextLookup, results_meta
 from logra_dist.scoring.selfinf import SelfInfluenceCache
 from logra_dist.session import GradientSession
 from logra_dist.tracking import NULL_TRACKER
@@ -90,10 +90,11 @@ class Scorer:
         self.hessian = str(attrs["hessian"])
         projections = None
         if config.init == "pca":
-            projections = {
-                s.name: (torch.from_numpy(state[f"{s.name}/p_in"]), torch.from_numpy(state[f"{s.name}/p_out"]))
-                for s in self.store.layout
-            }
+            try:
+                projections = pca_projections(state, self.store.layout, self.index_dir / "stats.h5")
+            except IndexFormatError:
+                self.store.close()
+                raise
         self.config = config
         self.queries = QuerySet(self.store.width)
         self.session: GradientSession | None = None
@@ -119,6 +120,9 @@ class Scorer:
         self._cache = SelfInfluenceCache(
             self.index_dir, self.hessian, self.damping, len(self.store), layout_to_json(self.store.layout), cache_dir
         )
+        # score_in_chunks: the first chunk's self-influence plan; for "compute", row values by chunk
+        self._kept_plan: tuple[str | None, int] | None = None
+        self._kept_row_self: dict[int, torch.Tensor] | None = None
 
     # -- queries (local, no collectives) ----------------------------------------------------
     def _query_session(self, call: str) -> GradientSession:
@@ -248,8 +252,12 @@ class Scorer:
                 row_self = None
                 if plan == "read":
                     row_self = torch.from_numpy(cached).to(self.score_dtype)
+                elif plan == "compute" and self._kept_row_self is not None and start in self._kept_row_self:
+                    row_self = self._kept_row_self[start]
                 elif plan is not None:
                     row_self = self._row_self(rows)
+                    if plan == "compute" and self._kept_row_self is not None:
+                        self._kept_row_self[start] = row_self
                     if writer is not None:
                         writer.append(row_self.float().numpy())
                 yield start, torch.from_numpy(ids), rows, row_self
@@ -294,16 +302,39 @@ class Scorer:
         Queries are ordered by id; k larger than the index returns every row."""
         if k < 1:
             raise ValueError(f"topk: k must be >= 1, got {k}")
+        k = min(k, max(1, len(self.store)))  # before any (n_q, k) list is allocated: same result
         plan = GroupPlan(self.store.layout, groups)
         q = self._gather_queries()
-        self_plan = self._plan_self_influence(self.mode != "dot")
+        self_plan = self._kept_plan or self._plan_self_influence(self.mode != "dot")
         tops = self._scored(lambda: self._score_local(q, plan, k, self_plan), self_plan)
         self._finish_self_influence(*self_plan)
+        if self._kept_row_self is not None:  # inside score_in_chunks: later chunks reuse the plan
+            self._kept_plan = ("read", 0) if self_plan[0] == "write" else self_plan
         k_out = min(k, len(self.store))
         results = [self._reduce(t, k, k_out, q.ids) for t in tops]
         total = results[0]
         total.groups = dict(zip(plan.names[1:], results[1:]))
         return total
+
+    def clear_queries(self) -> None:
+        """Drop the queries added so far (local): the next chunk of queries starts empty."""
+        self.queries = QuerySet(self.store.width)
+
+    def score_in_chunks(
+        self, k: int, chunks: Iterable[Callable[[], Any]], groups: dict[str, str] | None = None
+    ) -> Iterator[TopKResult]:
+        """Collective, bounded memory: each item of `chunks` (as many on every rank), called, adds
+        this rank's queries of one chunk; topk(k, groups) of them is yielded, then they are dropped.
+        Training self-influence is planned (computed or cached) once for all chunks."""
+        self._kept_plan, self._kept_row_self = None, {}
+        try:
+            for feed in chunks:
+                self.clear_queries()
+                feed()
+                yield self.topk(k, groups)
+                self.clear_queries()
+        finally:
+            self._kept_plan, self._kept_row_self = None, None
 
     def _reduce(self, top: RunningTopK, k: int, k_out: int, query_ids: np.ndarray) -> TopKResult:
         """Merge the ranks' lists, query chunk by query chunk (bounded memory)."""
@@ -370,24 +401,31 @@ class Scorer:
         query_text: TextLookup = None,
         train_text: TextLookup = None,
         query_fields: dict[int, dict[str, Any]] | None = None,
+        run_id: str | None = None,
     ) -> dict[str, Path] | None:
         """On rank 0 (no collective): topk.h5, topk.jsonl, topk.md with this index's path and config;
         query_fields: extra per-query facts for the listing (see results.listing)."""
-        return write_results(
-            out_dir,
-            result,
-            index_dir=self.index_dir,
-            config=self.config,
-            query_text=query_text,
-            train_text=train_text,
-            attrs={
+        writer = self.results_writer(out_dir, run_id)
+        try:
+            writer.append(result, query_text, train_text, query_fields)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close()
+
+    def results_writer(self, out_dir: str | Path, run_id: str | None = None) -> ResultsWriter:
+        """An incremental writer of this run's results (append each score_in_chunks result)."""
+        meta = results_meta(
+            self.index_dir,
+            self.config,
+            {
                 "hessian": self.hessian,
                 "world_size": self.world,
                 "allow_model_mismatch": self.allow_model_mismatch,
                 "model_mismatch": self.model_mismatch or {},
             },
-            query_fields=query_fields,
         )
+        return ResultsWriter(out_dir, meta, run_id)
 
     def close(self) -> None:
         self._cache.close()

@@ -19,6 +19,7 @@ hot path carries no fault code. Spec: `kind[:count][@rank]`, several joined by c
                            the 5th batch, rows queued), commit (inside the 2nd commit, writer
                            thread), build (building the HDF5 shard, holding h5py's lock), stats
                            (writing stats.h5), manifest
+    fsize_at_stats:BYTES   the same, set just before rank 0 writes stats.h5 (the disk fills then)
 """
 
 from __future__ import annotations
@@ -199,6 +200,18 @@ def _fsize(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
+def _fsize_at_stats(limit: int) -> None:
+    from logra_dist import logger
+
+    original = logger.write_stats
+
+    def write_stats(*args, **kwargs):
+        _fsize(limit)
+        original(*args, **kwargs)
+
+    logger.write_stats = write_stats
+
+
 _INSTALL = {
     "kill_after_batches": lambda k: _after_batches(k, _die),
     "raise_after_batches": lambda k: _after_batches(k, _raise),
@@ -209,4 +222,5 @@ _INSTALL = {
     "kill_before_manifest": _kill_before_manifest,
     "kill_after_manifest": _kill_after_manifest,
     "fsize": _fsize,
+    "fsize_at_stats": _fsize_at_stats,
 }
