@@ -10,7 +10,7 @@ import pytest
 
 import logra_dist as ld
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.format import read_manifest, write_stats
+from logra_dist.index.format import read_manifest, stats_attrs, write_stats
 from logra_dist.index.writer import write_index
 from logra_dist.scoring.queries import check_query_store
 
@@ -26,8 +26,7 @@ def pca_index(out, drop: str | None = None):
         state[f"{s.name}/p_in"] = np.eye(s.k_in, s.d_in, dtype=np.float32)
         state[f"{s.name}/p_out"] = np.eye(s.k_out, s.d_out, dtype=np.float32)
     state.pop(drop, None)
-    layout = read_manifest(out / "manifest.json")["layout"]
-    write_stats(out / "stats.h5", "none", 1.0, state, {"samples": 6, "layout": layout, "config": CFG.to_json()})
+    write_stats(out / "stats.h5", "none", 1.0, state, stats_attrs(read_manifest(out / "manifest.json"), 6))
     return out
 
 

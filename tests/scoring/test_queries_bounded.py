@@ -18,7 +18,7 @@ import torch
 import logra_dist as ld
 from logra_dist.cli.main import main
 from logra_dist.core.projection import LayerSpec
-from logra_dist.index.format import read_manifest, write_stats
+from logra_dist.index.format import read_manifest, stats_attrs, write_stats
 from logra_dist.index.writer import write_index
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,8 +31,7 @@ def synthetic_index(out: Path, n: int = 40, seed: int = 0) -> None:
     rows = torch.randint(-3, 4, (n, 12), generator=torch.Generator().manual_seed(seed)).float()
     rows[n // 2 :] = rows[: n - n // 2]  # every row twice: equal scores, ties go to the smaller id
     write_index(out, specs, cfg.to_json(), [[(torch.arange(n), rows)]])
-    layout = read_manifest(out / "manifest.json")["layout"]
-    write_stats(out / "stats.h5", "none", 1.0, {}, {"samples": n, "layout": layout, "config": cfg.to_json()})
+    write_stats(out / "stats.h5", "none", 1.0, {}, stats_attrs(read_manifest(out / "manifest.json"), n))
 
 
 def test_score_in_chunks_equals_one_topk_and_plans_self_influence_once(tmp_path):
