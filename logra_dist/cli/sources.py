@@ -74,7 +74,7 @@ def run_score_query_index(args: argparse.Namespace):
     scorer = Scorer(None, args.index, mode=args.mode, damping=args.damping, tracker=tracker)
     scorer.add_query_gradients(args.query_index)
     with tracker.phase("score"):
-        result = scorer.topk(args.topk)
+        result = scorer.topk(args.topk, ann=args.ann, candidates=args.candidates)
     tracker.finish(
         {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
     )
@@ -115,7 +115,7 @@ def run_score_prompts(args: argparse.Namespace):
     pad_id = pad_token_id(tokenizer)
     run_samples(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
-        result = scorer.topk(args.topk)
+        result = scorer.topk(args.topk, ann=args.ann, candidates=args.candidates)
     records = gather_completions(completions)  # collective
     tracker.finish(
         {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
@@ -147,7 +147,7 @@ def run_score(args: argparse.Namespace):
     mine = rank_samples(tokenize(queries, tokenizer, args.max_length), comm.rank(), comm.world_size())
     run_samples(scorer, mine, args.batch_size, pad_id, tracker)
     with tracker.phase("score"):  # gemm, topk-reduce and read-wait inside; collective
-        result = scorer.topk(args.topk)
+        result = scorer.topk(args.topk, ann=args.ann, candidates=args.candidates)
     tracker.finish(
         {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,7 +196,8 @@ class RunningTopK:
 @dataclass
 class TopKResult:
     """scores and train_ids: (n_queries, k), best first; query_ids: (n_queries,).
-    groups: the same for each requested layer group (block-restricted scores)."""
+    groups: the same for each requested layer group (block-restricted scores); info: facts about
+    the search written with the results (ANN: ann, ann_candidates, ann_factory, ann_sketch_dim)."""
 
     scores: np.ndarray
     train_ids: np.ndarray
@@ -203,3 +205,4 @@ class TopKResult:
     mode: str
     damping: float
     groups: dict[str, TopKResult] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # how it was found, e.g. ann, ann_candidates

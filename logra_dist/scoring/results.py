@@ -49,7 +49,7 @@ def write_topk_h5(path: str | Path, result: TopKResult, attrs: Mapping[str, Any]
                 "groups": json.dumps(list(result.groups)),
             }
         )
-        for key, value in (attrs or {}).items():
+        for key, value in {**result.info, **(attrs or {})}.items():
             f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
         for name, sub in result.groups.items():
             _put(f.create_group(f"groups/{name}"), sub)
@@ -71,6 +71,9 @@ def read_topk_h5(path: str | Path) -> TopKResult:
             )
 
         out = get(f)
+        out.info = {
+            k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k] for k in f.attrs if k.startswith("ann")
+        }
         out.groups = {name: get(f[f"groups/{name}"]) for name in json.loads(f.attrs.get("groups", "[]"))}
     return out
 
@@ -119,6 +122,12 @@ def markdown(records: list[dict[str, Any]], result: TopKResult) -> str:
         f"mode: {result.mode}, damping: {result.damping:g}",
         "",
     ]
+    if result.info.get("ann"):
+        lines[-1:] = [
+            f"ANN: {result.info.get('ann_candidates')} candidates per query and shard "
+            f"({result.info.get('ann_factory')}, sketch dim {result.info.get('ann_sketch_dim')}), re-scored exactly",
+            "",
+        ]
     for rec in records:
         lines += [f"## Query {rec['query_id']}", ""]
         if rec["query_text"] is not None:
