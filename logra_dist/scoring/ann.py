@@ -201,7 +201,7 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
         valid = cand >= 0
         rows_at = np.unique(cand[valid])
         with scorer.tracker.phase("ann-read"):
-            rows = torch.from_numpy(store[rows_at]).to(scorer.score_dtype)
+            rows = _read_rows(store, rows_at, scorer.chunk_rows).to(scorer.score_dtype)
         with scorer.tracker.phase("gemm"):
             row_self = None if mode == "dot" else scorer._row_self(rows).sum(1)
             dense = normalize(q.pre[a:b] @ rows.T, mode, q_self[a:b], row_self)
@@ -212,6 +212,27 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
         scores, ids = scores.masked_fill(mask, -torch.inf), ids.masked_fill(mask, ID_PAD)
         top.update(scores, ids, slice(a, b))
     return top, info
+
+
+def _read_rows(store: GradientStore, positions: np.ndarray, chunk_rows: int) -> torch.Tensor:
+    """Rows at sorted global `positions`, read as the whole checksum blocks holding them (the
+    stream's fast path; a block partly read would be re-read through HDF5 to verify it)."""
+    out = torch.empty(len(positions), store.width)
+    ranges = []
+    for info in store.shards:
+        lo, hi = np.searchsorted(positions, [info.offset, info.offset + info.rows])
+        if lo == hi:
+            continue
+        blocks = np.unique((positions[lo:hi] - info.offset) // info.block_rows)
+        cut = np.nonzero(np.diff(blocks) > 1)[0] + 1
+        for run in np.split(blocks, cut):
+            a = info.offset + int(run[0]) * info.block_rows
+            ranges.append((a, min(info.offset + info.rows, info.offset + (int(run[-1]) + 1) * info.block_rows)))
+    step = max(chunk_rows, max((s.block_rows for s in store.shards), default=1))
+    for start, _, rows, _ in ChunkStream(store, ranges, step):  # read time and bytes: the store's tracker
+        a, b = np.searchsorted(positions, [start, start + len(rows)])
+        out[a:b] = rows[torch.from_numpy(positions[a:b] - start)]
+    return out
 
 
 def _searched(indexes, queries: np.ndarray, candidates: int):
