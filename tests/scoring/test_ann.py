@@ -158,3 +158,25 @@ def test_ann_under_2_and_3_scoring_ranks_equals_1(tmp_path):
             np.testing.assert_allclose(got["scores"], ref["scores"], rtol=1e-6)
     exact = topk(tmp_path / "index", queries(worker.N_QUERIES, 512, seed=3), "relatif", worker.K)
     assert recall(exact.train_ids, ref["train_ids"]) >= 0.3  # approximate, not arbitrary
+
+
+@pytest.mark.parametrize("kind", ["raw", "kfac", "none"])
+def test_whitened_rows_give_the_preconditioned_inner_product(kind):
+    """whiten(q) . whiten(g) = q^T H^-1 g for every curvature kind (what the ANN sketch keeps)."""
+    import torch
+
+    from logra_dist.core.curvature import CURVATURES
+    from logra_dist.core.projection import LayerSpec
+
+    torch.manual_seed(0)
+    specs = [LayerSpec("a", "linear", 5, 4, 3, 2), LayerSpec("b", "linear", 4, 6, 2, 4)]
+    acc = CURVATURES.get(kind)(specs, torch.float64)
+    rows = torch.randn(30, 14, dtype=torch.float64)
+    acc.update_rows(rows)
+    for s in specs:
+        acc.observe(
+            s.name, torch.randn(40, s.k_in, dtype=torch.float64), torch.randn(40, s.k_out, dtype=torch.float64), 40
+        )
+    pre = acc.preconditioner(0.3)
+    q = torch.randn(5, 14, dtype=torch.float64)
+    torch.testing.assert_close(pre.whiten(q) @ pre.whiten(rows).T, pre.apply(q) @ rows.T)
