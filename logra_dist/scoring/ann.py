@@ -200,17 +200,18 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
             )
         valid = cand >= 0
         rows_at = np.unique(cand[valid])
+        if not len(rows_at):
+            continue  # no candidate for these queries on this rank's shards
         with scorer.tracker.phase("ann-read"):
             rows = _read_rows(store, rows_at, scorer.chunk_rows).to(scorer.score_dtype)
-        with scorer.tracker.phase("gemm"):
-            row_self = None if mode == "dot" else scorer._row_self(rows).sum(1)
-            dense = normalize(q.pre[a:b] @ rows.T, mode, q_self[a:b], row_self)
-        where = torch.from_numpy(np.searchsorted(rows_at, np.where(valid, cand, rows_at[:1] if len(rows_at) else 0)))
-        scores = dense.gather(1, where) if len(rows_at) else torch.full(cand.shape, -torch.inf)
-        ids = torch.from_numpy(store.ids[rows_at])[where] if len(rows_at) else torch.full(cand.shape, ID_PAD)
+        where = torch.from_numpy(np.searchsorted(rows_at, np.where(valid, cand, rows_at[0])))
+        with scorer.tracker.phase("gemm"):  # each query against its own candidates only: (n, c, D) x (n, D)
+            dots = torch.bmm(rows[where], q.pre[a:b, :, None]).squeeze(2)
+            row_self = None if mode == "dot" else scorer._row_self(rows).sum(1)[where]
+            scores = normalize(dots, mode, q_self[a:b], row_self)
         mask = torch.from_numpy(~valid)
-        scores, ids = scores.masked_fill(mask, -torch.inf), ids.masked_fill(mask, ID_PAD)
-        top.update(scores, ids, slice(a, b))
+        ids = torch.from_numpy(store.ids[rows_at])[where].masked_fill(mask, ID_PAD)
+        top.update(scores.masked_fill(mask, -torch.inf), ids, slice(a, b))
     return top, info
 
 

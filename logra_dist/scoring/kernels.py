@@ -47,13 +47,15 @@ def self_influence(pre: Curvature | None, rows: torch.Tensor) -> torch.Tensor:
 def normalize(
     dots: torch.Tensor, mode: str, q_self: torch.Tensor | None, row_self: torch.Tensor | None
 ) -> torch.Tensor:
-    """Turn (n_q, n_rows) dot scores into `mode` scores (in place when possible)."""
+    """Turn (n_q, n_rows) dot scores into `mode` scores (in place when possible). row_self: (n_rows,)
+    shared by all queries, or (n_q, n_rows) when each query has its own rows (ANN candidates)."""
     if mode not in SCORE_MODES:
         raise ValueError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
     if mode in ("relatif", "cosine"):
         if row_self is None:
             raise ValueError(f"mode {mode!r} needs the training rows' self-influence")
-        dots = dots.div_(row_self.clamp_min(_TINY).sqrt()[None, :])
+        norms = row_self.clamp_min(_TINY).sqrt()
+        dots = dots.div_(norms if norms.dim() == 2 else norms[None, :])
     if mode == "cosine":
         if q_self is None:
             raise ValueError("mode 'cosine' needs the queries' self-influence")
