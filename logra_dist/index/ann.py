@@ -116,14 +116,20 @@ def sketch(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
     return rows if matrix is None else np.ascontiguousarray(rows @ matrix)
 
 
+def new_index(dim: int, factory: str):
+    """An empty inner-product FAISS index (ValueError naming a factory FAISS does not know)."""
+    faiss = faiss_module()
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"FAISS factory {factory!r} is not valid: {str(e).strip()[:200]}") from e
+
+
 def write_ann(path: Path, record: AnnRecord, vectors: Iterable[np.ndarray], train: np.ndarray | None = None) -> Path:
     """Build the FAISS index (inner product) from chunks of (n, d) vectors, added incrementally;
     `train` (a sample) for factories that need training. Atomic: temp file, then rename."""
     faiss = faiss_module()
-    try:
-        index = faiss.index_factory(record.sketch_dim, record.factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"FAISS factory {record.factory!r} is not valid: {str(e).strip()[:200]}") from e
+    index = new_index(record.sketch_dim, record.factory)
     if not index.is_trained:
         if train is None or len(train) == 0:
             raise ValueError(f"factory {record.factory!r} needs training rows")
@@ -161,9 +167,8 @@ def read_record(path: Path) -> AnnRecord:
         raise IndexFormatError(f"{path}: not a readable ANN file ({e}); rebuild it with `logra-dist ann build`") from e
 
 
-def load_ann(path: Path, want: AnnRecord):
-    """(faiss index, record) after checking the record against `want` (IndexFormatError naming
-    the file and every differing field) and the stored bytes against their digest."""
+def check_record(path: Path, want: AnnRecord) -> AnnRecord:
+    """The file's record, or IndexFormatError naming the file and every field that differs."""
     record = read_record(path)
     diffs = record.differences(want)
     if diffs:
@@ -171,6 +176,13 @@ def load_ann(path: Path, want: AnnRecord):
             f"{path}: ANN index built for other rows or settings: {'; '.join(diffs)}; "
             "rebuild it with `logra-dist ann build` (with the --mode/--damping you score with)"
         )
+    return record
+
+
+def load_ann(path: Path, want: AnnRecord):
+    """(faiss index, record) after checking the record against `want` (IndexFormatError naming
+    the file and every differing field) and the stored bytes against their digest."""
+    record = check_record(path, want)
     faiss = faiss_module()
     with h5py.File(path, "r") as f:
         data = f["faiss"][()]

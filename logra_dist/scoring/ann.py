@@ -36,10 +36,12 @@ from logra_dist.index.ann import (
     TRAIN_ROWS,
     AnnRecord,
     ann_path,
+    check_record,
     content_digest,
     faiss_module,
     layout_digest,
     load_ann,
+    new_index,
     normalization_for,
     read_record,
     search,
@@ -134,8 +136,7 @@ def build_ann(
         )
         record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": search_params})
         train = None
-        probe = faiss_module().index_factory(d, factory, faiss_module().METRIC_INNER_PRODUCT)
-        if not probe.is_trained:  # a strided sample of the shard (rows may be ordered)
+        if not new_index(d, factory).is_trained:  # a strided sample of the shard (rows may be ordered)
             picks = np.unique(np.linspace(0, info.rows - 1, min(info.rows, TRAIN_ROWS)).astype(np.int64))
             train = vectors(torch.from_numpy(store[info.offset + picks]))
         chunks = (
@@ -151,7 +152,6 @@ def _checked_records(scorer) -> list[AnnRecord]:
     first = read_record(ann_path(store.shards[0].path))
     out = []
     for s, info in enumerate(store.shards):
-        got = read_record(ann_path(info.path))
         want = expected_record(
             store,
             s,
@@ -161,10 +161,7 @@ def _checked_records(scorer) -> list[AnnRecord]:
             hessian=scorer.hessian,
             damping=scorer.damping,
         )
-        diffs = got.differences(want)
-        if diffs:  # load_ann raises the full message
-            load_ann(ann_path(info.path), want)
-        out.append(got)
+        out.append(check_record(ann_path(info.path), want))
     return out
 
 

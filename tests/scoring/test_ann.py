@@ -104,6 +104,8 @@ def test_stale_or_foreign_ann_files_are_refused_naming_the_field(tmp_path):
         f["faiss"][100] ^= 1
     build_ann(index, factory="Flat", mode="dot")  # rebuilt: accepted again
     topk(index, q, "dot", 5, ann=True, candidates=5)
+    with pytest.raises(ValueError, match=r"FAISS factory 'NoSuchIndex' is not valid"):
+        build_ann(index, factory="NoSuchIndex")
     with pytest.raises(ValueError, match=r"candidates \(3\) must be >= k \(5\)"):
         topk(index, q, "dot", 5, ann=True, candidates=3)
 
