@@ -58,6 +58,9 @@ from logra_dist.index.stream import ChunkStream
 from logra_dist.scoring.kernels import ID_PAD, RunningTopK, normalize
 
 DEFAULT_CANDIDATES = 1000  # per query and shard; measured in docs/scoring.md ("ANN")
+# One GEMM against the union of a block's candidates and a gather, unless the union exceeds this
+# many times C: a gathered (bmm) multiply-add cost ~145x a GEMM one here (bench/ann.py, 1 thread).
+UNION_GEMM_RATIO = 64
 QUERY_BLOCK = 256  # queries per FAISS search call (fixed: candidates must not depend on the world size)
 
 
@@ -168,7 +171,7 @@ def _checked_records(scorer) -> list[AnnRecord]:
 def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> tuple[RunningTopK, dict[str, Any]]:
     """This rank's top-k over the ANN candidates of its whole shards, scored exactly (q_white:
     `whitened_queries`)."""
-    store, mode = scorer.store, scorer.mode
+    store = scorer.store
     records = _checked_records(scorer)
     info = {
         "ann": True,
@@ -187,29 +190,41 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
     for s in mine:
         want = AnnRecord(**{**records[s].__dict__})
         indexes.append((store.shards[s].offset, load_ann(ann_path(store.shards[s].path), want)[0]))
-    n_q, per_row = len(q.ids), max(1, candidates) * len(store.shards) * store.width * 4
+    n_q, per_row = len(q.ids), max(1, candidates) * store.width * 4
     step = max(1, min(QUERY_BLOCK, scorer.block_bytes // per_row))  # global sizes only
     for a in range(0, n_q, step):
         b = min(n_q, a + step)
-        with scorer.tracker.phase("ann-search"):
-            cand = np.concatenate(
-                [np.where(lab >= 0, lab + off, -1) for off, lab in _searched(indexes, q_sketch[a:b], candidates)], 1
-            )
-        valid = cand >= 0
-        rows_at = np.unique(cand[valid])
-        if not len(rows_at):
-            continue  # no candidate for these queries on this rank's shards
-        with scorer.tracker.phase("ann-read"):
-            rows = _read_rows(store, rows_at, scorer.chunk_rows).to(scorer.score_dtype)
-        where = torch.from_numpy(np.searchsorted(rows_at, np.where(valid, cand, rows_at[0])))
-        with scorer.tracker.phase("gemm"):  # each query against its own candidates only: (n, c, D) x (n, D)
-            dots = torch.bmm(rows[where], q.pre[a:b, :, None]).squeeze(2)
-            row_self = None if mode == "dot" else scorer._row_self(rows).sum(1)[where]
-            scores = normalize(dots, mode, q_self[a:b], row_self)
-        mask = torch.from_numpy(~valid)
-        ids = torch.from_numpy(store.ids[rows_at])[where].masked_fill(mask, ID_PAD)
-        top.update(scores.masked_fill(mask, -torch.inf), ids, slice(a, b))
+        for offset, index in indexes:  # per shard: the same arithmetic whichever rank holds it
+            with scorer.tracker.phase("ann-search"):
+                labels = search(index, q_sketch[a:b], candidates)
+            _rescore(scorer, q, slice(a, b), np.where(labels >= 0, labels + offset, -1), q_self, top)
     return top, info
+
+
+def _rescore(scorer, q, rows_q: slice, cand: np.ndarray, q_self: torch.Tensor, top: RunningTopK) -> None:
+    """Exact scores of the queries `rows_q` against their own candidates `cand` (global row
+    positions, -1: none), into `top`. One GEMM against the union of the block's candidates (then a
+    gather) unless the union is much larger than C, where gathering each query's own rows (memory
+    bound) costs less; both give exact scores."""
+    store, mode = scorer.store, scorer.mode
+    valid = cand >= 0
+    rows_at = np.unique(cand[valid])
+    if not len(rows_at):
+        return
+    with scorer.tracker.phase("ann-read"):
+        rows = _read_rows(store, rows_at, scorer.chunk_rows).to(scorer.score_dtype)
+    where = torch.from_numpy(np.searchsorted(rows_at, np.where(valid, cand, rows_at[0])))
+    pre = q.pre[rows_q]
+    with scorer.tracker.phase("gemm"):
+        if len(rows_at) <= UNION_GEMM_RATIO * cand.shape[1]:
+            dots = (pre @ rows.T).gather(1, where)
+        else:
+            dots = torch.bmm(rows[where], pre[:, :, None]).squeeze(2)
+        row_self = None if mode == "dot" else scorer._row_self(rows).sum(1)[where]
+        scores = normalize(dots, mode, q_self[rows_q], row_self)
+    mask = torch.from_numpy(~valid)
+    ids = torch.from_numpy(store.ids[rows_at])[where].masked_fill(mask, ID_PAD)
+    top.update(scores.masked_fill(mask, -torch.inf), ids, rows_q)
 
 
 def _read_rows(store: GradientStore, positions: np.ndarray, chunk_rows: int) -> torch.Tensor:
@@ -231,8 +246,3 @@ def _read_rows(store: GradientStore, positions: np.ndarray, chunk_rows: int) -> 
         a, b = np.searchsorted(positions, [start, start + len(rows)])
         out[a:b] = rows[torch.from_numpy(positions[a:b] - start)]
     return out
-
-
-def _searched(indexes, queries: np.ndarray, candidates: int):
-    for offset, index in indexes:
-        yield offset, search(index, queries, candidates)

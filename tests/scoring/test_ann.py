@@ -47,8 +47,11 @@ def small(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.parametrize("union_gemm", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-def test_flat_without_sketch_returns_the_exact_topk(small, mode):
+def test_flat_without_sketch_returns_the_exact_topk(small, mode, union_gemm, monkeypatch):
+    """Both re-rank paths: one GEMM against the candidates' union, or each query's own rows."""
+    monkeypatch.setattr(ld.scoring.ann, "UNION_GEMM_RATIO", 64 if union_gemm else 0)
     q = queries(9, 256, seed=1)
     build_ann(small, factory="Flat", mode=mode)  # d = min(D, 256) = D: no sketch
     exact = topk(small, q, mode, 10)
