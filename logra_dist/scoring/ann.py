@@ -55,7 +55,7 @@ from logra_dist.index.h5io import ids_digest
 from logra_dist.index.partition import shard_owners
 from logra_dist.index.reader import GradientStore
 from logra_dist.index.stream import ChunkStream
-from logra_dist.scoring.kernels import ID_PAD, RunningTopK, normalize
+from logra_dist.scoring.kernels import ID_PAD, RunningTopK, TopKResult, normalize
 
 DEFAULT_CANDIDATES = 1000  # per query and shard; measured in docs/scoring.md ("ANN")
 # One GEMM against the union of a block's candidates and a gather, unless the union exceeds this
@@ -107,7 +107,8 @@ def whitened_queries(scorer, order_ids: np.ndarray) -> np.ndarray:
     rows = torch.cat(comm.all_gather_rows(w))
     ids = torch.cat(comm.all_gather_rows(torch.as_tensor(scorer.queries.local_ids).reshape(-1, 1))).reshape(-1)
     rows = rows[torch.argsort(ids, stable=True)].numpy()
-    assert np.array_equal(np.sort(ids.numpy()), order_ids), "queries changed between the two gathers"
+    if not np.array_equal(np.sort(ids.numpy()), order_ids):
+        raise RuntimeError("ANN: the queries changed between gathering them and whitening them")
     return rows
 
 
@@ -166,6 +167,22 @@ def _checked_records(scorer) -> list[AnnRecord]:
         )
         out.append(check_record(ann_path(info.path), want))
     return out
+
+
+def ann_topk(scorer, k: int, groups: dict[str, str] | None, candidates: int | None) -> TopKResult:
+    """Collective (`Scorer.topk(k, ann=True)`): ANN candidates per shard, re-scored exactly on
+    each rank, merged across ranks as the exact scan's lists are."""
+    c = DEFAULT_CANDIDATES if candidates is None else int(candidates)
+    if groups:
+        raise ValueError("topk(ann=True): layer groups are not supported (candidates are retrieved by total score)")
+    if c < k:
+        raise ValueError(f"topk(ann=True): candidates ({c}) must be >= k ({k})")
+    q = scorer._gather_queries()
+    q_white = whitened_queries(scorer, q.ids)  # collective
+    top, info = scorer._agreed(lambda: ann_local_topk(scorer, q, q_white, k, c), "ANN scoring")
+    result = scorer._reduce(top, k, min(k, len(scorer.store)), q.ids)
+    result.info = info
+    return result
 
 
 def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> tuple[RunningTopK, dict[str, Any]]:

@@ -33,7 +33,7 @@ from logra_dist.index.format import IndexFormatError, layout_to_json, read_stats
 from logra_dist.index.partition import assign_rows
 from logra_dist.index.reader import GradientStore
 from logra_dist.index.stream import ChunkStream
-from logra_dist.scoring.ann import DEFAULT_CANDIDATES, ann_local_topk, whitened_queries
+from logra_dist.scoring.ann import ann_topk
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet
 from logra_dist.scoring.results import TextLookup, write_results
@@ -297,7 +297,7 @@ class Scorer:
         if k < 1:
             raise ValueError(f"topk: k must be >= 1, got {k}")
         if ann:
-            return self._topk_ann(k, groups, candidates)
+            return ann_topk(self, k, groups, candidates)
         plan = GroupPlan(self.store.layout, groups)
         q = self._gather_queries()
         self_plan = self._plan_self_influence(self.mode != "dot")
@@ -308,19 +308,6 @@ class Scorer:
         total = results[0]
         total.groups = dict(zip(plan.names[1:], results[1:]))
         return total
-
-    def _topk_ann(self, k: int, groups: dict[str, str] | None, candidates: int | None) -> TopKResult:
-        c = DEFAULT_CANDIDATES if candidates is None else int(candidates)
-        if groups:
-            raise ValueError("topk(ann=True): layer groups are not supported (candidates are retrieved by total score)")
-        if c < k:
-            raise ValueError(f"topk(ann=True): candidates ({c}) must be >= k ({k})")
-        q = self._gather_queries()
-        q_white = whitened_queries(self, q.ids)  # collective
-        top, info = self._agreed(lambda: ann_local_topk(self, q, q_white, k, c), "ANN scoring")
-        result = self._reduce(top, k, min(k, len(self.store)), q.ids)
-        result.info = info
-        return result
 
     def _reduce(self, top: RunningTopK, k: int, k_out: int, query_ids: np.ndarray) -> TopKResult:
         """Merge the ranks' lists, query chunk by query chunk (bounded memory)."""
