@@ -63,7 +63,8 @@ def test_flat_without_sketch_returns_the_exact_topk(small, mode, union_gemm, mon
 
 
 def test_sketched_recall_is_high_on_structured_rows(tmp_path):
-    """D = 1024 sketched to 256, Flat search: recall@10 measured 0.95 with C = 1000 of 2000 rows per shard."""
+    """D = 1024 sketched to 256, Flat search, C = 1000 of 2000 rows per shard: recall@10 measured
+    0.93 (sketching raw rows against preconditioned queries, the first design: 0.69)."""
     index = tmp_path / "index"
     build_index(index, 4000, 4, 2)
     q = queries(24, 1024, seed=2)
@@ -162,7 +163,7 @@ def test_ann_under_2_and_3_scoring_ranks_equals_1(tmp_path):
             np.testing.assert_array_equal(got["query_ids"], ref["query_ids"])
             np.testing.assert_allclose(got["scores"], ref["scores"], rtol=1e-6)
     exact = topk(tmp_path / "index", queries(worker.N_QUERIES, 512, seed=3), "relatif", worker.K)
-    assert recall(exact.train_ids, ref["train_ids"]) >= 0.3  # approximate, not arbitrary
+    assert recall(exact.train_ids, ref["train_ids"]) >= 0.5  # approximate (measured 0.56; chance: 0.16)
 
 
 @pytest.mark.parametrize("kind", ["raw", "kfac", "none"])
