@@ -203,10 +203,7 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
     matrix = sketch_matrix(store.width, records[0].sketch_dim, records[0].sketch_seed, records[0].layout_digest)
     q_sketch = sketch(q_white, matrix)
     q_self = q.self_layers.sum(1)
-    indexes = []
-    for s in mine:
-        want = AnnRecord(**{**records[s].__dict__})
-        indexes.append((store.shards[s].offset, load_ann(ann_path(store.shards[s].path), want)[0]))
+    indexes = [(store.shards[s].offset, load_ann(ann_path(store.shards[s].path), records[s])[0]) for s in mine]
     n_q, per_row = len(q.ids), max(1, candidates) * store.width * 4
     step = max(1, min(QUERY_BLOCK, scorer.block_bytes // per_row))  # global sizes only
     for a in range(0, n_q, step):
