@@ -1,4 +1,4 @@
-"""`logra-dist log|score|inspect|report ...`: parse, then dispatch to the job.
+"""`logra-dist log|score|ann|inspect|report ...`: parse, then dispatch to the job.
 
 `launch/log.py` and `launch/score.py` wrap the first two.
 """
@@ -36,6 +36,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # called without an active exception", pytorch#190489). Only on success: after an error
         # a peer may still sit in a collective, and the launcher tears the job down anyway.
         destroy_distributed()
+    elif args.command == "ann":
+        from logra_dist.cli.ann import run_ann
+        from logra_dist.engines.launch import destroy_distributed
+
+        run_ann(args)
+        destroy_distributed()  # as for log and score: only on success
     elif args.command == "inspect":
         from logra_dist.index.inspect import inspect_index, render
 

@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the self-influence cache goes when the index is read-only (default $LOGRA_DIST_HOME/selfinf)",
     )
     score.add_argument("--no-cache", action="store_true", help="never write a self-influence cache")
+    score.add_argument(
+        "--ann",
+        action="store_true",
+        help="score only the candidates the shards' ANN files (`logra-dist ann build`) retrieve, exactly",
+    )
+    score.add_argument("--candidates", type=int, default=None, help="with --ann: candidates per query and shard")
+    _add_ann(sub)
 
     inspect = sub.add_parser(
         "inspect",
@@ -123,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-queries", type=int, default=50)
     report.add_argument("--max-chars", type=int, default=600, help="characters shown per text")
     return parser
+
+
+def _add_ann(sub) -> None:
+    ann = sub.add_parser("ann", help="approximate nearest-neighbour files for `score --ann`")
+    build = ann.add_subparsers(dest="ann_command", required=True).add_parser(
+        "build", help="build a FAISS index per shard, beside the shard (under a launcher: each rank its shards)"
+    )
+    build.add_argument("index", help="index directory written by `log`")
+    build.add_argument("--factory", default=None, help='FAISS index_factory string (default "HNSW32"; "Flat": exact)')
+    build.add_argument("--sketch-dim", type=int, default=None, help="sketch dimension d (default min(D, 256))")
+    build.add_argument("--sketch-seed", type=int, default=0)
+    build.add_argument(
+        "--mode", default="relatif", choices=list(SCORE_MODES), help="score mode it serves (relatif serves cosine)"
+    )
+    build.add_argument("--damping", type=float, default=None, help="damping for relatif/cosine (default: the index's)")
+    build.add_argument("--search-params", default="", help='FAISS search parameters, e.g. "nprobe=32" for IVF')
 
 
 def _add_query_sources(score: argparse.ArgumentParser) -> None:
@@ -146,7 +169,14 @@ def _add_query_sources(score: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Cheap checks of the command line, before any process group, model or data is touched."""
-    for name, low in (("batch_size", 1), ("max_length", 2), ("max_samples", 1), ("topk", 1), ("query_chunk", 1)):
+    for name, low in (
+        ("batch_size", 1),
+        ("max_length", 2),
+        ("max_samples", 1),
+        ("topk", 1),
+        ("query_chunk", 1),
+        ("candidates", 1),
+    ):
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {value}")

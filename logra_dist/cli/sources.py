@@ -96,7 +96,7 @@ def run_score_query_index(args: argparse.Namespace):
     )
     scorer.add_query_gradients(args.query_index)
     with tracker.phase("score"):
-        result = scorer.topk(args.topk)
+        result = scorer.topk(args.topk, ann=args.ann, candidates=args.candidates)
     tracker.finish(
         {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
     )
@@ -137,7 +137,7 @@ def run_score_prompts(args: argparse.Namespace):
     pad_id = pad_token_id(tokenizer)
     run_samples(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
-        result = scorer.topk(args.topk)
+        result = scorer.topk(args.topk, ann=args.ann, candidates=args.candidates)
     records = gather_completions(completions)  # collective
     tracker.finish(
         {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
@@ -204,7 +204,9 @@ def run_score(args: argparse.Namespace):
     writer = scorer.results_writer(args.out) if args.out and comm.rank() == 0 else None
     n_scored = 0
     try:
-        for i, result in enumerate(scorer.score_in_chunks(args.topk, feeds())):
+        for i, result in enumerate(
+            scorer.score_in_chunks(args.topk, feeds(), ann=args.ann, candidates=args.candidates)
+        ):
             n_scored += len(result.query_ids)
             if comm.rank() == 0:
                 query_text = {q.id: q.full_text for q in current}

@@ -26,17 +26,25 @@ def split_rows(total: int, world: int) -> list[Ranges]:
     return out
 
 
+def shard_owners(shard_rows: list[int], world: int) -> list[list[int]]:
+    """Shard numbers per rank (ascending), largest shard first to the least loaded rank (ties:
+    lower rank); always whole shards, so a rank may get none (ANN files are per shard)."""
+    loads, owned = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(shard_rows)), key=lambda i: (-shard_rows[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        loads[r] += shard_rows[i]
+        owned[r].append(i)
+    return [sorted(own) for own in owned]
+
+
 def split_shards(shard_rows: list[int], world: int) -> list[Ranges] | None:
     """Whole shards per rank, largest first to the least loaded rank (ties: lower rank), or None
     when that would leave a rank idle or overload one beyond SHARD_SPLIT_SLACK."""
     if len(shard_rows) < world:
         return None
     offsets = [sum(shard_rows[:i]) for i in range(len(shard_rows))]
-    loads, owned = [0] * world, [[] for _ in range(world)]
-    for i in sorted(range(len(shard_rows)), key=lambda i: (-shard_rows[i], i)):
-        r = min(range(world), key=lambda r: (loads[r], r))
-        loads[r] += shard_rows[i]
-        owned[r].append(i)
+    owned = shard_owners(shard_rows, world)
+    loads = [sum(shard_rows[i] for i in own) for own in owned]
     total = sum(shard_rows)
     if total and max(loads) > SHARD_SPLIT_SLACK * total / world:
         return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,13 +47,15 @@ def self_influence(pre: Curvature | None, rows: torch.Tensor) -> torch.Tensor:
 def normalize(
     dots: torch.Tensor, mode: str, q_self: torch.Tensor | None, row_self: torch.Tensor | None
 ) -> torch.Tensor:
-    """Turn (n_q, n_rows) dot scores into `mode` scores (in place when possible)."""
+    """Turn (n_q, n_rows) dot scores into `mode` scores (in place when possible). row_self: (n_rows,)
+    shared by all queries, or (n_q, n_rows) when each query has its own rows (ANN candidates)."""
     if mode not in SCORE_MODES:
         raise ValueError(f"score mode {mode!r} is not one of {list(SCORE_MODES)}")
     if mode in ("relatif", "cosine"):
         if row_self is None:
             raise ValueError(f"mode {mode!r} needs the training rows' self-influence")
-        dots = dots.div_(row_self.clamp_min(_TINY).sqrt()[None, :])
+        norms = row_self.clamp_min(_TINY).sqrt()
+        dots = dots.div_(norms if norms.dim() == 2 else norms[None, :])
     if mode == "cosine":
         if q_self is None:
             raise ValueError("mode 'cosine' needs the queries' self-influence")
@@ -195,7 +198,8 @@ class RunningTopK:
 @dataclass
 class TopKResult:
     """scores and train_ids: (n_queries, k), best first; query_ids: (n_queries,).
-    groups: the same for each requested layer group (block-restricted scores)."""
+    groups: the same for each requested layer group (block-restricted scores); info: facts about
+    the search written with the results (ANN: ann, ann_candidates, ann_factory, ann_sketch_dim)."""
 
     scores: np.ndarray
     train_ids: np.ndarray
@@ -203,3 +207,4 @@ class TopKResult:
     mode: str
     damping: float
     groups: dict[str, TopKResult] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # how it was found, e.g. ann, ann_candidates

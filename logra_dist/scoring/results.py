@@ -54,7 +54,7 @@ def write_topk_h5(path: str | Path, result: TopKResult, attrs: Mapping[str, Any]
                 "groups": json.dumps(list(result.groups)),
             }
         )
-        for key, value in (attrs or {}).items():
+        for key, value in {**result.info, **(attrs or {})}.items():
             f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
         for name, sub in result.groups.items():
             _put(f.create_group(f"groups/{name}"), sub)
@@ -76,6 +76,9 @@ def read_topk_h5(path: str | Path) -> TopKResult:
             )
 
         out = get(f)
+        out.info = {
+            k: f.attrs[k].item() if hasattr(f.attrs[k], "item") else f.attrs[k] for k in f.attrs if k.startswith("ann")
+        }
         out.groups = {name: get(f[f"groups/{name}"]) for name in json.loads(f.attrs.get("groups", "[]"))}
     return out
 
@@ -120,7 +123,13 @@ def _cell(text: str | None, limit: int = 200) -> str:
 def markdown_header(result: TopKResult, run_id: str | None = None) -> str:
     run = f", run id: {run_id}" if run_id else ""
     title = f"# Top-{result.scores.shape[1]} training examples per query"
-    return f"{title}\n\nmode: {result.mode}, damping: {result.damping:g}{run}\n\n"
+    ann = ""
+    if result.info.get("ann"):
+        ann = (
+            f"ANN: {result.info.get('ann_candidates')} candidates per query and shard "
+            f"({result.info.get('ann_factory')}, sketch dim {result.info.get('ann_sketch_dim')}), re-scored exactly\n\n"
+        )
+    return f"{title}\n\nmode: {result.mode}, damping: {result.damping:g}{run}\n\n{ann}"
 
 
 def markdown(records: list[dict[str, Any]], result: TopKResult, run_id: str | None = None) -> str:
@@ -182,7 +191,7 @@ class ResultsWriter:
                 "run_id": self.run_id,
             }
         )
-        for key, value in self.attrs.items():
+        for key, value in {**result.info, **self.attrs}.items():  # result.info: how it was scored (ANN)
             f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
         self._text = {key: self._tmp(key).open("w", encoding="utf-8") for key in ("jsonl", "md")}
         self._text["md"].write(markdown_header(result, self.run_id))

@@ -33,6 +33,7 @@ from logra_dist.index.partition import assign_rows
 from logra_dist.index.reader import GradientStore
 from logra_dist.index.stream import ChunkStream
 from logra_dist.scoring import cacheplace
+from logra_dist.scoring.ann import ann_topk
 from logra_dist.scoring.identity import check_query_index, check_scoring_model
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet, pca_projections
@@ -296,13 +297,19 @@ class Scorer:
         return tops
 
     # -- public collectives -----------------------------------------------------------------
-    def topk(self, k: int, groups: dict[str, str] | None = None) -> TopKResult:
+    def topk(
+        self, k: int, groups: dict[str, str] | None = None, *, ann: bool = False, candidates: int | None = None
+    ) -> TopKResult:
         """Collective: the k best training ids per query (all ranks return the same result).
         groups: {name: layer-name regex} adds block-restricted results in `result.groups`.
-        Queries are ordered by id; k larger than the index returns every row."""
+        Queries are ordered by id; k larger than the index returns every row. ann=True: only the
+        `candidates` rows per query and shard that the shards' ANN files retrieve are scored
+        (exactly; `scoring/ann.py`); `result.info` records it."""
         if k < 1:
             raise ValueError(f"topk: k must be >= 1, got {k}")
         k = min(k, max(1, len(self.store)))  # before any (n_q, k) list is allocated: same result
+        if ann:
+            return ann_topk(self, k, groups, candidates)
         plan = GroupPlan(self.store.layout, groups)
         q = self._gather_queries()
         self_plan = self._kept_plan or self._plan_self_influence(self.mode != "dot")
@@ -321,17 +328,17 @@ class Scorer:
         self.queries = QuerySet(self.store.width)
 
     def score_in_chunks(
-        self, k: int, chunks: Iterable[Callable[[], Any]], groups: dict[str, str] | None = None
+        self, k: int, chunks: Iterable[Callable[[], Any]], groups: dict[str, str] | None = None, **options: Any
     ) -> Iterator[TopKResult]:
         """Collective, bounded memory: each item of `chunks` (as many on every rank), called, adds
-        this rank's queries of one chunk; topk(k, groups) of them is yielded, then they are dropped.
-        Training self-influence is planned (computed or cached) once for all chunks."""
+        this rank's queries of one chunk; topk(k, groups, **options) of them is yielded, then they
+        are dropped. Training self-influence is planned (computed or cached) once for all chunks."""
         self._kept_plan, self._kept_row_self = None, {}
         try:
             for feed in chunks:
                 self.clear_queries()
                 feed()
-                yield self.topk(k, groups)
+                yield self.topk(k, groups, **options)
                 self.clear_queries()
         finally:
             self._kept_plan, self._kept_row_self = None, None

@@ -164,6 +164,19 @@ class Curvature(TokenStatistics):
     def apply_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def whiten(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, D) -> (n, D): per layer W_l^T g_l with W_l W_l^T = H_l^-1 (the eigenbasis scaled by
+        1 / sqrt(e + lambda)), so whiten(q) . whiten(g) = q^T H^-1 g and |whiten(g)|^2 = g^T H^-1 g:
+        the space where a random sketch keeps scores (ANN, scoring/ann.py)."""
+        out, offset = torch.empty_like(rows), 0
+        for s in self.specs:
+            out[:, offset : offset + s.width] = self.whiten_layer(s, rows[:, offset : offset + s.width])
+            offset += s.width
+        return out
+
+    def whiten_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def layer_self_influence(self, dtype: torch.dtype = torch.float32) -> LayerSelfInfluence:
         """(n, D) rows -> (n, L) g_l^T H_l^-1 g_l, with what it needs prepared once in `dtype`."""
         return LayerSelfInfluence(self, dtype)

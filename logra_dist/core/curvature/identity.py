@@ -23,5 +23,8 @@ class Identity(Curvature):
     def apply_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
         return block
 
+    def whiten_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
+        return block
+
     def layer_quadratic_form(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
         return (block * block).sum(1)

@@ -70,6 +70,10 @@ class KFAC(Curvature):
         rot, denom, va, vg = self.rotated(spec, block)
         return (vg @ (rot / denom) @ va.T).reshape(-1, spec.width)
 
+    def whiten_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
+        rot, denom, _, _ = self.rotated(spec, block)
+        return (rot / denom.sqrt()).reshape(-1, spec.width)
+
     def layer_quadratic_form(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
         rot, denom, _, _ = self.rotated(spec, block)
         return (rot * rot / denom).sum((1, 2))

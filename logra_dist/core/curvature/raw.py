@@ -126,6 +126,9 @@ class Raw(Curvature):
         inv = (1.0 / (f["evals"] + lam)).to(block.dtype)
         return ((block @ v) * inv) @ v.T
 
+    def whiten_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
+        return block @ self._scaled(spec, block.dtype)
+
     def self_influence_runs(self, dtype: torch.dtype) -> list[tuple]:
         """Consecutive layers of equal width form one run: one bmm with the eigenvectors scaled by
         1 / sqrt(e + lambda), prepared once: ||V^T g / sqrt(e + lambda)||^2."""

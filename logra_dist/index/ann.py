@@ -1,0 +1,207 @@
+"""ANN files: one FAISS index per shard, in a seeded sketch space, refused when it is not the shard's.
+
+`shards/rank-NNNNN.ann` (HDF5, written under a temporary name and renamed) holds dataset `faiss`
+(the serialized FAISS index, uint8, with its sha256) and the record (`AnnRecord`) as attributes.
+Vector i of the index is row i of the shard as the caller prepared it (scoring/ann.py: whitened
+by the curvature, optionally normalized), sketched: v = x @ S with S a (D x d) Gaussian matrix
+(entries N(0, 1/d), so inner products are kept in expectation) regenerated from (seed, D, d,
+layout digest), never stored; d >= D means no sketch (v = x). A query is searched the same way.
+
+The record names what the vectors depend on: the shard (rows, ids digest, a digest of its block
+checksums, i.e. of its content), the sketch (dim, seed), the normalization, the Hessian kind and
+damping. `load_ann` names every field that differs from what the scorer expects.
+FAISS (`faiss-cpu`, the `ann` extra) is imported only here and only when used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from logra_dist.index.format import IndexFormatError
+from logra_dist.index.verify import ShardInfo
+
+ANN_VERSION = 1
+DEFAULT_SKETCH_DIM = 256  # d = min(D, 256): measured in docs/scoring.md ("ANN")
+DEFAULT_FACTORY = "HNSW32"
+NORMALIZATIONS = ("none", "selfinf")
+TRAIN_ROWS = 1 << 16  # rows sampled (strided) to train a factory that needs training (IVF, PQ)
+
+
+def faiss_module():
+    try:
+        import faiss
+    except ImportError as e:  # an optional extra
+        raise ImportError("ANN needs FAISS: pip install 'logra-dist[ann]' (faiss-cpu)") from e
+    return faiss
+
+
+def ann_path(shard: Path) -> Path:
+    return Path(shard).with_suffix(".ann")
+
+
+def normalization_for(mode: str) -> str:
+    """relatif and cosine rank a query's rows alike (cosine divides by a per-query constant)."""
+    return "none" if mode == "dot" else "selfinf"
+
+
+def content_digest(info: ShardInfo) -> str:
+    """Digest of the shard's block checksums: changes whenever any stored row does."""
+    sums = np.ascontiguousarray(info.block_sums if info.block_sums is not None else [], dtype="<u8")
+    return hashlib.sha256(sums.tobytes() + str(info.block_rows).encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class AnnRecord:
+    """What an ANN file's vectors are (every field is checked before it is searched)."""
+
+    shard: str  # file name of the shard
+    rows: int
+    ids_digest: str
+    content_digest: str
+    width: int  # D of the rows
+    sketch_dim: int  # d of the vectors (== width: no sketch)
+    sketch_seed: int
+    layout_digest: str
+    normalization: str  # "none" (dot) | "selfinf" (relatif, cosine)
+    hessian: str  # the curvature kind and damping the rows were whitened with
+    damping: float
+    factory: str
+    search_params: str = ""  # faiss ParameterSpace string applied when loaded, e.g. "nprobe=32"
+    version: int = ANN_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> AnnRecord:
+        return cls(**json.loads(text))
+
+    def differences(self, want: AnnRecord) -> list[str]:
+        """Fields that differ (factory and search parameters are free choices, not checked)."""
+        skip = {"factory", "search_params"}
+        got, exp = asdict(self), asdict(want)
+        return [f"{k} is {got[k]!r}, expected {exp[k]!r}" for k in exp if k not in skip and got[k] != exp[k]]
+
+
+def layout_digest(layout_json: str) -> str:
+    return hashlib.sha256(layout_json.encode()).hexdigest()[:24]
+
+
+def sketch_dim(width: int, requested: int | None) -> int:
+    d = DEFAULT_SKETCH_DIM if requested is None else int(requested)
+    if d < 1:
+        raise ValueError(f"sketch dim must be >= 1, got {d}")
+    return min(width, d)
+
+
+def sketch_matrix(width: int, dim: int, seed: int, layout: str) -> np.ndarray | None:
+    """(D, d) float32 Gaussian / sqrt(d), the same on every rank and every run; None if d >= D."""
+    if dim >= width:
+        return None
+    key = hashlib.sha256(f"logra-ann:{seed}:{width}:{dim}:{layout}".encode()).digest()
+    gen = np.random.default_rng(int.from_bytes(key[:8], "little"))
+    return (gen.standard_normal((width, dim), dtype=np.float32) / np.float32(np.sqrt(dim))).astype(np.float32)
+
+
+def sketch(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return rows if matrix is None else np.ascontiguousarray(rows @ matrix)
+
+
+def new_index(dim: int, factory: str):
+    """An empty inner-product FAISS index (ValueError naming a factory FAISS does not know)."""
+    faiss = faiss_module()
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"FAISS factory {factory!r} is not valid: {str(e).strip()[:200]}") from e
+
+
+def write_ann(path: Path, record: AnnRecord, vectors: Iterable[np.ndarray], train: np.ndarray | None = None) -> Path:
+    """Build the FAISS index (inner product) from chunks of (n, d) vectors, added incrementally;
+    `train` (a sample) for factories that need training. Atomic: temp file, then rename."""
+    faiss = faiss_module()
+    index = new_index(record.sketch_dim, record.factory)
+    if not index.is_trained:
+        if train is None or len(train) == 0:
+            raise ValueError(f"factory {record.factory!r} needs training rows")
+        try:
+            index.train(np.ascontiguousarray(train, dtype=np.float32))
+        except RuntimeError as e:
+            raise ValueError(
+                f"{path}: factory {record.factory!r} could not be trained on {len(train)} rows of the "
+                f"shard: {str(e).strip()[:200]} (use a smaller IVF list count or 'Flat'/'HNSW32')"
+            ) from e
+    for block in vectors:
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
+    if index.ntotal != record.rows:
+        raise IndexFormatError(f"{path}: {index.ntotal} vectors added for a shard of {record.rows} rows")
+    data = faiss.serialize_index(index)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("faiss", data=np.asarray(data, np.uint8))
+            f.attrs["record"] = record.to_json()
+            f.attrs["faiss_sha256"] = hashlib.sha256(np.asarray(data).tobytes()).hexdigest()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_record(path: Path) -> AnnRecord:
+    if not path.exists():
+        raise IndexFormatError(f"{path}: no ANN index for this shard; build it with `logra-dist ann build INDEX`")
+    try:
+        with h5py.File(path, "r") as f:
+            return AnnRecord.from_json(str(f.attrs["record"]))
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise IndexFormatError(f"{path}: not a readable ANN file ({e}); rebuild it with `logra-dist ann build`") from e
+
+
+def check_record(path: Path, want: AnnRecord) -> AnnRecord:
+    """The file's record, or IndexFormatError naming the file and every field that differs."""
+    record = read_record(path)
+    diffs = record.differences(want)
+    if diffs:
+        raise IndexFormatError(
+            f"{path}: ANN index built for other rows or settings: {'; '.join(diffs)}; "
+            "rebuild it with `logra-dist ann build` (with the --mode/--damping you score with)"
+        )
+    return record
+
+
+def load_ann(path: Path, want: AnnRecord):
+    """(faiss index, record) after checking the record against `want` (IndexFormatError naming
+    the file and every differing field) and the stored bytes against their digest."""
+    record = check_record(path, want)
+    faiss = faiss_module()
+    with h5py.File(path, "r") as f:
+        data = f["faiss"][()]
+        if hashlib.sha256(data.tobytes()).hexdigest() != f.attrs.get("faiss_sha256"):
+            raise IndexFormatError(f"{path}: the FAISS bytes do not match their digest (corrupted)")
+    index = faiss.deserialize_index(data)
+    if index.ntotal != record.rows or index.d != record.sketch_dim:
+        raise IndexFormatError(f"{path}: FAISS index holds {index.ntotal} x {index.d}, record says {record.rows}")
+    if record.search_params:
+        faiss.ParameterSpace().set_index_parameters(index, record.search_params)
+    return index, record
+
+
+def search(index, queries: np.ndarray, candidates: int) -> np.ndarray:
+    """(n_q, c) shard-local row numbers of the best `candidates` per query (-1: none)."""
+    faiss = faiss_module()
+    c = max(1, min(candidates, index.ntotal))
+    inner = faiss.downcast_index(index)
+    if hasattr(inner, "hnsw"):  # efSearch below the result count would cut the results short
+        inner.hnsw.efSearch = max(int(inner.hnsw.efSearch), c)
+    _, labels = index.search(np.ascontiguousarray(queries, dtype=np.float32), c)
+    return labels

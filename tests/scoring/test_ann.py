@@ -1,0 +1,188 @@
+"""ANN retrieval with exact re-ranking (scoring/ann.py, index/ann.py), against the exact scan.
+
+Synthetic structured rows (bench/ann.py: low rank, decaying spectrum, noisy tail, norm outliers)
+with a raw projected Fisher. Exact factory without a sketch: exactly the exact top-k; with a
+sketch: a recall bound measured here; 2 and 3 scoring ranks (torchrun) equal 1; stale ANN files
+refused naming the field; results record ANN and C.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+from ann import build_index, queries, recall
+
+import logra_dist as ld
+from logra_dist.index.format import IndexFormatError
+from logra_dist.scoring.ann import build_ann
+
+REPO = Path(__file__).resolve().parents[2]
+MODES = ("dot", "relatif", "cosine")
+
+
+def topk(index: Path, q: np.ndarray, mode: str, k: int, damping=None, **kw) -> ld.TopKResult:
+    sc = ld.Scorer(None, index, mode=mode, damping=damping)
+    sc.add_query_gradients(q, np.arange(len(q)))
+    try:
+        return sc.topk(k, **kw)
+    finally:
+        sc.close()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """D = 256, 900 rows in 3 shards of unequal size."""
+    out = tmp_path_factory.mktemp("ann") / "index"
+    build_index(out, 900, 1, 3, storage="float32")
+    return out
+
+
+@pytest.mark.parametrize("union_gemm", [True, False])
+@pytest.mark.parametrize("mode", MODES)
+def test_flat_without_sketch_returns_the_exact_topk(small, mode, union_gemm, monkeypatch):
+    """Both re-rank paths: one GEMM against the candidates' union, or each query's own rows."""
+    monkeypatch.setattr(ld.scoring.ann, "UNION_GEMM_RATIO", 64 if union_gemm else 0)
+    q = queries(9, 256, seed=1)
+    build_ann(small, factory="Flat", mode=mode)  # d = min(D, 256) = D: no sketch
+    exact = topk(small, q, mode, 10)
+    got = topk(small, q, mode, 10, ann=True, candidates=10)
+    np.testing.assert_array_equal(got.train_ids, exact.train_ids)
+    np.testing.assert_allclose(got.scores, exact.scores, rtol=1e-5, atol=0)
+    assert got.info == {"ann": True, "ann_candidates": 10, "ann_factory": "Flat", "ann_sketch_dim": 256}
+    assert exact.info == {}
+
+
+def test_sketched_recall_is_high_on_structured_rows(tmp_path):
+    """D = 1024 sketched to 256, Flat search, C = 1000 of 2000 rows per shard: recall@10 measured
+    0.93 (sketching raw rows against preconditioned queries, the first design: 0.69)."""
+    index = tmp_path / "index"
+    build_index(index, 4000, 4, 2)
+    q = queries(24, 1024, seed=2)
+    build_ann(index, factory="Flat", dim=256, mode="relatif")
+    exact = topk(index, q, "relatif", 10)
+    got = topk(index, q, "relatif", 10, ann=True, candidates=1000)
+    assert got.info["ann_sketch_dim"] == 256
+    assert recall(exact.train_ids, got.train_ids) >= RECALL_BOUND
+    hits = got.train_ids == exact.train_ids  # every id found is scored exactly
+    np.testing.assert_allclose(got.scores[hits], exact.scores[hits], rtol=1e-5)
+
+
+RECALL_BOUND = 0.9
+
+
+def test_stale_or_foreign_ann_files_are_refused_naming_the_field(tmp_path):
+    index = tmp_path / "index"
+    build_index(index, 300, 1, 2, storage="float32")
+    q = queries(3, 256)
+    with pytest.raises(IndexFormatError, match=r"rank-00000\.ann: no ANN index.*ann build"):
+        topk(index, q, "relatif", 5, ann=True, candidates=5)
+    build_ann(index, factory="Flat", mode="relatif")
+    topk(index, q, "cosine", 5, ann=True, candidates=5)  # relatif files serve cosine
+    with pytest.raises(IndexFormatError, match=r"rank-00000\.ann: .*damping is 1\.0, expected 0\.5"):
+        topk(index, q, "relatif", 5, damping=0.5, ann=True, candidates=5)
+    with pytest.raises(IndexFormatError, match=r"normalization is 'selfinf', expected 'none'"):
+        topk(index, q, "dot", 5, ann=True, candidates=5)
+    build_ann(index, factory="Flat", mode="dot")
+    topk(index, q, "dot", 5, ann=True, candidates=5)
+    with pytest.raises(IndexFormatError, match=r"rank-00000\.ann: .*damping is 1\.0, expected 0\.5"):
+        topk(index, q, "dot", 5, damping=0.5, ann=True, candidates=5)  # whitened with the damping
+    # the shards rebuilt in place (other rows, same ids): the ANN files left beside them are stale
+    kept = {p.name: p.read_bytes() for p in (index / "shards").glob("*.ann")}
+    shutil.rmtree(index)
+    build_index(index, 300, 1, 2, storage="float32", seed=5)
+    for name, data in kept.items():
+        (index / "shards" / name).write_bytes(data)
+    with pytest.raises(IndexFormatError, match=r"rank-00000\.ann: .*content_digest is"):
+        topk(index, q, "dot", 5, ann=True, candidates=5)
+    with h5py.File(index / "shards" / "rank-00001.ann", "a") as f:  # corrupted FAISS bytes
+        f["faiss"][100] ^= 1
+    build_ann(index, factory="Flat", mode="dot")  # rebuilt: accepted again
+    topk(index, q, "dot", 5, ann=True, candidates=5)
+    with pytest.raises(ValueError, match=r"FAISS factory 'NoSuchIndex' is not valid"):
+        build_ann(index, factory="NoSuchIndex")
+    with pytest.raises(ValueError, match=r"candidates \(3\) must be >= k \(5\)"):
+        topk(index, q, "dot", 5, ann=True, candidates=3)
+
+
+def test_cli_build_and_score_record_ann_and_candidates(tmp_path):
+    from logra_dist.cli.main import main
+
+    index, qidx, out = tmp_path / "index", tmp_path / "qidx", tmp_path / "out"
+    build_index(index, 300, 1, 2)
+    build_index(qidx, 4, 1, 1, seed=7)  # a query index with the same layout and config
+    assert main(["ann", "build", str(index), "--factory", "Flat", "--mode", "dot"]) == 0
+    args = ["score", "--index", str(index), "--query-index", str(qidx), "--mode", "dot", "--topk", "3"]
+    assert main([*args, "--ann", "--candidates", "7", "--out", str(out), "--no-wandb"]) == 0
+    with h5py.File(out / "topk.h5", "r") as f:
+        assert bool(f.attrs["ann"]) and int(f.attrs["ann_candidates"]) == 7
+        assert f.attrs["ann_factory"] == "Flat" and int(f.attrs["ann_sketch_dim"]) == 256
+        ann_ids = f["train_ids"][()]
+    assert "ANN: 7 candidates per query and shard (Flat" in (out / "topk.md").read_text()
+    assert ld.scoring.results.read_topk_h5(out / "topk.h5").info["ann_candidates"] == 7
+    assert main([*args, "--out", str(tmp_path / "exact"), "--no-wandb"]) == 0
+    with h5py.File(tmp_path / "exact" / "topk.h5", "r") as f:
+        assert "ann" not in f.attrs
+        np.testing.assert_array_equal(f["train_ids"][()], ann_ids)
+
+
+# -- 2 and 3 scoring ranks equal 1 ------------------------------------------------------------------
+def torchrun(n: int, phase: str, root: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+    cmd += [str(REPO / "tests" / "ann_worker.py"), phase, str(root)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{phase} on {n} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.mark.distributed
+def test_ann_under_2_and_3_scoring_ranks_equals_1(tmp_path):
+    import ann_worker as worker
+
+    build_index(tmp_path / "index", 1000, 2, 4)  # D = 512 sketched to 128, approximate HNSW search
+    torchrun(2, "build", tmp_path)  # each rank builds its 2 shards
+    assert len(list((tmp_path / "index" / "shards").glob("*.ann"))) == 4
+    torchrun(2, "score", tmp_path)
+    torchrun(3, "score", tmp_path)
+    worker.score(tmp_path)
+    ref = dict(np.load(tmp_path / "results" / "W1.rank0.npz"))
+    assert int(ref["candidates"]) == worker.CANDIDATES
+    for world in (2, 3):
+        for r in range(world):
+            got = dict(np.load(tmp_path / "results" / f"W{world}.rank{r}.npz"))
+            np.testing.assert_array_equal(got["train_ids"], ref["train_ids"], err_msg=f"W{world} rank {r}")
+            np.testing.assert_array_equal(got["query_ids"], ref["query_ids"])
+            np.testing.assert_allclose(got["scores"], ref["scores"], rtol=1e-6)
+    exact = topk(tmp_path / "index", queries(worker.N_QUERIES, 512, seed=3), "relatif", worker.K)
+    assert recall(exact.train_ids, ref["train_ids"]) >= 0.5  # approximate (measured 0.56; chance: 0.16)
+
+
+@pytest.mark.parametrize("kind", ["raw", "kfac", "none"])
+def test_whitened_rows_give_the_preconditioned_inner_product(kind):
+    """whiten(q) . whiten(g) = q^T H^-1 g for every curvature kind (what the ANN sketch keeps)."""
+    import torch
+
+    from logra_dist.core.curvature import CURVATURES
+    from logra_dist.core.projection import LayerSpec
+
+    torch.manual_seed(0)
+    specs = [LayerSpec("a", "linear", 5, 4, 3, 2), LayerSpec("b", "linear", 4, 6, 2, 4)]
+    acc = CURVATURES.get(kind)(specs, torch.float64)
+    rows = torch.randn(30, 14, dtype=torch.float64)
+    acc.update_rows(rows)
+    for s in specs:
+        acc.observe(
+            s.name, torch.randn(40, s.k_in, dtype=torch.float64), torch.randn(40, s.k_out, dtype=torch.float64), 40
+        )
+    pre = acc.preconditioner(0.3)
+    q = torch.randn(5, 14, dtype=torch.float64)
+    torch.testing.assert_close(pre.whiten(q) @ pre.whiten(rows).T, pre.apply(q) @ rows.T)
