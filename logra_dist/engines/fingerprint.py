@@ -6,8 +6,9 @@ flat index, value bits in the storage dtype), mod 2^64. Addition commutes, so ea
 only its own slice (ZeRO-3 flat partition, FSDP2 `Shard(0)` rows) at its global offsets and the
 partial sums add up in one small all-reduce, sent as 22-bit words (float64 is exact below 2^53).
 A replicated weight (plain module, DDP, ZeRO-0..2) is hashed by rank 0 alone. FSDP1's
-FlatParameter hides the per-layer layout, so under FSDP1 the weights part is None (the config
-part is still recorded and compared).
+FlatParameter hides where a layer's elements lie, so under FSDP1 each unit that holds logged
+layers is gathered on its own (`summon_full_params(unit, recurse=False)`: one unit at a time,
+as its forward does, never the whole model) and rank 0 hashes those layers' full weights.
 """
 
 from __future__ import annotations
@@ -83,23 +84,56 @@ def _config_digest(root: nn.Module) -> str:
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def _fsdp1_sums(root: nn.Module, modules: dict[str, nn.Module], names: list[str]) -> tuple[list[int], list[str]]:
+    """(hash sums, dtypes) of the logged layers' weights under FSDP1: collective, every rank
+    gathers the same units in the same order; rank 0 hashes, the others contribute 0."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    owner: dict[int, nn.Module] = {}  # id(module) -> the FSDP unit whose FlatParameter holds it
+
+    def walk(module: nn.Module, unit: nn.Module | None) -> None:
+        unit = module if isinstance(module, FSDP) else unit
+        owner[id(module)] = unit
+        for child in module.children():
+            walk(child, unit)
+
+    walk(root, None)
+    sums, dtypes = dict.fromkeys(names, 0), dict.fromkeys(names, "None")
+    for unit in FSDP.fsdp_modules(root):  # module order: the same on every rank
+        mine = [n for n in names if owner.get(id(modules[n])) is unit]
+        if not mine:
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for n in mine:
+                weight = getattr(modules[n], "weight", None)
+                if weight is not None:
+                    dtypes[n] = str(weight.dtype)
+                    if comm.rank() == 0:
+                        sums[n] = element_hash_sum(weight.detach().clone(), 0)  # numpy must not pin its storage
+    return [sums[n] for n in names], [dtypes[n] for n in names]
+
+
 def model_fingerprint(root: nn.Module, modules: dict[str, nn.Module], config_root: nn.Module | None = None) -> dict:
-    """{"config": digest, "weights": digest or None}: collective (one all-reduce) when
-    distributed, so every rank must call it. `modules`: the logged layers by canonical name."""
+    """{"config": digest, "weights": digest}: collective (one all-reduce; under FSDP1 also one
+    gather per unit holding logged layers) when distributed, so every rank must call it.
+    `modules`: the logged layers by canonical name."""
     fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel" for m in root.modules())
     names = sorted(modules)
-    sums = []
-    for name in names:
-        weight = getattr(modules[name], "weight", None)
-        piece = None if fsdp1 or weight is None else _local_slice(weight)
-        sums.append(element_hash_sum(piece[0], piece[1]) if piece is not None else 0)
+    if fsdp1:
+        sums, dtypes = _fsdp1_sums(root, modules, names)
+    else:
+        sums = []
+        for name in names:
+            weight = getattr(modules[name], "weight", None)
+            piece = None if weight is None else _local_slice(weight)
+            sums.append(element_hash_sum(piece[0], piece[1]) if piece is not None else 0)
+        dtypes = [str(getattr(getattr(modules[n], "weight", None), "dtype", None)) for n in names]
     mask = (1 << _WORD) - 1
     words = torch.tensor([(s >> (_WORD * j)) & mask for s in sums for j in range(3)], dtype=torch.float64)
     if comm.is_distributed():
         words = comm.all_reduce_sum(words)
     w = [int(x) for x in words.tolist()]
     totals = [sum(w[3 * i + j] << (_WORD * j) for j in range(3)) % (1 << 64) for i in range(len(names))]
-    dtypes = [str(getattr(getattr(modules[n], "weight", None), "dtype", None)) for n in names]
     described = json.dumps([[n, d, f"{t:016x}"] for n, d, t in zip(names, dtypes, totals)])
-    weights = None if fsdp1 else hashlib.sha256(described.encode()).hexdigest()[:24]
+    weights = hashlib.sha256(described.encode()).hexdigest()[:24]
     return {"config": _config_digest(config_root if config_root is not None else root), "weights": weights}
