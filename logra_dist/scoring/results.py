@@ -45,21 +45,27 @@ def write_topk_h5(path: str | Path, result: TopKResult, attrs: Mapping[str, Any]
     with h5py.File(tmp, "w") as f:
         _put(f, result)
         f.create_dataset("query_ids", data=np.asarray(result.query_ids, np.int64))
-        f.attrs.update(
-            {
-                "format_version": FORMAT_VERSION,
-                "mode": result.mode,
-                "damping": float(result.damping),
-                "k": int(result.scores.shape[1]),
-                "groups": json.dumps(list(result.groups)),
-            }
-        )
-        for key, value in {**result.info, **(attrs or {})}.items():
-            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
+        _put_attrs(f, result, attrs)
         for name, sub in result.groups.items():
             _put(f.create_group(f"groups/{name}"), sub)
     os.replace(tmp, path)
     return path
+
+
+def _put_attrs(f: h5py.File, result: TopKResult, extra: Mapping[str, Any] | None) -> None:
+    """topk.h5's attributes: format, mode, damping, k, groups, how it was scored (`result.info`:
+    ANN) and the caller's (index path, config, run id), non-scalars as JSON."""
+    f.attrs.update(
+        {
+            "format_version": FORMAT_VERSION,
+            "mode": result.mode,
+            "damping": float(result.damping),
+            "k": int(result.scores.shape[1]),
+            "groups": json.dumps(list(result.groups)),
+        }
+    )
+    for key, value in {**result.info, **(extra or {})}.items():
+        f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
 
 
 def _put(group: h5py.Group, result: TopKResult) -> None:
@@ -181,18 +187,7 @@ class ResultsWriter:
             g.create_dataset("scores", (0, k), np.float32, maxshape=(None, k), chunks=(max(1, 65536 // max(1, k)), k))
             g.create_dataset("train_ids", (0, k), np.int64, maxshape=(None, k), chunks=(max(1, 65536 // max(1, k)), k))
         f.create_dataset("query_ids", (0,), np.int64, maxshape=(None,), chunks=(65536,))
-        f.attrs.update(
-            {
-                "format_version": FORMAT_VERSION,
-                "mode": result.mode,
-                "damping": float(result.damping),
-                "k": k,
-                "groups": json.dumps(list(result.groups)),
-                "run_id": self.run_id,
-            }
-        )
-        for key, value in {**result.info, **self.attrs}.items():  # result.info: how it was scored (ANN)
-            f.attrs[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value, sort_keys=True)
+        _put_attrs(f, result, {"run_id": self.run_id, **self.attrs})
         self._text = {key: self._tmp(key).open("w", encoding="utf-8") for key in ("jsonl", "md")}
         self._text["md"].write(markdown_header(result, self.run_id))
 

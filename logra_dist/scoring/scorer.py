@@ -37,7 +37,7 @@ from logra_dist.scoring.ann import ann_topk
 from logra_dist.scoring.identity import check_query_index, check_scoring_model
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet, pca_projections
-from logra_dist.scoring.results import ResultsWriter, TextLookup, results_meta
+from logra_dist.scoring.results import ResultsWriter, TextLookup, results_meta, write_results
 from logra_dist.scoring.selfinf import SelfInfluenceCache
 from logra_dist.session import GradientSession
 from logra_dist.tracking import NULL_TRACKER
@@ -412,27 +412,30 @@ class Scorer:
     ) -> dict[str, Path] | None:
         """On rank 0 (no collective): topk.h5, topk.jsonl, topk.md with this index's path and config;
         query_fields: extra per-query facts for the listing (see results.listing)."""
-        writer = self.results_writer(out_dir, run_id)
-        try:
-            writer.append(result, query_text, train_text, query_fields)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.close()
+        return write_results(
+            out_dir,
+            result,
+            index_dir=self.index_dir,
+            config=self.config,
+            query_text=query_text,
+            train_text=train_text,
+            attrs=self._results_attrs(),
+            query_fields=query_fields,
+            run_id=run_id,
+        )
 
     def results_writer(self, out_dir: str | Path, run_id: str | None = None) -> ResultsWriter:
         """An incremental writer of this run's results (append each score_in_chunks result)."""
-        meta = results_meta(
-            self.index_dir,
-            self.config,
-            {
-                "hessian": self.hessian,
-                "world_size": self.world,
-                "allow_model_mismatch": self.allow_model_mismatch,
-                "model_mismatch": self.model_mismatch or {},
-            },
-        )
-        return ResultsWriter(out_dir, meta, run_id)
+        return ResultsWriter(out_dir, results_meta(self.index_dir, self.config, self._results_attrs()), run_id)
+
+    def _results_attrs(self) -> dict[str, Any]:
+        """What topk.h5 records of how this Scorer scored (beyond the index path and config)."""
+        return {
+            "hessian": self.hessian,
+            "world_size": self.world,
+            "allow_model_mismatch": self.allow_model_mismatch,
+            "model_mismatch": self.model_mismatch or {},
+        }
 
     def close(self) -> None:
         self._cache.close()
