@@ -36,7 +36,9 @@ from logra_dist.index import lockfile
 from logra_dist.index.h5io import h5_writing
 from logra_dist.version import versions
 
-FORMAT_VERSION = 2
+# 3: shards carry the data identity and the job key, the manifest content digests, stats.h5 checksums;
+# readers refuse version 2 indexes by their version (log them again) instead of by a missing field.
+FORMAT_VERSION = 3
 SHARD_DIR = "shards"
 LOCK_DIR = "locks"  # apart from shards/: a killed job's lock files never mix with its shards
 MANIFEST_FILE = "manifest.json"

@@ -33,6 +33,7 @@ from reliability_helpers import (
 
 import logra_dist as ld
 from logra_dist.cli.main import main
+from logra_dist.index.format import FORMAT_VERSION
 
 N, NAN_ID = 40, 13
 CONFIGS = {
@@ -342,7 +343,7 @@ DAMAGE = {
     "stray": r"shards/rank-00001\.h5: a shard the manifest does not list",
     "no-manifest": r"manifest\.json: missing; .* is not a finalized LoGra index",
     "bad-manifest": r"manifest\.json: unreadable or incomplete manifest",
-    "old-format": r"manifest\.json: format version 1, this reader reads 2",
+    "old-format": rf"manifest\.json: format version 1, this reader reads {FORMAT_VERSION}",
     "stats-corrupt": r"stats\.h5: unreadable statistics \(truncated or corrupted\?\)",
     "stats-foreign": r"stats\.h5: statistics of another layer layout",
 }
