@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from logra_dist import comm
 from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, tokenizer_fingerprint, training_data
 from logra_dist.cli.parser import check_args
 from logra_dist.data import pad_token_id, rank_samples, tokenize
 from logra_dist.engines.launch import init_distributed
+from logra_dist.index.reader import GradientStore
 from logra_dist.scoring.results import listing, markdown_body, markdown_header
 from logra_dist.session import run_samples
 
@@ -73,7 +77,7 @@ def report_scores(
 
 def run_score_query_index(args: argparse.Namespace):
     """Precomputed query gradients (a query index) against the training index: no model at all;
-    each rank loads its contiguous share of the query rows."""
+    in chunks of consecutive sorted query ids (bounded memory), each rank reading its share."""
     from logra_dist.scoring.scorer import Scorer
 
     init_distributed()
@@ -94,16 +98,15 @@ def run_score_query_index(args: argparse.Namespace):
         allow_model_mismatch=args.allow_model_mismatch,
         **cache_options(args),
     )
-    scorer.add_query_gradients(args.query_index)
-    with tracker.phase("score"):
-        result = scorer.topk(args.topk, ann=args.ann, candidates=args.candidates)
-    tracker.finish(
-        {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
-    )
-    query_text = _texts_of(query_manifest, f"query index {args.query_index}") if comm.rank() == 0 else None
-    report_scores(args, scorer, result, manifest, query_text)
-    scorer.close()
-    return result
+    query_store = GradientStore(args.query_index)
+    order = np.sort(query_store.ids)  # chunks of consecutive sorted ids: results in id order, as in one pass
+    size = query_chunk(args, manifest)
+    chunks = [order[a : a + size] for a in range(0, len(order), size)]
+    feeds = (partial(scorer.add_query_gradients, query_store, ids[comm.rank() :: comm.world_size()]) for ids in chunks)
+    texts = _texts_of(query_manifest, f"query index {args.query_index}") if comm.rank() == 0 else None
+    n_scored = score_chunks(args, scorer, manifest, feeds, lambda: texts, tracker)
+    query_store.close()
+    return n_scored
 
 
 def run_score_prompts(args: argparse.Namespace):
@@ -200,20 +203,26 @@ def run_score(args: argparse.Namespace):
 
             yield feed
 
+    return score_chunks(args, scorer, manifest, feeds(), lambda: {q.id: q.full_text for q in current}, tracker)
+
+
+def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker) -> int:
+    """Collective: score each chunk of queries `feeds` adds (Scorer.score_in_chunks), append its
+    results to the files (rank 0) and print its listing; returns the queries scored.
+    query_texts(): the texts of the current chunk's queries (rank 0)."""
     train_text = _texts_of(manifest, f"training index {args.index}") if comm.rank() == 0 else None
     writer = scorer.results_writer(args.out) if args.out and comm.rank() == 0 else None
     n_scored = 0
     try:
-        for i, result in enumerate(
-            scorer.score_in_chunks(args.topk, feeds(), ann=args.ann, candidates=args.candidates)
-        ):
+        for i, result in enumerate(scorer.score_in_chunks(args.topk, feeds, ann=args.ann, candidates=args.candidates)):
             n_scored += len(result.query_ids)
             if comm.rank() == 0:
-                query_text = {q.id: q.full_text for q in current}
+                query_text = query_texts()
                 if writer is not None:
                     writer.append(result, query_text, train_text)
                 records = listing(result, query_text, train_text)
-                print((markdown_header(result, writer and writer.run_id) if i == 0 else "") + markdown_body(records))
+                header = markdown_header(result, writer and writer.run_id) if i == 0 else ""
+                print(header + markdown_body(records))
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -104,9 +104,17 @@ class QuerySet:
         self._rows.append(rows.float())
         self._ids.append(ids)
 
-    def add_store(self, queries: GradientStore, index: GradientStore, share: bool, chunk_rows: int) -> None:
-        """Rows of a query index: this rank's contiguous share of it (share=True), or all."""
+    def add_store(
+        self, queries: GradientStore, index: GradientStore, share: bool, chunk_rows: int, ids: np.ndarray | None = None
+    ) -> None:
+        """Rows of a query index: this rank's contiguous share of it (share=True), or all; or
+        only the query ids `ids` (one rank's share of a chunk: grouped reads of just those rows)."""
         check_query_store(queries, index)
+        if ids is not None:
+            ids = np.asarray(ids, np.int64)
+            if len(ids):
+                self.add(torch.from_numpy(queries.rows_for_ids(ids)), torch.from_numpy(ids))
+            return
         ranges = split_rows(len(queries), comm.world_size())[comm.rank()] if share else [(0, len(queries))]
         for lo, hi in ranges:
             for _, ids, rows in queries.iter_chunks(chunk_rows, lo, hi):

@@ -168,15 +168,15 @@ class Scorer:
     def add_query_gradients(self, rows: Any, ids: Any = None, *, share: bool = True) -> None:
         """Precomputed projected query gradients: an (n, D) array with its ids, or a query index
         (a GradientStore or its folder, logged with this index's config). From a query index each
-        rank takes its contiguous share (share=True, the default: call it on every rank), or all
-        of it (share=False, for a single rank)."""
+        rank takes its contiguous share (share=True, the default: call it on every rank), all of
+        it (share=False, for a single rank), or, with `ids`, just those queries (a rank's share of
+        a chunk: `score_in_chunks`)."""
         if isinstance(rows, (str, Path)):
             with GradientStore(rows) as store:
                 return self.add_query_gradients(store, ids, share=share)
         if isinstance(rows, GradientStore):
-            if ids is not None:
-                raise ValueError("add_query_gradients(store): ids come from the query index; do not pass ids")
-            self.queries.add_store(rows, self.store, share, self.chunk_rows)  # layouts and configs checked first
+            ids = None if ids is None else np.asarray(ids, np.int64)
+            self.queries.add_store(rows, self.store, share, self.chunk_rows, ids)  # layouts and configs checked first
             self.model_mismatch = check_query_index(self.store, rows, self.allow_model_mismatch) or self.model_mismatch
             return None
         if ids is None:
@@ -338,7 +338,9 @@ class Scorer:
             for feed in chunks:
                 self.clear_queries()
                 feed()
-                yield self.topk(k, groups, **options)
+                with self.tracker.phase("score"):  # time/score: the topk() calls, as for one pass
+                    result = self.topk(k, groups, **options)
+                yield result
                 self.clear_queries()
         finally:
             self._kept_plan, self._kept_row_self = None, None

@@ -136,3 +136,35 @@ def test_peak_memory_does_not_grow_with_the_queries(index):
         assert done.returncode == 0, done.stderr[-3000:]
         peaks[n] = int(done.stdout.split()[-1])
     assert peaks[5000] - peaks[500] < 50, peaks  # MB; the results themselves are 0.2 MB
+
+
+def test_query_index_in_chunks_gives_the_results_of_one_pass(index, monkeypatch):
+    """--query-index reads its queries chunk by chunk (consecutive sorted ids): the same ranking,
+    ties and id order as one chunk holding them all."""
+    from logra_dist.embedded import load_corpus
+
+    corpus = load_corpus()
+    qids = np.random.default_rng(1).permutation(np.arange(700, 718))
+    lines = [{"id": int(q), "text": corpus[40 + i]["text"] if i % 4 else corpus[3]["text"]} for i, q in enumerate(qids)]
+    (index / "qi.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    qidx = index / "qidx"
+    argv = ["log", "--data", str(index / "qi.jsonl"), "--logra", str(index / "idx"), "--out", str(qidx)]
+    assert main([*argv, "--batch-size", "4"]) == 0
+    got, loads = {}, []
+    add = ld.Scorer.add_query_gradients
+    monkeypatch.setattr(ld.Scorer, "add_query_gradients", lambda sc, *a, **k: loads.append(1) or add(sc, *a, **k))
+    for chunk in ("4", "1000"):
+        out = index / f"qout{chunk}"
+        argv = ["score", "--index", str(index / "idx"), "--query-index", str(qidx), "--topk", "5"]
+        loads.clear()
+        assert main([*argv, "--batch-size", "2", "--query-chunk", chunk, "--out", str(out)]) == 0
+        assert len(loads) == (5 if chunk == "4" else 1), (chunk, len(loads))  # 18 queries, chunks of 4
+        got[chunk] = _read(out)
+    (small, rec_small, _), (big, rec_big, _) = got["4"], got["1000"]
+    assert small["query_ids"].tolist() == sorted(qids.tolist()) == big["query_ids"].tolist()
+    np.testing.assert_array_equal(small["train_ids"], big["train_ids"])
+    np.testing.assert_allclose(small["scores"], big["scores"], rtol=2e-5, atol=2e-5 * np.abs(big["scores"]).max())
+    assert [r["query_text"] for r in rec_small] == [r["query_text"] for r in rec_big]
+    assert all(r["query_text"] for r in rec_small)
+    tied = small["train_ids"][small["query_ids"] == qids[0]][0]  # the query that is training doc 3 = 9
+    assert tied[:2].tolist() == [3, 9]
