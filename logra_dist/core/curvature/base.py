@@ -155,9 +155,13 @@ class Curvature(TokenStatistics):
     # -- applying the damped inverse ------------------------------------------------------------
     def apply(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, D) -> (n, D): each layer block multiplied by its damped inverse."""
+        return self._per_layer(rows, self.apply_layer)
+
+    def _per_layer(self, rows: torch.Tensor, fn) -> torch.Tensor:
+        """(n, D) -> (n, D): fn(spec, block) on each layer's block of columns."""
         out, offset = torch.empty_like(rows), 0
         for s in self.specs:
-            out[:, offset : offset + s.width] = self.apply_layer(s, rows[:, offset : offset + s.width])
+            out[:, offset : offset + s.width] = fn(s, rows[:, offset : offset + s.width])
             offset += s.width
         return out
 
@@ -168,11 +172,7 @@ class Curvature(TokenStatistics):
         """(n, D) -> (n, D): per layer W_l^T g_l with W_l W_l^T = H_l^-1 (the eigenbasis scaled by
         1 / sqrt(e + lambda)), so whiten(q) . whiten(g) = q^T H^-1 g and |whiten(g)|^2 = g^T H^-1 g:
         the space where a random sketch keeps scores (ANN, scoring/ann.py)."""
-        out, offset = torch.empty_like(rows), 0
-        for s in self.specs:
-            out[:, offset : offset + s.width] = self.whiten_layer(s, rows[:, offset : offset + s.width])
-            offset += s.width
-        return out
+        return self._per_layer(rows, self.whiten_layer)
 
     def whiten_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
