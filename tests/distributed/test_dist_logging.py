@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 import worker  # noqa: E402
+from jobs import free_port, job_env  # noqa: E402
 
 from logra_dist import GradientStore  # noqa: E402
 from logra_dist.index.format import read_stats  # noqa: E402
@@ -42,27 +42,6 @@ DS_CASES = [
 ]
 TORCHRUN_CASES = ["fsdp2", "fsdp2-empty", "fsdp2-trained", "fsdp1", "fsdp1-flat-trained", "ddp", "ddp-empty"]
 SHARDED = ("zero3", "fsdp1", "fsdp2")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(REPO),
-        OMP_NUM_THREADS="1",
-        WANDB_MODE="disabled",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
-        env.pop(k, None)
-    return env
 
 
 def _bin(name: str) -> str:
@@ -92,7 +71,12 @@ def _run(cmds: list[list[str]], log: Path) -> None:
     for i, cmd in enumerate(cmds):
         f = open(log.with_suffix(f".{i}.log"), "w")  # noqa: SIM115 (closed after the jobs)
         procs.append(
-            (subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=REPO, start_new_session=True), f)
+            (
+                subprocess.Popen(
+                    cmd, stdout=f, stderr=subprocess.STDOUT, env=job_env(), cwd=REPO, start_new_session=True
+                ),
+                f,
+            )
         )
     failed = []
     for p, f in procs:
@@ -147,7 +131,7 @@ def ds_run(model_dir, tied_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ds")
     _run(
         [
-            [_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port())]
+            [_bin("deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
             + _worker_args(model_dir, out, DS_CASES)
             + ["--load-check", f"{tied_dir}:zero3,zero3-bf16"]
         ],
@@ -161,7 +145,7 @@ def torchrun_run(model_dir, tied_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
     _run(
         [
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
             + _worker_args(model_dir, out, TORCHRUN_CASES)
             + ["--load-check", f"{tied_dir}:fsdp2,fsdp2-mixed,fsdp1"]
         ],
@@ -289,7 +273,7 @@ def test_mpiexec_zero3(model_dir, reference, tmp_path):
 def test_two_nodes_one_job(model_dir, reference, tmp_path):
     """Two torchrun "nodes" of one process each: node 1's process has LOCAL_RANK 0 but global
     rank 1, and must write shard rank-00001 (shards are named by global rank)."""
-    port = str(_free_port())
+    port = str(free_port())
     cmds = [
         [
             sys.executable,
