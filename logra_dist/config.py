@@ -34,7 +34,13 @@ class LoGraConfig:
     """What to log and how.
 
     k_in / k_out: projection rank on the input (activation) and output (gradient) side of every
-    layer; a layer narrower than the rank is an error (see `Logger`), never silently clamped.
+    layer. A layer narrower than a rank gets its own width on that side (a 10-class head at k=16
+    logs a 16 x 10 block): the layout records each layer's ranks, so nothing is hidden.
+    ranks: per-layer overrides {regex: [k_in, k_out]}, matched (re.search) against layer names in
+    order, the first match wins; still capped at the layer's widths. A pattern that matches no
+    logged layer is an error (a typo would otherwise silently log the default ranks). Held (and
+    stored) as an ordered list of [regex, k_in, k_out]: JSON files of an index sort dict keys,
+    which would change which pattern is first.
     init: "random" (Gaussian, seeded from `seed` and the layer name: no broadcast needed),
     "pca" (top eigenvectors of the KFAC factors; needs a statistics pass) or "identity"
     (full rank, exact gradients: for tests and tiny models).
@@ -64,8 +70,13 @@ class LoGraConfig:
     compute_dtype: str = "float32"
     flush_rows: int = 1024
     writer_queue: int = 4
+    ranks: list[list] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if isinstance(self.ranks, dict):  # {regex: [k_in, k_out]} in order -> [[regex, k_in, k_out]]
+            self.ranks = [[p, *v] if isinstance(v, (list, tuple)) else [p, v] for p, v in self.ranks.items()]
+        if isinstance(self.ranks, (list, tuple)):
+            self.ranks = [list(r) if isinstance(r, (list, tuple)) else r for r in self.ranks]
         self.validate()
 
     def validate(self) -> None:
@@ -113,11 +124,44 @@ class LoGraConfig:
         unknown = [t for t in types if t not in LAYER_TYPES]
         need(not unknown, f"layer_types {unknown} are not among {list(LAYER_TYPES)}")
         need(len(set(types)) == len(types), f"layer_types {list(types)} names a type twice")
+        self._validate_ranks(need)
+
+    def _validate_ranks(self, need) -> None:
+        need(
+            isinstance(self.ranks, list),
+            f"ranks must map layer regexes to [k_in, k_out] ({{regex: [k_in, k_out]}}), got {self.ranks!r}",
+        )
+        for entry in self.ranks:
+            need(
+                isinstance(entry, list) and len(entry) >= 1 and isinstance(entry[0], str),
+                f"ranks entry {entry!r} must be [regex, k_in, k_out]",
+            )
+            pattern, value = entry[0], entry[1:]
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"LoGraConfig: ranks pattern {pattern!r} is not a valid regex: {e}") from e
+            ok = len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+            need(ok, f"ranks[{pattern!r}] must be two positive integers [k_in, k_out], got {value!r}")
+        patterns = [e[0] for e in self.ranks]
+        need(len(set(patterns)) == len(patterns), f"ranks names a pattern twice: {patterns}")
+        need(
+            not (self.ranks and self.init == "identity"),
+            f"ranks={self.ranks} with init='identity': identity projections are full rank; "
+            "drop ranks or use init='random'/'pca'",
+        )
+
+    def layer_ranks(self, name: str) -> tuple[int, int] | None:
+        """(k_in, k_out) of the first `ranks` pattern matching a layer name, or None."""
+        for pattern, k_in, k_out in self.ranks:
+            if re.search(pattern, name):
+                return k_in, k_out
+        return None
 
     @property
     def row_compatibility_key(self) -> dict[str, Any]:
         """Fields that must agree between shards for their rows to be comparable."""
-        key = {k: getattr(self, k) for k in ("k_in", "k_out", "init", "seed", "include", "exclude")}
+        key = {k: getattr(self, k) for k in ("k_in", "k_out", "init", "seed", "include", "exclude", "ranks")}
         return {**key, "layer_types": sorted(self.layer_types)}  # a set: the layout is in model order
 
     def to_dict(self) -> dict[str, Any]:

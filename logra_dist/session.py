@@ -3,6 +3,7 @@ and the capture/backward protocol that yields per-sample projected-gradient rows
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -22,7 +23,7 @@ RowsCallback = Callable[[torch.Tensor, torch.Tensor], None]  # (ids (B,) int64 o
 
 
 def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec], dict[str, torch.nn.Module]]:
-    """Layer specs in model order; ranks validated against each layer's width."""
+    """Layer specs in model order, each with its own ranks (`layer_ranks`)."""
     found = find_layers(
         engine.root,
         config.include,
@@ -39,19 +40,26 @@ def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec],
         )
     specs, modules = [], {}
     for name, kind, module, d_in, d_out in found:
-        if config.init == "identity":
-            k_in, k_out = d_in, d_out
-        else:
-            k_in, k_out = config.k_in, config.k_out
-            if k_in > d_in or k_out > d_out:
-                raise ConfigError(
-                    f"layer {name!r} ({kind}, d_in={d_in}, d_out={d_out}) is narrower than "
-                    f"the projection ranks k_in={k_in}, k_out={k_out}; lower the ranks or "
-                    "exclude the layer"
-                )
+        k_in, k_out = layer_ranks(config, name, d_in, d_out)
         specs.append(LayerSpec(name, kind, d_in, d_out, k_in, k_out))
         modules[name] = module
+    unused = [p for p, _, _ in config.ranks if not any(re.search(p, s.name) for s in specs)]
+    if unused:
+        raise ConfigError(
+            f"ranks pattern(s) {unused} match no logged layer; logged layers: "
+            f"{[s.name for s in specs][:20]} (fix the pattern or drop it)"
+        )
     return specs, modules
+
+
+def layer_ranks(config: LoGraConfig, name: str, d_in: int, d_out: int) -> tuple[int, int]:
+    """(k_in, k_out) of a layer: full width for init="identity"; else the first matching `ranks`
+    override or the config's k_in/k_out, capped at the layer's widths (a 10-class head at k=16
+    gets k_out=10: projecting 10 values onto 16 would only add dependent columns)."""
+    if config.init == "identity":
+        return d_in, d_out
+    k_in, k_out = config.layer_ranks(name) or (config.k_in, config.k_out)
+    return min(k_in, d_in), min(k_out, d_out)
 
 
 class GradientSession:

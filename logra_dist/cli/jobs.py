@@ -94,7 +94,19 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
             if path.is_dir()
             else json.loads(path.read_text())
         )
-    keys = ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude", "layer_types")
+    keys = (
+        "k_in",
+        "k_out",
+        "ranks",
+        "init",
+        "hessian",
+        "storage_dtype",
+        "damping",
+        "seed",
+        "include",
+        "exclude",
+        "layer_types",
+    )
     for key in keys:
         value = getattr(args, key)
         if value is not None:

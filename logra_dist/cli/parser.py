@@ -39,6 +39,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=10, help="batches between W&B figures")
 
 
+def rank_override(text: str) -> list:
+    """PATTERN=KIN,KOUT -> [pattern, k_in, k_out] (the LoGraConfig.ranks entry); the pattern may
+    itself hold "=", the ranks never do."""
+    pattern, sep, ranks = text.rpartition("=")
+    parts = ranks.split(",")
+    if not sep or not pattern or len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PATTERN=KIN,KOUT with two positive integers (lm_head=8,8)")
+    return [pattern, int(parts[0]), int(parts[1])]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logra-dist", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     log.add_argument("--k-in", type=int, default=None)
     log.add_argument("--k-out", type=int, default=None)
+    log.add_argument(
+        "--ranks",
+        nargs="+",
+        type=rank_override,
+        default=None,
+        metavar="PATTERN=KIN,KOUT",
+        help="per-layer ranks: the first regex matching a layer name sets its k_in,k_out (e.g. lm_head=8,8)",
+    )
     log.add_argument("--init", default=None, choices=list(INITS))
     log.add_argument("--hessian", default=None, choices=list(HESSIANS))
     log.add_argument("--storage-dtype", default=None, choices=list(STORAGE_DTYPES))
