@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 INITS = ("random", "pca", "identity")
-HESSIANS = ("raw", "kfac", "none")
+HESSIANS = ("raw", "kfac", "ekfac", "none")
 FISHERS = ("empirical", "true")
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "sign")
 SCORE_MODES = ("dot", "relatif", "cosine")
@@ -45,7 +45,8 @@ class LoGraConfig:
     "pca" (top eigenvectors of the KFAC factors; needs a statistics pass) or "identity"
     (full rank, exact gradients: for tests and tiny models).
     hessian: "raw" projected empirical Fisher per layer ((k_in k_out)^2), "kfac" (two small
-    factors per layer) or "none" (plain gradient dot products).
+    factors per layer), "ekfac" (KFAC's eigenbases, eigenvalues re-fitted on the per-sample
+    rows; keeps raw's Fisher while logging) or "none" (plain gradient dot products).
     damping: lambda = damping x mean eigenvalue of each layer's matrix (1.0 as in the paper).
     include / exclude: regular expressions matched (re.search) against module names.
     storage_dtype: the row codec of the shards: "float32", "float16", "bfloat16", or quantized
