@@ -16,7 +16,8 @@ from typing import Any
 
 INITS = ("random", "pca", "identity")
 HESSIANS = ("raw", "kfac", "ekfac", "none")
-FISHERS = ("empirical", "true")
+FISHERS = ("empirical", "true", "exact")
+MODEL_FISHERS = ("true", "exact")  # statistics from the model's own predictive distribution (statistics_pass)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "sign")
 SCORE_MODES = ("dot", "relatif", "cosine")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -47,6 +48,10 @@ class LoGraConfig:
     hessian: "raw" projected empirical Fisher per layer ((k_in k_out)^2), "kfac" (two small
     factors per layer), "ekfac" (KFAC's eigenbases, eigenvalues re-fitted on the per-sample
     rows; keeps raw's Fisher while logging) or "none" (plain gradient dot products).
+    fisher: "empirical" (statistics from the logged rows, data labels), "true" (from a
+    `statistics_pass()` with `fisher_samples` labels per token drawn from the model) or "exact"
+    (the expectation over a classifier's classes, sum_c p_c g_c g_c^T: the Gauss-Newton matrix;
+    `core.fisher.FisherTargets` builds the expanded batch). Rows always keep the data's labels.
     damping: lambda = damping x mean eigenvalue of each layer's matrix (1.0 as in the paper).
     include / exclude: regular expressions matched (re.search) against module names.
     storage_dtype: the row codec of the shards: "float32", "float16", "bfloat16", or quantized
@@ -67,6 +72,7 @@ class LoGraConfig:
     storage_dtype: str = "float16"
     hessian: str = "raw"
     fisher: str = "empirical"
+    fisher_samples: int = 1
     damping: float = 1.0
     compute_dtype: str = "float32"
     flush_rows: int = 1024
@@ -85,7 +91,7 @@ class LoGraConfig:
             if not cond:
                 raise ConfigError(f"LoGraConfig: {msg}")
 
-        for name in ("k_in", "k_out", "flush_rows", "writer_queue"):
+        for name in ("k_in", "k_out", "flush_rows", "writer_queue", "fisher_samples"):
             value = getattr(self, name)
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -126,6 +132,11 @@ class LoGraConfig:
         need(not unknown, f"layer_types {unknown} are not among {list(LAYER_TYPES)}")
         need(len(set(types)) == len(types), f"layer_types {list(types)} names a type twice")
         self._validate_ranks(need)
+        need(
+            self.fisher_samples == 1 or self.fisher == "true",
+            f"fisher_samples={self.fisher_samples} is for fisher='true' (sampled labels); fisher={self.fisher!r} "
+            "draws none",
+        )
 
     def _validate_ranks(self, need) -> None:
         need(
