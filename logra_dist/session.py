@@ -12,6 +12,7 @@ import torch
 
 from logra_dist.config import ConfigError, LoGraConfig
 from logra_dist.core.capture import GradientCapture, find_layers
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.core.layers import LAYER_TYPES
 from logra_dist.core.projection import LayerSpec, build_projections
 from logra_dist.data import Batch, TokenizedSample, batches, summed_lm_loss
@@ -232,6 +233,7 @@ def run_batches(
     count: int | None = None,
     shadow: Batch | Mapping[str, Any] | None = None,
     tracker: NullTracker | None = None,
+    before: Callable[[Any, torch.Tensor, Any], None] | None = None,
 ) -> int:
     """Capture this rank's (ids, batch) pairs in order; returns its token count.
 
@@ -241,7 +243,9 @@ def run_batches(
     forward is collective, so a rank with fewer batches than its peers then runs shadow batches (no
     ids: hooks fire, nothing is recorded) on `shadow` (default: its first batch) until all ranks have
     run the same number (`engine.lockstep_batches`). With a tracker: "forward" (with the loss) and
-    "backward" timed, `tracker.step(samples, tokens)` per batch (shadows count none)."""
+    "backward" timed, `tracker.step(samples, tokens)` per batch (shadows count none).
+    before(session, ids, batch): called before each capture, shadows included (so every rank makes
+    the same number of collective forwards): the statistics capture of fisher="true"."""
     tracker = tracker or NULL_TRACKER
     local = len(batches) if count is None else count
     steps = session.engine.lockstep_batches(local)
@@ -250,6 +254,8 @@ def run_batches(
         if done == local:
             raise ValueError(f"run_batches: count={local} but more batches came")
         shadow = batch if shadow is None else shadow
+        if before is not None:
+            before(session, torch.as_tensor(ids), batch)
         tokens += _capture_one(session, ids, batch, loss_fn, tracker)
         done += 1
     if done != local:
@@ -260,6 +266,8 @@ def run_batches(
                 "run_batches: this rank has no batch but its peers do, and the forward is collective: "
                 "pass shadow= (any input batch; it runs with no ids)"
             )
+        if before is not None:
+            before(session, empty, shadow)
         _capture_one(session, empty, shadow, loss_fn, tracker)
     return tokens
 
@@ -279,10 +287,18 @@ def _capture_one(session, ids: Any, batch: Any, loss_fn: LossFn, tracker: NullTr
 
 
 def run_samples(
-    session, samples: Sequence[TokenizedSample], batch_size: int, pad_id: int, tracker: NullTracker | None = None
+    session,
+    samples: Sequence[TokenizedSample],
+    batch_size: int,
+    pad_id: int,
+    tracker: NullTracker | None = None,
+    statistics: FisherTargets | None = None,
 ) -> int:
     """Tokenized samples in padded batches of batch_size, through `run_batches` with the summed LM
-    loss; a rank out of samples runs a two-token shadow batch. Returns this rank's token count."""
+    loss; a rank out of samples runs a two-token shadow batch. Returns this rank's token count.
+    statistics (fisher="true"): before each batch, a `statistics_pass()` capture of its
+    `statistics.copies` copies with next tokens drawn from the model, seeded by the config seed
+    and the batch's first id (a resumed job draws the same labels for the same batches)."""
     shadow = Batch(
         torch.zeros(0, dtype=torch.long),
         torch.full((1, 2), pad_id),
@@ -291,4 +307,20 @@ def run_samples(
     )
     pairs = ((b.ids, b) for b in batches(samples, batch_size, pad_id))
     count = -(-len(samples) // batch_size)
-    return run_batches(session, pairs, lm_loss, count=count, shadow=shadow, tracker=tracker)
+    before = None if statistics is None else _statistics_capture(statistics)
+    return run_batches(session, pairs, lm_loss, count=count, shadow=shadow, tracker=tracker, before=before)
+
+
+def _statistics_capture(statistics: FisherTargets):
+    def before(session, ids: torch.Tensor, batch: Batch) -> None:
+        first = int(ids[0]) if ids.numel() else -1
+        gen = torch.Generator(device=session.device).manual_seed(session.config.seed * 1_000_003 + first + 1)
+
+        def sampled_loss(model, b: Batch) -> torch.Tensor:
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            return summed_lm_loss(logits, statistics.lm_labels(logits, b.labels, gen))
+
+        with session.statistics_pass():
+            _capture_one(session, statistics.expand(ids), statistics.expand_batch(batch), sampled_loss, NULL_TRACKER)
+
+    return before

@@ -19,7 +19,9 @@ import torch
 
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
-from logra_dist.config import LoGraConfig
+from logra_dist.config import ConfigError, LoGraConfig
+from logra_dist.core.curvature import CURVATURES
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
 from logra_dist.session import run_samples
@@ -100,6 +102,8 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
         "ranks",
         "init",
         "hessian",
+        "fisher",
+        "fisher_samples",
         "storage_dtype",
         "damping",
         "seed",
@@ -111,7 +115,13 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
-    return LoGraConfig.from_dict(base)
+    config = LoGraConfig.from_dict(base)
+    if config.fisher == "exact":  # the log job trains on text: a next-token softmax over the vocabulary
+        raise ConfigError(
+            "fisher='exact' sums over a classifier's classes; a causal LM's vocabulary per token is too "
+            "large: use --fisher true --fisher-samples S (or the Python API with a classifier)"
+        )
+    return config
 
 
 def say(*parts: Any) -> None:
@@ -175,7 +185,10 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
             with logger.pca_pass():
                 run_samples(logger, todo, args.batch_size, pad_id)
         start = time.perf_counter()
-        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker)
+        statistics = None
+        if config.fisher == "true" and CURVATURES.get(config.hessian).needs_statistics:
+            statistics = FisherTargets.for_config(config)
+        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker, statistics=statistics)
         elapsed = time.perf_counter() - start
         with tracker.phase("finalize"):
             manifest = logger.finalize()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from logra_dist.config import HESSIANS, INITS, LAYER_TYPES, SCORE_MODES, STORAGE_DTYPES
+from logra_dist.config import FISHERS, HESSIANS, INITS, LAYER_TYPES, SCORE_MODES, STORAGE_DTYPES
 
 DESCRIPTION = "LoGra data valuation: log projected per-sample gradients, score queries, inspect and report."
 
@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     log.add_argument("--init", default=None, choices=list(INITS))
     log.add_argument("--hessian", default=None, choices=list(HESSIANS))
+    log.add_argument(
+        "--fisher",
+        default=None,
+        choices=list(FISHERS),
+        help="statistics from the data's labels (empirical), labels drawn from the model (true), or the "
+        "expectation over a classifier's classes (exact: not for language models)",
+    )
+    log.add_argument("--fisher-exact", dest="fisher", action="store_const", const="exact", help="--fisher exact")
+    log.add_argument("--fisher-samples", type=int, default=None, help="labels drawn per token for --fisher true")
     log.add_argument("--storage-dtype", default=None, choices=list(STORAGE_DTYPES))
     log.add_argument("--damping", type=float, default=None)
     log.add_argument("--seed", type=int, default=None)

@@ -24,6 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from logra_dist.config import ConfigError, LoGraConfig
+from logra_dist.data import IGNORE, Batch
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,20 @@ class FisherTargets:
     def expand(self, t: torch.Tensor) -> torch.Tensor:
         """(B, ...) -> (R B, ...), copy-major: copy r of sample n is row r B + n (ids too)."""
         return t.repeat(self.copies, *([1] * (t.dim() - 1)))
+
+    def expand_batch(self, batch: Batch) -> Batch:
+        """A padded LM batch repeated `copies` times (ids too: the statistics pass logs nothing)."""
+        return Batch(*(self.expand(t) for t in (batch.ids, batch.input_ids, batch.attention_mask, batch.labels)))
+
+    def lm_labels(self, logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
+        """Data labels (N, T) with every predicted token (not IGNORE) replaced by one drawn from the
+        model's next-token distribution at the previous position (logits (N, T, V))."""
+        if self.kind != "true":
+            raise ValueError("fisher='exact' over a vocabulary is not supported for sequences: use fisher='true'")
+        drawn, _ = self.targets(logits[:, :-1], generator)
+        out = labels.clone()
+        out[:, 1:] = torch.where(labels[:, 1:] == IGNORE, labels[:, 1:], drawn.to(labels.dtype))
+        return out
 
     def targets(self, logits: torch.Tensor, generator: torch.Generator | None = None):
         """(labels, weights) for expanded logits: (R B, C) for a classifier, or (R B, T, V) for a
