@@ -351,7 +351,8 @@ def render(facts: dict[str, Any]) -> str:
         f"  width D={facts['width']}, stored as {facts['storage_dtype']}, {len(facts['layout'])} layers, "
         f"world size {facts['world_size']}, engine {facts.get('engine') or '?'}",
         f"  config: k_in={cfg.get('k_in')} k_out={cfg.get('k_out')} init={cfg.get('init')} "
-        f"hessian={cfg.get('hessian')} damping={cfg.get('damping')} seed={cfg.get('seed')}",
+        f"hessian={cfg.get('hessian')} fisher={cfg.get('fisher', 'empirical')} damping={cfg.get('damping')} "
+        f"seed={cfg.get('seed')}",
         f"  disk use: {_size(facts['disk_bytes'])}",
         *_rank_lines(cfg, facts["layout"]),
         "",
