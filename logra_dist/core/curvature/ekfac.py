@@ -66,8 +66,10 @@ class EKFAC(KFAC, Raw):
 
 def refit_eigenvalues(fisher: torch.Tensor, vg: torch.Tensor, va: torch.Tensor) -> torch.Tensor:
     """(k_out, k_in) diag(Q^T F Q) for Q = V_g (x) V_a, F over row-major vec of (k_out x k_in)
-    blocks, without forming Q: F is rotated one side at a time, O(w^2 (k_in + k_out))."""
+    blocks, without forming Q: the left side of F rotated by two GEMMs (2 w^2 k flops at
+    k_in = k_out = k, w = k^2), then only the diagonal of the right side."""
     k_out, k_in = vg.shape[0], va.shape[0]
-    f = fisher.reshape(k_out, k_in, k_out, k_in)
-    f = torch.einsum("aibj,ap,iq->pqbj", f, vg, va)  # left side into the eigenbasis
-    return torch.einsum("pqbj,bp,jq->pq", f, vg, va)  # right side, diagonal only
+    w = k_out * k_in
+    left = (vg.T @ fisher.reshape(k_out, k_in * w)).reshape(k_out, k_in, w)  # (p, i, bj)
+    left = torch.matmul(va.T, left).reshape(k_out, k_in, k_out, k_in)  # (p, q, b, j)
+    return torch.einsum("pqbj,jq,bp->pq", left, va, vg)
