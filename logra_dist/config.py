@@ -80,11 +80,16 @@ class LoGraConfig:
     ranks: list[list] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.ranks, dict):  # {regex: [k_in, k_out]} in order -> [[regex, k_in, k_out]]
-            self.ranks = [[p, *v] if isinstance(v, (list, tuple)) else [p, v] for p, v in self.ranks.items()]
-        if isinstance(self.ranks, (list, tuple)):
-            self.ranks = [list(r) if isinstance(r, (list, tuple)) else r for r in self.ranks]
         self.validate()
+
+    def _normalize_ranks(self) -> None:
+        """{regex: [k_in, k_out]} (in order) or tuples -> the stored [[regex, k_in, k_out], ...]."""
+        if isinstance(self.ranks, dict):
+            self.ranks = [[p, *v] if isinstance(v, (list, tuple)) else [p, v] for p, v in self.ranks.items()]
+        if isinstance(self.ranks, tuple):
+            self.ranks = list(self.ranks)
+        if isinstance(self.ranks, list):
+            self.ranks = [list(r) if isinstance(r, (list, tuple)) else r for r in self.ranks]
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -139,6 +144,7 @@ class LoGraConfig:
         )
 
     def _validate_ranks(self, need) -> None:
+        self._normalize_ranks()  # also when set after construction
         need(
             isinstance(self.ranks, list),
             f"ranks must map layer regexes to [k_in, k_out] ({{regex: [k_in, k_out]}}), got {self.ranks!r}",
