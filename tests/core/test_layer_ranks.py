@@ -115,3 +115,17 @@ def test_cli_ranks_flag_parses_into_the_config():
     for bad in ("lm_head", "lm_head=8", "=8,8", "lm_head=8,0", "lm_head=a,b"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["log", "--ranks", bad])
+
+
+def test_resume_with_other_ranks_is_refused_naming_them(tmp_path):
+    torch.manual_seed(0)
+    model, X, Y = mlp(), torch.randn(8, 5), torch.randint(0, 3, (8,))
+    cfg = dict(k_in=2, k_out=2, flush_rows=2, storage_dtype="float32")
+    logger = ld.attach(model, ld.LoGraConfig(**cfg), tmp_path, commit_seconds=0)
+    for s in (0, 4):
+        with logger.capture(torch.arange(s, s + 4)):
+            logger.backward(nn.functional.cross_entropy(logger.model(X[s : s + 4]), Y[s : s + 4], reduction="sum"))
+    logger.close()  # not finalized: a partial shard to resume
+    refused = r"layout\[2\]\.k_in is 2 in the interrupted job, 1 now.*config\.ranks"
+    with pytest.raises(ld.IndexFormatError, match=refused):
+        ld.attach(model, ld.LoGraConfig(**cfg, ranks={"^4$": [1, 1]}), tmp_path, resume=True)
