@@ -58,6 +58,9 @@ class LoGraConfig:
     layer_types: which kinds of module are layers ("linear", "conv1d", "embedding"); by default
     Linear and transformers' Conv1D. "embedding" logs nn.Embedding weights (d_in = vocabulary:
     keep init="identity" and PCA for small vocabularies). Changes the layout, hence the rows.
+    optimizer_state: a training checkpoint whose Adam second moments scale every layer's gradient
+    (docs/method.md, optimizer-aware gradients); optimizer_state_digest is filled in at attach.
+    preset: the name `from_preset` built this config from (PRESETS; recorded, never re-applied).
     """
 
     k_in: int = 16
