@@ -19,7 +19,7 @@ import torch
 
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
-from logra_dist.config import LoGraConfig
+from logra_dist.config import PRESETS, LoGraConfig
 from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
 from logra_dist.session import run_samples
@@ -94,7 +94,10 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
             if path.is_dir()
             else json.loads(path.read_text())
         )
+    if getattr(args, "preset", None):  # the recipe, then the flags on top of it
+        base = {**base, **PRESETS[args.preset], "preset": args.preset}
     keys = ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude", "layer_types")
+    keys += ("optimizer_state",)
     for key in keys:
         value = getattr(args, key)
         if value is not None:
