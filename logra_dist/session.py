@@ -3,6 +3,7 @@ and the capture/backward protocol that yields per-sample projected-gradient rows
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from logra_dist.config import ConfigError, LoGraConfig
 from logra_dist.core.capture import GradientCapture, find_layers
 from logra_dist.core.fisher import FisherTargets
 from logra_dist.core.layers import LAYER_TYPES
+from logra_dist.core.optimizer import OptimizerScaling
 from logra_dist.core.projection import LayerSpec, build_projections
 from logra_dist.data import Batch, TokenizedSample, batches, summed_lm_loss
 from logra_dist.engines import Engine, wrap
@@ -63,6 +65,50 @@ def layer_ranks(config: LoGraConfig, name: str, d_in: int, d_out: int) -> tuple[
     return min(k_in, d_in), min(k_out, d_out)
 
 
+def optimizer_scaling(engine: Engine, specs: list[LayerSpec], config: LoGraConfig) -> OptimizerScaling | None:
+    """The rank-1 Adam scalings of the logged layers from `config.optimizer_state`, or None.
+    A config that already records a digest (an index's, read back by the Scorer) must get the
+    same scaling again: a moved, changed or different checkpoint is refused, named."""
+    if config.optimizer_state is None:
+        return None
+    from logra_dist.engines.optimizer_state import OptimizerStateError, model_params, read_second_moments, tied_names
+
+    path, recorded = config.optimizer_state, config.optimizer_state_digest
+    try:
+        kind, moments = read_second_moments(path, model_params(engine))
+    except OptimizerStateError as e:
+        if recorded is None:
+            raise
+        raise ConfigError(
+            f"the index was logged with optimizer state {path} (scaling digest {recorded}), which cannot be "
+            f"read now ({e}); restore it: queries must be scaled as the rows were"
+        ) from e
+    oriented, eps, tied = {}, {}, tied_names(engine)
+    for spec in specs:
+        weight = f"{spec.name}.weight"
+        weight = tied.get(weight, weight) if weight not in moments else weight
+        if weight not in moments:
+            raise ConfigError(
+                f"optimizer state {path} ({kind}) has no second moment for {weight!r} (a logged layer); "
+                f"it has {sorted(moments)[:6]}...: exclude the layer or use the checkpoint of this model"
+            )
+        v = moments[weight].v
+        v = v.T if LAYER_TYPES.get(spec.kind).weight_transposed else v
+        if tuple(v.shape) != (spec.d_out, spec.d_in):
+            raise ConfigError(
+                f"optimizer state {path}: {weight!r} has shape {tuple(moments[weight].v.shape)}, the "
+                f"model's layer is d_out={spec.d_out} x d_in={spec.d_in}: another model's checkpoint"
+            )
+        oriented[spec.name], eps[spec.name] = v, moments[weight].eps
+    scaling = OptimizerScaling.from_second_moments(oriented, eps, source=str(path))
+    if recorded is not None and recorded != scaling.digest():
+        raise ConfigError(
+            f"optimizer state {path} gives scaling digest {scaling.digest()} but the index was logged "
+            f"with {recorded}: the checkpoint changed since; restore it (queries must be scaled as the rows were)"
+        )
+    return scaling
+
+
 class GradientSession:
     """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows.
 
@@ -88,6 +134,9 @@ class GradientSession:
         self._closed = False
         self.engine = wrap(model_or_engine)
         self.specs, self._modules = select_layers(self.engine, config)
+        self.scaling = optimizer_scaling(self.engine, self.specs, config)  # before freeze: which were trained
+        if self.scaling is not None:
+            self.config = config = dataclasses.replace(config, optimizer_state_digest=self.scaling.digest())
         self.compute_dtype = getattr(torch, config.compute_dtype)
         self.device = self.engine.device
         self.engine.freeze()
@@ -119,7 +168,9 @@ class GradientSession:
         self.projections = {k: (on_device(a), on_device(b)) for k, (a, b) in projections.items()}
         if self._capture is not None:
             self._capture.remove()
-        self._capture = GradientCapture(self.specs, self._modules, self.projections, self.compute_dtype)
+        self._capture = GradientCapture(
+            self.specs, self._modules, self.projections, self.compute_dtype, scaling=self.scaling
+        )
 
     def projection(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(P_in, P_out) of a layer, as used for its rows (identity materialized on request)."""

@@ -19,7 +19,7 @@ import torch
 
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
-from logra_dist.config import ConfigError, LoGraConfig
+from logra_dist.config import PRESETS, ConfigError, LoGraConfig
 from logra_dist.core.curvature import CURVATURES
 from logra_dist.core.fisher import FisherTargets
 from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
@@ -96,6 +96,8 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
             if path.is_dir()
             else json.loads(path.read_text())
         )
+    if getattr(args, "preset", None):  # the recipe, then the flags on top of it
+        base = {**base, **PRESETS[args.preset], "preset": args.preset}
     keys = (
         "k_in",
         "k_out",
@@ -110,6 +112,7 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
         "include",
         "exclude",
         "layer_types",
+        "optimizer_state",
     )
     for key in keys:
         value = getattr(args, key)

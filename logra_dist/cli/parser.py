@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from logra_dist.config import FISHERS, HESSIANS, INITS, LAYER_TYPES, SCORE_MODES, STORAGE_DTYPES
+from logra_dist.config import FISHERS, HESSIANS, INITS, LAYER_TYPES, PRESETS, SCORE_MODES, STORAGE_DTYPES
 
 DESCRIPTION = "LoGra data valuation: log projected per-sample gradients, score queries, inspect and report."
 
@@ -63,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="LoGraConfig as a JSON file, or an index directory whose "
         "config to reuse (e.g. to log queries for `score --query-index`); flags below override it",
+    )
+    log.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="a named recipe (fast: the defaults; accurate: the best measured one); flags below override it",
+    )
+    log.add_argument(
+        "--optimizer-state",
+        default=None,
+        help="the training checkpoint whose Adam second moments scale the gradients (optimizer-aware): "
+        "a DeepSpeed ZeRO-3 checkpoint folder, a torch.distributed.checkpoint folder, or optimizer.pt",
     )
     log.add_argument("--k-in", type=int, default=None)
     log.add_argument("--k-out", type=int, default=None)
