@@ -26,10 +26,11 @@ from torch import nn
 
 from logra_dist.engines.checkpoint import (
     HFCheckpoint,
+    WeightSource,
     causal_lm_class,
     construct_uninitialized,
     persistent_buffers,
-    source_names,
+    weight_sources,
 )
 from logra_dist.engines.launch import DistInfo, init_distributed, skip_deepspeed_shm_build
 from logra_dist.engines.spec import (
@@ -87,11 +88,11 @@ def _load_none(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, nn.Mo
 def _load_zero3_weights(model: nn.Module, ckpt: HFCheckpoint, rank: int) -> None:
     import deepspeed
 
-    for _, stored, param in source_names(model, ckpt):
+    for _, source, param in weight_sources(model, ckpt):
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
                 with torch.no_grad():
-                    param.copy_(ckpt.get(stored))
+                    param.copy_(source.get())
     with torch.no_grad():
         for name, buf in persistent_buffers(model, ckpt):
             buf.copy_(ckpt.get(name))
@@ -147,21 +148,24 @@ def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor], device: t
         modules[owner]._buffers[leaf] = value.to(device)
 
 
-def _load_local_shards(model: nn.Module, ckpt: HFCheckpoint) -> None:
-    """Copy into each DTensor's local shard exactly its block of the stored tensor."""
+def _load_local_shards(model: nn.Module, ckpt: HFCheckpoint, sources: list[tuple[str, WeightSource]]) -> None:
+    """Copy into each DTensor's local shard exactly its block of the stored tensor. `sources` are
+    planned before `fully_shard`: it renames the class (FSDP<Name>), and transformers finds a
+    model's checkpoint renamings (GPT-NeoX `embed_out`) by class name."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     with torch.no_grad():
-        for _, stored, param in source_names(model, ckpt):
+        for name, source in sources:
+            param = model.get_parameter(name)
             if isinstance(param, DTensor):
                 local = param.to_local()
                 shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
                 if local.numel():
                     block = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-                    local.copy_(ckpt.get_slice(stored, block))
+                    local.copy_(source.get_slice(block))
             else:
-                param.copy_(ckpt.get(stored))
+                param.copy_(source.get())
         for name, buf in persistent_buffers(model, ckpt):
             buf.copy_(ckpt.get(name))
 
@@ -172,6 +176,8 @@ def _load_fsdp2(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, nn.M
 
     config = _hf_config(path, spec.dtype)
     model = construct_uninitialized(causal_lm_class(config), config, spec.dtype)
+    ckpt = HFCheckpoint(path)
+    sources = [(name, source) for name, source, _ in weight_sources(model, ckpt)]
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = _mixed_precision(spec.options)
     kwargs = {"mesh": mesh, "reshard_after_forward": spec.options["reshard_after_forward"]}
@@ -183,8 +189,7 @@ def _load_fsdp2(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, nn.M
     buffers = _snapshot_buffers(model)
     model.to_empty(device=info.device)
     _restore_buffers(model, buffers, info.device)
-    ckpt = HFCheckpoint(path)
-    _load_local_shards(model, ckpt)
+    _load_local_shards(model, ckpt, sources)
     ckpt.close()
     return model.eval(), model
 

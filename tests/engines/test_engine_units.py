@@ -16,7 +16,7 @@ from logra_dist.engines.checkpoint import (
     causal_lm_class,
     construct_uninitialized,
     parameters_on_meta,
-    source_names,
+    weight_sources,
 )
 from logra_dist.engines.launch import detect_launcher, init_distributed
 from logra_dist.engines.spec import EngineConfigError, read_spec, spec_from_dict
@@ -143,10 +143,10 @@ def test_checkpoint_reads_sharded_index_and_slices(tied_checkpoint):
 
 def test_tied_parameter_is_loaded_once_under_its_stored_name(tied_checkpoint):
     path, model = tied_checkpoint
-    listed = source_names(model, HFCheckpoint(path))
+    listed = weight_sources(model, HFCheckpoint(path))
     assert len(listed) == len(list(model.parameters()))
-    stored = {s for _, s, p in listed if p is model.lm_head.weight}
-    assert stored == {"model.embed_tokens.weight"}
+    stored = {s.keys for _, s, p in listed if p is model.lm_head.weight}
+    assert stored == {("model.embed_tokens.weight",)}
 
 
 def test_missing_parameters_are_named(tied_checkpoint, tmp_path):
@@ -154,7 +154,7 @@ def test_missing_parameters_are_named(tied_checkpoint, tmp_path):
 
     other = LlamaForCausalLM(_llama_config(tied=False))  # has an untied lm_head the checkpoint lacks
     with pytest.raises(CheckpointError, match=r"lm_head.weight"):
-        source_names(other, HFCheckpoint(tied_checkpoint[0]))
+        weight_sources(other, HFCheckpoint(tied_checkpoint[0]))
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         HFCheckpoint(tmp_path)
 
