@@ -156,7 +156,6 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         "model_path": model_path,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dtype": dtype,  # the model's compute dtype
-        "precision": {"model": dtype, "storage": config.storage_dtype},
     }
     data = DataIdentity.of(  # every rank digests every logged sample: the same identity everywhere
         samples[: args.max_samples],

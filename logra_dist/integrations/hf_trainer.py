@@ -139,7 +139,6 @@ def log_trainer_dataset(
     dtype = str(wrap(engine).compute_dtype).removeprefix("torch.")  # the engine's bf16/fp16, as it runs
     data = dataclasses.replace(dataset_identity(dataset, trainer.data_collator, plan), model_dtype=dtype)
     info["dtype"] = dtype
-    info["precision"] = {"model": dtype, "storage": config.storage_dtype}
     logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})}, data=data)
     keys = _forward_keys(logger.engine.root)
 

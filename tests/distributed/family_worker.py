@@ -4,7 +4,8 @@ reference (`log_family` with engine "none", in the test's own process), and writ
 index under OUT/<family>/index. All families in one process group: one launch per engine (a
 launch costs ~15-25 s of imports and rendezvous on CPU).
 
-argv: --models DIR (a checkpoint folder per family) --out DIR --config configs/X.json --families a,b
+argv: --models DIR (a checkpoint folder per family) --out DIR --config configs/X.json --families a,b@bfloat16
+(`family@dtype`: that family loaded with that --dtype, into OUT/family@dtype)
 A family that fails to load or log leaves OUT/<family>/error-rank<R>.txt and the loop goes on, so
 the test reports the whole pass/fail table, not only the first failure."""
 
@@ -69,11 +70,12 @@ def main() -> None:
     ap.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     args = ap.parse_args()
     info = launch.init_distributed(require_group=True, timeout_s=120)
-    for family in args.families.split(","):
-        out = Path(args.out) / family
+    for entry in args.families.split(","):
+        family, _, dtype = entry.partition("@")
+        out = Path(args.out) / entry
         out.mkdir(parents=True, exist_ok=True)
         try:
-            loaded = load_causal_lm(Path(args.models) / family, spec=read_spec(args.config))
+            loaded = load_causal_lm(Path(args.models) / family, spec=read_spec(args.config, dtype or None))
             log_family(loaded.wrapped, loaded.device, out / "index", info.rank, info.world_size)
             del loaded
         except Exception:  # recorded per family; the ranks meet again at the barrier below

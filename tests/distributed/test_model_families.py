@@ -8,6 +8,7 @@ every family in one process group (family_worker.py); the references run in this
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -25,12 +26,13 @@ from logra_dist import GradientStore  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 ENGINES = {"zero3": "zero3.json", "fsdp2": "fsdp2.json"}
+BF16 = "llama@bfloat16"  # FSDP2 honoring --dtype bfloat16 (ZeRO-3 bf16: test_cli_precision.py)
 
 
 def _launch(engine: str, models: Path, out: Path) -> list[str]:
     worker = HERE / "family_worker.py"
     args = ["--models", models, "--out", out, "--config", REPO / "configs" / ENGINES[engine]]
-    args += ["--families", ",".join(FAMILIES)]
+    args += ["--families", ",".join([*FAMILIES, BF16] if engine == "fsdp2" else FAMILIES)]
     if engine.startswith("zero"):
         return deepspeed_cmd(worker, *args)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -51,6 +53,8 @@ def matrix(tmp_path_factory):
         for family, path in models.items():
             loaded = load_causal_lm(path, engine="none")
             family_worker.log_family(loaded.wrapped, loaded.device, root / "none" / family / "index")
+        loaded = load_causal_lm(models["llama"], engine="none", dtype="bfloat16")
+        family_worker.log_family(loaded.wrapped, loaded.device, root / "none" / BF16 / "index")
     finally:
         torch.set_num_threads(threads)
     return root
@@ -73,3 +77,17 @@ def test_family_rows_under_sharded_engine_equal_one_process(matrix, engine, fami
     scale = np.abs(expected).max()
     assert scale > 0
     assert np.abs(rows - expected).max() <= 1e-4 * scale, (engine, family, np.abs(rows - expected).max() / scale)
+
+
+def test_fsdp2_logs_in_the_asked_bf16_and_records_it(matrix):
+    errors = sorted((matrix / "fsdp2" / BF16).glob("error-rank*.txt"))
+    assert not errors, errors[0].read_text()[-3000:]
+    manifest = json.loads((matrix / "fsdp2" / BF16 / "index" / "manifest.json").read_text())
+    assert manifest["engine"] == "fsdp2"
+    assert manifest["metadata"]["precision"] == {"model": "bfloat16", "storage": "float32"}
+    rows, _ = _rows(matrix / "fsdp2" / BF16 / "index")
+    bf16, _ = _rows(matrix / "none" / BF16 / "index")
+    fp32, _ = _rows(matrix / "none" / "llama" / "index")
+    scale = np.abs(fp32).max()
+    bf16_gap, fp32_gap = np.abs(rows - bf16).max() / scale, np.abs(rows - fp32).max() / scale
+    assert bf16_gap <= 3e-2 and fp32_gap > 2 * bf16_gap, (bf16_gap, fp32_gap)  # really computed in bf16

@@ -215,3 +215,35 @@ def test_bare_module_engine():
 def test_spec_from_dict_dtype_default():
     assert spec_from_dict({"engine": "none"}).dtype == torch.float32
     assert spec_from_dict({"engine": "fsdp2", "dtype": "bf16"}).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "qwen2_moe", "gpt2"])
+def test_weight_sources_map_checkpoint_names_as_from_pretrained(family, tmp_path):
+    """GPT-NeoX stores `embed_out` for the model's `lm_head`; Qwen2-MoE stores experts one by one
+    for the model's fused `experts.gate_up_proj` / `down_proj`; GPT-2 ties its head. Every
+    parameter of a model built on the meta device gets a source whose tensor equals the one
+    `from_pretrained` loads (the sharded loaders read only these sources)."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO / "tests" / "distributed"))
+    from families import save_family
+
+    path = save_family(family, tmp_path / family)
+    whole = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    config = whole.config
+    meta = construct_uninitialized(causal_lm_class(config), config, torch.float32)
+    ckpt = HFCheckpoint(path)
+    sources = weight_sources(meta, ckpt)
+    expected = dict(whole.named_parameters())
+    assert {name for name, _, _ in sources} == set(expected)
+    for name, source, _ in sources:
+        assert torch.equal(source.get(), expected[name]), name
+        rows = slice(0, max(1, expected[name].shape[0] // 2))
+        assert torch.equal(source.get_slice((rows,)), expected[name][rows]), name
+    if family == "gpt_neox":
+        assert dict((n, s.keys) for n, s, _ in sources)["lm_head.weight"] == ("embed_out.weight",)
+    if family == "qwen2_moe":
+        fused = dict((n, s) for n, s, _ in sources)["model.layers.0.mlp.experts.gate_up_proj"]
+        assert fused.converter is not None and len(fused.keys) == 2 * config.num_experts
