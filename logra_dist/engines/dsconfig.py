@@ -67,11 +67,13 @@ def _text_config(get):
     return text.get if isinstance(text, dict) else lambda k: getattr(text, k, None)
 
 
-def resolve_job_autos(ds: dict[str, Any], where: str) -> dict[str, Any]:
+def resolve_job_autos(
+    ds: dict[str, Any], where: str, micro_batch_size: int = 1, logging: bool = True
+) -> dict[str, Any]:
     """A copy of `ds` with the "auto" values that do not depend on the model filled (see the
-    module doc) and the optimizer and scheduler sections dropped."""
-    ds = {k: copy.deepcopy(v) for k, v in ds.items() if k not in NEVER_USED}
-    for key, value in (("train_micro_batch_size_per_gpu", 1), ("gradient_accumulation_steps", 1)):
+    module doc); for a logging job (`logging`) the optimizer and scheduler sections dropped."""
+    ds = {k: copy.deepcopy(v) for k, v in ds.items() if not (logging and k in NEVER_USED)}
+    for key, value in (("train_micro_batch_size_per_gpu", micro_batch_size), ("gradient_accumulation_steps", 1)):
         if ds.get(key) == AUTO:
             ds[key] = value
     if ds.get("train_batch_size") == AUTO:

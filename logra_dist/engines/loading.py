@@ -43,6 +43,7 @@ from logra_dist.engines.spec import (
     default_spec,
     parse_dtype,
     read_spec,
+    spec_from_dict,
 )
 
 
@@ -119,6 +120,21 @@ def resolved_ds_config(ds_config: dict[str, Any], dtype: torch.dtype, path: Path
     where = "the DeepSpeed config"
     hidden = hidden_size_of(json.loads((path / "config.json").read_text()))
     return resolve_model_autos(resolve_job_autos(deepspeed_config_for(ds_config, dtype), where), where, hidden)
+
+
+def training_ds_config(
+    ds_config: dict[str, Any] | str | Path, micro_batch_size: int, dtype: Any = None, hidden_size: int | None = None
+) -> dict[str, Any]:
+    """A Trainer-style DeepSpeed config (configs/zero3.json: "auto" values) made concrete for a
+    training script of one's own, as the Trainer would fill it: precision from the config or
+    `dtype` (contradictions refused), micro batch `micro_batch_size`, accumulation 1, an "auto"
+    clipping 0.0, bucket sizes from `hidden_size`. Optimizer and scheduler sections are kept;
+    "auto" inside them is refused (the script chooses its learning rate)."""
+    where = str(ds_config) if isinstance(ds_config, (str, Path)) else "the DeepSpeed config"
+    data = json.loads(Path(ds_config).read_text()) if isinstance(ds_config, (str, Path)) else ds_config
+    chosen = spec_from_dict(data, where, dtype).dtype
+    ds = resolve_job_autos(deepspeed_config_for(data, chosen), where, micro_batch_size, logging=False)
+    return resolve_model_autos(ds, where, hidden_size)
 
 
 def load_zero3_model(path: str | Path, dtype: torch.dtype, ds_config: dict[str, Any], rank: int) -> nn.Module:
@@ -267,8 +283,6 @@ def load_causal_lm(
     process group from the launcher's environment if that is not done yet."""
     if spec is None:
         if ds_config is not None:
-            from logra_dist.engines.spec import spec_from_dict
-
             spec = spec_from_dict(ds_config, "ds_config", dtype)
             if engine not in ("none", spec.engine):
                 raise EngineConfigError(f"engine={engine!r} but ds_config selects {spec.engine!r}")

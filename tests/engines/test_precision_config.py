@@ -147,3 +147,15 @@ def test_shipped_deepspeed_configs_pass_the_hf_trainer_checks(name):
     # and the same file serves a logging job
     spec = read_spec(REPO / "configs" / name)
     assert spec.dtype == torch.float32 and auto_keys(spec.ds_config) == []
+
+
+def test_training_scripts_get_the_shipped_config_filled_as_the_trainer_would():
+    from logra_dist.engines.loading import training_ds_config
+
+    ds = training_ds_config(REPO / "configs" / "zero3.json", micro_batch_size=3, dtype="bfloat16")
+    assert auto_keys(ds) == [] and ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["bf16"]["enabled"] is True and ds["gradient_clipping"] == 0.0
+    kept = training_ds_config({**DS, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, micro_batch_size=2)
+    assert kept["optimizer"] == {"type": "SGD", "params": {"lr": 0.1}}  # a training script keeps its optimizer
+    with pytest.raises(AutoValueError, match=r"optimizer.params.lr is \"auto\""):
+        training_ds_config({**DS, "optimizer": {"type": "SGD", "params": {"lr": "auto"}}}, micro_batch_size=2)
