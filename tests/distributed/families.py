@@ -3,9 +3,10 @@ checkpoints (`save_pretrained`), for the model-family matrix (test_model_familie
 
 Why these: Llama/Mistral/Qwen2 (the common layout, Qwen2 with q/k/v biases), GPT-NeoX (`gpt_neox.`
 prefix, `embed_out` head, fused qkv), GPT-2 (Conv1D layers, head tied to `wte`), Gemma (tied
-head, scaled embeddings), Phi (`dense` output, partial rotary), and an MoE (Qwen2-MoE: experts
-and a shared expert; Mixtral-style routers). Widths are multiples of 2 so every parameter
-splits over 2 ranks, and small enough that the whole matrix runs in seconds per rank."""
+head, scaled embeddings), Phi (`dense` output, partial rotary), and two MoEs (Mixtral: experts
+stored one by one, fused in the model; Qwen2-MoE: the same plus a shared expert). Widths are
+multiples of 2 so every parameter splits over 2 ranks, and small enough that the whole matrix
+runs in seconds per rank."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def _configs():
         ),
         "gemma": tf.GemmaConfig(**llama_like, head_dim=8),
         "phi": tf.PhiConfig(**_COMMON, intermediate_size=64, num_hidden_layers=2, pad_token_id=0),
+        "mixtral": tf.MixtralConfig(**llama_like, num_local_experts=4, num_experts_per_tok=2),
         "qwen2_moe": tf.Qwen2MoeConfig(
             **llama_like,
             moe_intermediate_size=16,
@@ -49,7 +51,7 @@ def _configs():
     }
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox", "gpt2", "gemma", "phi", "qwen2_moe")
+FAMILIES = ("llama", "mistral", "qwen2", "gpt_neox", "gpt2", "gemma", "phi", "mixtral", "qwen2_moe")
 
 
 def save_family(name: str, path: str | Path, seed: int = 0) -> Path:
