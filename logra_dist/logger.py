@@ -139,6 +139,10 @@ class Logger(GradientSession):
         self.phase = Phase.PCA_PENDING
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or self.engine.model_identity()
+        # the dtype the engine computes the gradients in (its bf16/fp16, FSDP mixed precision) and
+        # the rows' storage dtype, in every manifest whoever attaches (CLI, Trainer helper, a script)
+        model_dtype = str(self.engine.compute_dtype).removeprefix("torch.")
+        self.metadata = {"precision": {"model": model_dtype, "storage": config.storage_dtype}, **self.metadata}
         self._signals = StopOnSignals().install()  # SIGINT/SIGTERM: a clean stop, the shard resumable
         try:
             self._locks = lock_job(self.out_dir, self.rank, self.world_size)  # before anything is read or cut

@@ -25,7 +25,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local Hugging Face causal-LM checkpoint (default: the bundled tiny Llama, trained on first use)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the model's dtype (default: the engine config's bf16/fp16/dtype, else float32); one that "
+        "the config contradicts is refused",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample (longer are truncated)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
