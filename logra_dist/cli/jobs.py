@@ -17,7 +17,9 @@ from typing import Any
 
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
-from logra_dist.config import PRESETS, LoGraConfig
+from logra_dist.config import PRESETS, ConfigError, LoGraConfig
+from logra_dist.core.curvature import CURVATURES
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
 from logra_dist.session import run_samples
@@ -103,13 +105,33 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
         )
     if getattr(args, "preset", None):  # the recipe, then the flags on top of it
         base = {**base, **PRESETS[args.preset], "preset": args.preset}
-    keys = ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude", "layer_types")
-    keys += ("optimizer_state",)
+    keys = (
+        "k_in",
+        "k_out",
+        "ranks",
+        "init",
+        "hessian",
+        "fisher",
+        "fisher_samples",
+        "storage_dtype",
+        "damping",
+        "seed",
+        "include",
+        "exclude",
+        "layer_types",
+        "optimizer_state",
+    )
     for key in keys:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
-    return LoGraConfig.from_dict(base)
+    config = LoGraConfig.from_dict(base)
+    if config.fisher == "exact":  # the log job trains on text: a next-token softmax over the vocabulary
+        raise ConfigError(
+            "fisher='exact' sums over a classifier's classes; a causal LM's vocabulary per token is too "
+            "large: use --fisher true --fisher-samples S (or the Python API with a classifier)"
+        )
+    return config
 
 
 def say(*parts: Any) -> None:
@@ -176,7 +198,10 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
             with logger.pca_pass():
                 run_samples(logger, todo, args.batch_size, pad_id)
         start = time.perf_counter()
-        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker)
+        statistics = None
+        if config.fisher == "true" and CURVATURES.get(config.hessian).needs_statistics:
+            statistics = FisherTargets.for_config(config)
+        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker, statistics=statistics)
         elapsed = time.perf_counter() - start
         with tracker.phase("finalize"):
             manifest = logger.finalize()
