@@ -16,6 +16,7 @@ from logra_dist.cli.parser import build_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; errors propagate (`run` turns them into one-line messages)."""
     args = build_parser().parse_args(argv)
     torch.manual_seed(0)
     if args.command in ("log", "score"):
@@ -58,14 +59,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(argv: Sequence[str] | None = None) -> None:
     """The `logra-dist` entry point (and `launch/*.py`): `main`, then a clean end of the process
     (`engines.launch.exit_process`: no interpreter teardown after a distributed job)."""
+    from logra_dist.cli.errors import debug_requested, report
     from logra_dist.engines.launch import exit_process
 
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else argv)
     try:
         code = main(argv)
     except BrokenPipeError:  # `logra-dist inspect DIR | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
-    exit_process(code)
+    except SystemExit as e:  # argparse (usage, --help) exits with its own code; a message is an error
+        code = e.code if isinstance(e.code, int) or e.code is None else report(e, _command(argv), debug)
+    except Exception as e:  # the message says what is wrong, where, and the fix (cli/errors.py)
+        code = report(e, _command(argv), debug)
+    exit_process(code or 0)
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if a in ("log", "score", "ann", "inspect", "report", "selfinf")), None)
 
 
 def interrupted(e: KeyboardInterrupt, out: str) -> int:

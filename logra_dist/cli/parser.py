@@ -41,6 +41,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logra-dist", description=DESCRIPTION)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an error instead of its one-line message (accepted anywhere on "
+        "the command line, also by launch/*.py; or LOGRA_DIST_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     log = sub.add_parser("log", help="log projected per-sample gradients of a corpus into an index")
