@@ -1,4 +1,4 @@
-"""`logra-dist log|score|ann|inspect|report ...`: parse, then dispatch to the job.
+"""`logra-dist log|score|selfinf|ann|inspect|report ...`: parse, then dispatch to the job.
 
 `launch/log.py` and `launch/score.py` wrap the first two.
 """
@@ -43,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_ann(args)
         destroy_distributed()  # as for log and score: only on success
+    elif args.command == "selfinf":
+        from logra_dist.cli.exports import run_selfinf
+        from logra_dist.engines.launch import destroy_distributed
+
+        run_selfinf(args)
+        destroy_distributed()
     elif args.command == "inspect":
         from logra_dist.index.inspect import inspect_index, render
 
