@@ -19,13 +19,21 @@ import numpy as np
 MATRIX_LIMIT_BYTES = 2 << 30  # 2 GiB of float32 scores: beyond it, --force
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
 def check_matrix_size(n_queries: int, n_rows: int, force: bool) -> None:
     need = 4 * n_queries * n_rows
     if need > MATRIX_LIMIT_BYTES and not force:
         raise ValueError(
-            f"--export-matrix: {n_queries} queries x {n_rows} training rows is {need / 2**30:.1f} GiB of float32 "
-            f"scores (limit {MATRIX_LIMIT_BYTES / 2**30:.0f} GiB, held in memory on every rank); use fewer "
-            "queries, top-k/bottom-k instead, or --force"
+            f"--export-matrix: {n_queries} queries x {n_rows} training rows is {_size(need)} of float32 scores "
+            f"(limit {_size(MATRIX_LIMIT_BYTES)}: a query chunk's matrix is held on every rank); use fewer "
+            "queries, --topk/--bottomk instead, or --force"
         )
 
 
