@@ -205,8 +205,8 @@ class Tracker(NullTracker):
         per-rank table) and closes the run. Returns the per-rank figures (index = rank) on every rank."""
         mine = self.figures()
         per_rank = _all_gather(mine)
-        if self._progress is not None:
-            self._progress.close(self)
+        if self._progress is not None:  # its last line with the gathered (exact) sample count
+            self._progress.close(self, int(sum(f.get("count/samples", 0.0) for f in per_rank)))
         if self.rank == 0 and (self._progress is not None or metrics_dir is not None):
             metrics = job_metrics(self.name, per_rank, summary or {})
             if self._progress is not None:
@@ -250,28 +250,36 @@ class _Progress:
             self._last = now
             self._line(tracker)
 
-    def _line(self, tracker: Tracker) -> None:
+    def _line(self, tracker: Tracker, exact: int | None = None) -> None:
         """All ranks' samples, estimated from rank 0's share x world (strided shares differ by at
-        most one sample a rank; no collective on the hot path): marked '~' on more than one rank."""
+        most one sample a rank; no collective on the hot path): marked '~' on more than one rank.
+        exact: the gathered count of all ranks (the last line), shown as is."""
         elapsed = max(tracker.elapsed(), 1e-9)
         w, approx = self.world, "~" if self.world > 1 else ""
-        rate = self.done / elapsed
-        of = f"/{approx}{self.total * w} ({100 * self.done / max(self.total, 1):.0f}%)" if self.total else ""
-        eta = f", eta {(self.total - self.done) / rate:.0f}s" if self.total and rate > 0 else ""
+        done, total = self.done * w, (self.total or 0) * w
+        if exact is not None:
+            done, approx = exact, ""
+            total = exact if self.total and self.done >= self.total else total
+        rate = done / elapsed
+        of = f"/{approx}{total} ({100 * self.done / max(self.total, 1):.0f}%)" if self.total else ""
+        eta = f", eta {(self.total - self.done) / (self.done / elapsed):.0f}s" if self.total and self.done else ""
         tokens = tracker.counts.get("tokens", 0.0) / elapsed * w
         ranks = f" on {w} ranks" if w > 1 else ""
         print(
-            f"[logra-dist {self.name}] {approx}{self.done * w}{of} samples{ranks}, {approx}{rate * w:.1f} samples/s, "
-            f"{approx}{tokens:.0f} tokens/s{eta}",
+            f"[logra-dist {self.name}] {approx}{done}{of} samples{ranks}, {approx}{rate:.1f} samples/s, "
+            f"{'~' if w > 1 else ''}{tokens:.0f} tokens/s{eta}",
             file=self.stream,
             flush=True,
         )
 
-    def close(self, tracker: Tracker) -> None:
+    def close(self, tracker: Tracker, exact: int | None = None) -> None:
         if self.bar is not None:
+            if exact is not None:
+                self.bar.n = exact
+                self.bar.refresh()
             self.bar.close()
         else:
-            self._line(tracker)
+            self._line(tracker, exact)
 
 
 # -- the job's summary: console and metrics.json --------------------------------------------------

@@ -4,6 +4,7 @@ non-zero, no traceback unless --debug; under a launcher each rank says which ran
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -124,3 +125,21 @@ def test_under_a_launcher_each_rank_exits_nonzero_and_says_which_rank(tmp_path):
     ranks = _launch_two(["log", "--out", "x", "--max-samples", "4", "--model", model], tmp_path)
     for r, result in enumerate(ranks):  # an error each rank meets on its own: each says which rank
         _one_error(result, f"logra-dist log [rank {r}/2]: error:", "no config.json")
+
+
+def test_two_rank_job_counts_every_rank_in_progress_summary_and_metrics(tmp_path):
+    """Progress estimates all ranks' samples from rank 0's (no collective per batch); the summary
+    and metrics.json come from the one gather at the end and hold every rank's own figures."""
+    ranks = _launch_two(["log", "--out", "idx", "--max-samples", "9", "--batch-size", "3", "--no-wandb"], tmp_path)
+    assert [code for code, _ in ranks] == [0, 0], ranks[0][1][-3000:] + ranks[1][1][-3000:]
+    out0, out1 = ranks[0][1], ranks[1][1]
+    assert "[logra-dist log] 9/9 (100%) samples on 2 ranks" in out0, out0[-2000:]  # the gathered count
+    assert "[logra-dist log] done: 9 samples" in out0 and "on 2 rank(s)" in out0 and "finalize" in out0
+    assert "peak memory (MiB): r0 " in out0 and ", r1 " in out0
+    assert "[logra-dist log]" not in out1  # one console, rank 0's
+    m = json.loads((tmp_path / "idx" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["samples"] == 9 and [r["samples"] for r in m["ranks"]] == [5, 4]
+    assert m["tokens"] == sum(r["tokens"] for r in m["ranks"]) > 0
+    assert all(r["peak_rss_MiB"] > 0 for r in m["ranks"]) and len(m["per_rank"]) == 2
+    assert set(m["phases"]) >= {"forward", "backward", "finalize", "all-reduce"}
+    assert m["phases"]["finalize"]["max_s"] >= m["phases"]["finalize"]["mean_s"] > 0
