@@ -14,7 +14,7 @@ import pytest
 from distributed.jobs import REPO, free_port, job_env
 
 from logra_dist.cli.main import run
-from logra_dist.index.format import index_lock_path
+from logra_dist.index.format import index_lock_path, shard_lock_path
 from logra_dist.index.lockfile import LockFile
 
 
@@ -121,10 +121,15 @@ def _launch_two(args: list[str], cwd: Path) -> list[tuple[int, str]]:
 
 
 def test_under_a_launcher_each_rank_exits_nonzero_and_says_which_rank(tmp_path):
-    model = str(tmp_path / "no-model")
-    ranks = _launch_two(["log", "--out", "x", "--max-samples", "4", "--model", model], tmp_path)
-    for r, result in enumerate(ranks):  # an error each rank meets on its own: each says which rank
-        _one_error(result, f"logra-dist log [rank {r}/2]: error:", "no config.json")
+    """Rank 1's shard lock is held (by this test): rank 1 names its lock, rank 0 names rank 1."""
+    index = tmp_path / "idx"
+    lock = LockFile.acquire(shard_lock_path(index, 1), "the test")
+    try:
+        ranks = _launch_two(["log", "--out", "idx", "--max-samples", "4", "--no-wandb"], tmp_path)
+    finally:
+        lock.release()
+    _one_error(ranks[1], "logra-dist log [rank 1/2]: error: rank 1: ", "rank-00001.lock: locked by another job")
+    _one_error(ranks[0], "logra-dist log [rank 0/2]: error: ", "rank(s) [1] could not lock the index")
 
 
 def test_two_rank_job_counts_every_rank_in_progress_summary_and_metrics(tmp_path):
