@@ -25,6 +25,7 @@ from logra_dist.cli.parser import check_args, groups_of
 from logra_dist.data import pad_token_id, rank_samples, tokenize
 from logra_dist.engines.launch import init_distributed
 from logra_dist.index.reader import GradientStore
+from logra_dist.scoring.export import check_matrix_size
 from logra_dist.scoring.kernels import GroupPlan
 from logra_dist.scoring.results import listing, markdown_body, markdown_header
 from logra_dist.session import run_samples
@@ -194,6 +195,8 @@ def run_score(args: argparse.Namespace):
     index = Path(args.index)
     manifest = read_manifest(index / "manifest.json")
     cap_topk(args, manifest)
+    if args.export_matrix:  # refused before any model loads (checked again, cheaply, when scoring)
+        check_matrix_size(len(queries), int(manifest.get("total_rows", 0)), args.force)
     init_distributed()
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]

@@ -116,3 +116,6 @@ def test_matrix_export_refused_above_the_limit_unless_forced(job, monkeypatch, t
         main(argv)
     assert not (tmp_path / "m.h5").exists()
     assert main([*argv, "--force"]) == 0 and (tmp_path / "m.h5").exists()
+    texts = ["score", "--index", str(job["index"]), "--queries", str(job["root"] / "q.jsonl")]
+    with pytest.raises(ValueError, match=r"3 queries x 12 training rows"):  # before the model loads
+        main([*texts, "--export-matrix", str(tmp_path / "t.h5"), "--no-wandb"])
