@@ -60,6 +60,18 @@ def _is_peer_failure(e: BaseException) -> bool:
     )
 
 
+def _raised_here(e: BaseException) -> bool:
+    """Raised by logra_dist's own code (e.g. RuntimeError("scoring failed on rank(s) [1]; see the
+    error reported there")): its message was written for the user, unlike a library's."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PACKAGE)
+
+
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
 def describe(e: BaseException) -> tuple[str, bool]:
     """(the message to print, whether every rank would print the same one)."""
     from logra_dist.config import ConfigError
@@ -78,7 +90,7 @@ def describe(e: BaseException) -> tuple[str, bool]:
             f"lost contact with another rank ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "the rank that failed first reports the cause"
         ), False
-    if isinstance(e, USER_ERRORS) or type(e).__name__ in ("LockHeld", "IndexLockedError"):
+    if isinstance(e, USER_ERRORS) or type(e).__name__ in ("LockHeld", "IndexLockedError") or _raised_here(e):
         return str(e) or type(e).__name__, False
     return f"unexpected {type(e).__name__}: {e}; rerun with --debug for the traceback and report it", False
 

@@ -78,6 +78,12 @@ def run(argv: Sequence[str] | None = None) -> None:
         code = e.code if isinstance(e.code, int) or e.code is None else report(e, _command(argv), debug)
     except Exception as e:  # the message says what is wrong, where, and the fix (cli/errors.py)
         code = report(e, _command(argv), debug)
+    except KeyboardInterrupt as e:  # `log` says how to resume (main); the others leave no partial results
+        if debug:
+            raise
+        signum = getattr(e, "signum", 2)
+        print(f"logra-dist {_command(argv)}: interrupted by signal {signum}", file=sys.stderr, flush=True)
+        code = 128 + signum
     exit_process(code or 0)
 
 

@@ -148,3 +148,20 @@ def test_two_rank_job_counts_every_rank_in_progress_summary_and_metrics(tmp_path
     assert all(r["peak_rss_MiB"] > 0 for r in m["ranks"]) and len(m["per_rank"]) == 2
     assert set(m["phases"]) >= {"forward", "backward", "finalize", "all-reduce"}
     assert m["phases"]["finalize"]["max_s"] >= m["phases"]["finalize"]["mean_s"] > 0
+
+
+def test_our_runtime_errors_are_messages_and_a_librarys_are_unexpected():
+    import torch
+
+    from logra_dist.cli.errors import describe
+    from logra_dist.scoring.scorer import Scorer
+
+    scorer = object.__new__(Scorer)  # a Scorer made without a model, as far as capture() can tell
+    scorer.session = None
+    with pytest.raises(RuntimeError) as ours:
+        scorer.capture([1])
+    with pytest.raises(RuntimeError) as theirs:
+        torch.zeros(2) @ torch.zeros(3)
+    assert describe(ours.value)[0].startswith("Scorer.capture(): this Scorer was made without a model")
+    message = describe(theirs.value)[0]
+    assert message.startswith("unexpected RuntimeError: ") and "rerun with --debug" in message
