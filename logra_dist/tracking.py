@@ -128,6 +128,7 @@ class Tracker(NullTracker):
     ):
         self.name, self.total, self.log_every = name, total, max(1, int(log_every))
         self.rank = _dist_rank() if rank is None else rank
+        self.world = _dist_world()
         self.wandb = wandb_run if (wandb_run is not None and self.rank == 0) else None
         self.sync_cuda = sync_cuda
         self.times: dict[str, float] = {}
@@ -136,7 +137,9 @@ class Tracker(NullTracker):
         self._sources: list[Callable[[], Figures]] = []
         self._lock = threading.Lock()
         self._start = time.perf_counter()
-        self._progress = _Progress(name, total, progress_interval_s, stream) if (progress and self.rank == 0) else None
+        self._progress = (
+            _Progress(name, total, progress_interval_s, stream, self.world) if (progress and self.rank == 0) else None
+        )
 
     # -- recording (cheap; add_time/count are thread safe: writer and reader threads use them) --
     def phase(self, name: str) -> _Phase:
@@ -193,14 +196,23 @@ class Tracker(NullTracker):
         out.update(peak_memory())
         return out
 
-    def finish(self, summary: dict[str, Any] | None = None) -> list[Figures]:
+    def finish(
+        self, summary: dict[str, Any] | None = None, metrics_dir: str | os.PathLike | None = None
+    ) -> list[Figures]:
         """Collective when a process group exists (every rank calls it): gathers every rank's
-        figures; rank 0 logs them to W&B (summary + per-rank table) and closes the run.
-        Returns the per-rank figures (index = rank) on every rank."""
+        figures (the one gather of the job); rank 0 prints the job's summary (`job_metrics`),
+        writes it to `metrics_dir/metrics.json` when given, logs the figures to W&B (summary +
+        per-rank table) and closes the run. Returns the per-rank figures (index = rank) on every rank."""
         mine = self.figures()
         per_rank = _all_gather(mine)
-        if self._progress is not None:
-            self._progress.close(self)
+        if self._progress is not None:  # its last line with the gathered (exact) sample count
+            self._progress.close(self, int(sum(f.get("count/samples", 0.0) for f in per_rank)))
+        if self.rank == 0 and (self._progress is not None or metrics_dir is not None):
+            metrics = job_metrics(self.name, per_rank, summary or {})
+            if self._progress is not None:
+                print(render_metrics(metrics), file=self._progress.stream, flush=True)
+            if metrics_dir is not None:
+                write_metrics(metrics_dir, metrics)
         if self.wandb is not None:
             self.wandb.log(mine, step=max(self.batches, 1))
             self.wandb.summarize(mine, per_rank, summary or {})
@@ -217,43 +229,130 @@ class Tracker(NullTracker):
 class _Progress:
     """A tqdm bar when stderr is a terminal, else a plain line at most every `interval_s`."""
 
-    def __init__(self, name: str, total: int | None, interval_s: float, stream: TextIO | None):
-        self.name, self.total, self.interval_s = name, total, interval_s
+    def __init__(self, name: str, total: int | None, interval_s: float, stream: TextIO | None, world: int = 1):
+        self.name, self.total, self.interval_s, self.world = name, total, interval_s, max(1, world)
         self.stream = stream or sys.stderr
         self.done, self._last = 0, time.perf_counter()
         self.bar = None
         if stream is None and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc=f"logra-dist {name}", unit="sample", dynamic_ncols=True)
+            all_ranks = None if total is None else total * self.world
+            self.bar = tqdm(total=all_ranks, desc=f"logra-dist {name}", unit="sample", dynamic_ncols=True)
 
     def update(self, samples: int, tracker: Tracker) -> None:
         self.done += samples
         if self.bar is not None:
-            self.bar.update(samples)
+            self.bar.update(samples * self.world)
             return
         now = time.perf_counter()
         if now - self._last >= self.interval_s:
             self._last = now
             self._line(tracker)
 
-    def _line(self, tracker: Tracker) -> None:
+    def _line(self, tracker: Tracker, exact: int | None = None) -> None:
+        """All ranks' samples, estimated from rank 0's share x world (strided shares differ by at
+        most one sample a rank; no collective on the hot path): marked '~' on more than one rank.
+        exact: the gathered count of all ranks (the last line), shown as is."""
         elapsed = max(tracker.elapsed(), 1e-9)
-        rate = self.done / elapsed
-        of = f"/{self.total} ({100 * self.done / max(self.total, 1):.0f}%)" if self.total else ""
-        eta = f", eta {(self.total - self.done) / rate:.0f}s" if self.total and rate > 0 else ""
-        tokens = tracker.counts.get("tokens", 0.0) / elapsed
+        w, approx = self.world, "~" if self.world > 1 else ""
+        done, total = self.done * w, (self.total or 0) * w
+        if exact is not None:
+            done, approx = exact, ""
+            total = exact if self.total and self.done >= self.total else total
+        rate = done / elapsed
+        of = f"/{approx}{total} ({100 * self.done / max(self.total, 1):.0f}%)" if self.total else ""
+        eta = f", eta {(self.total - self.done) / (self.done / elapsed):.0f}s" if self.total and self.done else ""
+        tokens = tracker.counts.get("tokens", 0.0) / elapsed * w
+        ranks = f" on {w} ranks" if w > 1 else ""
         print(
-            f"[logra-dist {self.name}] {self.done}{of} samples, {rate:.1f} samples/s, {tokens:.0f} tokens/s{eta}",
+            f"[logra-dist {self.name}] {approx}{done}{of} samples{ranks}, {approx}{rate:.1f} samples/s, "
+            f"{'~' if w > 1 else ''}{tokens:.0f} tokens/s{eta}",
             file=self.stream,
             flush=True,
         )
 
-    def close(self, tracker: Tracker) -> None:
+    def close(self, tracker: Tracker, exact: int | None = None) -> None:
         if self.bar is not None:
+            if exact is not None:
+                self.bar.n = exact
+                self.bar.refresh()
             self.bar.close()
         else:
-            self._line(tracker)
+            self._line(tracker, exact)
+
+
+# -- the job's summary: console and metrics.json --------------------------------------------------
+METRICS_FILE = "metrics.json"
+METRICS_VERSION = 1
+
+
+def job_metrics(job: str, per_rank: list[Figures], extra: dict[str, Any]) -> dict[str, Any]:
+    """The end-of-job figures of all ranks (docs/observability.md lists the fields). Phases are
+    every `time/<phase>` any rank recorded (finalize, gemm, ... whatever the callers named), as
+    mean and max seconds over ranks and the mean's share of the job's wall time."""
+    wall = max(f.get("time/elapsed", 0.0) for f in per_rank) or 1e-9
+    total = {k: sum(f.get(f"count/{k}", 0.0) for f in per_rank) for k in ("samples", "tokens", "batches")}
+    phases = {}
+    for key in sorted({k for f in per_rank for k in f if k.startswith(_TIME) and k != "time/elapsed"}):
+        values = [f.get(key, 0.0) for f in per_rank]
+        mean = sum(values) / len(values)
+        phases[key[len(_TIME) :]] = {"mean_s": mean, "max_s": max(values), "share": mean / wall}
+    ranks = [
+        {
+            "rank": r,
+            "samples": int(f.get("count/samples", 0)),
+            "tokens": int(f.get("count/tokens", 0)),
+            "elapsed_s": f.get("time/elapsed", 0.0),
+            **{k.split("/", 1)[1]: v for k, v in f.items() if k.startswith("memory/")},
+        }
+        for r, f in enumerate(per_rank)
+    ]
+    return {
+        "metrics_version": METRICS_VERSION,
+        "job": job,
+        "world_size": len(per_rank),
+        "wall_s": wall,
+        "samples": int(total["samples"]),
+        "tokens": int(total["tokens"]),
+        "batches": int(total["batches"]),
+        "samples_per_s": total["samples"] / wall,
+        "tokens_per_s": total["tokens"] / wall,
+        "peak_rss_MiB_max": max(r.get("peak_rss_MiB", 0.0) for r in ranks),
+        "phases": phases,
+        "ranks": ranks,
+        "summary": {k: v for k, v in extra.items() if isinstance(v, (int, float, str, bool))},
+        "per_rank": per_rank,
+    }
+
+
+def render_metrics(m: dict[str, Any]) -> str:
+    """A few console lines: totals, each rank's peak memory, and the phases' shares of wall time."""
+    memory = ", ".join(
+        f"r{r['rank']} {r.get('peak_rss_MiB', 0):.0f}"
+        + (f"/{r['peak_cuda_MiB']:.0f} cuda" if "peak_cuda_MiB" in r else "")
+        for r in m["ranks"]
+    )
+    top = sorted(m["phases"].items(), key=lambda kv: -kv[1]["share"])[:8]
+    shares = ", ".join(f"{name} {p['share']:.0%}" for name, p in top)
+    return (
+        f"[logra-dist {m['job']}] done: {m['samples']} samples, {m['tokens']} tokens on {m['world_size']} rank(s) "
+        f"in {m['wall_s']:.1f}s = {m['tokens_per_s']:.0f} tokens/s, {m['samples_per_s']:.1f} samples/s\n"
+        f"[logra-dist {m['job']}] peak memory (MiB): {memory}\n"
+        f"[logra-dist {m['job']}] phases (share of wall time, mean over ranks): {shares or 'none timed'}"
+    )
+
+
+def write_metrics(directory: str | os.PathLike, metrics: dict[str, Any]) -> str:
+    """`directory/metrics.json`, atomically (temporary name, then rename)."""
+    import json
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, METRICS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 # -- W&B ----------------------------------------------------------------------------------------
@@ -377,6 +476,11 @@ def _dist():
 def _dist_rank() -> int:
     dist = _dist()
     return dist.get_rank() if dist is not None else int(os.environ.get("RANK", 0))
+
+
+def _dist_world() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist is not None else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _all_gather(figures: Figures) -> list[Figures]:

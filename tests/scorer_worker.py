@@ -27,6 +27,7 @@ from logra_dist.index.stream import ChunkStream
 QUERY_IDS = np.arange(1000, 1021)  # 21 queries: several query chunks
 DUP_QUERY_IDS = np.arange(100, 107)
 K = 12  # larger than the rows of most shards
+BOTTOM_K = 6  # no near-tie at the 6th-lowest place in the test data (7 has one)
 SMALL_BLOCK = 480  # forces query chunks of 4 (and top-k merges of 1 query)
 
 
@@ -57,6 +58,9 @@ def result_arrays(res: ld.TopKResult) -> dict[str, np.ndarray]:
     out = {"scores": res.scores, "train_ids": res.train_ids, "query_ids": res.query_ids}
     for name, sub in res.groups.items():
         out[f"{name}.scores"], out[f"{name}.train_ids"] = sub.scores, sub.train_ids
+    for name, sub in [("", res), *((f"{n}.", g) for n, g in res.groups.items())]:
+        if sub.bottom is not None:
+            out[f"{name}bottom_scores"], out[f"{name}bottom_train_ids"] = sub.bottom.scores, sub.bottom.train_ids
     return out
 
 
@@ -71,7 +75,7 @@ def score_phase(root: Path) -> None:
         for mode in MODES:
             sc = ld.Scorer(TinyNet(), root / index, mode=mode, chunk_rows=5, block_bytes=SMALL_BLOCK)
             capture_batches(sc, my_share(QUERY_IDS)[::-1], batch=3)
-            save(root, f"{index}-{mode}", **result_arrays(sc.topk(K, groups=GROUPS)))
+            save(root, f"{index}-{mode}", **result_arrays(sc.topk(K, groups=GROUPS, bottomk=BOTTOM_K)))
             sc.close()
     # precomputed queries from a query index (no model), and a damping other than the index's,
     # written to the self-influence cache by this world size

@@ -212,7 +212,8 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
             "index/total_rows": manifest["total_rows"],
             "index/width": manifest["width"],
             "index/shards": len(manifest["shards"]),
-        }
+        },
+        metrics_dir=args.out,  # metrics.json beside the index
     )
     say(
         f"logged {manifest['total_rows']} samples into {args.out} ({len(manifest['shards'])} shard(s), "

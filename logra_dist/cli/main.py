@@ -1,4 +1,4 @@
-"""`logra-dist log|score|ann|inspect|report ...`: parse, then dispatch to the job.
+"""`logra-dist log|score|selfinf|ann|inspect|report ...`: parse, then dispatch to the job.
 
 `launch/log.py` and `launch/score.py` wrap the first two.
 """
@@ -16,6 +16,7 @@ from logra_dist.cli.parser import build_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse and run one command; errors propagate (`run` turns them into one-line messages)."""
     args = build_parser().parse_args(argv)
     torch.manual_seed(0)
     if args.command in ("log", "score"):
@@ -42,6 +43,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_ann(args)
         destroy_distributed()  # as for log and score: only on success
+    elif args.command == "selfinf":
+        from logra_dist.cli.exports import run_selfinf
+        from logra_dist.engines.launch import destroy_distributed
+
+        run_selfinf(args)
+        destroy_distributed()
     elif args.command == "inspect":
         from logra_dist.index.inspect import inspect_index, render
 
@@ -58,14 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(argv: Sequence[str] | None = None) -> None:
     """The `logra-dist` entry point (and `launch/*.py`): `main`, then a clean end of the process
     (`engines.launch.exit_process`: no interpreter teardown after a distributed job)."""
+    from logra_dist.cli.errors import debug_requested, report
     from logra_dist.engines.launch import exit_process
 
+    debug, argv = debug_requested(sys.argv[1:] if argv is None else argv)
     try:
         code = main(argv)
     except BrokenPipeError:  # `logra-dist inspect DIR | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 0
-    exit_process(code)
+    except SystemExit as e:  # argparse (usage, --help) exits with its own code; a message is an error
+        code = e.code if isinstance(e.code, int) or e.code is None else report(e, _command(argv), debug)
+    except Exception as e:  # the message says what is wrong, where, and the fix (cli/errors.py)
+        code = report(e, _command(argv), debug)
+    except KeyboardInterrupt as e:  # `log` says how to resume (main); the others leave no partial results
+        if debug:
+            raise
+        signum = getattr(e, "signum", 2)
+        print(f"logra-dist {_command(argv)}: interrupted by signal {signum}", file=sys.stderr, flush=True)
+        code = 128 + signum
+    exit_process(code or 0)
+
+
+def _command(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if a in ("log", "score", "ann", "inspect", "report", "selfinf")), None)
 
 
 def interrupted(e: KeyboardInterrupt, out: str) -> int:

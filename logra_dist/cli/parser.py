@@ -57,6 +57,12 @@ def rank_override(text: str) -> list:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="logra-dist", description=DESCRIPTION)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an error instead of its one-line message (accepted anywhere on "
+        "the command line, also by launch/*.py; or LOGRA_DIST_DEBUG=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     log = sub.add_parser("log", help="log projected per-sample gradients of a corpus into an index")
@@ -134,6 +140,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="--queries scored this many at a time, so memory does not grow with their number "
         "(default: about 256 MB of query rows per chunk; rounded up to a multiple of ranks x batch size)",
     )
+    score.add_argument(
+        "--bottomk",
+        type=int,
+        default=0,
+        help="also the N lowest-scoring (most opposing) training examples per query (default 0: none)",
+    )
+    score.add_argument(
+        "--groups",
+        nargs="+",
+        default=None,
+        type=layer_group,
+        metavar="NAME=REGEX",
+        help="per-layer-group scores beside the total, e.g. attn=self_attn mlp=mlp (regex searched in layer names)",
+    )
+    score.add_argument(
+        "--export-matrix",
+        default=None,
+        metavar="FILE.h5",
+        help="also write the full queries x training rows score matrix (small cases; refused above 2 GiB "
+        "unless --force)",
+    )
+    score.add_argument("--force", action="store_true", help="with --export-matrix: export above the size limit")
     score.add_argument("--mode", default="relatif", choices=list(SCORE_MODES))
     score.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
     score.add_argument(
@@ -168,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("index", help="index directory (complete or partial)")
     inspect.add_argument("--sample-rows", type=int, default=256, help="rows per shard read for the norm summary")
     inspect.add_argument("--json", action="store_true", help="print the facts as JSON")
+
+    selfinf = sub.add_parser(
+        "selfinf", help="export every training row's self-influence g^T H^-1 g (total and per layer) to HDF5"
+    )
+    selfinf.add_argument("index", help="index directory written by `log`")
+    selfinf.add_argument("--out", required=True, metavar="FILE.h5", help="HDF5 file to write")
+    selfinf.add_argument("--damping", type=float, default=None, help="override the index's damping factor")
+    selfinf.add_argument("--no-cache", action="store_true", help="never write a self-influence cache")
 
     report = sub.add_parser("report", help="an HTML page of top-k attributions from a `score --out` directory")
     report.add_argument("results", help="directory holding topk.h5 and topk.jsonl")
@@ -212,6 +248,32 @@ def _add_query_sources(score: argparse.ArgumentParser) -> None:
     score.add_argument("--max-new-tokens", type=int, default=32, help="with --prompts: tokens generated at most")
 
 
+def layer_group(text: str) -> tuple[str, str]:
+    """NAME=REGEX of `--groups`, checked: a name, not 'total', and a regex that compiles."""
+    import re
+
+    name, sep, pattern = text.partition("=")
+    if not sep or not name or not pattern:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=REGEX, e.g. attn=self_attn")
+    if name == "total":
+        raise argparse.ArgumentTypeError("'total' is the all-layer score; name the group otherwise")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a valid regex ({e})") from e
+    return name, pattern
+
+
+def groups_of(args: argparse.Namespace) -> dict[str, str] | None:
+    """--groups as {name: regex}; a name given twice is refused."""
+    pairs = getattr(args, "groups", None) or []
+    names = [n for n, _ in pairs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SystemExit(f"--groups: group name(s) {twice} given twice")
+    return dict(pairs) or None
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Cheap checks of the command line, before any process group, model or data is touched."""
     for name, low in (
@@ -221,7 +283,11 @@ def check_args(args: argparse.Namespace) -> None:
         ("topk", 1),
         ("query_chunk", 1),
         ("candidates", 1),
+        ("bottomk", 0),
     ):
         value = getattr(args, name, None)
         if value is not None and value < low:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    groups_of(args)
+    if getattr(args, "ann", False) and (getattr(args, "bottomk", 0) or getattr(args, "groups", None)):
+        raise SystemExit("--ann retrieves the nearest rows by total score: drop --bottomk/--groups or --ann")

@@ -73,7 +73,7 @@ def _load_listing(path: Path, run_id: str | None = None) -> dict[int, dict[str, 
         out[int(rec["query_id"])] = {
             "prompt": "",
             "completion": rec.get("query_text") or "",
-            "train": {int(t["train_id"]): t.get("text") for t in rec.get("results", [])},
+            "train": {int(t["train_id"]): t.get("text") for t in rec.get("results", []) + rec.get("bottom", [])},
         }
     return out
 
@@ -154,6 +154,27 @@ def histogram_svg(all_scores: np.ndarray, top1: np.ndarray, width: int = 900, he
     return "".join(parts)
 
 
+def _ranked(ids: np.ndarray, scores: np.ndarray, texts: dict[int, str | None], max_chars: int) -> list[str]:
+    """<li> items of one ranked list (top-k or bottom-k), bars scaled to the list's largest |score|."""
+    esc = html.escape
+    finite = scores[np.isfinite(scores)]
+    scale = float(np.abs(finite).max()) if len(finite) else 1.0
+    items = []
+    for rank, (tid, s) in enumerate(zip(ids, scores), 1):
+        if tid < 0:  # padding when the index holds fewer than k rows
+            continue
+        width = 100.0 * abs(float(s)) / scale if scale > 0 and math.isfinite(float(s)) else 0.0
+        text = texts.get(int(tid))
+        shown = esc(_clip(text, max_chars)) if text is not None else "<i>(text unavailable)</i>"
+        items.append(
+            f'<li><div class="rank">{rank}</div><div class="score"><b>{_fmt(float(s))}</b>'
+            f'<div class="bar{" neg" if s < 0 else ""}"><span style="width:{width:.1f}%"></span></div>'
+            f'<div class="tid">train #{int(tid)}</div></div>'
+            f'<div class="ttext">{shown}</div></li>'
+        )
+    return items
+
+
 def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: int = 600) -> str:
     """The HTML page (a string) for a `score --out` directory."""
     root = Path(results_dir)
@@ -162,6 +183,7 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
         raise FileNotFoundError(f"{h5_path}: missing; `logra-dist score --out {root}` writes it")
     with h5py.File(h5_path, "r") as f:
         scores, train_ids, query_ids = f["scores"][()], f["train_ids"][()], f["query_ids"][()]
+        bottom = (f["bottom_scores"][()], f["bottom_train_ids"][()]) if "bottom_scores" in f else None
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
     if scores.shape != train_ids.shape or scores.shape[0] != len(query_ids):
         raise ValueError(
@@ -189,25 +211,16 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
         item = listing.get(qid, {"prompt": "", "completion": "", "train": {}})
         prompt = _clip(item["prompt"], max_chars)
         completion = _clip(item["completion"], max(0, max_chars - len(prompt)))
-        finite = scores[row][np.isfinite(scores[row])]
-        scale = float(np.abs(finite).max()) if len(finite) else 1.0
-        items = []
-        for rank, (tid, s) in enumerate(zip(train_ids[row], scores[row]), 1):
-            if tid < 0:  # padding when the index holds fewer than k rows
-                continue
-            width = 100.0 * abs(float(s)) / scale if scale > 0 and math.isfinite(float(s)) else 0.0
-            text = item["train"].get(int(tid))
-            shown = esc(_clip(text, max_chars)) if text is not None else "<i>(text unavailable)</i>"
-            items.append(
-                f'<li><div class="rank">{rank}</div><div class="score"><b>{_fmt(float(s))}</b>'
-                f'<div class="bar{" neg" if s < 0 else ""}"><span style="width:{width:.1f}%"></span></div>'
-                f'<div class="tid">train #{int(tid)}</div></div>'
-                f'<div class="ttext">{shown}</div></li>'
-            )
+        items = _ranked(train_ids[row], scores[row], item["train"], max_chars)
+        opposing = ""
+        if bottom is not None:  # the most opposing examples, lowest score first
+            low = _ranked(bottom[1][row], bottom[0][row], item["train"], max_chars)
+            opposing = f'<h2>Bottom {len(low)}: most opposing examples</h2><ol class="top">{"".join(low)}</ol>'
         body.append(
             f'<section class="panel query" id="q{qid}"><div><h2>Query #{qid}</h2><div class="qtext">'
             f'<span class="prompt">{esc(prompt)}</span>{esc(completion)}</div></div>'
-            f'<div><h2>Top {len(items)} training examples</h2><ol class="top">{"".join(items)}</ol></div></section>'
+            f'<div><h2>Top {len(items)} training examples</h2><ol class="top">{"".join(items)}</ol>{opposing}</div>'
+            "</section>"
         )
     if n_q > max_queries:
         body.append(f'<p class="note">{n_q - max_queries} more queries not shown (--max-queries).</p>')

@@ -19,11 +19,14 @@ from typing import Any
 import numpy as np
 
 from logra_dist import comm
+from logra_dist.cli.exports import matrix_writer
 from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, tokenizer_fingerprint, training_data
-from logra_dist.cli.parser import check_args
+from logra_dist.cli.parser import check_args, groups_of
 from logra_dist.data import pad_token_id, rank_samples, tokenize
 from logra_dist.engines.launch import init_distributed
 from logra_dist.index.reader import GradientStore
+from logra_dist.scoring.export import check_matrix_size
+from logra_dist.scoring.kernels import GroupPlan
 from logra_dist.scoring.results import listing, markdown_body, markdown_header
 from logra_dist.session import run_samples
 
@@ -104,7 +107,7 @@ def run_score_query_index(args: argparse.Namespace):
     chunks = [order[a : a + size] for a in range(0, len(order), size)]
     feeds = (partial(scorer.add_query_gradients, query_store, ids[comm.rank() :: comm.world_size()]) for ids in chunks)
     texts = _texts_of(query_manifest, f"query index {args.query_index}") if comm.rank() == 0 else None
-    n_scored = score_chunks(args, scorer, manifest, feeds, lambda: texts, tracker)
+    n_scored = score_chunks(args, scorer, manifest, feeds, lambda: texts, tracker, len(query_store))
     query_store.close()
     return n_scored
 
@@ -137,13 +140,22 @@ def run_score_prompts(args: argparse.Namespace):
             max_length=args.max_length,
         )
     scorer = Scorer(model, args.index, **_scoring(args, tokenizer, tracker), **cache_options(args))
+    groups = groups_of(args)
+    GroupPlan(scorer.store.layout, groups)  # checked before any query gradient
+    matrix = matrix_writer(args, scorer, len(prompts))
     pad_id = pad_token_id(tokenizer)
     run_samples(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
-        result = scorer.topk(args.topk, ann=args.ann, candidates=args.candidates)
+        result = scorer.topk(args.topk, groups, ann=args.ann, candidates=args.candidates, bottomk=args.bottomk)
+    if args.export_matrix:
+        scores = scorer.scores()  # collective
+        if matrix is not None:
+            matrix.append(result.query_ids, scores)
+            matrix.close()
     records = gather_completions(completions)  # collective
     tracker.finish(
-        {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk}
+        {"score/queries": len(result.query_ids), "score/index_rows": len(scorer.store), "score/k": args.topk},
+        metrics_dir=args.out,
     )
     query_text = {pid: r["prompt"] + r["completion"] for pid, r in records.items()}
     report_scores(args, scorer, result, manifest, query_text, records)
@@ -183,6 +195,8 @@ def run_score(args: argparse.Namespace):
     index = Path(args.index)
     manifest = read_manifest(index / "manifest.json")
     cap_topk(args, manifest)
+    if args.export_matrix:  # refused before any model loads (checked again, cheaply, when scoring)
+        check_matrix_size(len(queries), int(manifest.get("total_rows", 0)), args.force)
     init_distributed()
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
@@ -203,19 +217,29 @@ def run_score(args: argparse.Namespace):
 
             yield feed
 
-    return score_chunks(args, scorer, manifest, feeds(), lambda: {q.id: q.full_text for q in current}, tracker)
+    texts = lambda: {q.id: q.full_text for q in current}  # noqa: E731
+    return score_chunks(args, scorer, manifest, feeds(), texts, tracker, len(queries))
 
 
-def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker) -> int:
+def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker, n_queries: int) -> int:
     """Collective: score each chunk of queries `feeds` adds (Scorer.score_in_chunks), append its
     results to the files (rank 0) and print its listing; returns the queries scored.
-    query_texts(): the texts of the current chunk's queries (rank 0)."""
+    query_texts(): the texts of the current chunk's queries (rank 0). With --export-matrix, each
+    chunk's full score matrix (`Scorer.scores`, while its queries are held) goes to the file too."""
+    groups = groups_of(args)
+    GroupPlan(scorer.store.layout, groups)  # a group matching no layer: refused before any query gradient
+    matrix = matrix_writer(args, scorer, n_queries)
     train_text = _texts_of(manifest, f"training index {args.index}") if comm.rank() == 0 else None
     writer = scorer.results_writer(args.out) if args.out and comm.rank() == 0 else None
     n_scored = 0
+    options = {"ann": args.ann, "candidates": args.candidates, "bottomk": args.bottomk}
     try:
-        for i, result in enumerate(scorer.score_in_chunks(args.topk, feeds, ann=args.ann, candidates=args.candidates)):
+        for i, result in enumerate(scorer.score_in_chunks(args.topk, feeds, groups, **options)):
             n_scored += len(result.query_ids)
+            if args.export_matrix:
+                scores = scorer.scores()  # collective
+                if matrix is not None:
+                    matrix.append(result.query_ids, scores)
             if comm.rank() == 0:
                 query_text = query_texts()
                 if writer is not None:
@@ -224,12 +248,16 @@ def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker) -> i
                 header = markdown_header(result, writer and writer.run_id) if i == 0 else ""
                 print(header + markdown_body(records))
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        for w in (writer, matrix):
+            if w is not None:
+                w.abort()
         raise
-    if writer is not None:
-        writer.close()
-    tracker.finish({"score/queries": n_scored, "score/index_rows": len(scorer.store), "score/k": args.topk})
+    for w in (writer, matrix):
+        if w is not None:
+            w.close()
+    tracker.finish(
+        {"score/queries": n_scored, "score/index_rows": len(scorer.store), "score/k": args.topk}, metrics_dir=args.out
+    )
     scorer.close()
     return n_scored
 

@@ -198,8 +198,9 @@ class RunningTopK:
 @dataclass
 class TopKResult:
     """scores and train_ids: (n_queries, k), best first; query_ids: (n_queries,).
-    groups: the same for each requested layer group (block-restricted scores); info: facts about
-    the search written with the results (ANN: ann, ann_candidates, ann_factory, ann_sketch_dim)."""
+    groups: the same for each requested layer group (block-restricted scores); bottom: the lowest
+    scores (most opposing examples), lowest first, when asked for; info: facts about the search
+    written with the results (ANN: ann, ann_candidates, ann_factory, ann_sketch_dim)."""
 
     scores: np.ndarray
     train_ids: np.ndarray
@@ -207,4 +208,5 @@ class TopKResult:
     mode: str
     damping: float
     groups: dict[str, TopKResult] = field(default_factory=dict)
+    bottom: TopKResult | None = None
     info: dict[str, Any] = field(default_factory=dict)  # how it was found, e.g. ann, ann_candidates

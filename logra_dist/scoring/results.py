@@ -62,6 +62,7 @@ def _put_attrs(f: h5py.File, result: TopKResult, extra: Mapping[str, Any] | None
             "damping": float(result.damping),
             "k": int(result.scores.shape[1]),
             "groups": json.dumps(list(result.groups)),
+            "bottomk": 0 if result.bottom is None else int(result.bottom.scores.shape[1]),
         }
     )
     for key, value in {**result.info, **(extra or {})}.items():
@@ -69,17 +70,28 @@ def _put_attrs(f: h5py.File, result: TopKResult, extra: Mapping[str, Any] | None
 
 
 def _put(group: h5py.Group, result: TopKResult) -> None:
+    """scores and train_ids; with a bottom-k, bottom_scores and bottom_train_ids beside them."""
     group.create_dataset("scores", data=np.asarray(result.scores, np.float32))
     group.create_dataset("train_ids", data=np.asarray(result.train_ids, np.int64))
+    if result.bottom is not None:
+        group.create_dataset("bottom_scores", data=np.asarray(result.bottom.scores, np.float32))
+        group.create_dataset("bottom_train_ids", data=np.asarray(result.bottom.train_ids, np.int64))
 
 
 def read_topk_h5(path: str | Path) -> TopKResult:
     with h5py.File(path, "r") as f:
 
-        def get(g: h5py.Group) -> TopKResult:
-            return TopKResult(
-                g["scores"][()], g["train_ids"][()], f["query_ids"][()], str(f.attrs["mode"]), float(f.attrs["damping"])
+        def get(g: h5py.Group, prefix: str = "") -> TopKResult:
+            out = TopKResult(
+                g[prefix + "scores"][()],
+                g[prefix + "train_ids"][()],
+                f["query_ids"][()],
+                str(f.attrs["mode"]),
+                float(f.attrs["damping"]),
             )
+            if not prefix and "bottom_scores" in g:
+                out.bottom = get(g, "bottom_")
+            return out
 
         out = get(f)
         out.info = {
@@ -112,8 +124,12 @@ def listing(
             **(query_fields or {}).get(int(qid), {}),
             "results": ranked(result, q),
         }
+        if result.bottom is not None:
+            rec["bottom"] = ranked(result.bottom, q)
         if result.groups:
             rec["groups"] = {name: ranked(sub, q) for name, sub in result.groups.items()}
+            if result.bottom is not None:
+                rec["groups_bottom"] = {name: ranked(sub.bottom, q) for name, sub in result.groups.items()}
         records.append(rec)
     return records
 
@@ -128,6 +144,7 @@ def _cell(text: str | None, limit: int = 200) -> str:
 
 def markdown_header(result: TopKResult, run_id: str | None = None) -> str:
     run = f", run id: {run_id}" if run_id else ""
+    run += f", bottom-{result.bottom.scores.shape[1]} (most opposing) too" if result.bottom is not None else ""
     title = f"# Top-{result.scores.shape[1]} training examples per query"
     ann = ""
     if result.info.get("ann"):
@@ -149,6 +166,9 @@ def markdown_body(records: list[dict[str, Any]]) -> str:
         if rec["query_text"] is not None:
             lines += [f"> {_cell(rec['query_text'], 1000)}", ""]
         sections = [("all layers", rec["results"])] + list(rec.get("groups", {}).items())
+        if "bottom" in rec:  # the most opposing examples: lowest scores first
+            sections.append(("bottom (most opposing), all layers", rec["bottom"]))
+            sections += [(f"bottom (most opposing), {g}", rows) for g, rows in rec.get("groups_bottom", {}).items()]
         for title, rows in sections:
             if len(sections) > 1:
                 lines += [f"### {title}", ""]
@@ -183,9 +203,12 @@ class ResultsWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self._h5 = f = h5py.File(self._tmp("h5"), "w")
         k = int(result.scores.shape[1])
+        kb = 0 if result.bottom is None else int(result.bottom.scores.shape[1])
         for g in [f, *(f.create_group(f"groups/{name}") for name in result.groups)]:
-            g.create_dataset("scores", (0, k), np.float32, maxshape=(None, k), chunks=(max(1, 65536 // max(1, k)), k))
-            g.create_dataset("train_ids", (0, k), np.int64, maxshape=(None, k), chunks=(max(1, 65536 // max(1, k)), k))
+            for prefix, width in (("", k), ("bottom_", kb)) if kb else (("", k),):
+                chunks = (max(1, 65536 // max(1, width)), width)
+                g.create_dataset(prefix + "scores", (0, width), np.float32, maxshape=(None, width), chunks=chunks)
+                g.create_dataset(prefix + "train_ids", (0, width), np.int64, maxshape=(None, width), chunks=chunks)
         f.create_dataset("query_ids", (0,), np.int64, maxshape=(None,), chunks=(65536,))
         _put_attrs(f, result, {"run_id": self.run_id, **self.attrs})
         self._text = {key: self._tmp(key).open("w", encoding="utf-8") for key in ("jsonl", "md")}
@@ -205,7 +228,10 @@ class ResultsWriter:
             self._open(result)
         n, lo = len(result.query_ids), self.rows
         for g, r in [(self._h5, result), *((self._h5[f"groups/{name}"], sub) for name, sub in result.groups.items())]:
-            for key, value in (("scores", r.scores), ("train_ids", r.train_ids)):
+            parts = [("scores", r.scores), ("train_ids", r.train_ids)]
+            if r.bottom is not None:
+                parts += [("bottom_scores", r.bottom.scores), ("bottom_train_ids", r.bottom.train_ids)]
+            for key, value in parts:
                 g[key].resize(lo + n, axis=0)
                 g[key][lo:] = value
         self._h5["query_ids"].resize(lo + n, axis=0)

@@ -38,6 +38,7 @@ from logra_dist.scoring.identity import check_query_index, check_scoring_model
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize, select_topk
 from logra_dist.scoring.queries import GatheredQueries, QuerySet, pca_projections
 from logra_dist.scoring.results import ResultsWriter, TextLookup, results_meta, write_results
+from logra_dist.scoring.scan import attach_bottoms, score_local
 from logra_dist.scoring.selfinf import SelfInfluenceCache
 from logra_dist.session import GradientSession
 from logra_dist.tracking import NULL_TRACKER
@@ -278,46 +279,37 @@ class Scorer:
         per_query = min(self.chunk_rows, max(1, len(self.store))) * self.score_dtype.itemsize * (2 * n_atoms + 2)
         return max(1, min(n_q, self.block_bytes // per_query))
 
-    def _score_local(
-        self, q: GatheredQueries, plan: GroupPlan, k: int, self_plan: tuple[str | None, int]
-    ) -> list[RunningTopK]:
-        n_q = len(q.ids)
-        tops = [RunningTopK(n_q, k, self.score_dtype) for _ in plan.names]
-        membership = plan.membership.to(self.score_dtype)
-        q_self = q.self_layers @ membership  # (n_q, outputs)
-        q_atoms = plan.split(q.pre)
-        qc = self._query_chunk(n_q, len(plan.atom_layers))
-        for _, ids, rows, row_self_layers in self._chunks(*self_plan):
-            row_atoms = plan.split(rows)
-            row_self = None if row_self_layers is None else row_self_layers @ membership
-            for a in range(0, n_q, qc):
-                b = min(n_q, a + qc)
-                with self.tracker.phase("gemm"):
-                    dots = plan.output_dots([qa[a:b] @ ra.T for qa, ra in zip(q_atoms, row_atoms)], self.mode)
-                with self.tracker.phase("topk-reduce"):
-                    for o, d in enumerate(dots):
-                        s = normalize(d, self.mode, q_self[a:b, o], None if row_self is None else row_self[:, o])
-                        tops[o].update(s, ids, slice(a, b))
-        return tops
-
     # -- public collectives -----------------------------------------------------------------
     def topk(
-        self, k: int, groups: dict[str, str] | None = None, *, ann: bool = False, candidates: int | None = None
+        self,
+        k: int,
+        groups: dict[str, str] | None = None,
+        *,
+        ann: bool = False,
+        candidates: int | None = None,
+        bottomk: int = 0,
     ) -> TopKResult:
         """Collective: the k best training ids per query (all ranks return the same result).
         groups: {name: layer-name regex} adds block-restricted results in `result.groups`.
+        bottomk: also the `bottomk` lowest-scoring (most opposing) ids, in `result.bottom` (and each
+        group's), lowest first (`scoring/scan.py`).
         Queries are ordered by id; k larger than the index returns every row. ann=True: only the
         `candidates` rows per query and shard that the shards' ANN files retrieve are scored
         (exactly; `scoring/ann.py`); `result.info` records it."""
         if k < 1:
             raise ValueError(f"topk: k must be >= 1, got {k}")
         k = min(k, max(1, len(self.store)))  # before any (n_q, k) list is allocated: same result
+        if bottomk < 0:
+            raise ValueError(f"topk: bottomk must be >= 0, got {bottomk}")
+        bottomk = min(bottomk, max(1, len(self.store)))
         if ann:
+            if bottomk:
+                raise ValueError("topk(ann=True): bottom-k is not supported (ANN retrieves the nearest rows only)")
             return ann_topk(self, k, groups, candidates)
         plan = GroupPlan(self.store.layout, groups)
         q = self._gather_queries()
         self_plan = self._kept_plan or self._plan_self_influence(self.mode != "dot")
-        tops = self._scored(lambda: self._score_local(q, plan, k, self_plan), self_plan)
+        tops, bottoms = self._scored(lambda: score_local(self, q, plan, k, bottomk, self_plan), self_plan)
         self._finish_self_influence(*self_plan)
         if self._kept_row_self is not None:  # inside score_in_chunks: later chunks reuse the plan
             self._kept_plan = ("read", 0) if self_plan[0] == "write" else self_plan
@@ -325,6 +317,9 @@ class Scorer:
         results = [self._reduce(t, k, k_out, q.ids) for t in tops]
         total = results[0]
         total.groups = dict(zip(plan.names[1:], results[1:]))
+        if bottoms:
+            b_out = min(bottomk, len(self.store))
+            attach_bottoms(total, [self._reduce(b, bottomk, b_out, q.ids) for b in bottoms], plan.names)
         return total
 
     def clear_queries(self) -> None:

@@ -47,7 +47,9 @@ def test_tracker_accumulates_phases_counts_sources_and_prints_progress():
     per_rank = t.finish()  # one process, no group: just this rank's figures
     assert len(per_rank) == 1 and per_rank[0]["count/samples"] == 20 and per_rank[0]["time/write"] == 1.0
     lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("[logra-dist unit] 10/20 (50%) samples") and "20/20 (100%)" in lines[-1]
+    assert lines[0].startswith("[logra-dist unit] 10/20 (50%) samples") and "20/20 (100%)" in lines[-4]
+    assert lines[-3].startswith("[logra-dist unit] done: 20 samples, 200 tokens on 1 rank(s) in ")  # the summary
+    assert "peak memory (MiB): r0 " in lines[-2] and "write " in lines[-1] and "sleep " in lines[-1]
     assert Tracker("quiet", rank=1, stream=stream)._progress is None  # only rank 0 reports progress
     with NULL_TRACKER.phase("x"):
         NULL_TRACKER.step(samples=1)
@@ -256,3 +258,15 @@ def test_report_renders_queries_and_their_top_training_texts(job, tmp_path):
     assert "<svg" in dom and "score distribution" in dom and "<script" not in dom.lower()
     # the queries are training texts cut in two: each one's own document is its top-1
     assert [item["results"][0]["train_id"] for item in listing] == [job["corpus"][j]["id"] for j in job["picks"]]
+
+
+def test_progress_estimates_all_ranks_from_rank_0s_share(monkeypatch):
+    """No collective per batch: rank 0's count x world, marked '~'; the last line is exact."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # no process group: the launcher's variable
+    stream = io.StringIO()
+    t = Tracker("unit", total=5, progress_interval_s=0.0, stream=stream, rank=0)
+    t.step(samples=3, tokens=30)
+    assert stream.getvalue().splitlines()[0].startswith("[logra-dist unit] ~6/~10 (60%) samples on 2 ranks, ~")
+    t.step(samples=2, tokens=20)
+    t._progress.close(t, exact=9)  # what finish() passes: the gathered count of every rank
+    assert stream.getvalue().splitlines()[-1].startswith("[logra-dist unit] 9/9 (100%) samples on 2 ranks, ")

@@ -111,6 +111,27 @@ def test_topk_equals_brute_force_every_mode_and_group(root, queries, index, worl
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("index", ["idx2", "idx4"])
+def test_bottomk_equals_brute_force_every_mode_and_group(root, queries, index, world):
+    """The lowest scores (most opposing examples), lowest first, ties to the smaller id: numpy's
+    argsort of the explicit score matrix, on 1, 2 and 3 scoring ranks."""
+    _, q = queries
+    ids, g, layout = raw_rows(root / index)
+    hinv = inverse_hessian(root / index, layout)
+    for mode in MODES:
+        got = load(root, world, f"{index}-{mode}")
+        for name in ["total", *GROUPS]:
+            ref = reference_scores(q, g, hinv, mode, group_mask(layout, None if name == "total" else GROUPS[name]))
+            prefix = "" if name == "total" else f"{name}."
+            what = f"bottom-k of {index} scored on {world} ranks, {mode}, {name}"
+            order = np.lexsort((np.broadcast_to(ids, ref.shape), ref), axis=1)[:, : worker.BOTTOM_K]
+            np.testing.assert_array_equal(got[f"{prefix}bottom_train_ids"], ids[order], err_msg=what)
+            check_topk(
+                -got[f"{prefix}bottom_scores"], got[f"{prefix}bottom_train_ids"], -ref, ids, worker.BOTTOM_K, what
+            )
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_query_index_and_other_damping(root, queries, world):
     """Queries from a query index (no model), damping != the index's, cache written by this world."""
     _qids, q = queries
