@@ -20,9 +20,18 @@ import torch
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
 from logra_dist.config import LoGraConfig
-from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
+from logra_dist.data import (
+    Batch,
+    DataIdentity,
+    DataSpec,
+    Document,
+    RankShare,
+    digest_from_words,
+    digest_words,
+    pad_token_id,
+    read_documents,
+)
 from logra_dist.engines.launch import init_distributed
-from logra_dist.session import run_samples
 
 EMBEDDED = "embedded"
 
@@ -36,8 +45,14 @@ def load_engine(args: argparse.Namespace):
 
     model_path = Path(args.model) if args.model else default_model_path()
     check_context(model_path, args.max_length)
+    tokenizer_path = Path(getattr(args, "tokenizer", None) or model_path)
+    if not any((tokenizer_path / f).is_file() for f in TOKENIZER_FILES):
+        raise SystemExit(f"{tokenizer_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR")
     engine, _device = build(None, model_path, args.config, getattr(torch, args.dtype))
-    return engine, load_tokenizer(model_path), str(model_path)
+    return engine, load_tokenizer(tokenizer_path), str(model_path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -129,16 +144,112 @@ def training_data(manifest: dict) -> list[str] | None:
 
 
 # -- log ------------------------------------------------------------------------------------------
+def stream_samples(session, samples, count: int, batch_size: int, pad_id: int, tracker=None) -> int:
+    """`session.run_samples` over a stream of `count` samples: batches made as they come."""
+    import itertools
+
+    from logra_dist.data import collate
+    from logra_dist.session import run_batches
+
+    def pairs():
+        it = iter(samples)
+        while block := list(itertools.islice(it, batch_size)):
+            batch = collate(block, pad_id)
+            yield batch.ids, batch
+
+    shadow = Batch(
+        torch.zeros(0, dtype=torch.long),
+        torch.full((1, 2), pad_id),
+        torch.ones(1, 2, dtype=torch.long),
+        torch.full((1, 2), pad_id),
+    )
+    return run_batches(session, pairs(), count=-(-count // batch_size), shadow=shadow, tracker=tracker)
+
+
+def data_share(args: argparse.Namespace, tokenizer) -> RankShare:
+    """This rank's share of --data (or the bundled corpus), read and tokenized as it is logged."""
+    embedded = not args.data or args.data == [EMBEDDED]
+    spec = DataSpec(
+        None if embedded else list(args.data),
+        args.max_length,
+        args.max_samples,
+        chunk=getattr(args, "chunk", False),
+        stride=getattr(args, "stride", None),
+        skip_bad=getattr(args, "skip_bad", False),
+    )
+    items = None
+    if embedded:
+        from logra_dist.embedded import load_corpus
+
+        items = lambda: ((f"bundled corpus: record {i}", r) for i, r in enumerate(load_corpus()))  # noqa: E731
+    try:
+        return RankShare(spec, tokenizer, comm.rank(), comm.world_size(), items)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+
+
+def planned_identity(args: argparse.Namespace, share: RankShare):
+    """Collective (one small all-reduce): the first pass over this rank's share, and the data
+    identity summed over ranks (the same on every rank, for any world size)."""
+    plan = share.plan()
+    sums = torch.cat(
+        [
+            digest_words(plan.digest),
+            torch.tensor([plan.samples, plan.truncated_docs, plan.truncated_tokens, len(plan.skipped)]),
+        ]
+    )
+    sums = comm.all_reduce_sum(sums) if comm.is_distributed() else sums
+    samples, truncated_docs, truncated_tokens, skipped = (int(v) for v in sums[4:])
+    spec = share.spec
+    data = DataIdentity.summed(
+        samples,
+        digest_from_words(sums[:4]),
+        None if spec.paths is None else spec.paths,
+        max_length=args.max_length,
+        max_samples=args.max_samples,
+        model_dtype=args.dtype,
+        windows=[spec.windows.length, spec.windows.stride] if spec.windows else None,
+    )
+    report = {
+        "documents": plan.documents,
+        "samples": samples,
+        "truncated_documents": truncated_docs,
+        "truncated_tokens": truncated_tokens,
+        "skipped": skipped,
+        "chunk": data.windows,
+        "table": "samples/rank-*.h5",
+        "skipped_files": "samples/skipped-rank-*.jsonl" if skipped else None,
+    }
+    return plan, data, report
+
+
+def data_summary(report: dict[str, Any], max_length: int) -> str:
+    parts = [f"{report['documents']} documents -> {report['samples']} samples"]
+    if report["chunk"]:
+        parts.append(f"windows of {report['chunk'][0]} tokens every {report['chunk'][1]}")
+    elif report["truncated_documents"]:
+        parts.append(
+            f"{report['truncated_documents']} truncated at --max-length {max_length} "
+            f"({report['truncated_tokens']} tokens dropped; --chunk keeps them)"
+        )
+    if report["skipped"]:
+        parts.append(f"{report['skipped']} skipped (--skip-bad; listed in {report['skipped_files']})")
+    return "data: " + ", ".join(parts)
+
+
 def run_log(args: argparse.Namespace) -> dict[str, Any]:
     from logra_dist.logger import attach
 
     check_args(args)
     config = logra_config(args)  # validated before any work starts
     init_distributed()
-    docs = load_documents(args.data)
     model, tokenizer, model_path = load_engine(args)
-    samples = tokenize(docs, tokenizer, args.max_length)
-    mine = rank_samples(samples, comm.rank(), comm.world_size(), args.max_samples)
+    share = data_share(args, tokenizer)
+    try:
+        plan, data, report = planned_identity(args, share)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    say(data_summary(report, args.max_length))
     metadata = {
         "data": list(args.data) if args.data else EMBEDDED,
         "max_samples": args.max_samples,
@@ -146,24 +257,22 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         "model_path": model_path,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dtype": args.dtype,
+        "tokenizer_path": str(args.tokenizer) if getattr(args, "tokenizer", None) else None,
     }
-    data = DataIdentity.of(  # every rank digests every logged sample: the same identity everywhere
-        samples[: args.max_samples],
-        args.data if args.data and args.data != [EMBEDDED] else None,
-        max_length=args.max_length,
-        max_samples=args.max_samples,
-        model_dtype=args.dtype,
-    )
-    tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
+    tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, plan.samples)
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, data=data, tracker=tracker)
     try:
+        from logra_dist.data.table import write_table
+
+        write_table(args.out, comm.rank(), plan)
+        logger.metadata["data_report"] = report  # recorded in the manifest at finalize
         pad_id = pad_token_id(tokenizer)
-        todo = [s for s in mine if s.id not in logger.done_ids]
+        todo = plan.samples - len(set(plan.table.sample_id) & logger.done_ids)
         if logger.needs_pca_pass:
             with logger.pca_pass():
-                run_samples(logger, todo, args.batch_size, pad_id)
+                stream_samples(logger, share.samples(logger.done_ids), todo, args.batch_size, pad_id)
         start = time.perf_counter()
-        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker)
+        tokens = stream_samples(logger, share.samples(logger.done_ids), todo, args.batch_size, pad_id, tracker)
         elapsed = time.perf_counter() - start
         with tracker.phase("finalize"):
             manifest = logger.finalize()
