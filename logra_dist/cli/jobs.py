@@ -182,10 +182,7 @@ def data_share(args: argparse.Namespace, tokenizer) -> RankShare:
         from logra_dist.embedded import load_corpus
 
         items = lambda: ((f"bundled corpus: record {i}", r) for i, r in enumerate(load_corpus()))  # noqa: E731
-    try:
-        return RankShare(spec, tokenizer, comm.rank(), comm.world_size(), items)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    return RankShare(spec, tokenizer, comm.rank(), comm.world_size(), items)
 
 
 def planned_identity(args: argparse.Namespace, share: RankShare):
@@ -245,10 +242,7 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     init_distributed()
     model, tokenizer, model_path = load_engine(args)
     share = data_share(args, tokenizer)
-    try:
-        plan, data, report = planned_identity(args, share)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    plan, data, report = planned_identity(args, share)  # bad records raise here, before any shard
     say(data_summary(report, args.max_length))
     metadata = {
         "data": list(args.data) if args.data else EMBEDDED,

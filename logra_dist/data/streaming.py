@@ -87,13 +87,14 @@ def documents(
                 if isinstance(record, ValueError):
                     raise record
                 doc = record_to_document(record, position, where)
-                kind = doc.key is None and "id" in record
-                if "id" in record and native is not None and kind != native:
+                has_id = record.get("id") is not None  # a null id is no id
+                kind = has_id and native_id(record["id"])
+                if has_id and native is not None and kind != native:
                     raise ValueError(
                         f"{where}: id {record['id']!r} mixes integer ids with other ids; give every record "
                         "the same kind of id (or none)"
                     )
-                native = kind if "id" in record else native
+                native = kind if has_id else native
             except ValueError as e:
                 if not spec.skip_bad:
                     raise _fail(where, str(e)) from None

@@ -74,7 +74,9 @@ def record_to_document(record: dict, index: int, where: str) -> Document:
         value = record["id"]
         if native_id(value):
             doc_id = value
-        elif value is None or isinstance(value, (str, int, float, bool)):
+        elif value is None:
+            pass  # a null id is no id
+        elif isinstance(value, (str, int, float, bool)):
             key = value
         else:
             raise ValueError(f"{where}: 'id' must be a JSON scalar (string or number), got {type(value).__name__}")
