@@ -33,9 +33,9 @@ def test_every_kind_reads_the_same_documents(tmp_path):
     pq.write_table(pa.table({"text": TEXTS}), parquet)
     saved = tmp_path / "saved"  # the layout of datasets' save_to_disk: state.json + Arrow stream files
     saved.mkdir()
-    with pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb") as sink:
-        with pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
-            w.write_table(pa.table({"text": TEXTS}))
+    arrow = str(saved / "data-00000-of-00001.arrow")
+    with pa.OSFile(arrow, "wb") as sink, pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
+        w.write_table(pa.table({"text": TEXTS}))
     (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     kinds = {reader_for(p).kind: [d.full_text for d in read_documents(p)] for p in (jsonl, text, parquet, saved)}
     assert kinds == {"jsonl": TEXTS, "text": TEXTS, "parquet": TEXTS, "hf-disk": TEXTS}
