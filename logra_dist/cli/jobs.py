@@ -177,12 +177,14 @@ def data_share(args: argparse.Namespace, tokenizer) -> RankShare:
         stride=getattr(args, "stride", None),
         skip_bad=getattr(args, "skip_bad", False),
     )
-    items = None
-    if embedded:
-        from logra_dist.embedded import load_corpus
+    return RankShare(spec, tokenizer, comm.rank(), comm.world_size(), bundled_items() if embedded else None)
 
-        items = lambda: ((f"bundled corpus: record {i}", r) for i, r in enumerate(load_corpus()))  # noqa: E731
-    return RankShare(spec, tokenizer, comm.rank(), comm.world_size(), items)
+
+def bundled_items():
+    """The bundled corpus as a reader's (where, record) stream, for `data.streaming`."""
+    from logra_dist.embedded import load_corpus
+
+    return lambda: ((f"bundled corpus: record {i}", r) for i, r in enumerate(load_corpus()))
 
 
 def planned_identity(args: argparse.Namespace, share: RankShare):

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(score)
     score.add_argument("--index", required=True, help="index directory written by `log`")
     _add_query_sources(score)
+    score.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="the index's training files, where they are now (default: the paths it recorded); "
+        "each listed text is verified against the digest logged for it",
+    )
     score.add_argument("--topk", type=int, default=10, help="results per query (capped at the index's rows)")
     score.add_argument(
         "--query-chunk",

@@ -1,0 +1,81 @@
+"""`logra-dist log` on a user's own data, one process: string ids, a bad record skipped and listed,
+long documents chunked; the manifest reports the counts and the sample table maps every logged
+row to its document, window offset and original id. Then `score` shows the training texts
+from the recorded data, refuses a changed file naming the first differing sample, and takes
+`--data` for moved files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from logra_dist.cli.main import main
+from logra_dist.data.table import SampleTable, skipped_path
+from logra_dist.index.reader import GradientStore
+
+LONG = "a long document that needs several windows of tokens to fit " * 3
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    root = tmp_path_factory.mktemp("own-data")
+    records = [
+        {"id": "alpha", "text": LONG},
+        {"id": "beta", "text": ""},  # bad: empty
+        {"id": "gamma", "text": "short one"},
+        {"id": "delta", "prompt": "Q: two plus two? A:", "completion": " four"},
+    ]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["log", "--data", str(data), "--out", str(root / "index"), "--no-wandb", "--max-length", "48"]
+    small = ["--batch-size", "2", "--k-in", "4", "--k-out", "4"]
+    assert main([*args, "--chunk", "--stride", "40", "--skip-bad", *small]) == 0
+    return root
+
+
+def test_manifest_reports_chunks_and_skips(logged):
+    manifest = json.loads((logged / "index" / "manifest.json").read_text())
+    report = manifest["metadata"]["data_report"]
+    assert report["documents"] == 3 and report["skipped"] == 1 and report["chunk"] == [48, 40]
+    assert manifest["data"]["windows"] == [48, 40] and manifest["data"]["samples"] == report["samples"] > 3
+    skipped = [json.loads(line) for line in skipped_path(logged / "index", 0).read_text().splitlines()]
+    assert [(s["id"], s["where"].rsplit(":", 1)[1], s["reason"]) for s in skipped] == [("beta", "2", "empty text")]
+
+
+def test_sample_table_maps_rows_to_documents_and_offsets(logged):
+    table = SampleTable(logged / "index")
+    with GradientStore(logged / "index") as store:
+        assert sorted(store.ids.tolist()) == table.sample_id.tolist()
+    alpha = table.doc_id == 0
+    assert alpha.sum() >= 3 and table.offset[alpha].tolist() == list(range(0, 40 * alpha.sum(), 40))
+    assert [table.document_key(d) for d in np.unique(table.doc_id)] == ["alpha", "gamma", "delta"]
+
+
+def _score(logged, out, *extra):
+    queries = logged / "queries.jsonl"
+    queries.write_text(json.dumps({"text": "short one"}) + "\n")
+    args = ["score", "--index", str(logged / "index"), "--queries", str(queries), "--topk", "3", "--out", str(out)]
+    assert main([*args, "--no-wandb", "--max-length", "48", *extra]) == 0
+    return [json.loads(line) for line in (out / "topk.jsonl").read_text().splitlines()]
+
+
+def test_score_shows_recorded_texts_and_refuses_changed_data(logged, tmp_path):
+    table = SampleTable(logged / "index")
+    (rec,) = _score(logged, tmp_path / "a")
+    assert len(rec["results"]) == 3
+    for r in rec["results"]:
+        assert r["text"] and r["text"] in LONG + "short one" + "Q: two plus two? A: four"
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(logged / "train.jsonl", moved)
+    (logged / "train.jsonl").write_text((logged / "train.jsonl").read_text().replace("short one", "short two"))
+    try:
+        with pytest.raises(ValueError, match=r"sample 65536 \(.*train.jsonl:3\) differs from the one logged"):
+            _score(logged, tmp_path / "b")
+        (again,) = _score(logged, tmp_path / "c", "--data", str(moved))
+        assert [r["text"] for r in again["results"]] == [r["text"] for r in rec["results"]]
+    finally:
+        shutil.copy(moved, logged / "train.jsonl")
+    assert table.sample_id.size
