@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import h5py
 import numpy as np
 import pytest
 
 from logra_dist.cli.main import main
+from logra_dist.data import MAX_CHUNKS
 from logra_dist.data.table import SampleTable, skipped_path
 from logra_dist.index.reader import GradientStore
 
@@ -65,7 +67,7 @@ def _score(logged, out, *extra):
 def test_score_shows_recorded_texts_and_refuses_changed_data(logged, tmp_path):
     table = SampleTable(logged / "index")
     (rec,) = _score(logged, tmp_path / "a")
-    assert len(rec["results"]) == 3
+    assert 2 <= len(rec["results"]) <= 3  # top 3 windows, grouped by document
     for r in rec["results"]:
         assert r["text"] and r["text"] in LONG + "short one" + "Q: two plus two? A: four"
     moved = tmp_path / "moved.jsonl"
@@ -79,3 +81,18 @@ def test_score_shows_recorded_texts_and_refuses_changed_data(logged, tmp_path):
     finally:
         shutil.copy(moved, logged / "train.jsonl")
     assert table.sample_id.size
+
+
+def test_listing_groups_windows_by_document(logged, tmp_path):
+    """The chunked document's windows are one entry, scored as its best window, which is shown."""
+    (rec,) = _score(logged, tmp_path / "g", "--topk", "6")
+    documents = [r["document"] for r in rec["results"]]
+    assert sorted(documents) == ["alpha", "delta", "gamma"]  # 6 rows, 3 documents
+    assert sum(r["windows_in_topk"] for r in rec["results"]) == 6
+    scores = [r["score"] for r in rec["results"]]
+    assert scores == sorted(scores, reverse=True)
+    with h5py.File(tmp_path / "g" / "topk.h5") as f:
+        raw_ids, raw_scores = f["train_ids"][0], f["scores"][0]
+    alpha = next(r for r in rec["results"] if r["document"] == "alpha")
+    mine = [s for t, s in zip(raw_ids, raw_scores) if t // MAX_CHUNKS == 0]
+    assert alpha["score"] == pytest.approx(max(mine)) and alpha["offset"] == 40 * (alpha["train_id"] % MAX_CHUNKS)
