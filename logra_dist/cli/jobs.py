@@ -22,13 +22,12 @@ from logra_dist.cli.parser import check_args
 from logra_dist.config import LoGraConfig
 from logra_dist.data import (
     Batch,
-    DataIdentity,
     DataSpec,
     Document,
     RankShare,
-    digest_from_words,
-    digest_words,
+    data_summary,
     pad_token_id,
+    plan_identity,
     read_documents,
 )
 from logra_dist.engines.launch import init_distributed
@@ -187,55 +186,6 @@ def bundled_items():
     return lambda: ((f"bundled corpus: record {i}", r) for i, r in enumerate(load_corpus()))
 
 
-def planned_identity(args: argparse.Namespace, share: RankShare):
-    """Collective (one small all-reduce): the first pass over this rank's share, and the data
-    identity summed over ranks (the same on every rank, for any world size)."""
-    plan = share.plan()
-    sums = torch.cat(
-        [
-            digest_words(plan.digest),
-            torch.tensor([plan.samples, plan.truncated_docs, plan.truncated_tokens, len(plan.skipped)]),
-        ]
-    )
-    sums = comm.all_reduce_sum(sums) if comm.is_distributed() else sums
-    samples, truncated_docs, truncated_tokens, skipped = (int(v) for v in sums[4:])
-    spec = share.spec
-    data = DataIdentity.summed(
-        samples,
-        digest_from_words(sums[:4]),
-        None if spec.paths is None else spec.paths,
-        max_length=args.max_length,
-        max_samples=args.max_samples,
-        model_dtype=args.dtype,
-        windows=[spec.windows.length, spec.windows.stride] if spec.windows else None,
-    )
-    report = {
-        "documents": plan.documents,
-        "samples": samples,
-        "truncated_documents": truncated_docs,
-        "truncated_tokens": truncated_tokens,
-        "skipped": skipped,
-        "chunk": data.windows,
-        "table": "samples/rank-*.h5",
-        "skipped_files": "samples/skipped-rank-*.jsonl" if skipped else None,
-    }
-    return plan, data, report
-
-
-def data_summary(report: dict[str, Any], max_length: int) -> str:
-    parts = [f"{report['documents']} documents -> {report['samples']} samples"]
-    if report["chunk"]:
-        parts.append(f"windows of {report['chunk'][0]} tokens every {report['chunk'][1]}")
-    elif report["truncated_documents"]:
-        parts.append(
-            f"{report['truncated_documents']} truncated at --max-length {max_length} "
-            f"({report['truncated_tokens']} tokens dropped; --chunk keeps them)"
-        )
-    if report["skipped"]:
-        parts.append(f"{report['skipped']} skipped (--skip-bad; listed in {report['skipped_files']})")
-    return "data: " + ", ".join(parts)
-
-
 def run_log(args: argparse.Namespace) -> dict[str, Any]:
     from logra_dist.logger import attach
 
@@ -244,7 +194,8 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     init_distributed()
     model, tokenizer, model_path = load_engine(args)
     share = data_share(args, tokenizer)
-    plan, data, report = planned_identity(args, share)  # bad records raise here, before any shard
+    # collective (one small all-reduce); bad records raise here, before any shard
+    plan, data, report = plan_identity(share, comm.all_reduce_sum, model_dtype=args.dtype)
     say(data_summary(report, args.max_length))
     metadata = {
         "data": list(args.data) if args.data else EMBEDDED,

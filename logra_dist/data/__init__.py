@@ -34,7 +34,17 @@ from logra_dist.data.samples import (
     tokenize,
     tokenize_documents,
 )
-from logra_dist.data.streaming import BadSample, DataSpec, Plan, RankShare, Skipped, documents, read_documents
+from logra_dist.data.streaming import (
+    BadSample,
+    DataSpec,
+    Plan,
+    RankShare,
+    Skipped,
+    data_summary,
+    documents,
+    plan_identity,
+    read_documents,
+)
 from logra_dist.data.text import (
     UTF8_FIX,
     Document,
@@ -62,6 +72,7 @@ __all__ = [
     "batches",
     "check_surrogates",
     "collate",
+    "data_summary",
     "decode_text",
     "digest_from_words",
     "digest_words",
@@ -69,6 +80,7 @@ __all__ = [
     "json_record",
     "native_id",
     "pad_token_id",
+    "plan_identity",
     "rank_samples",
     "read_documents",
     "record_to_document",

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from logra_dist.data.identity import sample_digest
+from logra_dist.data.identity import DataIdentity, digest_from_words, digest_words, sample_digest
 from logra_dist.data.samples import MAX_CHUNKS, TokenizedSample, Windows, tokenize_documents
 from logra_dist.data.sources import Item, reader_for
 from logra_dist.data.text import Document, native_id, record_to_document
@@ -229,3 +229,51 @@ def read_documents(paths: str | Path | Sequence[str | Path]) -> list[Document]:
         raise ValueError(f"data {names}: no documents")
     check_unique(np.array([d.id for d in docs], np.int64), names)
     return docs
+
+
+def plan_identity(share: RankShare, all_reduce: Callable[[Any], Any], model_dtype: str | None = None):
+    """Collective through `all_reduce` (a sum over ranks of an int64 tensor: `comm.all_reduce_sum`):
+    the first pass over this rank's share, and the data identity and report summed over ranks
+    (the same on every rank, for any world size). Returns (plan, DataIdentity, report)."""
+    import torch
+
+    plan = share.plan()
+    counts = [plan.samples, plan.truncated_docs, plan.truncated_tokens, len(plan.skipped)]
+    sums = all_reduce(torch.cat([digest_words(plan.digest), torch.tensor(counts, dtype=torch.int64)]))
+    samples, truncated_docs, truncated_tokens, skipped = (int(v) for v in sums[4:])
+    spec = share.spec
+    windows = [spec.windows.length, spec.windows.stride] if spec.windows else None
+    identity = DataIdentity.summed(
+        samples,
+        digest_from_words(sums[:4]),
+        spec.paths,
+        max_length=spec.max_length,
+        max_samples=spec.max_samples,
+        model_dtype=model_dtype,
+        windows=windows,
+    )
+    report = {
+        "documents": plan.documents,
+        "samples": samples,
+        "truncated_documents": truncated_docs,
+        "truncated_tokens": truncated_tokens,
+        "skipped": skipped,
+        "chunk": windows,
+        "table": "samples/rank-*.h5",
+        "skipped_files": "samples/skipped-rank-*.jsonl" if skipped else None,
+    }
+    return plan, identity, report
+
+
+def data_summary(report: dict[str, Any], max_length: int) -> str:
+    parts = [f"{report['documents']} documents -> {report['samples']} samples"]
+    if report["chunk"]:
+        parts.append(f"windows of {report['chunk'][0]} tokens every {report['chunk'][1]}")
+    elif report["truncated_documents"]:
+        parts.append(
+            f"{report['truncated_documents']} truncated at --max-length {max_length} "
+            f"({report['truncated_tokens']} tokens dropped; --chunk keeps them)"
+        )
+    if report["skipped"]:
+        parts.append(f"{report['skipped']} skipped (--skip-bad; listed in {report['skipped_files']})")
+    return "data: " + ", ".join(parts)
