@@ -45,6 +45,7 @@ from logra_dist.data.streaming import (
     plan_identity,
     read_documents,
 )
+from logra_dist.data.table import SampleTable, write_table
 from logra_dist.data.text import (
     UTF8_FIX,
     Document,
@@ -66,6 +67,7 @@ __all__ = [
     "Document",
     "Plan",
     "RankShare",
+    "SampleTable",
     "Skipped",
     "TokenizedSample",
     "Windows",
@@ -89,4 +91,5 @@ __all__ = [
     "summed_lm_loss",
     "tokenize",
     "tokenize_documents",
+    "write_table",
 ]
