@@ -74,8 +74,20 @@ def _load_listing(path: Path, run_id: str | None = None) -> dict[int, dict[str, 
             "prompt": "",
             "completion": rec.get("query_text") or "",
             "train": {int(t["train_id"]): t.get("text") for t in rec.get("results", [])},
+            # a chunked index: the listing's results, one per document (its best window)
+            "grouped": [t for t in rec.get("results", []) if "offset" in t],
         }
     return out
+
+
+def _where(entry: dict[str, Any] | None) -> str:
+    """Which document and window a grouped result is ("" for an ungrouped one)."""
+    if not entry:
+        return ""
+    more = entry.get("windows_in_topk", 1)
+    return f" · doc {json.dumps(entry['document'])} @ token {entry['offset']}" + (
+        f" (best of {more} windows)" if more > 1 else ""
+    )
 
 
 def _clip(text: str | None, limit: int) -> str:
@@ -192,7 +204,10 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
         finite = scores[row][np.isfinite(scores[row])]
         scale = float(np.abs(finite).max()) if len(finite) else 1.0
         items = []
-        for rank, (tid, s) in enumerate(zip(train_ids[row], scores[row]), 1):
+        grouped = item.get("grouped") or []
+        pairs = [(g["train_id"], g["score"]) for g in grouped] or zip(train_ids[row], scores[row])
+        by_id = {int(g["train_id"]): g for g in grouped}
+        for rank, (tid, s) in enumerate(pairs, 1):
             if tid < 0:  # padding when the index holds fewer than k rows
                 continue
             width = 100.0 * abs(float(s)) / scale if scale > 0 and math.isfinite(float(s)) else 0.0
@@ -201,7 +216,7 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
             items.append(
                 f'<li><div class="rank">{rank}</div><div class="score"><b>{_fmt(float(s))}</b>'
                 f'<div class="bar{" neg" if s < 0 else ""}"><span style="width:{width:.1f}%"></span></div>'
-                f'<div class="tid">train #{int(tid)}</div></div>'
+                f'<div class="tid">train #{int(tid)}{esc(_where(by_id.get(int(tid))))}</div></div>'
                 f'<div class="ttext">{shown}</div></li>'
             )
         body.append(

@@ -96,3 +96,8 @@ def test_listing_groups_windows_by_document(logged, tmp_path):
     alpha = next(r for r in rec["results"] if r["document"] == "alpha")
     mine = [s for t, s in zip(raw_ids, raw_scores) if t // MAX_CHUNKS == 0]
     assert alpha["score"] == pytest.approx(max(mine)) and alpha["offset"] == 40 * (alpha["train_id"] % MAX_CHUNKS)
+    from logra_dist.cli.report import render_report
+
+    page = render_report(tmp_path / "g")
+    assert page.count('<div class="rank">') == len(rec["results"])  # one entry per document
+    assert "doc &quot;alpha&quot; @ token" in page and "windows)" in page
