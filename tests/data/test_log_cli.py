@@ -101,3 +101,19 @@ def test_listing_groups_windows_by_document(logged, tmp_path):
     page = render_report(tmp_path / "g")
     assert page.count('<div class="rank">') == len(rec["results"])  # one entry per document
     assert "doc &quot;alpha&quot; @ token" in page and "windows)" in page
+
+
+def test_checkpoint_without_tokenizer_needs_tokenizer_flag(tmp_path):
+    from logra_dist.embedded import ensure_default_model
+
+    source = ensure_default_model()
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(source / name, bare / name)
+    args = ["log", "--model", str(bare), "--max-samples", "2", "--no-wandb", "--k-in", "2", "--k-out", "2"]
+    with pytest.raises(SystemExit, match=r"bare: no tokenizer files .*pass --tokenizer DIR"):
+        main([*args, "--out", str(tmp_path / "a")])
+    assert main([*args, "--out", str(tmp_path / "b"), "--tokenizer", str(source)]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["metadata"]["tokenizer_path"] == str(source) and manifest["total_rows"] == 2
