@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_data_options(log)
     log.add_argument("--out", default="runs/index", help="index directory")
-    log.add_argument("--max-samples", type=int, default=None, help="log only the first N samples")
+    log.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="log only the first N valid documents (with --chunk: all their windows); nothing after them is read",
+    )
     log.add_argument(
         "--logra",
         default=None,
