@@ -5,7 +5,7 @@ world), so memory and tokenizing time do not grow with the corpus or the world s
 Positions count the valid documents, so `--max-samples N` logs the same N documents whatever
 the world size, also with `--skip-bad`. `RankShare.plan()` is the first pass: it checks ids,
 counts, tokenizes and digests this rank's samples (the index's data identity is their sum over
-ranks) and keeps one small row per sample (`SampleTable`: id, document, token offset, digest);
+ranks) and keeps one small row per sample (`TableRows`: id, document, token offset, digest);
 `samples()` is the second pass that feeds the logger, tokenizing again instead of holding tokens.
 """
 
@@ -106,9 +106,10 @@ def documents(
 
 
 @dataclass
-class SampleTable:
+class TableRows:
     """One row per logged sample of a rank: the index keeps it (`samples/rank-NNNNN.h5`) to map
-    sample ids to documents, token offsets and original ids, and to verify texts by digest."""
+    sample ids to documents, token offsets and original ids, and to verify texts by digest
+    (read back by `data.table.SampleTable`)."""
 
     sample_id: array = field(default_factory=lambda: array("q"))
     doc_id: array = field(default_factory=lambda: array("q"))
@@ -136,7 +137,7 @@ class Plan:
     digest: int = 0  # this rank's sum mod 2^64
     truncated_docs: int = 0
     truncated_tokens: int = 0
-    table: SampleTable = field(default_factory=SampleTable)
+    table: TableRows = field(default_factory=TableRows)
     skipped: list[Skipped] = field(default_factory=list)  # parse-level ones on rank 0, own token-level ones
 
 
@@ -182,7 +183,7 @@ class RankShare:
     def plan(self) -> Plan:
         skipped: list[Skipped] = []
         ids = array("q")
-        table, digest, samples, trunc_docs, trunc_tokens = SampleTable(), 0, 0, 0, 0
+        table, digest, samples, trunc_docs, trunc_tokens = TableRows(), 0, 0, 0, 0
         keys: dict[int, str] = {}
         for position, s in self._tokenized(skipped, ids, keys):
             d = sample_digest(position, s.id, s.input_ids, s.labels)
