@@ -193,7 +193,7 @@ class RankShare:
         doc_ids = np.frombuffer(ids, np.int64)
         if len(doc_ids) == 0 and not skipped:
             raise ValueError(f"data {self.spec.paths}: no documents")
-        check_unique(doc_ids, self.spec.paths)
+        check_unique(doc_ids, self.spec.paths, self.spec.chunk)
         table.keys = keys
         return Plan(
             len(doc_ids),
@@ -213,13 +213,14 @@ class RankShare:
                 yield s
 
 
-def check_unique(doc_ids: np.ndarray, paths: Sequence[str] | None) -> None:
+def check_unique(doc_ids: np.ndarray, paths: Sequence[str] | None, chunked: bool = False) -> None:
+    """No two documents share an id; with --chunk, ids leave room for the window number."""
     order = np.sort(doc_ids, kind="stable")
     dup = order[1:][np.diff(order) == 0]
     if len(dup):
         raise ValueError(f"data {[str(p) for p in paths or []]}: duplicate document ids (first: {int(dup[0])})")
-    if not native_id(int(order[-1] if len(order) else 0)) or (len(order) and order[-1] >= (1 << 62) // MAX_CHUNKS):
-        raise ValueError(f"data {paths}: document id {int(order[-1])} too large (ids must be < 2^46)")
+    if chunked and len(order) and order[-1] >= (1 << 63) // MAX_CHUNKS:
+        raise ValueError(f"data {paths}: document id {int(order[-1])} too large for --chunk (ids must be < 2^47)")
 
 
 def read_documents(paths: str | Path | Sequence[str | Path]) -> list[Document]:

@@ -93,3 +93,9 @@ def test_parquet_without_a_text_column_is_refused(tmp_path):
     pq.write_table(pa.table({"body": TEXTS}), path)
     with pytest.raises(ValueError, match="no 'text' or 'prompt'/'completion' column"):
         read_documents(path)
+
+
+def test_duplicate_ids_are_refused_naming_one(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [{"id": 5, "text": "a"}, {"id": 2, "text": "b"}, {"id": 5, "text": "c"}])
+    with pytest.raises(ValueError, match=r"duplicate document ids \(first: 5\)"):
+        read_documents(path)
