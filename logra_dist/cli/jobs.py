@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
-from logra_dist.config import LoGraConfig
+from logra_dist.config import PRESETS, ConfigError, LoGraConfig
+from logra_dist.core.curvature import CURVATURES
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.data import (
     Batch,
     DataSpec,
@@ -38,7 +38,8 @@ EMBEDDED = "embedded"
 # -- shared job pieces --------------------------------------------------------------------------
 def load_engine(args: argparse.Namespace):
     """(model or engine for attach, tokenizer, model path). The only place the CLI touches a
-    training stack: `engines.loading.build` loads the checkpoint sharded per `--config`."""
+    training stack: `engines.loading.build` loads the checkpoint sharded per `--config`, in the
+    precision `--dtype` and the config agree on, with the config's "auto" values resolved."""
     from logra_dist.embedded import load_tokenizer
     from logra_dist.engines.loading import build
 
@@ -47,11 +48,19 @@ def load_engine(args: argparse.Namespace):
     tokenizer_path = Path(getattr(args, "tokenizer", None) or model_path)
     if not any((tokenizer_path / f).is_file() for f in TOKENIZER_FILES):
         raise SystemExit(f"{tokenizer_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR")
-    engine, _device = build(None, model_path, args.config, getattr(torch, args.dtype))
+    engine, _device = build(None, model_path, args.config, args.dtype)
     return engine, load_tokenizer(tokenizer_path), str(model_path)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def compute_dtype(model_or_engine) -> str:
+    """The dtype the engine really computes in (its bf16/fp16 switch, FSDP mixed precision, or
+    the weights'): what the index records, not what was asked for."""
+    from logra_dist.engines import wrap
+
+    return str(wrap(model_or_engine).compute_dtype).removeprefix("torch.")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -108,12 +117,35 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
             if path.is_dir()
             else json.loads(path.read_text())
         )
-    keys = ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude", "layer_types")
+    if getattr(args, "preset", None):  # the recipe, then the flags on top of it
+        base = {**base, **PRESETS[args.preset], "preset": args.preset}
+    keys = (
+        "k_in",
+        "k_out",
+        "ranks",
+        "init",
+        "hessian",
+        "fisher",
+        "fisher_samples",
+        "storage_dtype",
+        "damping",
+        "seed",
+        "include",
+        "exclude",
+        "layer_types",
+        "optimizer_state",
+    )
     for key in keys:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
-    return LoGraConfig.from_dict(base)
+    config = LoGraConfig.from_dict(base)
+    if config.fisher == "exact":  # the log job trains on text: a next-token softmax over the vocabulary
+        raise ConfigError(
+            "fisher='exact' sums over a classifier's classes; a causal LM's vocabulary per token is too "
+            "large: use --fisher true --fisher-samples S (or the Python API with a classifier)"
+        )
+    return config
 
 
 def say(*parts: Any) -> None:
@@ -143,12 +175,14 @@ def training_data(manifest: dict) -> list[str] | None:
 
 
 # -- log ------------------------------------------------------------------------------------------
-def stream_samples(session, samples, count: int, batch_size: int, pad_id: int, tracker=None) -> int:
+def stream_samples(session, samples, count: int, batch_size: int, pad_id: int, tracker=None, statistics=None) -> int:
     """`session.run_samples` over a stream of `count` samples: batches made as they come."""
     import itertools
 
+    import torch
+
     from logra_dist.data import collate
-    from logra_dist.session import run_batches
+    from logra_dist.session import _statistics_capture, lm_loss, run_batches
 
     def pairs():
         it = iter(samples)
@@ -162,7 +196,9 @@ def stream_samples(session, samples, count: int, batch_size: int, pad_id: int, t
         torch.ones(1, 2, dtype=torch.long),
         torch.full((1, 2), pad_id),
     )
-    return run_batches(session, pairs(), count=-(-count // batch_size), shadow=shadow, tracker=tracker)
+    before = None if statistics is None else _statistics_capture(statistics)
+    count = -(-count // batch_size)
+    return run_batches(session, pairs(), lm_loss, count=count, shadow=shadow, tracker=tracker, before=before)
 
 
 def data_share(args: argparse.Namespace, tokenizer) -> RankShare:
@@ -193,9 +229,12 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     config = logra_config(args)  # validated before any work starts
     init_distributed()
     model, tokenizer, model_path = load_engine(args)
+    dtype = compute_dtype(model)
+    if args.dtype is not None and dtype != args.dtype:  # spec.py refuses this first; never record a wish
+        raise SystemExit(f"--dtype {args.dtype} was asked for but the engine computes in {dtype}")
     share = data_share(args, tokenizer)
     # collective (one small all-reduce); bad records raise here, before any shard
-    plan, data, report = plan_identity(share, comm.all_reduce_sum, model_dtype=args.dtype)
+    plan, data, report = plan_identity(share, comm.all_reduce_sum, model_dtype=dtype)
     say(data_summary(report, args.max_length))
     metadata = {
         "data": list(args.data) if args.data else EMBEDDED,
@@ -203,7 +242,7 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         "max_length": args.max_length,
         "model_path": model_path,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "dtype": args.dtype,
+        "dtype": dtype,  # the model's compute dtype
         "tokenizer_path": str(args.tokenizer) if getattr(args, "tokenizer", None) else None,
     }
     tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, plan.samples)
@@ -219,7 +258,11 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
             with logger.pca_pass():
                 stream_samples(logger, share.samples(logger.done_ids), todo, args.batch_size, pad_id)
         start = time.perf_counter()
-        tokens = stream_samples(logger, share.samples(logger.done_ids), todo, args.batch_size, pad_id, tracker)
+        statistics = None
+        if config.fisher == "true" and CURVATURES.get(config.hessian).needs_statistics:
+            statistics = FisherTargets.for_config(config)
+        samples = share.samples(logger.done_ids)
+        tokens = stream_samples(logger, samples, todo, args.batch_size, pad_id, tracker, statistics=statistics)
         elapsed = time.perf_counter() - start
         with tracker.phase("finalize"):
             manifest = logger.finalize()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from logra_dist.core.layers import LAYER_TYPES, LayerHandler, handler_for
+from logra_dist.core.optimizer import OptimizerScaling
 from logra_dist.core.projection import LayerSpec
 
 
@@ -74,8 +75,12 @@ class GradientCapture:
         modules: dict[str, nn.Module],
         projections: dict[str, tuple[torch.Tensor, torch.Tensor]],
         compute_dtype: torch.dtype,
+        scaling: OptimizerScaling | None = None,
     ):
+        """scaling: optimizer-aware gradients (core/optimizer.py), diag(row) G diag(col) per layer:
+        folded into P_in / P_out (no extra cost), or multiplied in at full rank."""
         self.specs = specs
+        self.scaling = scaling
         self.modules = modules
         self.projections = projections
         self.compute_dtype = compute_dtype
@@ -119,8 +124,19 @@ class GradientCapture:
         t = t.reshape(t.shape[0], -1, t.shape[-1])
         return t if t.dtype == self.compute_dtype else t.to(self.compute_dtype)
 
+    def _scaled(self, name: str, p: torch.Tensor | None, side: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(projection with the side's optimizer scaling folded in, or the scaling to multiply in
+        when the projection is the identity (None)); no scaling: (p, None)."""
+        if self.scaling is None:
+            return p, None
+        s = getattr(self.scaling.for_layer(name), side)
+        s = s.to(device=p.device if p is not None else s.device, dtype=self.compute_dtype)
+        return (None, s) if p is None else (p * s, None)
+
     def _make_forward_hook(self, name: str) -> Callable:
         p_in, p_out = self.projections[name]  # None = identity (full rank): no d x d matmul
+        p_in, s_in = self._scaled(name, p_in, "col")
+        p_out, s_out = self._scaled(name, p_out, "row")
         p_out_t = None if p_out is None else p_out.T
         handler = self.handlers[name]
 
@@ -130,6 +146,8 @@ class GradientCapture:
             x = inputs[0]
             mask = self._token_mask(handler.token_shape(x), x.device, name)
             px = handler.project_input(x, p_in, self.compute_dtype)
+            if s_in is not None:
+                px = px * s_in.to(px.device)
             if mask is not None:
                 px = px * mask
             returned = None
@@ -139,7 +157,7 @@ class GradientCapture:
                 # making the output a leaf, nothing of the output's size is kept as `.grad`.
                 output = returned = output + self._anchor(output)
             self._pending += 1
-            output.register_hook(self._make_grad_hook(name, px, mask, p_out_t))
+            output.register_hook(self._make_grad_hook(name, px, mask, p_out_t, s_out))
             return returned
 
         return hook
@@ -171,12 +189,19 @@ class GradientCapture:
         return mask
 
     def _make_grad_hook(
-        self, name: str, px: torch.Tensor, mask: torch.Tensor | None, p_out_t: torch.Tensor | None
+        self,
+        name: str,
+        px: torch.Tensor,
+        mask: torch.Tensor | None,
+        p_out_t: torch.Tensor | None,
+        s_out: torch.Tensor | None = None,
     ) -> Callable:
         def hook(grad: torch.Tensor) -> None:
             pg = self._as_compute(grad)
             if p_out_t is not None:
                 pg = pg @ p_out_t
+            elif s_out is not None:
+                pg = pg * s_out.to(pg.device)
             if mask is not None and self.token_stats is not None:
                 # Rows need the mask on one side only (px is masked: sum_t pg_t (m_t px_t)^T is
                 # exact for a 0/1 mask); the gradient covariance needs pg itself masked.

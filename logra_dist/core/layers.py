@@ -27,6 +27,9 @@ class LayerHandler:
     """One logged module: widths, token shape, and the input-side projection."""
 
     name: ClassVar[str]
+    # Whether the weight is stored (d_in, d_out), i.e. transposed against G = sum_t g_t a_t^T
+    # (d_out x d_in): per-weight tensors such as Adam's second moment are oriented by it.
+    weight_transposed: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -85,6 +88,7 @@ class Conv1D(LayerHandler):
     transformers is never imported."""
 
     name = "conv1d"
+    weight_transposed = True
 
     @staticmethod
     def matches(module: nn.Module) -> bool:
@@ -109,6 +113,7 @@ class Embedding(LayerHandler):
     (token statistics count them like any token with a zero input)."""
 
     name = "embedding"
+    weight_transposed = True
 
     @staticmethod
     def matches(module: nn.Module) -> bool:

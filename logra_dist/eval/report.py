@@ -43,7 +43,7 @@ def _ratio(b: dict[str, Any]) -> str:
 
 def _hessian(m: dict[str, Any]) -> str:
     raw = {"full": "full Fisher", "dense": "projected Fisher (D x D)"}.get(m["family"], "projected Fisher")
-    h = {"raw": raw, "kfac": "KFAC", "none": "none"}[m["hessian"]]
+    h = {"raw": raw, "kfac": "KFAC", "ekfac": "EKFAC", "none": "none"}[m["hessian"]]
     if m["hessian"] != "none":
         h += f" ({m['fisher']}, c={m['damping']:g})"
     return h

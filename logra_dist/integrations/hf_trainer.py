@@ -21,6 +21,7 @@ early would hang the others): each rank's share is split into ceil(max share / b
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ import torch
 from logra_dist import comm
 from logra_dist.config import LoGraConfig
 from logra_dist.data import IGNORE, DataIdentity, digest_from_words, digest_words, sample_digest, summed_lm_loss
+from logra_dist.engines import wrap
 from logra_dist.logger import attach
 from logra_dist.session import run_batches
 from logra_dist.tracking import NULL_TRACKER, NullTracker
@@ -144,7 +146,9 @@ def log_trainer_dataset(
         info["data"] = [str(p) for p in data]
     if model_path is not None:
         info["model_path"] = str(model_path)
-    identity = dataset_identity(dataset, trainer.data_collator, plan, data)
+    dtype = str(wrap(engine).compute_dtype).removeprefix("torch.")  # the engine's bf16/fp16, as it runs
+    identity = dataclasses.replace(dataset_identity(dataset, trainer.data_collator, plan, data), model_dtype=dtype)
+    info["dtype"] = dtype
     logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})}, data=identity)
     keys = _forward_keys(logger.engine.root)
 

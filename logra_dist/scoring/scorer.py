@@ -100,9 +100,13 @@ class Scorer:
         self.queries = QuerySet(self.store.width)
         self.session: GradientSession | None = None
         if model_or_engine is not None:
-            self.session = GradientSession(
-                model_or_engine, config, projections, on_rows=self._add_rows, tracker=self.tracker
-            )
+            try:  # e.g. the index's optimizer state is gone or changed: refused, the store closed
+                self.session = GradientSession(
+                    model_or_engine, config, projections, on_rows=self._add_rows, tracker=self.tracker
+                )
+            except BaseException:
+                self.store.close()
+                raise
             if list(self.session.specs) != self.store.layout:
                 self.session.close()  # leave the user's model as it was: no hooks, weights unfrozen
                 self.store.close()
@@ -434,6 +438,7 @@ class Scorer:
         """What topk.h5 records of how this Scorer scored (beyond the index path and config)."""
         return {
             "hessian": self.hessian,
+            "lambdas": self.preconditioner.lambdas,  # per layer: damping x that layer's mean eigenvalue
             "world_size": self.world,
             "allow_model_mismatch": self.allow_model_mismatch,
             "model_mismatch": self.model_mismatch or {},

@@ -1,0 +1,59 @@
+"""Presets: a named recipe plus overrides, recorded in the index (name and resolved fields) and
+read back unchanged; unknown names refused listing the known ones; `log --preset` reaches it."""
+
+import pytest
+import torch
+from reference import mlp
+from torch import nn
+
+import logra_dist as ld
+from logra_dist.config import PRESETS
+
+
+def test_presets_resolve_override_and_refuse_unknown_names():
+    assert ld.LoGraConfig.from_preset("fast") == ld.LoGraConfig(preset="fast")  # "fast" is the defaults
+    acc = ld.LoGraConfig.from_preset("accurate", k_in=4)
+    assert (acc.preset, acc.k_in) == ("accurate", 4)
+    assert {k: getattr(acc, k) for k in PRESETS["accurate"]} == PRESETS["accurate"]
+    assert ld.LoGraConfig.from_preset("accurate", damping=2.0).damping == 2.0  # overrides win
+    with pytest.raises(ld.ConfigError, match=r"unknown preset 'best'.*\['fast', 'accurate'\]"):
+        ld.LoGraConfig.from_preset("best")
+    with pytest.raises(ld.ConfigError, match="preset='best' is not one of"):
+        ld.LoGraConfig(preset="best")
+
+
+def test_accurate_preset_round_trips_through_the_index(tmp_path):
+    torch.manual_seed(0)
+    model = mlp()
+    X, Y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    config = ld.LoGraConfig.from_preset("accurate", k_in=3, k_out=2, storage_dtype="float32")
+    logger = ld.attach(model, config, tmp_path)
+    assert logger.needs_pca_pass  # the preset's extra pass, told to the caller
+
+    def run():
+        for s in range(0, 8, 4):
+            with logger.capture(torch.arange(s, s + 4)):
+                logger.backward(nn.functional.cross_entropy(logger.model(X[s : s + 4]), Y[s : s + 4], reduction="sum"))
+
+    with logger.pca_pass():
+        run()
+    run()
+    manifest = logger.finalize()
+    logger.close()
+    assert manifest["config"]["preset"] == "accurate"
+    assert ld.LoGraConfig.from_dict(manifest["config"]) == config
+    assert ld.GradientStore(tmp_path).config == config
+
+
+def test_cli_preset_flag_and_overrides_reach_the_config():
+    from logra_dist.cli.jobs import logra_config
+    from logra_dist.cli.parser import build_parser
+
+    parser = build_parser()
+    cfg = logra_config(parser.parse_args(["log", "--preset", "accurate", "--damping", "0.5"]))
+    assert (cfg.preset, cfg.init, cfg.hessian, cfg.damping) == ("accurate", "pca", "raw", 0.5)
+    assert logra_config(parser.parse_args(["log"])).preset is None
+    cfg = logra_config(parser.parse_args(["log", "--optimizer-state", "ckpt/optimizer.pt"]))
+    assert cfg.optimizer_state == "ckpt/optimizer.pt"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["log", "--preset", "best"])
