@@ -1,10 +1,14 @@
-"""Train the embedded default with plain DeepSpeed ZeRO-3, then log every training sample with LoGra.
+"""Train with plain DeepSpeed ZeRO-3 (the embedded tiny Llama, on your --data or the bundled corpus),
+then log every training sample with LoGra.
 
-    deepspeed --num_gpus 2 launch/train_then_log.py --config configs/zero3.json --steps 50 --log-out runs/train-index
+    deepspeed --num_gpus 2 launch/train_then_log.py --config configs/zero3.json --steps 50 \
+        --data my_train.jsonl --save runs/my-model --log-out runs/train-index
 
 launch/train_zero3.py plus the lines marked `# LoGra` (docs/attach-to-training.md): after the last
 optimizer step, attach to the same engine, capture one pass over the training set (each rank its
-own samples, every sample once) and finalize the index. Score it with launch/score.py.
+own samples, every sample once) and finalize the index. The index records what it was made
+from: the data files (with per-sample digests and a sample table, so `score` shows the texts
+read back from them and refuses a changed file) and the saved model. Score it with launch/score.py.
 """
 
 import argparse
@@ -18,7 +22,7 @@ from transformers import LlamaForCausalLM
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import logra_dist  # LoGra
-from logra_dist.data import Document, collate, tokenize
+from logra_dist.data import Document, collate, read_documents, tokenize
 from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus
 from logra_dist.engines.loading import training_ds_config
 
@@ -29,6 +33,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8, help="per rank")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--data", nargs="+", default=None, help="jsonl/text/parquet files (default: the bundled corpus)")
     p.add_argument("--max-samples", type=int, default=None, help="train on the first N documents")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -53,7 +58,10 @@ def main():
     ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # for --save
 
     tokenizer = build_tokenizer()
-    docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][: args.max_samples]
+    if args.data:  # your own data: any kind `logra-dist log --data` reads
+        docs = read_documents(args.data)[: args.max_samples]
+    else:
+        docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][: args.max_samples]
     samples = tokenize(docs, tokenizer, args.max_length)
     pad = tokenizer.pad_token_id
     sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
@@ -89,9 +97,16 @@ def main():
     # LoGra: one pass over the training set with the trained weights, in lock-step over ranks (under
     # ZeRO-3 every forward is collective: a rank out of data runs shadow batches that record nothing).
     engine.eval()
-    meta = {"data": "embedded", "model_path": args.save}  # what launch/score.py reads back
-    logger = logra_dist.attach(engine, logra_dist.LoGraConfig(k_in=8, k_out=8), args.log_out, metadata=meta)
-    mine = samples[rank::world]  # every sample once (a DistributedSampler pads with repeats)
+    # The index records your data (per-sample digests; `score` shows texts read back from it) and model.
+    spec = logra_dist.data.DataSpec(args.data, args.max_length, args.max_samples)
+    corpus = None if args.data else lambda: ((str(i), r) for i, r in enumerate(load_corpus()))
+    share = logra_dist.data.RankShare(spec, tokenizer, rank, world, corpus)  # this rank's documents
+    plan, data, _ = logra_dist.data.plan_identity(share, logra_dist.comm.all_reduce_sum)
+    meta = {"data": args.data or "embedded", "model_path": args.save, "max_length": args.max_length}
+    cfg = logra_dist.LoGraConfig(k_in=8, k_out=8)
+    logger = logra_dist.attach(engine, cfg, args.log_out, metadata=meta, data=data)
+    logra_dist.data.write_table(args.log_out, rank, plan)  # sample id -> document, digest
+    mine = list(share.samples())  # every sample once (a DistributedSampler pads with repeats)
     batches = [(b.ids, b) for b in logra_dist.data.batches(mine, args.batch_size, pad)]
 
     def summed_loss(model, batch):  # per-sample losses SUMMED, not averaged

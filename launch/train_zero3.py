@@ -17,7 +17,7 @@ from transformers import LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from logra_dist.data import Document, collate, tokenize
+from logra_dist.data import Document, collate, read_documents, tokenize
 from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus
 from logra_dist.engines.loading import training_ds_config
 
@@ -28,6 +28,7 @@ def parse_args():
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8, help="per rank")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--data", nargs="+", default=None, help="jsonl/text/parquet files (default: the bundled corpus)")
     p.add_argument("--max-samples", type=int, default=None, help="train on the first N documents")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
@@ -51,7 +52,10 @@ def main():
     ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # for --save
 
     tokenizer = build_tokenizer()
-    docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][: args.max_samples]
+    if args.data:  # your own data: any kind `logra-dist log --data` reads
+        docs = read_documents(args.data)[: args.max_samples]
+    else:
+        docs = [Document(int(d["id"]), d["text"]) for d in load_corpus()][: args.max_samples]
     samples = tokenize(docs, tokenizer, args.max_length)
     pad = tokenizer.pad_token_id
     sampler = DistributedSampler(samples, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)

@@ -11,7 +11,6 @@ import argparse
 import hashlib
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,15 @@ from logra_dist.cli.parser import check_args
 from logra_dist.config import PRESETS, ConfigError, LoGraConfig
 from logra_dist.core.curvature import CURVATURES
 from logra_dist.core.fisher import FisherTargets
-from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
+from logra_dist.data import (
+    Batch,
+    DataSpec,
+    RankShare,
+    data_summary,
+    pad_token_id,
+    plan_identity,
+)
 from logra_dist.engines.launch import init_distributed
-from logra_dist.session import run_samples
 
 EMBEDDED = "embedded"
 
@@ -37,8 +42,14 @@ def load_engine(args: argparse.Namespace):
 
     model_path = Path(args.model) if args.model else default_model_path()
     check_context(model_path, args.max_length)
+    tokenizer_path = Path(getattr(args, "tokenizer", None) or model_path)
+    if not any((tokenizer_path / f).is_file() for f in TOKENIZER_FILES):
+        raise SystemExit(f"{tokenizer_path}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass --tokenizer DIR")
     engine, _device = build(None, model_path, args.config, args.dtype)
-    return engine, load_tokenizer(model_path), str(model_path)
+    return engine, load_tokenizer(tokenizer_path), str(model_path)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def compute_dtype(model_or_engine) -> str:
@@ -84,14 +95,6 @@ def default_model_path() -> Path:
     from logra_dist.embedded import ensure_default_model
 
     return ensure_default_model()
-
-
-def load_documents(data: Sequence[str] | None) -> list[Document]:
-    if not data or data == [EMBEDDED]:
-        from logra_dist.embedded import load_corpus
-
-        return [Document(int(r["id"]), r["text"]) for r in load_corpus()]
-    return read_documents(list(data))
 
 
 def logra_config(args: argparse.Namespace) -> LoGraConfig:
@@ -155,25 +158,68 @@ def make_tracker(args: argparse.Namespace, job: str, config: dict[str, Any], tot
     return Tracker(job, total=total, log_every=args.log_every, wandb_run=run)
 
 
-def training_data(manifest: dict) -> list[str] | None:
-    data = manifest.get("metadata", {}).get("data", EMBEDDED)
-    return None if data == EMBEDDED else data
-
-
 # -- log ------------------------------------------------------------------------------------------
+def stream_samples(session, samples, count: int, batch_size: int, pad_id: int, tracker=None, statistics=None) -> int:
+    """`session.run_samples` over a stream of `count` samples: batches made as they come."""
+    import itertools
+
+    import torch
+
+    from logra_dist.data import collate
+    from logra_dist.session import _statistics_capture, lm_loss, run_batches
+
+    def pairs():
+        it = iter(samples)
+        while block := list(itertools.islice(it, batch_size)):
+            batch = collate(block, pad_id)
+            yield batch.ids, batch
+
+    shadow = Batch(
+        torch.zeros(0, dtype=torch.long),
+        torch.full((1, 2), pad_id),
+        torch.ones(1, 2, dtype=torch.long),
+        torch.full((1, 2), pad_id),
+    )
+    before = None if statistics is None else _statistics_capture(statistics)
+    count = -(-count // batch_size)
+    return run_batches(session, pairs(), lm_loss, count=count, shadow=shadow, tracker=tracker, before=before)
+
+
+def data_share(args: argparse.Namespace, tokenizer) -> RankShare:
+    """This rank's share of --data (or the bundled corpus), read and tokenized as it is logged."""
+    embedded = not args.data or args.data == [EMBEDDED]
+    spec = DataSpec(
+        None if embedded else list(args.data),
+        args.max_length,
+        args.max_samples,
+        chunk=getattr(args, "chunk", False),
+        stride=getattr(args, "stride", None),
+        skip_bad=getattr(args, "skip_bad", False),
+    )
+    return RankShare(spec, tokenizer, comm.rank(), comm.world_size(), bundled_items() if embedded else None)
+
+
+def bundled_items():
+    """The bundled corpus as a reader's (where, record) stream, for `data.streaming`."""
+    from logra_dist.embedded import load_corpus
+
+    return lambda: ((f"bundled corpus: record {i}", r) for i, r in enumerate(load_corpus()))
+
+
 def run_log(args: argparse.Namespace) -> dict[str, Any]:
     from logra_dist.logger import attach
 
     check_args(args)
     config = logra_config(args)  # validated before any work starts
     init_distributed()
-    docs = load_documents(args.data)
     model, tokenizer, model_path = load_engine(args)
-    samples = tokenize(docs, tokenizer, args.max_length)
-    mine = rank_samples(samples, comm.rank(), comm.world_size(), args.max_samples)
     dtype = compute_dtype(model)
     if args.dtype is not None and dtype != args.dtype:  # spec.py refuses this first; never record a wish
         raise SystemExit(f"--dtype {args.dtype} was asked for but the engine computes in {dtype}")
+    share = data_share(args, tokenizer)
+    # collective (one small all-reduce); bad records raise here, before any shard
+    plan, data, report = plan_identity(share, comm.all_reduce_sum, model_dtype=dtype)
+    say(data_summary(report, args.max_length))
     metadata = {
         "data": list(args.data) if args.data else EMBEDDED,
         "max_samples": args.max_samples,
@@ -181,27 +227,26 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         "model_path": model_path,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dtype": dtype,  # the model's compute dtype
+        "tokenizer_path": str(args.tokenizer) if getattr(args, "tokenizer", None) else None,
     }
-    data = DataIdentity.of(  # every rank digests every logged sample: the same identity everywhere
-        samples[: args.max_samples],
-        args.data if args.data and args.data != [EMBEDDED] else None,
-        max_length=args.max_length,
-        max_samples=args.max_samples,
-        model_dtype=dtype,
-    )
-    tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
+    tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, plan.samples)
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, data=data, tracker=tracker)
     try:
+        from logra_dist.data.table import write_table
+
+        write_table(args.out, comm.rank(), plan)
+        logger.metadata["data_report"] = report  # recorded in the manifest at finalize
         pad_id = pad_token_id(tokenizer)
-        todo = [s for s in mine if s.id not in logger.done_ids]
+        todo = plan.samples - len(set(plan.table.sample_id) & logger.done_ids)
         if logger.needs_pca_pass:
             with logger.pca_pass():
-                run_samples(logger, todo, args.batch_size, pad_id)
+                stream_samples(logger, share.samples(logger.done_ids), todo, args.batch_size, pad_id)
         start = time.perf_counter()
         statistics = None
         if config.fisher == "true" and CURVATURES.get(config.hessian).needs_statistics:
             statistics = FisherTargets.for_config(config)
-        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker, statistics=statistics)
+        samples = share.samples(logger.done_ids)
+        tokens = stream_samples(logger, samples, todo, args.batch_size, pad_id, tracker, statistics=statistics)
         elapsed = time.perf_counter() - start
         with tracker.phase("finalize"):
             manifest = logger.finalize()

@@ -26,6 +26,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         help="local Hugging Face causal-LM checkpoint (default: the bundled tiny Llama, trained on first use)",
     )
     p.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory, for a checkpoint without one (default: --model's)"
+    )
+    p.add_argument(
         "--dtype",
         default=None,
         choices=["float32", "bfloat16", "float16"],
@@ -67,9 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     log = sub.add_parser("log", help="log projected per-sample gradients of a corpus into an index")
     _add_common(log)
-    log.add_argument("--data", nargs="*", default=None, help="jsonl or text files (default: bundled corpus)")
+    log.add_argument(
+        "--data",
+        nargs="*",
+        default=None,
+        help="jsonl, text or parquet files, or saved Hugging Face datasets (default: bundled corpus)",
+    )
+    _add_data_options(log)
     log.add_argument("--out", default="runs/index", help="index directory")
-    log.add_argument("--max-samples", type=int, default=None, help="log only the first N samples")
+    log.add_argument(
+        "--max-samples",
+        type=int,
+        default=None,
+        help="log only the first N valid documents (with --chunk: all their windows); nothing after them is read",
+    )
     log.add_argument(
         "--logra",
         default=None,
@@ -132,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(score)
     score.add_argument("--index", required=True, help="index directory written by `log`")
     _add_query_sources(score)
+    score.add_argument(
+        "--data",
+        nargs="+",
+        default=None,
+        help="the index's training files, where they are now (default: the paths it recorded); "
+        "each listed text is verified against the digest logged for it",
+    )
     score.add_argument("--topk", type=int, default=10, help="results per query (capped at the index's rows)")
     score.add_argument(
         "--query-chunk",
@@ -211,6 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--max-queries", type=int, default=50)
     report.add_argument("--max-chars", type=int, default=600, help="characters shown per text")
     return parser
+
+
+def _add_data_options(log: argparse.ArgumentParser) -> None:
+    """How documents become samples (logra_dist.data.streaming.DataSpec)."""
+    log.add_argument(
+        "--chunk",
+        action="store_true",
+        help="cut long documents into windows of --max-length tokens (each a sample) instead of truncating",
+    )
+    log.add_argument("--stride", type=int, default=None, help="with --chunk: tokens between window starts")
+    log.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="log the rest when a record is bad (listed with reasons in INDEX/samples/skipped-*.jsonl)",
+    )
 
 
 def _add_ann(sub) -> None:

@@ -74,8 +74,20 @@ def _load_listing(path: Path, run_id: str | None = None) -> dict[int, dict[str, 
             "prompt": "",
             "completion": rec.get("query_text") or "",
             "train": {int(t["train_id"]): t.get("text") for t in rec.get("results", []) + rec.get("bottom", [])},
+            # a chunked index: the listing's results, one per document (its best window)
+            "grouped": [t for t in rec.get("results", []) if "offset" in t],
         }
     return out
+
+
+def _where(entry: dict[str, Any] | None) -> str:
+    """Which document and window a grouped result is ("" for an ungrouped one)."""
+    if not entry:
+        return ""
+    more = entry.get("windows_in_topk", 1)
+    return f" · doc {json.dumps(entry['document'])} @ token {entry['offset']}" + (
+        f" (best of {more} windows)" if more > 1 else ""
+    )
 
 
 def _clip(text: str | None, limit: int) -> str:
@@ -154,9 +166,13 @@ def histogram_svg(all_scores: np.ndarray, top1: np.ndarray, width: int = 900, he
     return "".join(parts)
 
 
-def _ranked(ids: np.ndarray, scores: np.ndarray, texts: dict[int, str | None], max_chars: int) -> list[str]:
-    """<li> items of one ranked list (top-k or bottom-k), bars scaled to the list's largest |score|."""
+def _ranked(
+    ids: np.ndarray, scores: np.ndarray, texts: dict[int, str | None], max_chars: int, grouped: list | None = None
+) -> list[str]:
+    """<li> items of one ranked list (top-k or bottom-k), bars scaled to the list's largest |score|;
+    `grouped` (a chunked index's listing entries) says which document and window each one is."""
     esc = html.escape
+    by_id = {int(g["train_id"]): g for g in grouped or []}
     finite = scores[np.isfinite(scores)]
     scale = float(np.abs(finite).max()) if len(finite) else 1.0
     items = []
@@ -169,7 +185,7 @@ def _ranked(ids: np.ndarray, scores: np.ndarray, texts: dict[int, str | None], m
         items.append(
             f'<li><div class="rank">{rank}</div><div class="score"><b>{_fmt(float(s))}</b>'
             f'<div class="bar{" neg" if s < 0 else ""}"><span style="width:{width:.1f}%"></span></div>'
-            f'<div class="tid">train #{int(tid)}</div></div>'
+            f'<div class="tid">train #{int(tid)}{esc(_where(by_id.get(int(tid))))}</div></div>'
             f'<div class="ttext">{shown}</div></li>'
         )
     return items
@@ -211,7 +227,12 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
         item = listing.get(qid, {"prompt": "", "completion": "", "train": {}})
         prompt = _clip(item["prompt"], max_chars)
         completion = _clip(item["completion"], max(0, max_chars - len(prompt)))
-        items = _ranked(train_ids[row], scores[row], item["train"], max_chars)
+        grouped = item.get("grouped") or []
+        if grouped:  # a chunked index: one entry per document, its best window
+            ids = np.array([g["train_id"] for g in grouped])
+            items = _ranked(ids, np.array([g["score"] for g in grouped]), item["train"], max_chars, grouped)
+        else:
+            items = _ranked(train_ids[row], scores[row], item["train"], max_chars)
         opposing = ""
         if bottom is not None:  # the most opposing examples, lowest score first
             low = _ranked(bottom[1][row], bottom[0][row], item["train"], max_chars)

@@ -20,7 +20,7 @@ import numpy as np
 
 from logra_dist import comm
 from logra_dist.cli.exports import matrix_writer
-from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, tokenizer_fingerprint, training_data
+from logra_dist.cli.jobs import bundled_items, load_engine, make_tracker, say, tokenizer_fingerprint
 from logra_dist.cli.parser import check_args, groups_of
 from logra_dist.data import pad_token_id, rank_samples, tokenize
 from logra_dist.engines.launch import init_distributed
@@ -38,13 +38,33 @@ def _index_manifest(path: str | Path, what: str = "index") -> dict:
     return json.loads(manifest.read_text())
 
 
-def _texts_of(manifest: dict, where: str) -> dict[int, str] | None:
-    """Texts by id of the documents an index was logged from (None, with a note, if unreadable)."""
+def _texts_of(index: str | Path, manifest: dict, where: str, tokenizer=None, data=None):
+    """The index's training texts, read back from its recorded data (or `--data`) and verified
+    per sample by digest (`data.recorded`): a changed file is refused, naming the first sample
+    that differs. None, with a note, if the files are gone or the index has no sample table."""
+    from logra_dist.data.recorded import RecordedTexts
+
     try:
-        return {d.id: d.full_text for d in load_documents(training_data(manifest))}
-    except (OSError, ValueError) as e:
-        say(f"note: texts of {where} unavailable ({e}); listing ids and scores only")
+        if tokenizer is None:
+            from logra_dist.embedded import load_tokenizer
+
+            meta = manifest.get("metadata", {})
+            tokenizer = load_tokenizer(meta.get("tokenizer_path") or meta["model_path"])
+        items = bundled_items() if not data and not (manifest.get("data") or {}).get("abs_paths") else None
+        return RecordedTexts(index, manifest, tokenizer, data, items)
+    except (OSError, KeyError) as e:
+        say(f"note: texts of {where} unavailable ({e}); listing ids and scores only (--data names moved files)")
         return None
+
+
+def _load_texts(texts, ids) -> None:
+    """Read and verify the texts of the ids about to be listed (a missing file: a note, no texts)."""
+    if texts is not None:
+        try:
+            texts.load(ids)
+        except OSError as e:
+            say(f"note: training texts unavailable ({e}); pass --data with the files the index was logged from")
+            texts.paths = None
 
 
 def _scoring(args: argparse.Namespace, tokenizer, tracker) -> dict[str, Any]:
@@ -72,7 +92,10 @@ def report_scores(
     if comm.rank() == 0:
         if scorer.model_mismatch:
             say(f"note: scored across models (--allow-model-mismatch): {scorer.model_mismatch}")
-        train_text = _texts_of(manifest, f"training index {args.index}")
+        train_text = _texts_of(
+            args.index, manifest, f"training index {args.index}", scorer_tokenizer(scorer), args.data
+        )
+        _load_texts(train_text, result.train_ids)
         if args.out:
             scorer.write_results(args.out, result, query_text, train_text, query_fields=query_fields)
         print(markdown(listing(result, query_text, train_text, query_fields), result))
@@ -106,8 +129,15 @@ def run_score_query_index(args: argparse.Namespace):
     size = query_chunk(args, manifest)
     chunks = [order[a : a + size] for a in range(0, len(order), size)]
     feeds = (partial(scorer.add_query_gradients, query_store, ids[comm.rank() :: comm.world_size()]) for ids in chunks)
-    texts = _texts_of(query_manifest, f"query index {args.query_index}") if comm.rank() == 0 else None
-    n_scored = score_chunks(args, scorer, manifest, feeds, lambda: texts, tracker, len(query_store))
+    texts = _texts_of(args.query_index, query_manifest, f"query index {args.query_index}") if comm.rank() == 0 else None
+
+    def query_texts():
+        _load_texts(texts, current)
+        return texts
+
+    current: list = []
+    feeds = (partial(_feed, feed, current, ids) for feed, ids in zip(feeds, chunks))
+    n_scored = score_chunks(args, scorer, manifest, feeds, query_texts, tracker, len(query_store))
     query_store.close()
     return n_scored
 
@@ -229,7 +259,12 @@ def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker, n_qu
     groups = groups_of(args)
     GroupPlan(scorer.store.layout, groups)  # a group matching no layer: refused before any query gradient
     matrix = matrix_writer(args, scorer, n_queries)
-    train_text = _texts_of(manifest, f"training index {args.index}") if comm.rank() == 0 else None
+    tokenizer = getattr(scorer, "tokenizer", None)
+    train_text = (
+        _texts_of(args.index, manifest, f"training index {args.index}", tokenizer, args.data)
+        if comm.rank() == 0
+        else None
+    )
     writer = scorer.results_writer(args.out) if args.out and comm.rank() == 0 else None
     n_scored = 0
     options = {"ann": args.ann, "candidates": args.candidates, "bottomk": args.bottomk}
@@ -241,6 +276,7 @@ def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker, n_qu
                 if matrix is not None:
                     matrix.append(result.query_ids, scores)
             if comm.rank() == 0:
+                _load_texts(train_text, result.train_ids)
                 query_text = query_texts()
                 if writer is not None:
                     writer.append(result, query_text, train_text)
@@ -260,6 +296,15 @@ def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker, n_qu
     )
     scorer.close()
     return n_scored
+
+
+def _feed(feed, current: list, ids) -> None:
+    current[:] = list(ids)
+    feed()
+
+
+def scorer_tokenizer(scorer):
+    return getattr(scorer, "tokenizer", None)
 
 
 def cache_options(args) -> dict:

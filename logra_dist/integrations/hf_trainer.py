@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,9 @@ def causal_lm_loss(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Ten
     return summed_lm_loss(outputs.logits, labels)
 
 
-def dataset_identity(dataset: Any, collate: Callable, plan: list[np.ndarray]) -> DataIdentity:
+def dataset_identity(
+    dataset: Any, collate: Callable, plan: list[np.ndarray], paths: Sequence[str] | None = None
+) -> DataIdentity:
     """Collective. What the index records of a Trainer's dataset: its length and the digest of
     every sample's collated input ids and labels (padding cut by the attention mask), keyed by
     dataset position; each rank digests its own batches (one extra collation pass) and one small
@@ -101,7 +103,7 @@ def dataset_identity(dataset: Any, collate: Callable, plan: list[np.ndarray]) ->
             keep = mask[row]
             total += sample_digest(position, position, input_ids[row][keep].tolist(), labels[row][keep].tolist())
     digest = digest_from_words(comm.all_reduce_sum(digest_words(total & ((1 << 64) - 1))))
-    return DataIdentity(len(dataset), f"{digest:016x}")
+    return DataIdentity.summed(len(dataset), digest, paths)
 
 
 def _forward_keys(module: torch.nn.Module) -> set[str] | None:
@@ -124,10 +126,14 @@ def log_trainer_dataset(
     loss_fn: LossFn = causal_lm_loss,
     tracker: NullTracker | None = None,
     metadata: dict[str, Any] | None = None,
+    data: Sequence[str] | None = None,
+    model_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Collective (every rank calls it): log `dataset` (default: `trainer.train_dataset`) with
     ids = dataset positions; returns the index manifest. loss_fn(outputs, batch) must return
-    the SUM over the batch of per-sample summed losses."""
+    the SUM over the batch of per-sample summed losses. data: the files the dataset was made
+    from, model_path: the checkpoint the index is for (what `score` loads): both recorded, so
+    the index says what it was made from (the per-sample digests are always recorded)."""
     dataset = trainer.train_dataset if dataset is None else dataset
     if dataset is None:
         raise ValueError("log_trainer_dataset: the Trainer has no train_dataset; pass dataset=")
@@ -136,10 +142,14 @@ def log_trainer_dataset(
     batch_size = batch_size or trainer.args.per_device_train_batch_size
     plan = rank_batches(len(dataset), comm.rank(), comm.world_size(), batch_size)
     info = {"source": "transformers.Trainer", "samples": len(dataset), "batch_size": batch_size}
+    if data is not None:
+        info["data"] = [str(p) for p in data]
+    if model_path is not None:
+        info["model_path"] = str(model_path)
     dtype = str(wrap(engine).compute_dtype).removeprefix("torch.")  # the engine's bf16/fp16, as it runs
-    data = dataclasses.replace(dataset_identity(dataset, trainer.data_collator, plan), model_dtype=dtype)
+    identity = dataclasses.replace(dataset_identity(dataset, trainer.data_collator, plan, data), model_dtype=dtype)
     info["dtype"] = dtype
-    logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})}, data=data)
+    logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})}, data=identity)
     keys = _forward_keys(logger.engine.root)
 
     def forward_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:

@@ -111,10 +111,11 @@ def listing(
     query_fields: more JSON-able facts per query id (e.g. a prompt and the model's completion)."""
 
     def ranked(r: TopKResult, q: int) -> list[dict[str, Any]]:
-        return [
-            {"rank": j + 1, "train_id": int(t), "score": float(s), "text": _text(train_text, int(t))}
-            for j, (t, s) in enumerate(zip(r.train_ids[q], r.scores[q]))
+        rows = [
+            {"train_id": int(t), "score": float(s), "text": _text(train_text, int(t)), **_fields(train_text, int(t))}
+            for t, s in zip(r.train_ids[q], r.scores[q])
         ]
+        return [{"rank": j + 1, **row} for j, row in enumerate(by_document(rows))]
 
     records = []
     for q, qid in enumerate(np.asarray(result.query_ids).tolist()):
@@ -132,6 +133,29 @@ def listing(
                 rec["groups_bottom"] = {name: ranked(sub.bottom, q) for name, sub in result.groups.items()}
         records.append(rec)
     return records
+
+
+def _fields(lookup: TextLookup, key: int) -> dict[str, Any]:
+    """More facts of a training sample when the lookup has them (`data.recorded.RecordedTexts`:
+    its document and, for a window of a chunked index, the window's token offset)."""
+    fields = getattr(lookup, "fields", None)
+    return fields(key) if callable(fields) else {}
+
+
+def by_document(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Windows of one document (rows with an "offset") listed once: a document scores as its best
+    window, which is the one shown, with the number of its windows in the top k. topk.h5 keeps
+    every window's row."""
+    if not any("offset" in r for r in rows):
+        return rows
+    best: dict[Any, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: -r["score"]):
+        key = json.dumps(row["document"])
+        if key in best:
+            best[key]["windows_in_topk"] += 1
+        else:
+            best[key] = {**row, "windows_in_topk": 1}
+    return list(best.values())
 
 
 def _cell(text: str | None, limit: int = 200) -> str:
@@ -173,9 +197,15 @@ def markdown_body(records: list[dict[str, Any]]) -> str:
             if len(sections) > 1:
                 lines += [f"### {title}", ""]
             lines += ["| rank | train id | score | text |", "|---:|---:|---:|---|"]
-            lines += [f"| {r['rank']} | {r['train_id']} | {r['score']:.6g} | {_cell(r['text'])} |" for r in rows]
+            lines += [f"| {r['rank']} | {_train_cell(r)} | {r['score']:.6g} | {_cell(r['text'])} |" for r in rows]
             lines.append("")
     return "".join(line + "\n" for line in lines)  # chunks concatenate like one listing
+
+
+def _train_cell(row: dict[str, Any]) -> str:
+    if "offset" not in row:
+        return str(row["train_id"])
+    return f"{row['train_id']} (doc {_cell(json.dumps(row['document']), 40)}, token {row['offset']})"
 
 
 def new_run_id() -> str:

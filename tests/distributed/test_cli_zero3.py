@@ -162,6 +162,24 @@ def test_cli_log_under_zero3_logs_every_sample_once(root):
         assert sorted(store.ids.tolist()) == list(range(N))
 
 
+def test_cli_log_under_zero3_records_the_data_of_one_process(root):
+    """Each rank read and digested only its share; the summed identity and the per-rank sample
+    tables equal one process's plan of the same data."""
+    from logra_dist.cli.jobs import bundled_items
+    from logra_dist.data import DataSpec, RankShare
+    from logra_dist.data.table import SampleTable
+    from logra_dist.embedded import build_tokenizer
+
+    manifest = json.loads((root / "index" / "manifest.json").read_text())
+    plan = RankShare(DataSpec(None, 128, N), build_tokenizer(), 0, 1, bundled_items()).plan()
+    assert manifest["data"]["samples"] == plan.samples == N
+    assert manifest["data"]["digest"] == f"{plan.digest:016x}"
+    table = SampleTable(root / "index")
+    assert table.sample_id.tolist() == list(plan.table.sample_id)
+    assert table.digest.tolist() == list(plan.table.digest)
+    assert manifest["metadata"]["data_report"]["documents"] == N
+
+
 def test_cli_score_under_zero3_equals_one_process(root, single):
     zero3, ref = read_topk(root / "zero3"), read_topk(single)
     assert (zero3["world_size"], ref["world_size"]) == (2, 1) and zero3["mode"] == ref["mode"] == "relatif"
