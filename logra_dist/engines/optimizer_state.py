@@ -76,6 +76,17 @@ class OptimizerStateReader:
         raise NotImplementedError
 
 
+def _load_zero_optim_states(path: Path) -> dict:
+    """A ZeRO optimizer-states file, unpickled with torch's weights-only loader: besides tensors it
+    holds only DeepSpeed's stage enum and loss scaler, allowed by name, so a user's checkpoint never
+    runs code (no `weights_only=False`)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 class ZeRO3Reader(OptimizerStateReader):
     name = "zero3"
 
@@ -96,8 +107,8 @@ class ZeRO3Reader(OptimizerStateReader):
         model = sorted(folder.glob("zero_pp_rank_*_model_states.pt"), key=rank_of)
         if not model:
             raise OptimizerStateError(f"{folder}: optimizer states but no zero_pp_rank_*_model_states.pt")
-        shapes = torch.load(model[0], map_location="cpu", weights_only=False).get("param_shapes")
-        states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in optim]
+        shapes = torch.load(model[0], map_location="cpu", weights_only=True).get("param_shapes")
+        states = [_load_zero_optim_states(f)["optimizer_state_dict"] for f in optim]
         if int(states[0].get("zero_stage", 0)) != 3 or shapes is None:
             raise OptimizerStateError(f"{optim[0]}: not a ZeRO-3 checkpoint (zero_stage {states[0].get('zero_stage')})")
         world = int(states[0]["partition_count"])
