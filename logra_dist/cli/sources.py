@@ -19,7 +19,15 @@ from typing import Any
 import numpy as np
 
 from logra_dist import comm
-from logra_dist.cli.jobs import load_documents, load_engine, make_tracker, say, tokenizer_fingerprint, training_data
+from logra_dist.cli.jobs import (
+    compute_dtype,
+    load_documents,
+    load_engine,
+    make_tracker,
+    say,
+    tokenizer_fingerprint,
+    training_data,
+)
 from logra_dist.cli.parser import check_args
 from logra_dist.data import pad_token_id, rank_samples, tokenize
 from logra_dist.engines.launch import init_distributed
@@ -33,6 +41,37 @@ def _index_manifest(path: str | Path, what: str = "index") -> dict:
     if not manifest.is_file():
         raise SystemExit(f"{what} {path}: no manifest.json (not a finished `logra-dist log` output)")
     return json.loads(manifest.read_text())
+
+
+def score_dtype(args: argparse.Namespace, manifest: dict) -> str | None:
+    """The model dtype of a score job: the index's recorded one when --dtype is not given (query
+    gradients in the training gradients' precision), a different --dtype refused; sets args.dtype.
+    An engine config that states another precision is refused here, naming the index's."""
+    from logra_dist.engines.spec import EngineConfigError, read_spec
+    from logra_dist.scoring.identity import check_model_dtype, recorded_model_dtype
+
+    recorded = recorded_model_dtype(manifest)
+    where = str(Path(args.index) / "manifest.json")
+    fix = f"drop --dtype to score in {recorded}, or log the index again with --dtype {args.dtype}"
+    check_model_dtype(where, recorded, args.dtype, f"--dtype {args.dtype}", fix)
+    if args.dtype is None and recorded is not None and args.config:
+        try:
+            read_spec(args.config, recorded)
+        except EngineConfigError as e:
+            raise EngineConfigError(
+                f"{where}: the index was logged in {recorded} but --config {args.config} states another "
+                f'precision ({e}); score with the config the index was logged with, or set its bf16/fp16 to "auto"'
+            ) from None
+    args.dtype = args.dtype or recorded
+    return recorded
+
+
+def check_engine_dtype(args: argparse.Namespace, model, recorded: str | None) -> None:
+    """The loaded engine really computes in the index's dtype (FSDP mixed precision can differ)."""
+    from logra_dist.scoring.identity import check_model_dtype
+
+    fix = 'score with the engine config the index was logged with, or one whose precision is "auto"'
+    check_model_dtype(str(Path(args.index) / "manifest.json"), recorded, compute_dtype(model), "the engine", fix)
 
 
 def _texts_of(manifest: dict, where: str) -> dict[int, str] | None:
@@ -78,11 +117,20 @@ def report_scores(
 def run_score_query_index(args: argparse.Namespace):
     """Precomputed query gradients (a query index) against the training index: no model at all;
     in chunks of consecutive sorted query ids (bounded memory), each rank reading its share."""
+    from logra_dist.scoring.identity import check_model_dtype, recorded_model_dtype
     from logra_dist.scoring.scorer import Scorer
 
     init_distributed()
     manifest = _index_manifest(args.index)
     query_manifest = _index_manifest(args.query_index, "query index")
+    recorded = score_dtype(args, manifest)  # --dtype, if given, must be the index's
+    check_model_dtype(
+        str(Path(args.index) / "manifest.json"),
+        recorded,
+        recorded_model_dtype(query_manifest),
+        f"the query index {args.query_index}",
+        f"log the queries again with --dtype {recorded}",
+    )
     tracker = make_tracker(
         args,
         "score",
@@ -120,7 +168,9 @@ def run_score_prompts(args: argparse.Namespace):
     manifest = _index_manifest(args.index)
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
+    recorded = score_dtype(args, manifest)
     model, tokenizer, _ = load_engine(args)
+    check_engine_dtype(args, model, recorded)
     tracker = make_tracker(
         args,
         "score",
@@ -186,7 +236,9 @@ def run_score(args: argparse.Namespace):
     init_distributed()
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
+    recorded = score_dtype(args, manifest)
     model, tokenizer, _ = load_engine(args)
+    check_engine_dtype(args, model, recorded)
     tracker = make_tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
     scorer = Scorer(model, index, **_scoring(args, tokenizer, tracker), **cache_options(args))
     pad_id = pad_token_id(tokenizer)

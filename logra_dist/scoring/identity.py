@@ -88,3 +88,24 @@ def check_query_index(store, queries, allow: bool) -> dict[str, Any] | None:
     """A query index must come from the index's model and tokenizer too."""
     where = f"{queries.root / 'manifest.json'} (query index)"
     return check_identity(where, identity_of(store.manifest), identity_of(queries.manifest), "the query index", allow)
+
+
+def recorded_model_dtype(manifest: dict[str, Any]) -> str | None:
+    """The dtype an index's gradients were computed in: the Logger's `metadata.precision.model`,
+    else the CLI's `data.model_dtype` / `metadata.dtype`; None for an index that predates them."""
+    meta = manifest.get("metadata") or {}
+    return (
+        (meta.get("precision") or {}).get("model")
+        or (manifest.get("data") or {}).get("model_dtype")
+        or meta.get("dtype")
+    )
+
+
+def check_model_dtype(where: str, index_dtype: str | None, other: str | None, other_name: str, fix: str) -> None:
+    """Query gradients must be made in the precision the training gradients were: a bf16 index
+    scored with fp32 query gradients (or the reverse) gives plausible but shifted scores."""
+    if index_dtype is not None and other is not None and index_dtype != other:
+        raise IndexFormatError(
+            f"{where}: the index was logged in {index_dtype} (manifest metadata.precision.model) but "
+            f"{other_name} is {other}; {fix}"
+        )
