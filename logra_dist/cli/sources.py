@@ -53,7 +53,7 @@ def score_dtype(args: argparse.Namespace, manifest: dict) -> str | None:
     recorded = recorded_model_dtype(manifest)
     where = str(Path(args.index) / "manifest.json")
     fix = f"drop --dtype to score in {recorded}, or log the index again with --dtype {args.dtype}"
-    check_model_dtype(where, recorded, args.dtype, f"--dtype {args.dtype}", fix)
+    check_model_dtype(where, recorded, args.dtype, "--dtype is", fix)
     if args.dtype is None and recorded is not None and args.config:
         try:
             read_spec(args.config, recorded)
@@ -71,7 +71,9 @@ def check_engine_dtype(args: argparse.Namespace, model, recorded: str | None) ->
     from logra_dist.scoring.identity import check_model_dtype
 
     fix = 'score with the engine config the index was logged with, or one whose precision is "auto"'
-    check_model_dtype(str(Path(args.index) / "manifest.json"), recorded, compute_dtype(model), "the engine", fix)
+    check_model_dtype(
+        str(Path(args.index) / "manifest.json"), recorded, compute_dtype(model), "the engine computes in", fix
+    )
 
 
 def _texts_of(manifest: dict, where: str) -> dict[int, str] | None:
@@ -117,20 +119,12 @@ def report_scores(
 def run_score_query_index(args: argparse.Namespace):
     """Precomputed query gradients (a query index) against the training index: no model at all;
     in chunks of consecutive sorted query ids (bounded memory), each rank reading its share."""
-    from logra_dist.scoring.identity import check_model_dtype, recorded_model_dtype
     from logra_dist.scoring.scorer import Scorer
 
     init_distributed()
     manifest = _index_manifest(args.index)
     query_manifest = _index_manifest(args.query_index, "query index")
-    recorded = score_dtype(args, manifest)  # --dtype, if given, must be the index's
-    check_model_dtype(
-        str(Path(args.index) / "manifest.json"),
-        recorded,
-        recorded_model_dtype(query_manifest),
-        f"the query index {args.query_index}",
-        f"log the queries again with --dtype {recorded}",
-    )
+    score_dtype(args, manifest)  # --dtype, if given, must be the index's; the Scorer checks the query index's
     tracker = make_tracker(
         args,
         "score",

@@ -1,7 +1,8 @@
 """`score` makes query gradients in the precision the index was logged in (issue 12): without
 --dtype it takes the index's recorded model dtype (`metadata.precision.model`); a different
 --dtype, an engine config stating another precision, or a query index logged in another dtype is
-refused naming both and the fix. Real CLI runs on the bundled tiny model, a few samples."""
+refused naming both and the fix; the Python Scorer refuses a model computing in another dtype
+the same way. Real CLI runs on the bundled tiny model, a few samples."""
 
 import json
 
@@ -46,7 +47,7 @@ def test_score_with_another_dtype_or_config_precision_is_refused(bf16_index, tmp
     with pytest.raises(IndexFormatError) as err:
         main([*args, "--dtype", "float32"])
     message = str(err.value)
-    assert "logged in bfloat16" in message and "--dtype float32" in message and "drop --dtype" in message
+    assert "logged in bfloat16" in message and "--dtype is float32" in message and "drop --dtype" in message
     config = tmp_path / "fp32.json"
     config.write_text(json.dumps({"engine": "none", "dtype": "float32"}))
     with pytest.raises(EngineConfigError, match=r"logged in bfloat16 but --config .*fp32\.json states another"):
@@ -57,5 +58,19 @@ def test_query_index_logged_in_another_dtype_is_refused(bf16_index):
     queries = bf16_index / "q-index"
     assert main(["log", "--out", str(queries), "--data", str(bf16_index / "q.jsonl"), *LOG]) == 0
     args = ["score", "--index", str(bf16_index / "index"), "--query-index", str(queries)]
-    with pytest.raises(IndexFormatError, match=r"logged in bfloat16 .* the query index .* is float32; log the"):
+    with pytest.raises(IndexFormatError, match=r"logged in bfloat16 .* but query index .*q-index is float32; log the"):
         main(args)
+
+
+def test_python_scorer_refuses_a_model_in_another_dtype(bf16_index):
+    from logra_dist import Scorer
+    from logra_dist.embedded.cache import ensure_default_model, load_model_and_tokenizer
+
+    model = load_model_and_tokenizer(ensure_default_model())[0]  # float32
+    with pytest.raises(IndexFormatError, match=r"logged in bfloat16 .* the scoring model computes in float32; load"):
+        Scorer(model, bf16_index / "index")
+    assert all(p.requires_grad for p in model.parameters())  # refused before leaving hooks or frozen weights
+    with pytest.warns(RuntimeWarning, match="scoring across models"):
+        scorer = Scorer(model, bf16_index / "index", allow_model_mismatch=True)
+    assert scorer.model_mismatch
+    scorer.close()
