@@ -20,7 +20,7 @@ import numpy as np
 
 from logra_dist import comm
 from logra_dist.cli.exports import matrix_writer
-from logra_dist.cli.jobs import bundled_items, load_engine, make_tracker, say, tokenizer_fingerprint
+from logra_dist.cli.jobs import bundled_items, compute_dtype, load_engine, make_tracker, say, tokenizer_fingerprint
 from logra_dist.cli.parser import check_args, groups_of
 from logra_dist.data import pad_token_id, rank_samples, tokenize
 from logra_dist.engines.launch import init_distributed
@@ -36,6 +36,39 @@ def _index_manifest(path: str | Path, what: str = "index") -> dict:
     if not manifest.is_file():
         raise SystemExit(f"{what} {path}: no manifest.json (not a finished `logra-dist log` output)")
     return json.loads(manifest.read_text())
+
+
+def score_dtype(args: argparse.Namespace, manifest: dict) -> str | None:
+    """The model dtype of a score job: the index's recorded one when --dtype is not given (query
+    gradients in the training gradients' precision), a different --dtype refused; sets args.dtype.
+    An engine config that states another precision is refused here, naming the index's."""
+    from logra_dist.engines.spec import EngineConfigError, read_spec
+    from logra_dist.scoring.identity import check_model_dtype, recorded_model_dtype
+
+    recorded = recorded_model_dtype(manifest)
+    where = str(Path(args.index) / "manifest.json")
+    fix = f"drop --dtype to score in {recorded}, or log the index again with --dtype {args.dtype}"
+    check_model_dtype(where, recorded, args.dtype, "--dtype is", fix)
+    if args.dtype is None and recorded is not None and args.config:
+        try:
+            read_spec(args.config, recorded)
+        except EngineConfigError as e:
+            raise EngineConfigError(
+                f"{where}: the index was logged in {recorded} but --config {args.config} states another "
+                f'precision ({e}); score with the config the index was logged with, or set its bf16/fp16 to "auto"'
+            ) from None
+    args.dtype = args.dtype or recorded
+    return recorded
+
+
+def check_engine_dtype(args: argparse.Namespace, model, recorded: str | None) -> None:
+    """The loaded engine really computes in the index's dtype (FSDP mixed precision can differ)."""
+    from logra_dist.scoring.identity import check_model_dtype
+
+    fix = 'score with the engine config the index was logged with, or one whose precision is "auto"'
+    check_model_dtype(
+        str(Path(args.index) / "manifest.json"), recorded, compute_dtype(model), "the engine computes in", fix
+    )
 
 
 def _texts_of(index: str | Path, manifest: dict, where: str, tokenizer=None, data=None):
@@ -109,6 +142,7 @@ def run_score_query_index(args: argparse.Namespace):
     init_distributed()
     manifest = _index_manifest(args.index)
     query_manifest = _index_manifest(args.query_index, "query index")
+    score_dtype(args, manifest)  # --dtype, if given, must be the index's; the Scorer checks the query index's
     tracker = make_tracker(
         args,
         "score",
@@ -153,7 +187,9 @@ def run_score_prompts(args: argparse.Namespace):
     manifest = _index_manifest(args.index)
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
+    recorded = score_dtype(args, manifest)
     model, tokenizer, _ = load_engine(args)
+    check_engine_dtype(args, model, recorded)
     tracker = make_tracker(
         args,
         "score",
@@ -230,7 +266,9 @@ def run_score(args: argparse.Namespace):
     init_distributed()
     if args.model is None and manifest.get("metadata", {}).get("model_path"):
         args.model = manifest["metadata"]["model_path"]
+    recorded = score_dtype(args, manifest)
     model, tokenizer, _ = load_engine(args)
+    check_engine_dtype(args, model, recorded)
     tracker = make_tracker(args, "score", {"index": str(index), "index_config": manifest.get("config")}, len(queries))
     scorer = Scorer(model, index, **_scoring(args, tokenizer, tracker), **cache_options(args))
     pad_id = pad_token_id(tokenizer)

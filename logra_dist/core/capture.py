@@ -10,6 +10,14 @@ its own gradient; the per-sample result is the sum over calls, as the weight gra
 Under ZeRO-3 and FSDP weights are sharded but activations are not, so this needs no
 communication at all. Which modules are layers, and how their inputs are projected, is up to
 the handlers of core/layers.py.
+
+Token-flattened layers: MoE blocks (Qwen2-MoE's shared expert and its gate, routers) run their
+Linear layers on hidden states flattened to (B*T, d). A 2-D input of exactly B*T rows, with
+(B, T) the batch's token shape (the mask's, else the first token-shaped input of the batch), is
+reshaped back to (B, T, d), and its output gradient likewise, so its rows are exact per-sample
+gradients, padding masked as for any layer. A layer that sees another number of rows (a routed
+expert gets a subset of the tokens, in routing order) has no row->sample map here: it is refused,
+naming the layer and the `exclude` fix, never attributed to the wrong samples.
 """
 
 from __future__ import annotations
@@ -59,6 +67,17 @@ _SHARED_INPUT_HINT = (
 )
 
 
+def _subset_rows_error(name: str, rows: int, tokens: tuple[int, int], why: str) -> ValueError:
+    b, t = tokens
+    return ValueError(
+        f"layer {name!r} saw {rows} flattened rows but the batch has {b} samples x {t} tokens = {b * t}"
+        f"{why}: it runs on a subset of the tokens (a routed MoE expert?), and which sample each row "
+        f"came from is not known, so it has no per-sample gradient here. Exclude it: "
+        f"LoGraConfig(exclude=[{re.escape(name)!r}]) or --exclude '{re.escape(name)}' (or a pattern "
+        f"for all such experts)"
+    )
+
+
 class TokenStatistics:
     """Receiver of per-token projected activations and gradients (KFAC factors, PCA covariances)."""
 
@@ -89,6 +108,8 @@ class GradientCapture:
         self._active = False
         self._mask: torch.Tensor | None = None  # the batch's (B, T) attention mask, as given
         self._padded = False  # whether it masks anything out (a mask of ones is not multiplied in)
+        self._tokens: tuple[int, int] | None = None  # the batch's (B, T): the mask's, else learned
+        self._row_kind: dict[str, str] = {}  # per flat-input layer: its rows are "tokens" or "samples"
         self._mask_cache: dict[torch.device, torch.Tensor] = {}
         self._blocks: dict[str, torch.Tensor] = {}
         self._pending = 0
@@ -108,10 +129,29 @@ class GradientCapture:
         self._token_blocks = []
         self._mask, self._mask_cache = mask, {}
         self._padded = mask is not None and not bool(mask.all())
+        self._tokens = tuple(mask.shape) if mask is not None and mask.dim() == 2 else None
         try:
             yield
         finally:
             self._active, self._mask, self._padded, self._mask_cache = False, None, False, {}
+            self._tokens = None
+
+    def _flat_tokens(self, name: str, rows: int) -> tuple[int, int] | None:
+        """(B, T) when a flat input's `rows` are the batch's B*T tokens (reshape them back), None
+        when they are its samples (or nothing says otherwise); any other count is refused. A layer
+        must keep one kind across calls and batches, so a routed expert that happens to get B or
+        B*T tokens once is still caught by the next batch that routes it another number."""
+        if self._tokens is None:
+            return None  # no token axis anywhere in this batch: rows are samples
+        b, t = self._tokens
+        if (rows == b and t == 1) or rows == 1 < b:
+            return None  # one token per sample (both readings agree), or a shared row: rows() decides
+        if t == 1 or rows not in (b, b * t):
+            raise _subset_rows_error(name, rows, self._tokens, "")
+        kind = "tokens" if rows == b * t else "samples"
+        if self._row_kind.setdefault(name, kind) != kind:
+            raise _subset_rows_error(name, rows, self._tokens, f" (it saw {self._row_kind[name]} before)")
+        return (b, t) if kind == "tokens" else None
 
     @property
     def pending_gradients(self) -> int:
@@ -144,7 +184,15 @@ class GradientCapture:
             if not self._active:
                 return None
             x = inputs[0]
-            mask = self._token_mask(handler.token_shape(x), x.device, name)
+            shape, flat = handler.token_shape(x), None
+            if shape is None and x.dim() >= 1:
+                flat = self._flat_tokens(name, x.shape[0])
+                if flat is not None:  # (B*T, ...) -> (B, T, ...): tokens back to their samples
+                    x = x.reshape(*flat, *x.shape[1:])
+                    shape = handler.token_shape(x)
+            elif shape is not None and self._tokens is None:
+                self._tokens = (int(shape[0]), int(shape[1:].numel()))
+            mask = self._token_mask(shape, x.device, name)
             px = handler.project_input(x, p_in, self.compute_dtype)
             if s_in is not None:
                 px = px * s_in.to(px.device)
@@ -157,7 +205,7 @@ class GradientCapture:
                 # making the output a leaf, nothing of the output's size is kept as `.grad`.
                 output = returned = output + self._anchor(output)
             self._pending += 1
-            output.register_hook(self._make_grad_hook(name, px, mask, p_out_t, s_out))
+            output.register_hook(self._make_grad_hook(name, px, mask, p_out_t, s_out, flat))
             return returned
 
         return hook
@@ -195,9 +243,10 @@ class GradientCapture:
         mask: torch.Tensor | None,
         p_out_t: torch.Tensor | None,
         s_out: torch.Tensor | None = None,
+        flat: tuple[int, int] | None = None,
     ) -> Callable:
         def hook(grad: torch.Tensor) -> None:
-            pg = self._as_compute(grad)
+            pg = self._as_compute(grad if flat is None else grad.reshape(*flat, grad.shape[-1]))
             if p_out_t is not None:
                 pg = pg @ p_out_t
             elif s_out is not None:

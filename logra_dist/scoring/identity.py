@@ -69,10 +69,19 @@ def check_scoring_model(store, session, tokenizer: str | None, allow: bool) -> d
     slice of the weights, one small all-reduce) and tokenizer fingerprint against the index."""
     if session is None and tokenizer is None:
         return None
-    live = model_fingerprint(session.engine.root, session._modules) if session is not None else None
+    where = str(store.root / "manifest.json")
     try:
+        if session is not None and not allow:
+            recorded = recorded_model_dtype(store.manifest)
+            fix = (
+                f"load the model in {recorded} (the engine's bf16/fp16 switch, --dtype {recorded}, or "
+                f"model.to(torch.{recorded})), or pass {ALLOW_FLAG} to score across precisions"
+            )
+            live_dtype = str(session.engine.compute_dtype).removeprefix("torch.")
+            check_model_dtype(where, recorded, live_dtype, "the scoring model computes in", fix)
+        live = model_fingerprint(session.engine.root, session._modules) if session is not None else None
         return check_identity(
-            str(store.root / "manifest.json"),
+            where,
             identity_of(store.manifest),
             live_identity(live, tokenizer),
             "the scoring model",
@@ -87,4 +96,30 @@ def check_scoring_model(store, session, tokenizer: str | None, allow: bool) -> d
 def check_query_index(store, queries, allow: bool) -> dict[str, Any] | None:
     """A query index must come from the index's model and tokenizer too."""
     where = f"{queries.root / 'manifest.json'} (query index)"
+    if not allow:
+        recorded = recorded_model_dtype(store.manifest)
+        fix = f"log the queries again with --dtype {recorded}, or pass {ALLOW_FLAG}"
+        other = recorded_model_dtype(queries.manifest)
+        check_model_dtype(str(store.root / "manifest.json"), recorded, other, f"query index {queries.root} is", fix)
     return check_identity(where, identity_of(store.manifest), identity_of(queries.manifest), "the query index", allow)
+
+
+def recorded_model_dtype(manifest: dict[str, Any]) -> str | None:
+    """The dtype an index's gradients were computed in: the Logger's `metadata.precision.model`,
+    else the CLI's `data.model_dtype` / `metadata.dtype`; None for an index that predates them."""
+    meta = manifest.get("metadata") or {}
+    return (
+        (meta.get("precision") or {}).get("model")
+        or (manifest.get("data") or {}).get("model_dtype")
+        or meta.get("dtype")
+    )
+
+
+def check_model_dtype(where: str, index_dtype: str | None, other: str | None, other_name: str, fix: str) -> None:
+    """Query gradients must be made in the precision the training gradients were: a bf16 index
+    scored with fp32 query gradients (or the reverse) gives plausible but shifted scores."""
+    if index_dtype is not None and other is not None and index_dtype != other:
+        raise IndexFormatError(
+            f"{where}: the index was logged in {index_dtype} (manifest metadata.precision.model) but "
+            f"{other_name} {other}; {fix}"
+        )

@@ -32,12 +32,11 @@ N_SAMPLES, BATCH = 5, 2
 
 
 def family_config() -> LoGraConfig:
-    # Qwen2-MoE's shared expert runs on tokens flattened to (batch x tokens, d): no per-sample rows
-    # (the capture refuses it; see the report). Its routed experts are fused 3-D parameters, not
-    # layers. The attention rows still depend on every expert weight through the backward, so the
-    # matrix checks the MoE's sharded loading (experts fused from per-expert checkpoint tensors).
-    skip = [r".*\.shared_expert.*"]
-    return LoGraConfig(k_in=4, k_out=4, seed=3, storage_dtype="float32", hessian="raw", exclude=skip)
+    # Every Linear, Qwen2-MoE's shared expert included: it runs on tokens flattened to (batch x
+    # tokens, d), which the capture maps back to their samples; its d_out=1 shared_expert_gate logs
+    # at k_out=1. Routed experts are fused 3-D parameters, not layers; the rows still depend on every
+    # expert weight through the backward, so the matrix also checks the experts' sharded loading.
+    return LoGraConfig(k_in=4, k_out=4, seed=3, storage_dtype="float32", hessian="raw")
 
 
 def log_family(wrapped, device, out: Path, rank: int = 0, world: int = 1) -> dict:

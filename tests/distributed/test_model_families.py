@@ -74,6 +74,8 @@ def test_family_rows_under_sharded_engine_equal_one_process(matrix, engine, fami
     rows, layers = _rows(matrix / engine / family / "index")
     expected, ref_layers = _rows(matrix / "none" / family / "index")
     assert layers == ref_layers and len(layers) >= 4  # the same layers under their unwrapped names
+    if family == "qwen2_moe":  # the shared expert (flattened tokens) and its d_out=1 gate are logged
+        assert {"model.layers.0.mlp.shared_expert.down_proj", "model.layers.0.mlp.shared_expert_gate"} <= set(layers)
     scale = np.abs(expected).max()
     assert scale > 0
     assert np.abs(rows - expected).max() <= 1e-4 * scale, (engine, family, np.abs(rows - expected).max() / scale)
