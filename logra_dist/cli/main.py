@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "report":
         from logra_dist.cli.report import write_report
 
-        print(write_report(args.results, args.out, max_queries=args.max_queries, max_chars=args.max_chars))
+        options = {"max_queries": args.max_queries, "max_chars": args.max_chars, "data": args.data}
+        print(write_report(args.results, args.out, **options))
     return 0
 
 

@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default=None, help="HTML file (default: RESULTS/report.html)")
     report.add_argument("--max-queries", type=int, default=50)
     report.add_argument("--max-chars", type=int, default=600, help="characters shown per text")
+    report.add_argument(
+        "--data",
+        nargs="*",
+        default=None,
+        help="the training files, if they moved since logging: texts are read from them and verified by digest",
+    )
     return parser
 
 

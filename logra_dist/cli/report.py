@@ -191,8 +191,10 @@ def _ranked(
     return items
 
 
-def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: int = 600) -> str:
-    """The HTML page (a string) for a `score --out` directory."""
+def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: int = 600, data=None) -> str:
+    """The HTML page (a string) for a `score --out` directory. The texts are those `score` read
+    and verified; with `data` (the training files, moved since logging) they are read from there
+    and verified against the index's per-sample digests again."""
     root = Path(results_dir)
     h5_path = root / "topk.h5"
     if not h5_path.exists():
@@ -206,6 +208,9 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
             f"{h5_path}: scores {scores.shape}, train_ids {train_ids.shape} and {len(query_ids)} query ids do not agree"
         )
     listing = _load_listing(root / "topk.jsonl", attrs.get("run_id"))
+    if data:
+        ranked = np.concatenate([train_ids] + ([bottom[1]] if bottom is not None else []), axis=1)
+        _texts_from_data(attrs, data, query_ids, ranked, listing)
     esc = html.escape
     n_q, k = scores.shape
     meta = (
@@ -250,6 +255,24 @@ def render_report(results_dir: str | Path, *, max_queries: int = 50, max_chars: 
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>LoGra attributions</title>'
         f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>"
     )
+
+
+def _texts_from_data(attrs: dict[str, Any], data: list[str], query_ids, ranked, listing: dict[int, dict]) -> None:
+    """Fill each query's training texts (`ranked`: its listed train ids) from `data`, verified
+    per sample against the index's digests (a changed file is refused)."""
+    from logra_dist.cli.sources import _texts_of
+    from logra_dist.index.format import read_manifest
+
+    if "index" not in attrs:
+        raise ValueError("report --data: topk.h5 does not name its index (scored by an older version)")
+    index = Path(str(attrs["index"]))
+    texts = _texts_of(index, read_manifest(index / "manifest.json"), f"training index {index}", data=data)
+    if texts is None:
+        return
+    texts.load(ranked[ranked >= 0])
+    for qid, row in zip(query_ids.tolist(), ranked):
+        item = listing.setdefault(int(qid), {"prompt": "", "completion": "", "train": {}})
+        item["train"] = {int(t): texts(int(t)) for t in row if t >= 0}
 
 
 def write_report(results_dir: str | Path, out: str | Path | None = None, **kwargs: Any) -> Path:

@@ -43,3 +43,27 @@ def test_the_worked_example_runs_as_written(tmp_path):
     manifest = json.loads((tmp_path / "runs/my-index/manifest.json").read_text())
     assert manifest["total_rows"] == 48
     assert (tmp_path / "runs/my-index/metrics.json").is_file()
+
+    # the data moves: score lists no texts; report --data reads them from the new place, verified
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "my_train.jsonl").rename(moved / "my_train.jsonl")
+    score = commands[2].split()[1:]
+    score[0] = str(ROOT / score[0])
+    out = _run([sys.executable, *score[:-3], "--out", "runs/moved-scores", "--no-wandb"], tmp_path)
+    assert "training texts unavailable" in out.stdout
+    report = [sys.executable, "-m", "logra_dist.cli", "report", "runs/moved-scores"]
+    _run(report, tmp_path)
+    assert top["text"] not in (tmp_path / "runs/moved-scores/report.html").read_text()
+    _run([*report, "--data", str(moved / "my_train.jsonl")], tmp_path)
+    assert top["text"] in (tmp_path / "runs/moved-scores/report.html").read_text()
+    lines = (moved / "my_train.jsonl").read_text().splitlines()
+    lines[top["train_id"]] = lines[top["train_id"]].replace("comets", "planets")
+    (moved / "my_train.jsonl").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [*report, "--data", str(moved / "my_train.jsonl")], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode != 0 and f"sample {top['train_id']} " in proc.stderr and "differs" in proc.stderr, (
+        proc.stderr
+    )
