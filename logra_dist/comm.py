@@ -7,6 +7,7 @@ same order. Engines initialize the group (DeepSpeed, torchrun, MPI); this module
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,8 +80,10 @@ def all_gather_objects(obj: object) -> list:
 # memory is one bucket whatever the statistics' size (a raw Fisher at k=64 is GBs), and at 64 MiB
 # a gloo collective is near its bandwidth (an all-reduce of 64 MiB: ~48 ms on 2 ranks here).
 REDUCE_BUCKET_BYTES = 64 << 20
-# A rank waiting on rank 0's work alone (comm.rank0_alone) polls for its outcome at most this long.
-RANK0_WAIT_S = float(os.environ.get("LOGRA_DIST_RANK0_WAIT_S") or 24 * 3600)
+# While rank 0 works alone (`rank0_alone`) it rewrites its status file every RANK0_HEARTBEAT_S;
+# a waiting rank gives up once the file is older than RANK0_STALE_S (rank 0 killed or hung).
+RANK0_HEARTBEAT_S = 1.0
+RANK0_STALE_S = float(os.environ.get("LOGRA_DIST_RANK0_STALE_S") or 120.0)
 
 
 def reduce_sum_into(tensors: list[torch.Tensor], dst: int, bucket_bytes: int | None = None) -> int:
@@ -134,35 +137,55 @@ def rank0_alone(work: Callable[[], Any], status: Path, key: str, poll_s: float =
 
     A gloo barrier aborts a waiting rank once the group's timeout passes (30 min by default),
     however healthy rank 0 is; so rank 0 writes its outcome ("<key> ok" or "<key> error: ...")
-    to `status` (a shared file system, as the index is) and the others poll that file, sleeping
-    between looks (10 ms growing to 1 s), up to RANK0_WAIT_S. A failure on rank 0 is raised on
-    every rank. Then one barrier, short: everyone is there. Rank 0 must remove a stale `status`
-    before the last collective preceding this call (`key` names the job as a second guard)."""
+    to `status` (on the index's shared file system), rewriting "<key> running" there every
+    RANK0_HEARTBEAT_S meanwhile, and the others poll that file (10 ms growing to 1 s between
+    looks). A failure on rank 0 is raised on every rank; a heartbeat older than RANK0_STALE_S
+    (rank 0 killed or hung) too. Then one barrier, short: everyone is there. Rank 0 must remove
+    a stale `status` before the last collective preceding this call (`key` names the job too)."""
     if not is_distributed():
         return work()
     if rank() == 0:
+        stop = threading.Event()
+        beat = threading.Thread(target=_heartbeat, args=(status, f"{key} running", stop), daemon=True)
+        beat.start()
         try:
             out = work()
         except BaseException as e:
+            stop.set()
+            beat.join()
             _write_status(status, f"{key} error: {type(e).__name__}: {e}")
             raise
+        stop.set()
+        beat.join()
         _write_status(status, f"{key} ok")
         dist.barrier()
         status.unlink(missing_ok=True)
         return out
-    deadline, pause = time.monotonic() + RANK0_WAIT_S, poll_s
+    pause, since = poll_s, time.time()
     while True:
-        text = status.read_text() if status.exists() else ""
+        text, age = "", time.time() - since
+        if status.exists():
+            text, age = status.read_text(), time.time() - status.stat().st_mtime
         if text.startswith(f"{key} ok"):
             break
         if text.startswith(f"{key} error"):
             raise RuntimeError(f"rank 0 failed while this rank waited for it: {text[len(key) + 1 :]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not finish its work within {RANK0_WAIT_S:.0f} s (no {status})")
+        if age > RANK0_STALE_S:
+            raise TimeoutError(
+                f"rank 0 gave no sign of life in {status} for {age:.0f} s (killed or hung?); "
+                "the shards are complete: rerun the same command with --resume to finish the index"
+            )
         time.sleep(pause)
         pause = min(1.0, pause * 1.5)
     dist.barrier()
     return None
+
+
+def _heartbeat(path: Path, text: str, stop: threading.Event) -> None:
+    while True:
+        _write_status(path, text)
+        if stop.wait(RANK0_HEARTBEAT_S):
+            return
 
 
 def _write_status(path: Path, text: str) -> None:

@@ -32,7 +32,7 @@ from logra_dist.config import MODEL_FISHERS, LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.curvature.base import Factors
-from logra_dist.core.curvature.finalize import FinalizeReport, decompose_to_rank0, reduce_to_owners
+from logra_dist.core.curvature.finalize import FinalizeReport, finalize_statistics
 from logra_dist.core.projection import LayerSpec
 from logra_dist.data import DataIdentity
 from logra_dist.engines.fingerprint import model_fingerprint
@@ -352,9 +352,10 @@ class Logger(GradientSession):
 
     # -- end of epoch -----------------------------------------------------------------------
     def finalize(self) -> dict[str, Any]:
-        """Collective: build this rank's shard, ONE all-reduce of statistics, counts and shard
-        fingerprints, then rank 0 writes stats.h5 and manifest.json. Returns the manifest. Safe
-        to re-run after a kill (resume=True): complete shards are adopted, not rebuilt."""
+        """Collective: build this rank's shard, one small all-reduce of counts and shard
+        fingerprints, each layer's statistics reduced onto and decomposed by its owner rank,
+        then rank 0 writes stats.h5 and manifest.json. Returns the manifest. Safe to re-run
+        after a kill (resume=True): complete shards are adopted, not rebuilt."""
         self._require("finalize()", Phase.LOGGING)
         with self.tracker.phase("write-drain"):  # close() waits for the writer: views, no copy
             self._writer.close(
@@ -445,16 +446,11 @@ class Logger(GradientSession):
 
     def _decompose(self) -> Factors:
         """Every layer's eigendecomposition, on rank 0 (empty elsewhere, and without statistics)."""
-        acc = self.accumulator
-        if not acc.needs_statistics or acc.samples <= 0:
+        if not self.accumulator.needs_statistics or self.accumulator.samples <= 0:
             return {}
-        report = FinalizeReport()
-        with self.tracker.phase("all-reduce"):
-            reduce_to_owners(acc, report)
-        with self.tracker.phase("eigh"):
-            layers = decompose_to_rank0(acc, self.config.damping, self.device, report)
-        self.tracker.count(finalize_float64_layers=len(report.float64_layers))
-        self.finalize_report = report
+        layers, self.finalize_report = finalize_statistics(
+            self.accumulator, self.config.damping, self.device, self.tracker
+        )
         return layers
 
     def _gather_nonfinite(self, total: int) -> list[int]:

@@ -51,7 +51,8 @@ def bucket_check(rank: int) -> dict:
 
 
 def rank0_alone_check(rank: int, out: Path) -> dict:
-    """Rank 0 works alone 1.5x the group timeout; then fails; then a plain barrier (control)."""
+    """Rank 0 works alone 1.5x the group timeout; then fails; then a plain barrier (control);
+    then its heartbeat stops."""
     status = out / "status"
     if rank == 0:
         status.unlink(missing_ok=True)
@@ -77,6 +78,13 @@ def rank0_alone_check(rank: int, out: Path) -> dict:
         result["plain_barrier"] = "ok"
     except Exception as e:
         result["plain_barrier"] = f"{type(e).__name__}"
+    # last (the group is broken after): rank 0's heartbeat stops, as if it were killed
+    comm.RANK0_STALE_S, comm.RANK0_HEARTBEAT_S = 2.0, 1000.0
+    try:
+        comm.rank0_alone(lambda: time.sleep(2.0), status, "job-c")
+        result["stale"] = None
+    except Exception as e:
+        result["stale"] = f"{type(e).__name__}: {e}"
     return result
 
 

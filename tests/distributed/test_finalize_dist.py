@@ -120,7 +120,7 @@ def test_bucketed_reduce_equals_one_all_reduce(runs):
         assert [checks[b]["calls"] for b in ("24", "800", "1048576")] == [35, 2, 1], checks
 
 
-def test_rank0_alone_outlasts_the_group_timeout_and_passes_on_its_error(runs):
+def test_rank0_alone_outlasts_the_group_timeout_passes_on_its_error_and_sees_it_die(runs):
     for rank in (0, 1):
         c = json.loads((runs[2] / f"checks-rank{rank}.json").read_text())["rank0_alone"]
         assert c["waited_s"] > 1.4 * finalize_worker.GROUP_TIMEOUT_S, c  # longer than gloo's timeout, no error
@@ -128,3 +128,5 @@ def test_rank0_alone_outlasts_the_group_timeout_and_passes_on_its_error(runs):
         if rank == 1:
             assert c["error"].startswith("RuntimeError: rank 0 failed while this rank waited for it"), c
         assert c["plain_barrier"] == "RuntimeError", c  # the control: one long barrier does time out
+    stale = json.loads((runs[2] / "checks-rank1.json").read_text())["rank0_alone"]["stale"]
+    assert stale.startswith("TimeoutError: rank 0 gave no sign of life"), stale

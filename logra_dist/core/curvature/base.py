@@ -1,8 +1,9 @@
 """The curvature interface: one class per kind, registered by name in CURVATURES.
 
 A kind has two sides. While logging, an instance holds per-rank sums and counts: every statistic
-is a sum, so ranks accumulate locally and `flat()` packs all of them into one float64 buffer for
-the single all-reduce of a logging job. `preconditioner(damping)` then finalizes into a new
+is a sum, so ranks accumulate locally (`snapshot()`/`flat()` pack them for commits and resume)
+and finalize sums each layer's onto one rank (`layer_sums`, core/curvature/finalize.py), which
+decomposes it (`layer_factors`). `preconditioner(damping)` finalizes serially into a new
 instance of the same kind holding per layer the eigendecomposition of F_l (`layers`, the fields
 of `stats.h5`) and lambda_l = damping x mean eigenvalue of F_l, and applies (F_l + lambda_l I)^-1.
 The scorer rebuilds that side from `stats.h5` with `from_state`.

@@ -28,6 +28,7 @@ import torch
 from logra_dist import comm
 from logra_dist.core.curvature.base import Curvature, Factors
 from logra_dist.core.projection import LayerSpec
+from logra_dist.tracking import NULL_TRACKER, NullTracker
 
 FLOAT32_ERROR_FACTOR = 4.0
 FLOAT32_MAX_ERROR = 1e-3
@@ -137,6 +138,20 @@ def decompose_to_rank0(
                 )
         report.transfer_s += time.perf_counter() - start
     return layers
+
+
+def finalize_statistics(
+    curvature: Curvature, damping: float, device="cpu", tracker: NullTracker = NULL_TRACKER
+) -> tuple[Factors, FinalizeReport]:
+    """Collective: `reduce_to_owners` then `decompose_to_rank0`, timed as the tracker's
+    "all-reduce" and "eigh" phases. Rank 0 gets every layer's factors, the others {}."""
+    report = FinalizeReport()
+    with tracker.phase("all-reduce"):
+        reduce_to_owners(curvature, report)
+    with tracker.phase("eigh"):
+        layers = decompose_to_rank0(curvature, damping, device, report)
+    tracker.count(finalize_float64_layers=len(report.float64_layers))
+    return layers, report
 
 
 def _numel(curvature: Curvature, spec: LayerSpec) -> tuple[int]:
