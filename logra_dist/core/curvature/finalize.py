@@ -16,6 +16,7 @@ FLOAT32_ERROR_FACTOR x eps_32 x kappa in relative norm (measured <= 1.8 x eps_32
 widths 256-2048 and damping 1e-3..1; tests/core/test_finalize.py checks the bound). Float32 is
 kept when that bound is <= FLOAT32_MAX_ERROR; a layer beyond it (small damping, very steep
 spectrum) is recomputed in float64 and stored so, since float32 would change its scores.
+Statistics accumulated in float64 (compute_dtype="float64") are decomposed in float64.
 """
 
 from __future__ import annotations
@@ -79,18 +80,27 @@ def reduce_to_owners(curvature: Curvature, report: FinalizeReport | None = None)
 def decompose_layer(
     curvature: Curvature, spec: LayerSpec, damping: float, device="cpu"
 ) -> tuple[dict[str, torch.Tensor], torch.dtype]:
-    """One layer's factors (on the CPU) in float32 if its error bound allows, else float64."""
+    """One layer's factors (on the CPU) in float32 if its error bound allows, else float64.
+    Statistics kept in float64 (compute_dtype="float64", a deliberate choice) stay float64."""
+    if curvature.dtype == torch.float64:
+        factors = curvature.layer_factors(spec, torch.float64, device)
+        _check_lambda(spec, damping * curvature.mean_eigenvalue(factors), damping)
+        return {k: v.cpu() for k, v in factors.items()}, torch.float64
     factors = curvature.layer_factors(spec, torch.float32, device)
     lam = damping * curvature.mean_eigenvalue(factors)
+    _check_lambda(spec, lam, damping)
+    if float32_error_bound((curvature.max_eigenvalue(factors) + lam) / lam) > FLOAT32_MAX_ERROR:
+        factors = curvature.layer_factors(spec, torch.float64, device)
+        return {k: v.cpu() for k, v in factors.items()}, torch.float64
+    return {k: v.cpu() for k, v in factors.items()}, torch.float32
+
+
+def _check_lambda(spec: LayerSpec, lam: float, damping: float) -> None:
     if lam <= 0:
         raise ValueError(
             f"layer {spec.name!r}: damping {damping} x mean eigenvalue gives lambda={lam}; the matrix "
             "is singular without damping (no samples, or all gradients zero)"
         )
-    if float32_error_bound((curvature.max_eigenvalue(factors) + lam) / lam) > FLOAT32_MAX_ERROR:
-        factors = curvature.layer_factors(spec, torch.float64, device)
-        return {k: v.cpu() for k, v in factors.items()}, torch.float64
-    return {k: v.cpu() for k, v in factors.items()}, torch.float32
 
 
 def decompose_to_rank0(
