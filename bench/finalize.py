@@ -86,6 +86,7 @@ def launch(world: int, k: int, layers: str, samples: int, threads: int) -> dict:
         cmd += [__file__, "--worker", "--index", f"{tmp}/index", "--result", str(result), "--k", str(k)]
         cmd += ["--layers", layers, "--samples", str(samples), "--threads", str(threads)]
         env = dict(os.environ, PYTHONPATH=str(HERE.parent), WANDB_MODE="disabled", OMP_NUM_THREADS=str(threads))
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared cores: a spinning 2-thread BLAS stalls (figure 5)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
