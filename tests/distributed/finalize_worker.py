@@ -1,7 +1,7 @@
 """One rank of the distributed-finalize test (tests/distributed/test_finalize_dist.py), under torchrun.
 
 Logs the tiny MLP of tests/faults/mlp_worker.py (rank r: samples r, r+world, ...) with raw and
-kfac curvature, once with the default bucket and once with buckets of a few floats (tensors
+kfac curvature (and ekfac), once with the default bucket and once with buckets of a few floats (tensors
 split across buckets, several layers sharing one); then checks the bucketed reduce against one
 unbucketed all-reduce and `comm.rank0_alone` against a group timeout shorter than rank 0's work.
 Writes <out>/checks-rank<R>.json.
@@ -99,6 +99,7 @@ def main() -> None:
     for hessian in ("raw", "kfac"):
         log(out / hessian, hessian, 64 << 20, args.n)
         log(out / f"{hessian}-small-buckets", hessian, 24, args.n)
+    log(out / "ekfac", "ekfac", 64 << 20, args.n)
     checks: dict = {"rank": info.rank}
     if info.world_size >= 2:
         checks["buckets"] = bucket_check(info.rank)

@@ -1,7 +1,7 @@
 """Distributed finalize equals serial finalize (tests/distributed/finalize_worker.py).
 
 The same 40 samples of the tiny MLP are logged by 1 process (the serial reference, in-process),
-2 and 3 torchrun ranks (gloo), with raw and kfac curvature and with buckets of 3 floats: the
+2 and 3 torchrun ranks (gloo), with raw, kfac and ekfac curvature and with buckets of 3 floats: the
 stats.h5 of each encodes the same matrices (eigenvectors compared through V diag(e) V^T, being
 defined only up to sign and rotation), the same lambdas, and the same scores on top of them;
 and the serial one's scores equal an explicit float64 solve. Also, on 2 ranks: the bucketed
@@ -30,14 +30,14 @@ import finalize_worker  # noqa: E402
 from jobs import free_port, run_job  # noqa: E402
 
 N = 40
-VARIANTS = ["raw", "kfac", "raw-small-buckets", "kfac-small-buckets"]
+VARIANTS = ["raw", "kfac", "raw-small-buckets", "kfac-small-buckets", "ekfac"]
 DAMPING = 1.0  # mlp_worker's config: the default
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, Path]:
     out = {1: tmp_path_factory.mktemp("serial")}
-    for hessian in ("raw", "kfac"):  # in-process, no process group: the serial finalize
+    for hessian in ("raw", "kfac", "ekfac"):  # in-process, no process group: the serial finalize
         finalize_worker.log(out[1] / hessian, hessian, 64 << 20, N)
     for world in (2, 3):
         out[world] = tmp_path_factory.mktemp(f"world{world}")
