@@ -1,8 +1,10 @@
 """The logging orchestrator: attach to a model or engine, capture batches, finalize the index.
 
 Per batch nothing crosses ranks: rows go to this rank's shard through a background writer and
-statistics accumulate locally. `finalize()` is the collective point of the epoch: one all-reduce
-of every statistic and count, then rank 0 writes `stats.h5` and `manifest.json`. `attach()` does
+statistics accumulate locally. `finalize()` is the collective point of the epoch: one small
+all-reduce of the counts, each layer's statistics summed onto the rank that decomposes them (in
+buckets; core/curvature/finalize.py), the decompositions sent to rank 0, which writes `stats.h5`
+and `manifest.json`. `attach()` does
 one tiny all-reduce too, so that every rank agrees to start, resume (resume=True) or refuse
 (docs/reliability.md). Every `flush_rows` logged rows (at most once per `commit_seconds`, and
 per 20x the last commit's cost) the shard commits them with the statistics covering exactly
@@ -29,6 +31,8 @@ from logra_dist import comm
 from logra_dist.config import MODEL_FISHERS, LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
+from logra_dist.core.curvature.base import Factors
+from logra_dist.core.curvature.finalize import FinalizeReport, finalize_statistics
 from logra_dist.core.projection import LayerSpec
 from logra_dist.data import DataIdentity
 from logra_dist.engines.fingerprint import model_fingerprint
@@ -59,6 +63,8 @@ from logra_dist.tracking import NullTracker
 # 0.74 GB on the embedded model, 3.7 GB on the 25M one), whose commit takes seconds, so flush_rows
 # and the time floor alone could spend a large share of a fast model's time on commits.
 COMMIT_SHARE = 0.05
+# Rank 0 writes the outcome of its stats.h5 + manifest work here; the other ranks poll it.
+FINALIZE_STATUS = ".finalize-status"
 
 
 def _digest_words(digest: str) -> tuple[int, int]:
@@ -97,6 +103,7 @@ class Logger(GradientSession):
 
     _written = (0.0, 0)  # (seconds, bytes) of this logger's writers already closed (tracker figures)
     _signals = StopOnSignals()  # replaced by an installed one in __init__; this one restores nothing
+    finalize_report: FinalizeReport | None = None  # where finalize's time went (set by finalize)
 
     def __init__(
         self,
@@ -345,9 +352,10 @@ class Logger(GradientSession):
 
     # -- end of epoch -----------------------------------------------------------------------
     def finalize(self) -> dict[str, Any]:
-        """Collective: build this rank's shard, ONE all-reduce of statistics, counts and shard
-        fingerprints, then rank 0 writes stats.h5 and manifest.json. Returns the manifest. Safe
-        to re-run after a kill (resume=True): complete shards are adopted, not rebuilt."""
+        """Collective: build this rank's shard, one small all-reduce of counts and shard
+        fingerprints, each layer's statistics reduced onto and decomposed by its owner rank,
+        then rank 0 writes stats.h5 and manifest.json. Returns the manifest. Safe to re-run
+        after a kill (resume=True): complete shards are adopted, not rebuilt."""
         self._require("finalize()", Phase.LOGGING)
         with self.tracker.phase("write-drain"):  # close() waits for the writer: views, no copy
             self._writer.close(
@@ -355,8 +363,11 @@ class Logger(GradientSession):
             )
         self.bytes_written = self._writer.bytes_written
         self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
-        manifest = self._finished_manifest() if self._finished else self._reduce_and_write()
-        comm.barrier()  # manifest.json exists: the per-rank statistics are no longer needed
+        if self._finished:
+            manifest = self._finished_manifest()
+            comm.barrier()
+        else:  # ends when manifest.json exists: the per-rank statistics are no longer needed
+            manifest = self._reduce_and_write()
         rank_stats_path(shard_path(self.out_dir, self.rank)).unlink(missing_ok=True)
         self._locks.release()
         self._writer, self.phase = None, Phase.FINALIZED
@@ -390,18 +401,23 @@ class Logger(GradientSession):
             )
 
     def _reduce_and_write(self) -> dict[str, Any]:
-        """The one all-reduce of statistics, counts and fingerprints; rank 0 writes the files."""
+        """One small all-reduce of counts and fingerprints; the statistics summed onto and
+        decomposed by each layer's owner rank (core/curvature/finalize.py); rank 0 writes the
+        files while the others poll for the outcome (comm.rank0_alone)."""
         w = self.world_size
+        status = self.out_dir / FINALIZE_STATUS
+        if self.rank == 0:
+            status.unlink(missing_ok=True)  # a previous attempt's, before the collective below
         info = torch.zeros(5 * w + 1, dtype=torch.float64)
         info[self.rank] = self._writer.rows_total
         info[w + self.rank], info[2 * w + self.rank] = _digest_words(self._writer.ids_digest)
         content = shard_content_digest(shard_path(self.out_dir, self.rank))
         info[3 * w + self.rank], info[4 * w + self.rank] = _digest_words(content)
         info[-1] = len(self.nonfinite_ids)
-        local = self.accumulator.flat()
+        local = self.accumulator.counts()
         with self.tracker.phase("all-reduce"):
             reduced = comm.all_reduce_sum(torch.cat([local, info]))
-        self.accumulator.load_flat(reduced[: local.numel()])
+        self.accumulator.load_counts(reduced[: local.numel()])
         if self.config.fisher in MODEL_FISHERS and self.accumulator.needs_statistics and self.accumulator.samples == 0:
             raise RuntimeError(
                 f"fisher={self.config.fisher!r} but no batch was captured inside statistics_pass(): the "
@@ -418,11 +434,24 @@ class Logger(GradientSession):
             )
         manifest = self._manifest(counts[:w], digests, nonfinite, contents)
         self._warn_nonfinite(nonfinite)
-        if self.rank == 0:
-            with self.tracker.phase("stats"):  # eigendecomposition, damping, stats.h5
-                self._write_stats(manifest)
+        layers = self._decompose()
+
+        def write() -> None:
+            with self.tracker.phase("stats"):  # damping, stats.h5
+                self._write_stats(manifest, layers)
             write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
+
+        comm.rank0_alone(write, status, manifest["shards_digest"])
         return manifest
+
+    def _decompose(self) -> Factors:
+        """Every layer's eigendecomposition, on rank 0 (empty elsewhere, and without statistics)."""
+        if not self.accumulator.needs_statistics or self.accumulator.samples <= 0:
+            return {}
+        layers, self.finalize_report = finalize_statistics(
+            self.accumulator, self.config.damping, self.device, self.tracker
+        )
+        return layers
 
     def _gather_nonfinite(self, total: int) -> list[int]:
         if total == 0:
@@ -449,11 +478,11 @@ class Logger(GradientSession):
             content_digests=contents,
         ).to_dict()
 
-    def _write_stats(self, manifest: dict[str, Any]) -> None:
+    def _write_stats(self, manifest: dict[str, Any], layers: Factors) -> None:
         state: dict[str, np.ndarray] = {}
         lambdas: dict[str, float] = {}
-        if self.accumulator.needs_statistics and self.accumulator.samples > 0:
-            pre = self.accumulator.preconditioner(self.config.damping)
+        if layers:
+            pre = type(self.accumulator).from_factors(self.specs, self.config.damping, layers)
             state.update(pre.state())
             lambdas = pre.lambdas
         for name, (p_in, p_out) in self.projections.items():

@@ -248,8 +248,10 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         samples = share.samples(logger.done_ids)
         tokens = stream_samples(logger, samples, todo, args.batch_size, pad_id, tracker, statistics=statistics)
         elapsed = time.perf_counter() - start
+        start_finalize = time.perf_counter()
         with tracker.phase("finalize"):
             manifest = logger.finalize()
+        finalize_s = time.perf_counter() - start_finalize
     finally:
         logger.close()  # unfinalized (error, SIGINT/SIGTERM): the partial shard is kept for --resume
     tracker.finish(
@@ -263,6 +265,6 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     say(
         f"logged {manifest['total_rows']} samples into {args.out} ({len(manifest['shards'])} shard(s), "
         f"D={manifest['width']}); rank 0: {tokens} tokens in {elapsed:.2f}s = "
-        f"{tokens / max(elapsed, 1e-9):.0f} tokens/s"
+        f"{tokens / max(elapsed, 1e-9):.0f} tokens/s; finalize {finalize_s:.2f}s"
     )
     return manifest

@@ -233,8 +233,17 @@ def check_case(case_dir: Path, case: str, reference, world: int = 2, bf16: bool 
         else:
             assert ops == {}, ops
             assert r["local_param_numel"] == ref_report["local_param_numel"]
-        # finalize: ONE all-reduce of every statistic, then the barrier after rank 0 writes
-        assert r["finalize_collectives"] == {"c10d::allreduce_": 1, "c10d::barrier": 1}
+        # finalize (core/curvature/finalize.py): one all-reduce of the counts, the sums reduced
+        # onto their owners (layer i on rank i mod 2; one bucket each here), one status
+        # all-reduce per round of 2 layers, rank 1's layers sent to rank 0, then one barrier
+        layers = len(r["layers"])
+        transfer = {"c10d::recv_": layers // 2} if r["rank"] == 0 else {"c10d::send": layers // 2}
+        assert r["finalize_collectives"] == {
+            "c10d::allreduce_": 1 + (layers + 1) // 2,
+            "c10d::reduce_": 2,
+            "c10d::barrier": 1,
+            **transfer,
+        }
     if engine in SHARDED:  # collective forward: every rank ran the same number of batches
         assert len({r["steps"] for r in reports}) == 1
         assert all(r["steps"] == r["batches"] + r["shadow_batches"] for r in reports)

@@ -427,8 +427,8 @@ def test_nonfinite_sample_is_reported_and_left_out_of_rows_and_statistics(tmp_pa
     np.testing.assert_array_equal(gi, wi)
     np.testing.assert_allclose(gr, wr, rtol=1e-5, atol=1e-7)  # batches differ by one sample
     gf, wf = fisher_matrices(tmp_path / "nan"), fisher_matrices(tmp_path / "without")
-    for key in wf:
-        np.testing.assert_allclose(gf[key], wf[key], rtol=1e-6, atol=1e-9, err_msg=key)
+    for key in wf:  # decomposed in float32 (core/curvature/finalize.py): V e V^T within ~10 eps32 ||F||
+        np.testing.assert_allclose(gf[key], wf[key], rtol=1e-5, atol=1e-6 * np.abs(wf[key]).max(), err_msg=key)
 
 
 def test_an_id_logged_twice_is_refused_at_capture(tmp_path):

@@ -1,8 +1,9 @@
 """The curvature interface: one class per kind, registered by name in CURVATURES.
 
 A kind has two sides. While logging, an instance holds per-rank sums and counts: every statistic
-is a sum, so ranks accumulate locally and `flat()` packs all of them into one float64 buffer for
-the single all-reduce of a logging job. `preconditioner(damping)` then finalizes into a new
+is a sum, so ranks accumulate locally (`snapshot()`/`flat()` pack them for commits and resume)
+and finalize sums each layer's onto one rank (`layer_sums`, core/curvature/finalize.py), which
+decomposes it (`layer_factors`). `preconditioner(damping)` finalizes serially into a new
 instance of the same kind holding per layer the eigendecomposition of F_l (`layers`, the fields
 of `stats.h5`) and lambda_l = damping x mean eigenvalue of F_l, and applies (F_l + lambda_l I)^-1.
 The scorer rebuilds that side from `stats.h5` with `from_state`.
@@ -70,6 +71,20 @@ class Curvature(TokenStatistics):
     def _counts(self) -> list[float]:
         return [self.samples] + [self.tokens[s.name] for s in self.specs]
 
+    def counts(self) -> torch.Tensor:
+        """The counts (samples, then tokens per layer) as float64: finalize sums them with the
+        job's other small figures, apart from the sums (`layer_sums`)."""
+        return torch.tensor(self._counts(), dtype=torch.float64)
+
+    def load_counts(self, counts: torch.Tensor | list[float]) -> None:
+        counts = [float(c) for c in counts]
+        self.samples = counts[0]
+        self.tokens = {s.name: c for s, c in zip(self.specs, counts[1:])}
+
+    def layer_sums(self, spec: LayerSpec) -> list[torch.Tensor]:
+        """The live sums of one layer, in `sum_shapes` order (finalize reduces them in place)."""
+        return [self.sums[f"{spec.name}/{field}"] for field in self.sum_shapes(spec)]
+
     def flat(self) -> torch.Tensor:
         """Every sum and count in one float64 vector (the only all-reduce of a logging job)."""
         self.flush()
@@ -83,9 +98,7 @@ class Curvature(TokenStatistics):
             n = t.numel()
             self.sums[key] = flat[offset : offset + n].reshape(t.shape).to(dtype=torch.float64)
             offset += n
-        counts = flat[offset:].tolist()
-        self.samples = counts[0]
-        self.tokens = {s.name: c for s, c in zip(self.specs, counts[1:])}
+        self.load_counts(flat[offset:].tolist())
 
     def snapshot(self, copy: bool = True) -> list[np.ndarray]:
         """Every sum in its own dtype, then the counts (float64): the float64 concatenation of
@@ -109,9 +122,30 @@ class Curvature(TokenStatistics):
         self.load_flat(torch.cat([torch.from_numpy(np.asarray(p)).reshape(-1).to(torch.float64) for p in parts]))
 
     # -- finalize: eigendecompositions and damping ---------------------------------------------
-    def factors(self) -> Factors:
-        """Per layer the eigendecomposition of the (all-reduced) statistics."""
+    # A kind with statistics implements the per-layer trio below; `factors()` (serial, float64)
+    # and the distributed finalize (core/curvature/finalize.py: layer i on rank i mod world,
+    # float32 where accurate) both build on it.
+    def factor_shapes(self, spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+        """The fields `layer_factors` returns for a layer, with their shapes (in that order)."""
         return {}
+
+    def layer_factors(
+        self, spec: LayerSpec, dtype: torch.dtype = torch.float64, device="cpu"
+    ) -> dict[str, torch.Tensor]:
+        """One layer's eigendecomposition of the (summed) statistics, computed in `dtype` on
+        `device`; only that layer's sums need to be complete."""
+        raise NotImplementedError
+
+    def max_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
+        """The largest eigenvalue of a layer's matrix (its condition number bounds float32's error)."""
+        raise NotImplementedError
+
+    def factors(self) -> Factors:
+        """Per layer the eigendecomposition of the (all-reduced) statistics, in float64."""
+        self.flush()
+        if not self.needs_statistics:
+            return {}
+        return {s.name: self.layer_factors(s) for s in self.specs}
 
     def mean_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
         raise NotImplementedError

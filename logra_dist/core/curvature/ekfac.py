@@ -21,7 +21,7 @@ import threading
 import numpy as np
 import torch
 
-from logra_dist.core.curvature.base import Curvature, Factors
+from logra_dist.core.curvature.base import Curvature
 from logra_dist.core.curvature.kfac import KFAC
 from logra_dist.core.curvature.raw import Raw
 from logra_dist.core.projection import LayerSpec
@@ -43,14 +43,20 @@ class EKFAC(KFAC, Raw):
         fisher = [key.endswith("/fisher") for key in self.sums]
         return [p if i < len(fisher) and fisher[i] else p.copy() for i, p in enumerate(parts)], released
 
-    def factors(self) -> Factors:
-        layers = KFAC.factors(self)
-        samples = max(self.samples, 1.0)
-        for s in self.specs:
-            f = layers[s.name]
-            fisher = self.sums[f"{s.name}/fisher"].double() / samples
-            f["evals"] = refit_eigenvalues(fisher, f["grad_evecs"], f["act_evecs"]).clamp_min(0)
-        return layers
+    def factor_shapes(self, spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+        return {**KFAC.factor_shapes(self, spec), "evals": (spec.k_out, spec.k_in)}
+
+    def layer_factors(
+        self, spec: LayerSpec, dtype: torch.dtype = torch.float64, device="cpu"
+    ) -> dict[str, torch.Tensor]:
+        """KFAC's eigenbases of the layer, then the eigenvalues refit on its (summed) Fisher."""
+        f = KFAC.layer_factors(self, spec, dtype, device)
+        fisher = self.sums[f"{spec.name}/fisher"].to(device=device, dtype=dtype) / max(self.samples, 1.0)
+        f["evals"] = refit_eigenvalues(fisher, f["grad_evecs"], f["act_evecs"]).clamp_min(0)
+        return f
+
+    def max_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
+        return float(factors["evals"].max())
 
     def mean_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
         return float(factors["evals"].mean())  # = trace(F) / (k_in k_out): the basis is orthonormal

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from logra_dist.core.curvature.base import Curvature, Factors
+from logra_dist.core.curvature.base import Curvature
 from logra_dist.core.projection import LayerSpec
 
 
@@ -38,21 +38,28 @@ class KFAC(Curvature):
             out[s.name] = (self.sums[f"{s.name}/act"].double() / tokens, self.sums[f"{s.name}/grad"].double() / samples)
         return out
 
-    def factors(self) -> Factors:
-        layers = {}
-        for name, (a, g) in self.covariances().items():
-            ea, va = torch.linalg.eigh(a)
-            eg, vg = torch.linalg.eigh(g)
-            layers[name] = {
-                "act_evals": ea.clamp_min(0),
-                "act_evecs": va,
-                "grad_evals": eg.clamp_min(0),
-                "grad_evecs": vg,
-            }
-        return layers
+    def factor_shapes(self, spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+        return {
+            "act_evals": (spec.k_in,),
+            "act_evecs": (spec.k_in, spec.k_in),
+            "grad_evals": (spec.k_out,),
+            "grad_evecs": (spec.k_out, spec.k_out),
+        }
+
+    def layer_factors(
+        self, spec: LayerSpec, dtype: torch.dtype = torch.float64, device="cpu"
+    ) -> dict[str, torch.Tensor]:
+        self.flush()
+        tokens, samples = max(self.tokens[spec.name], 1.0), max(self.samples, 1.0)
+        ea, va = torch.linalg.eigh(self.sums[f"{spec.name}/act"].to(device=device, dtype=dtype) / tokens)
+        eg, vg = torch.linalg.eigh(self.sums[f"{spec.name}/grad"].to(device=device, dtype=dtype) / samples)
+        return {"act_evals": ea.clamp_min(0), "act_evecs": va, "grad_evals": eg.clamp_min(0), "grad_evecs": vg}
+
+    def max_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
+        return float(factors["act_evals"].max()) * float(factors["grad_evals"].max())
 
     def mean_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
-        return float(factors["act_evals"].mean() * factors["grad_evals"].mean())  # that of the Kronecker product
+        return float(factors["act_evals"].double().mean() * factors["grad_evals"].double().mean())  # of S (x) A
 
     def eigenvalues(self, factors: dict[str, torch.Tensor]) -> torch.Tensor:
         """(k_out, k_in) eigenvalues of S (x) A in the factors' eigenbasis (EKFAC would refit them)."""

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import torch
 
-from logra_dist.core.curvature.base import Curvature, Factors
+from logra_dist.core.curvature.base import Curvature
 from logra_dist.core.projection import LayerSpec
 
 # Rows are buffered and the Fisher updated by one GEMM per layer every this many rows. A
@@ -110,15 +110,21 @@ class Raw(Curvature):
         super().load_flat(flat)
 
     # -- preconditioner -------------------------------------------------------------------------
-    def factors(self) -> Factors:
-        layers, samples = {}, max(self.samples, 1.0)
-        for s in self.specs:
-            evals, evecs = torch.linalg.eigh(self.sums[f"{s.name}/fisher"].double() / samples)
-            layers[s.name] = {"evals": evals.clamp_min(0), "evecs": evecs}
-        return layers
+    def factor_shapes(self, spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+        return {"evals": (spec.width,), "evecs": (spec.width, spec.width)}
+
+    def layer_factors(
+        self, spec: LayerSpec, dtype: torch.dtype = torch.float64, device="cpu"
+    ) -> dict[str, torch.Tensor]:
+        fisher = self.sums[f"{spec.name}/fisher"].to(device=device, dtype=dtype) / max(self.samples, 1.0)
+        evals, evecs = torch.linalg.eigh(fisher)
+        return {"evals": evals.clamp_min(0), "evecs": evecs}
+
+    def max_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
+        return float(factors["evals"].max())
 
     def mean_eigenvalue(self, factors: dict[str, torch.Tensor]) -> float:
-        return float(factors["evals"].mean())
+        return float(factors["evals"].double().mean())
 
     def apply_layer(self, spec: LayerSpec, block: torch.Tensor) -> torch.Tensor:
         f, lam = self.layers[spec.name], self.lambdas[spec.name]

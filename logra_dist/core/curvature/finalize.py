@@ -1,0 +1,184 @@
+"""Distributed finalize: each layer's statistics summed onto one rank, decomposed there, and only
+the decompositions sent to rank 0 (which writes stats.h5).
+
+Layer i belongs to rank `owner(i) = i mod world`. Its sums are reduced to that rank alone, in
+float64 buckets of `comm.REDUCE_BUCKET_BYTES` (peak extra memory: one bucket, not a copy of
+every statistic). Then in rounds of `world` layers each rank decomposes its layer of the round on
+the compute device and sends the fields to rank 0; a round ends with one tiny all-reduce of
+every rank's status, so an error on any rank (a singular layer, out of memory) is raised on all
+of them, and no rank waits in a collective longer than one round (one layer's eigh and one
+transfer) takes.
+
+Precision: eigh runs in float32 when it is accurate enough and in float64 otherwise. For a layer
+with damped condition number kappa = (e_max + lambda) / lambda, the preconditioned product
+(F + lambda I)^-1 g from a float32 eigendecomposition differs from float64's by at most
+FLOAT32_ERROR_FACTOR x eps_32 x kappa in relative norm (measured <= 1.8 x eps_32 x kappa over
+widths 256-2048 and damping 1e-3..1; tests/core/test_finalize.py checks the bound). Float32 is
+kept when that bound is <= FLOAT32_MAX_ERROR; a layer beyond it (small damping, very steep
+spectrum) is recomputed in float64 and stored so, since float32 would change its scores.
+Statistics accumulated in float64 (compute_dtype="float64") are decomposed in float64.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from logra_dist import comm
+from logra_dist.core.curvature.base import Curvature, Factors
+from logra_dist.core.projection import LayerSpec
+from logra_dist.tracking import NULL_TRACKER, NullTracker
+
+FLOAT32_ERROR_FACTOR = 4.0
+FLOAT32_MAX_ERROR = 1e-3
+_EPS32 = torch.finfo(torch.float32).eps
+
+
+def owner(index: int, world: int) -> int:
+    """The rank that sums and decomposes layer `index`."""
+    return index % world
+
+
+def float32_error_bound(kappa: float) -> float:
+    """Bound on the relative error of (F + lambda I)^-1 g from a float32 eigh (module docstring)."""
+    return FLOAT32_ERROR_FACTOR * _EPS32 * kappa
+
+
+@dataclass
+class FinalizeReport:
+    """Where finalize's time went on this rank, and which layers needed float64."""
+
+    reduce_s: float = 0.0
+    decompose_s: float = 0.0
+    transfer_s: float = 0.0
+    reduce_calls: int = 0
+    float64_layers: list[str] = field(default_factory=list)
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "time/finalize-reduce": self.reduce_s,
+            "time/finalize-eigh": self.decompose_s,
+            "time/finalize-transfer": self.transfer_s,
+            "count/finalize_float64_layers": float(len(self.float64_layers)),
+        }
+
+
+def reduce_to_owners(curvature: Curvature, report: FinalizeReport | None = None) -> None:
+    """Collective: sum every layer's sums over ranks onto its owner, in place (bucketed).
+    Afterwards a rank's sums are complete only for the layers it owns."""
+    report = report or FinalizeReport()
+    start, world = time.perf_counter(), comm.world_size()
+    curvature.flush()
+    for r in range(world):
+        tensors = [t for i, s in enumerate(curvature.specs) if owner(i, world) == r for t in curvature.layer_sums(s)]
+        report.reduce_calls += comm.reduce_sum_into(tensors, r)
+    report.reduce_s += time.perf_counter() - start
+
+
+def decompose_layer(
+    curvature: Curvature, spec: LayerSpec, damping: float, device="cpu"
+) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """One layer's factors (on the CPU) in float32 if its error bound allows, else float64.
+    Statistics kept in float64 (compute_dtype="float64", a deliberate choice) stay float64."""
+    if curvature.dtype == torch.float64:
+        factors = curvature.layer_factors(spec, torch.float64, device)
+        _check_lambda(spec, damping * curvature.mean_eigenvalue(factors), damping)
+        return {k: v.cpu() for k, v in factors.items()}, torch.float64
+    factors = curvature.layer_factors(spec, torch.float32, device)
+    lam = damping * curvature.mean_eigenvalue(factors)
+    _check_lambda(spec, lam, damping)
+    if float32_error_bound((curvature.max_eigenvalue(factors) + lam) / lam) > FLOAT32_MAX_ERROR:
+        factors = curvature.layer_factors(spec, torch.float64, device)
+        return {k: v.cpu() for k, v in factors.items()}, torch.float64
+    return {k: v.cpu() for k, v in factors.items()}, torch.float32
+
+
+def _check_lambda(spec: LayerSpec, lam: float, damping: float) -> None:
+    if lam <= 0:
+        raise ValueError(
+            f"layer {spec.name!r}: damping {damping} x mean eigenvalue gives lambda={lam}; the matrix "
+            "is singular without damping (no samples, or all gradients zero)"
+        )
+
+
+def decompose_to_rank0(
+    curvature: Curvature, damping: float, device="cpu", report: FinalizeReport | None = None
+) -> Factors:
+    """Collective, after `reduce_to_owners`: every layer decomposed by its owner; rank 0 returns
+    all layers' factors, the other ranks an empty dict."""
+    report = report or FinalizeReport()
+    me, world, specs = comm.rank(), comm.world_size(), curvature.specs
+    layers: Factors = {}
+    for first in range(0, len(specs), world):
+        mine = first + me
+        failed, wide = torch.zeros(world, dtype=torch.float64), torch.zeros(world, dtype=torch.float64)
+        error: BaseException | None = None
+        if mine < len(specs):
+            start = time.perf_counter()
+            try:
+                factors, dtype = decompose_layer(curvature, specs[mine], damping, device)
+                wide[me] = float(dtype == torch.float64)
+            except Exception as e:  # raised on every rank below, this one's own error here
+                error, failed[me] = e, 1.0
+            report.decompose_s += time.perf_counter() - start
+        status = comm.all_reduce_sum(torch.cat([failed, wide]))
+        if status[:world].any():
+            if error is not None:
+                raise error
+            bad = [r for r in range(world) if status[r]]
+            raise RuntimeError(f"finalize failed on rank(s) {bad} (layers {[specs[first + r].name for r in bad]})")
+        start = time.perf_counter()
+        for r in range(world):
+            i = first + r
+            if i >= len(specs):
+                break
+            dtype = torch.float64 if status[world + r] else torch.float32
+            if dtype == torch.float64 and me == 0:
+                report.float64_layers.append(specs[i].name)
+            if r == me:
+                if me == 0:
+                    layers[specs[i].name] = factors
+                else:
+                    comm.send_tensor(torch.cat([factors[k].reshape(-1) for k in curvature.factor_shapes(specs[i])]), 0)
+            elif me == 0:
+                layers[specs[i].name] = _unpack(
+                    curvature, specs[i], comm.recv_tensor(_numel(curvature, specs[i]), dtype, r)
+                )
+        report.transfer_s += time.perf_counter() - start
+    return layers
+
+
+def finalize_statistics(
+    curvature: Curvature, damping: float, device="cpu", tracker: NullTracker = NULL_TRACKER
+) -> tuple[Factors, FinalizeReport]:
+    """Collective: `reduce_to_owners` then `decompose_to_rank0`, timed as the tracker's
+    "all-reduce" and "eigh" phases. Rank 0 gets every layer's factors, the others {}."""
+    report = FinalizeReport()
+    with tracker.phase("all-reduce"):
+        reduce_to_owners(curvature, report)
+    with tracker.phase("eigh"):
+        layers = decompose_to_rank0(curvature, damping, device, report)
+    tracker.count(finalize_float64_layers=len(report.float64_layers))
+    return layers, report
+
+
+def _numel(curvature: Curvature, spec: LayerSpec) -> tuple[int]:
+    return (sum(_prod(shape) for shape in curvature.factor_shapes(spec).values()),)
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _unpack(curvature: Curvature, spec: LayerSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+    out, at = {}, 0
+    for key, shape in curvature.factor_shapes(spec).items():
+        n = _prod(shape)
+        out[key] = flat[at : at + n].reshape(shape)
+        at += n
+    return out

@@ -1,0 +1,114 @@
+"""One rank of the distributed-finalize test (tests/distributed/test_finalize_dist.py), under torchrun.
+
+Logs the tiny MLP of tests/faults/mlp_worker.py (rank r: samples r, r+world, ...) with raw and
+kfac curvature (and ekfac), once with the default bucket and once with buckets of a few floats (tensors
+split across buckets, several layers sharing one); then checks the bucketed reduce against one
+unbucketed all-reduce and `comm.rank0_alone` against a group timeout shorter than rank 0's work.
+Writes <out>/checks-rank<R>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent / "faults")]
+
+import mlp_worker  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from logra_dist import comm  # noqa: E402
+from logra_dist.engines.launch import destroy_distributed, init_distributed  # noqa: E402
+
+GROUP_TIMEOUT_S = 4.0  # the gloo group's own timeout; rank 0's lone work below takes longer
+
+
+def log(out: Path, hessian: str, bucket_bytes: int, n: int) -> None:
+    comm.REDUCE_BUCKET_BYTES = bucket_bytes
+    args = mlp_worker.parser().parse_args(["--out", str(out), "--hessian", hessian, "--n", str(n), "--k", "3"])
+    mlp_worker.run(args)
+
+
+def bucket_check(rank: int) -> dict:
+    """Random tensors of odd sizes (103 floats) summed onto rank 1 in buckets of 3, 100 floats and 1 MiB."""
+    g = torch.Generator().manual_seed(100 + rank)
+    shapes = [(7,), (0,), (5, 3), (1,), (40, 2)]
+    out = {}
+    for bucket in (24, 800, 1 << 20):
+        mine = [torch.randn(s, generator=g, dtype=torch.float32) for s in shapes]
+        expected = comm.all_reduce_sum(torch.cat([t.double().reshape(-1) for t in mine]))
+        local = torch.cat([t.reshape(-1) for t in mine]).clone()
+        calls = comm.reduce_sum_into(mine, dst=1, bucket_bytes=bucket)
+        got = torch.cat([t.double().reshape(-1) for t in mine])
+        target = expected.float().double() if rank == 1 else local.double()  # float64 sums, stored float32
+        out[str(bucket)] = {"calls": calls, "max_error": float((got - target).abs().max())}
+    return out
+
+
+def rank0_alone_check(rank: int, out: Path) -> dict:
+    """Rank 0 works alone 1.5x the group timeout; then fails; then a plain barrier (control);
+    then its heartbeat stops."""
+    status = out / "status"
+    if rank == 0:
+        status.unlink(missing_ok=True)
+    comm.barrier()
+    result = {}
+    start = time.perf_counter()
+    comm.rank0_alone(lambda: time.sleep(1.5 * GROUP_TIMEOUT_S), status, "job-a")
+    result["waited_s"] = time.perf_counter() - start
+
+    def fail() -> None:
+        raise OSError("disk full (test)")
+
+    try:
+        comm.rank0_alone(fail, status, "job-b")
+        result["error"] = None
+    except Exception as e:  # every rank raises
+        result["error"] = f"{type(e).__name__}: {e}"
+    comm.barrier()
+    try:  # control: the plain barrier the waits replace does time out
+        if rank == 0:
+            time.sleep(1.5 * GROUP_TIMEOUT_S)
+        dist.barrier()
+        result["plain_barrier"] = "ok"
+    except Exception as e:
+        result["plain_barrier"] = f"{type(e).__name__}"
+    # last (the group is broken after): rank 0's heartbeat stops, as if it were killed
+    comm.RANK0_STALE_S, comm.RANK0_HEARTBEAT_S = 2.0, 1000.0
+    try:
+        comm.rank0_alone(lambda: time.sleep(2.0), status, "job-c")
+        result["stale"] = None
+    except Exception as e:
+        result["stale"] = f"{type(e).__name__}: {e}"
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--n", type=int, default=40)
+    ap.add_argument("--timeouts", action="store_true", help="also the rank0_alone timeout checks")
+    args = ap.parse_args()
+    out = Path(args.out)
+    info = init_distributed(timeout_s=GROUP_TIMEOUT_S if args.timeouts else None)
+    for hessian in ("raw", "kfac"):
+        log(out / hessian, hessian, 64 << 20, args.n)
+        log(out / f"{hessian}-small-buckets", hessian, 24, args.n)
+    log(out / "ekfac", "ekfac", 64 << 20, args.n)
+    checks: dict = {"rank": info.rank}
+    if info.world_size >= 2:
+        checks["buckets"] = bucket_check(info.rank)
+    if args.timeouts:
+        checks["rank0_alone"] = rank0_alone_check(info.rank, out)
+    (out / f"checks-rank{info.rank}.json").write_text(json.dumps(checks))
+    if not args.timeouts:  # a timed-out gloo group cannot be torn down cleanly
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
