@@ -8,7 +8,6 @@ own samples, every sample once) and finalize the index. Score it with launch/sco
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import logra_dist  # LoGra
 from logra_dist.data import Document, collate, tokenize
 from logra_dist.embedded import build_tokenizer, default_model_config, load_corpus
+from logra_dist.engines.loading import training_ds_config
 
 
 def parse_args():
@@ -47,9 +47,8 @@ def main():
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
 
-    with open(args.config) as f:
-        ds_config = json.load(f)
-    ds_config["train_micro_batch_size_per_gpu"] = args.batch_size
+    # the shipped configs hold the HF Trainer's "auto" values: fill them as the Trainer would
+    ds_config = training_ds_config(args.config, micro_batch_size=args.batch_size)
     ds_config.pop("train_batch_size", None)
     ds_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # for --save
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 INITS = ("random", "pca", "identity")
-HESSIANS = ("raw", "kfac", "none")
-FISHERS = ("empirical", "true")
+HESSIANS = ("raw", "kfac", "ekfac", "none")
+FISHERS = ("empirical", "true", "exact")
+MODEL_FISHERS = ("true", "exact")  # statistics from the model's own predictive distribution (statistics_pass)
 STORAGE_DTYPES = ("float32", "float16", "bfloat16", "int8", "int4", "sign")
 SCORE_MODES = ("dot", "relatif", "cosine")
 COMPUTE_DTYPES = ("float32", "float64")
@@ -44,12 +45,23 @@ class LoGraConfig:
     """What to log and how.
 
     k_in / k_out: projection rank on the input (activation) and output (gradient) side of every
-    layer; a layer narrower than the rank is an error (see `Logger`), never silently clamped.
+    layer. A layer narrower than a rank gets its own width on that side (a 10-class head at k=16
+    logs a 16 x 10 block): the layout records each layer's ranks, so nothing is hidden.
+    ranks: per-layer overrides {regex: [k_in, k_out]}, matched (re.search) against layer names in
+    order, the first match wins; still capped at the layer's widths. A pattern that matches no
+    logged layer is an error (a typo would otherwise silently log the default ranks). Held (and
+    stored) as an ordered list of [regex, k_in, k_out]: JSON files of an index sort dict keys,
+    which would change which pattern is first.
     init: "random" (Gaussian, seeded from `seed` and the layer name: no broadcast needed),
     "pca" (top eigenvectors of the KFAC factors; needs a statistics pass) or "identity"
     (full rank, exact gradients: for tests and tiny models).
     hessian: "raw" projected empirical Fisher per layer ((k_in k_out)^2), "kfac" (two small
-    factors per layer) or "none" (plain gradient dot products).
+    factors per layer), "ekfac" (KFAC's eigenbases, eigenvalues re-fitted on the per-sample
+    rows; keeps raw's Fisher while logging) or "none" (plain gradient dot products).
+    fisher: "empirical" (statistics from the logged rows, data labels), "true" (from a
+    `statistics_pass()` with `fisher_samples` labels per token drawn from the model) or "exact"
+    (the expectation over a classifier's classes, sum_c p_c g_c g_c^T: the Gauss-Newton matrix;
+    `core.fisher.FisherTargets` builds the expanded batch). Rows always keep the data's labels.
     damping: lambda = damping x mean eigenvalue of each layer's matrix (1.0 as in the paper).
     include / exclude: regular expressions matched (re.search) against module names.
     storage_dtype: the row codec of the shards: "float32", "float16", "bfloat16", or quantized
@@ -73,6 +85,7 @@ class LoGraConfig:
     storage_dtype: str = "float16"
     hessian: str = "raw"
     fisher: str = "empirical"
+    fisher_samples: int = 1
     damping: float = 1.0
     compute_dtype: str = "float32"
     flush_rows: int = 1024
@@ -84,16 +97,26 @@ class LoGraConfig:
     optimizer_state: str | None = None
     optimizer_state_digest: str | None = None
     preset: str | None = None  # the PRESETS name this config was built from (recorded, not re-applied)
+    ranks: list[list] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def _normalize_ranks(self) -> None:
+        """{regex: [k_in, k_out]} (in order) or tuples -> the stored [[regex, k_in, k_out], ...]."""
+        if isinstance(self.ranks, dict):
+            self.ranks = [[p, *v] if isinstance(v, (list, tuple)) else [p, v] for p, v in self.ranks.items()]
+        if isinstance(self.ranks, tuple):
+            self.ranks = list(self.ranks)
+        if isinstance(self.ranks, list):
+            self.ranks = [list(r) if isinstance(r, (list, tuple)) else r for r in self.ranks]
 
     def validate(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(f"LoGraConfig: {msg}")
 
-        for name in ("k_in", "k_out", "flush_rows", "writer_queue"):
+        for name in ("k_in", "k_out", "flush_rows", "writer_queue", "fisher_samples"):
             value = getattr(self, name)
             need(
                 isinstance(value, int) and not isinstance(value, bool) and value >= 1,
@@ -141,11 +164,50 @@ class LoGraConfig:
             "optimizer_state_digest without optimizer_state",
         )
         need(self.preset is None or self.preset in PRESETS, f"preset={self.preset!r} is not one of {list(PRESETS)}")
+        self._validate_ranks(need)
+        need(
+            self.fisher_samples == 1 or self.fisher == "true",
+            f"fisher_samples={self.fisher_samples} is for fisher='true' (sampled labels); fisher={self.fisher!r} "
+            "draws none",
+        )
+
+    def _validate_ranks(self, need) -> None:
+        self._normalize_ranks()  # also when set after construction
+        need(
+            isinstance(self.ranks, list),
+            f"ranks must map layer regexes to [k_in, k_out] ({{regex: [k_in, k_out]}}), got {self.ranks!r}",
+        )
+        for entry in self.ranks:
+            need(
+                isinstance(entry, list) and len(entry) >= 1 and isinstance(entry[0], str),
+                f"ranks entry {entry!r} must be [regex, k_in, k_out]",
+            )
+            pattern, value = entry[0], entry[1:]
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"LoGraConfig: ranks pattern {pattern!r} is not a valid regex: {e}") from e
+            ok = len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+            need(ok, f"ranks[{pattern!r}] must be two positive integers [k_in, k_out], got {value!r}")
+        patterns = [e[0] for e in self.ranks]
+        need(len(set(patterns)) == len(patterns), f"ranks names a pattern twice: {patterns}")
+        need(
+            not (self.ranks and self.init == "identity"),
+            f"ranks={self.ranks} with init='identity': identity projections are full rank; "
+            "drop ranks or use init='random'/'pca'",
+        )
+
+    def layer_ranks(self, name: str) -> tuple[int, int] | None:
+        """(k_in, k_out) of the first `ranks` pattern matching a layer name, or None."""
+        for pattern, k_in, k_out in self.ranks:
+            if re.search(pattern, name):
+                return k_in, k_out
+        return None
 
     @property
     def row_compatibility_key(self) -> dict[str, Any]:
         """Fields that must agree between shards for their rows to be comparable."""
-        fields = ("k_in", "k_out", "init", "seed", "include", "exclude", "optimizer_state_digest")
+        fields = ("k_in", "k_out", "init", "seed", "include", "exclude", "ranks", "optimizer_state_digest")
         key = {k: getattr(self, k) for k in fields}
         return {**key, "layer_types": sorted(self.layer_types)}  # a set: the layout is in model order
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from logra_dist import comm
-from logra_dist.config import LoGraConfig
+from logra_dist.config import MODEL_FISHERS, LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.projection import LayerSpec
@@ -139,6 +139,10 @@ class Logger(GradientSession):
         self.phase = Phase.PCA_PENDING
         super().__init__(model_or_engine, config, None)
         self.model_info = model_info or self.engine.model_identity()
+        # the dtype the engine computes the gradients in (its bf16/fp16, FSDP mixed precision) and
+        # the rows' storage dtype, in every manifest whoever attaches (CLI, Trainer helper, a script)
+        model_dtype = str(self.engine.compute_dtype).removeprefix("torch.")
+        self.metadata = {"precision": {"model": model_dtype, "storage": config.storage_dtype}, **self.metadata}
         self._signals = StopOnSignals().install()  # SIGINT/SIGTERM: a clean stop, the shard resumable
         try:
             self._locks = lock_job(self.out_dir, self.rank, self.world_size)  # before anything is read or cut
@@ -250,10 +254,11 @@ class Logger(GradientSession):
         distribution, while the logged rows keep the data's labels. So per batch the caller
         captures twice: once here with sampled labels, once outside with the data's labels (in
         either order; the statistics are sums). Not collective: use it per batch, any number of
-        times, before `finalize()`."""
-        if self.config.fisher != "true":
+        times, before `finalize()`. `core.fisher.FisherTargets` makes that batch: `fisher_samples`
+        sampled copies ("true") or one copy per class weighted by sqrt(C p_c) ("exact")."""
+        if self.config.fisher not in MODEL_FISHERS:
             raise RuntimeError(
-                "statistics_pass() is for fisher='true'; with fisher='empirical' the "
+                "statistics_pass() is for fisher='true' or 'exact'; with fisher='empirical' the "
                 "logged batches themselves feed the statistics"
             )
         self._require("statistics_pass()", Phase.LOGGING)
@@ -397,9 +402,9 @@ class Logger(GradientSession):
         with self.tracker.phase("all-reduce"):
             reduced = comm.all_reduce_sum(torch.cat([local, info]))
         self.accumulator.load_flat(reduced[: local.numel()])
-        if self.config.fisher == "true" and self.accumulator.needs_statistics and self.accumulator.samples == 0:
+        if self.config.fisher in MODEL_FISHERS and self.accumulator.needs_statistics and self.accumulator.samples == 0:
             raise RuntimeError(
-                "fisher='true' but no batch was captured inside statistics_pass(): the "
+                f"fisher={self.config.fisher!r} but no batch was captured inside statistics_pass(): the "
                 "Fisher has no samples (capture each batch there with sampled labels)"
             )
         counts = [int(c) for c in reduced[local.numel() :].tolist()]

@@ -4,6 +4,7 @@ and the capture/backward protocol that yields per-sample projected-gradient rows
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from logra_dist.config import ConfigError, LoGraConfig
 from logra_dist.core.capture import GradientCapture, find_layers
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.core.layers import LAYER_TYPES
 from logra_dist.core.optimizer import OptimizerScaling
 from logra_dist.core.projection import LayerSpec, build_projections
@@ -24,7 +26,7 @@ RowsCallback = Callable[[torch.Tensor, torch.Tensor], None]  # (ids (B,) int64 o
 
 
 def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec], dict[str, torch.nn.Module]]:
-    """Layer specs in model order; ranks validated against each layer's width."""
+    """Layer specs in model order, each with its own ranks (`layer_ranks`)."""
     found = find_layers(
         engine.root,
         config.include,
@@ -41,19 +43,26 @@ def select_layers(engine: Engine, config: LoGraConfig) -> tuple[list[LayerSpec],
         )
     specs, modules = [], {}
     for name, kind, module, d_in, d_out in found:
-        if config.init == "identity":
-            k_in, k_out = d_in, d_out
-        else:
-            k_in, k_out = config.k_in, config.k_out
-            if k_in > d_in or k_out > d_out:
-                raise ConfigError(
-                    f"layer {name!r} ({kind}, d_in={d_in}, d_out={d_out}) is narrower than "
-                    f"the projection ranks k_in={k_in}, k_out={k_out}; lower the ranks or "
-                    "exclude the layer"
-                )
+        k_in, k_out = layer_ranks(config, name, d_in, d_out)
         specs.append(LayerSpec(name, kind, d_in, d_out, k_in, k_out))
         modules[name] = module
+    unused = [p for p, _, _ in config.ranks if not any(re.search(p, s.name) for s in specs)]
+    if unused:
+        raise ConfigError(
+            f"ranks pattern(s) {unused} match no logged layer; logged layers: "
+            f"{[s.name for s in specs][:20]} (fix the pattern or drop it)"
+        )
     return specs, modules
+
+
+def layer_ranks(config: LoGraConfig, name: str, d_in: int, d_out: int) -> tuple[int, int]:
+    """(k_in, k_out) of a layer: full width for init="identity"; else the first matching `ranks`
+    override or the config's k_in/k_out, capped at the layer's widths (a 10-class head at k=16
+    gets k_out=10: projecting 10 values onto 16 would only add dependent columns)."""
+    if config.init == "identity":
+        return d_in, d_out
+    k_in, k_out = config.layer_ranks(name) or (config.k_in, config.k_out)
+    return min(k_in, d_in), min(k_out, d_out)
 
 
 def optimizer_scaling(engine: Engine, specs: list[LayerSpec], config: LoGraConfig) -> OptimizerScaling | None:
@@ -275,6 +284,7 @@ def run_batches(
     count: int | None = None,
     shadow: Batch | Mapping[str, Any] | None = None,
     tracker: NullTracker | None = None,
+    before: Callable[[Any, torch.Tensor, Any], None] | None = None,
 ) -> int:
     """Capture this rank's (ids, batch) pairs in order; returns its token count.
 
@@ -284,7 +294,9 @@ def run_batches(
     forward is collective, so a rank with fewer batches than its peers then runs shadow batches (no
     ids: hooks fire, nothing is recorded) on `shadow` (default: its first batch) until all ranks have
     run the same number (`engine.lockstep_batches`). With a tracker: "forward" (with the loss) and
-    "backward" timed, `tracker.step(samples, tokens)` per batch (shadows count none)."""
+    "backward" timed, `tracker.step(samples, tokens)` per batch (shadows count none).
+    before(session, ids, batch): called before each capture, shadows included (so every rank makes
+    the same number of collective forwards): the statistics capture of fisher="true"."""
     tracker = tracker or NULL_TRACKER
     local = len(batches) if count is None else count
     steps = session.engine.lockstep_batches(local)
@@ -293,6 +305,8 @@ def run_batches(
         if done == local:
             raise ValueError(f"run_batches: count={local} but more batches came")
         shadow = batch if shadow is None else shadow
+        if before is not None:
+            before(session, torch.as_tensor(ids), batch)
         tokens += _capture_one(session, ids, batch, loss_fn, tracker)
         done += 1
     if done != local:
@@ -303,6 +317,8 @@ def run_batches(
                 "run_batches: this rank has no batch but its peers do, and the forward is collective: "
                 "pass shadow= (any input batch; it runs with no ids)"
             )
+        if before is not None:
+            before(session, empty, shadow)
         _capture_one(session, empty, shadow, loss_fn, tracker)
     return tokens
 
@@ -322,10 +338,18 @@ def _capture_one(session, ids: Any, batch: Any, loss_fn: LossFn, tracker: NullTr
 
 
 def run_samples(
-    session, samples: Sequence[TokenizedSample], batch_size: int, pad_id: int, tracker: NullTracker | None = None
+    session,
+    samples: Sequence[TokenizedSample],
+    batch_size: int,
+    pad_id: int,
+    tracker: NullTracker | None = None,
+    statistics: FisherTargets | None = None,
 ) -> int:
     """Tokenized samples in padded batches of batch_size, through `run_batches` with the summed LM
-    loss; a rank out of samples runs a two-token shadow batch. Returns this rank's token count."""
+    loss; a rank out of samples runs a two-token shadow batch. Returns this rank's token count.
+    statistics (fisher="true"): before each batch, a `statistics_pass()` capture of its
+    `statistics.copies` copies with next tokens drawn from the model, seeded by the config seed
+    and the batch's first id (a resumed job draws the same labels for the same batches)."""
     shadow = Batch(
         torch.zeros(0, dtype=torch.long),
         torch.full((1, 2), pad_id),
@@ -334,4 +358,20 @@ def run_samples(
     )
     pairs = ((b.ids, b) for b in batches(samples, batch_size, pad_id))
     count = -(-len(samples) // batch_size)
-    return run_batches(session, pairs, lm_loss, count=count, shadow=shadow, tracker=tracker)
+    before = None if statistics is None else _statistics_capture(statistics)
+    return run_batches(session, pairs, lm_loss, count=count, shadow=shadow, tracker=tracker, before=before)
+
+
+def _statistics_capture(statistics: FisherTargets):
+    def before(session, ids: torch.Tensor, batch: Batch) -> None:
+        first = int(ids[0]) if ids.numel() else -1
+        gen = torch.Generator(device=session.device).manual_seed(session.config.seed * 1_000_003 + first + 1)
+
+        def sampled_loss(model, b: Batch) -> torch.Tensor:
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            return summed_lm_loss(logits, statistics.lm_labels(logits, b.labels, gen))
+
+        with session.statistics_pass():
+            _capture_one(session, statistics.expand(ids), statistics.expand_batch(batch), sampled_loss, NULL_TRACKER)
+
+    return before

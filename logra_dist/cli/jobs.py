@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
-from logra_dist.config import PRESETS, LoGraConfig
+from logra_dist.config import PRESETS, ConfigError, LoGraConfig
+from logra_dist.core.curvature import CURVATURES
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.data import DataIdentity, Document, pad_token_id, rank_samples, read_documents, tokenize
 from logra_dist.engines.launch import init_distributed
 from logra_dist.session import run_samples
@@ -30,14 +30,23 @@ EMBEDDED = "embedded"
 # -- shared job pieces --------------------------------------------------------------------------
 def load_engine(args: argparse.Namespace):
     """(model or engine for attach, tokenizer, model path). The only place the CLI touches a
-    training stack: `engines.loading.build` loads the checkpoint sharded per `--config`."""
+    training stack: `engines.loading.build` loads the checkpoint sharded per `--config`, in the
+    precision `--dtype` and the config agree on, with the config's "auto" values resolved."""
     from logra_dist.embedded import load_tokenizer
     from logra_dist.engines.loading import build
 
     model_path = Path(args.model) if args.model else default_model_path()
     check_context(model_path, args.max_length)
-    engine, _device = build(None, model_path, args.config, getattr(torch, args.dtype))
+    engine, _device = build(None, model_path, args.config, args.dtype)
     return engine, load_tokenizer(model_path), str(model_path)
+
+
+def compute_dtype(model_or_engine) -> str:
+    """The dtype the engine really computes in (its bf16/fp16 switch, FSDP mixed precision, or
+    the weights'): what the index records, not what was asked for."""
+    from logra_dist.engines import wrap
+
+    return str(wrap(model_or_engine).compute_dtype).removeprefix("torch.")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -96,13 +105,33 @@ def logra_config(args: argparse.Namespace) -> LoGraConfig:
         )
     if getattr(args, "preset", None):  # the recipe, then the flags on top of it
         base = {**base, **PRESETS[args.preset], "preset": args.preset}
-    keys = ("k_in", "k_out", "init", "hessian", "storage_dtype", "damping", "seed", "include", "exclude", "layer_types")
-    keys += ("optimizer_state",)
+    keys = (
+        "k_in",
+        "k_out",
+        "ranks",
+        "init",
+        "hessian",
+        "fisher",
+        "fisher_samples",
+        "storage_dtype",
+        "damping",
+        "seed",
+        "include",
+        "exclude",
+        "layer_types",
+        "optimizer_state",
+    )
     for key in keys:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
-    return LoGraConfig.from_dict(base)
+    config = LoGraConfig.from_dict(base)
+    if config.fisher == "exact":  # the log job trains on text: a next-token softmax over the vocabulary
+        raise ConfigError(
+            "fisher='exact' sums over a classifier's classes; a causal LM's vocabulary per token is too "
+            "large: use --fisher true --fisher-samples S (or the Python API with a classifier)"
+        )
+    return config
 
 
 def say(*parts: Any) -> None:
@@ -142,20 +171,23 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer, model_path = load_engine(args)
     samples = tokenize(docs, tokenizer, args.max_length)
     mine = rank_samples(samples, comm.rank(), comm.world_size(), args.max_samples)
+    dtype = compute_dtype(model)
+    if args.dtype is not None and dtype != args.dtype:  # spec.py refuses this first; never record a wish
+        raise SystemExit(f"--dtype {args.dtype} was asked for but the engine computes in {dtype}")
     metadata = {
         "data": list(args.data) if args.data else EMBEDDED,
         "max_samples": args.max_samples,
         "max_length": args.max_length,
         "model_path": model_path,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "dtype": args.dtype,
+        "dtype": dtype,  # the model's compute dtype
     }
     data = DataIdentity.of(  # every rank digests every logged sample: the same identity everywhere
         samples[: args.max_samples],
         args.data if args.data and args.data != [EMBEDDED] else None,
         max_length=args.max_length,
         max_samples=args.max_samples,
-        model_dtype=args.dtype,
+        model_dtype=dtype,
     )
     tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, len(mine))
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, data=data, tracker=tracker)
@@ -166,7 +198,10 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
             with logger.pca_pass():
                 run_samples(logger, todo, args.batch_size, pad_id)
         start = time.perf_counter()
-        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker)
+        statistics = None
+        if config.fisher == "true" and CURVATURES.get(config.hessian).needs_statistics:
+            statistics = FisherTargets.for_config(config)
+        tokens = run_samples(logger, todo, args.batch_size, pad_id, tracker, statistics=statistics)
         elapsed = time.perf_counter() - start
         with tracker.phase("finalize"):
             manifest = logger.finalize()

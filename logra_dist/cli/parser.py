@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from logra_dist.config import HESSIANS, INITS, LAYER_TYPES, PRESETS, SCORE_MODES, STORAGE_DTYPES
+from logra_dist.config import FISHERS, HESSIANS, INITS, LAYER_TYPES, PRESETS, SCORE_MODES, STORAGE_DTYPES
 
 DESCRIPTION = "LoGra data valuation: log projected per-sample gradients, score queries, inspect and report."
 
@@ -25,7 +25,13 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=None,
         help="local Hugging Face causal-LM checkpoint (default: the bundled tiny Llama, trained on first use)",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model weights dtype")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="the model's dtype (default: the engine config's bf16/fp16/dtype, else float32); one that "
+        "the config contradicts is refused",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="tokens per sample (longer are truncated)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -37,6 +43,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--wandb-project", default=None, help="W&B project (default: $WANDB_PROJECT or logra-dist)")
     p.add_argument("--log-every", type=int, default=10, help="batches between W&B figures")
+
+
+def rank_override(text: str) -> list:
+    """PATTERN=KIN,KOUT -> [pattern, k_in, k_out] (the LoGraConfig.ranks entry); the pattern may
+    itself hold "=", the ranks never do."""
+    pattern, sep, ranks = text.rpartition("=")
+    parts = ranks.split(",")
+    if not sep or not pattern or len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not PATTERN=KIN,KOUT with two positive integers (lm_head=8,8)")
+    return [pattern, int(parts[0]), int(parts[1])]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +84,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     log.add_argument("--k-in", type=int, default=None)
     log.add_argument("--k-out", type=int, default=None)
+    log.add_argument(
+        "--ranks",
+        nargs="+",
+        type=rank_override,
+        default=None,
+        metavar="PATTERN=KIN,KOUT",
+        help="per-layer ranks: the first regex matching a layer name sets its k_in,k_out (e.g. lm_head=8,8)",
+    )
     log.add_argument("--init", default=None, choices=list(INITS))
     log.add_argument("--hessian", default=None, choices=list(HESSIANS))
+    log.add_argument(
+        "--fisher",
+        default=None,
+        choices=list(FISHERS),
+        help="statistics from the data's labels (empirical), labels drawn from the model (true), or the "
+        "expectation over a classifier's classes (exact: not for language models)",
+    )
+    log.add_argument("--fisher-exact", dest="fisher", action="store_const", const="exact", help="--fisher exact")
+    log.add_argument("--fisher-samples", type=int, default=None, help="labels drawn per token for --fisher true")
     log.add_argument("--storage-dtype", default=None, choices=list(STORAGE_DTYPES))
     log.add_argument("--damping", type=float, default=None)
     log.add_argument("--seed", type=int, default=None)

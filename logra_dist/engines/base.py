@@ -47,6 +47,16 @@ class Engine:
                 return t.device
         return torch.device("cpu")
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model's forward and backward run in, so the dtype the logged gradients
+        are made in (recorded in the manifest): that of its floating parameters; engines with
+        mixed precision override it."""
+        for p in self.root.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
     def parameter_count(self) -> int:
         """The model's full parameter count (sharding adapters count the unsharded sizes)."""
         return sum(p.numel() for p in self.root.parameters())

@@ -7,10 +7,13 @@ one slice of it) at a time. safetensors files are memory-mapped, so a slice cost
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -94,17 +97,95 @@ class HFCheckpoint:
         self._open.clear()
 
 
-def source_names(model: nn.Module, ckpt: HFCheckpoint) -> list[tuple[str, str, nn.Parameter]]:
-    """(model name, checkpoint name, parameter) for each distinct parameter. A tied parameter
-    (lm_head tied to the embedding) is listed once, under whichever of its names is stored."""
+@dataclass(frozen=True)
+class WeightSource:
+    """Where one model parameter's value comes from: one stored tensor (possibly under another
+    name: GPT-NeoX stores `embed_out.weight` for the model's `lm_head.weight`), or several stored
+    tensors that transformers' own converter fuses (MoE experts stored one by one, held by the
+    model as one `experts.gate_up_proj`). Built from transformers' conversion mapping, the one
+    `from_pretrained` applies, so a checkpoint loads sharded exactly as it loads whole."""
+
+    ckpt: HFCheckpoint
+    target: str  # the parameter's name in the model
+    keys: tuple[str, ...]  # the stored tensors it is made of
+    patterns: tuple[str, ...] = ()  # the converter's source pattern each key matched
+    converter: Any = None  # a transformers WeightConverter, or None for a plain (renamed) tensor
+    model: Any = None
+
+    def get(self) -> torch.Tensor:
+        if self.converter is None:
+            return self.ckpt.get(self.keys[0])
+        conv = copy.deepcopy(self.converter)
+        for key, pattern in zip(self.keys, self.patterns):
+            conv.add_tensor(self.target, key, pattern, lambda key=key: self.ckpt.get(key))
+        out = conv.convert(self.target, model=self.model, config=getattr(self.model, "config", None))
+        if self.target not in out:
+            got = sorted(out)
+            raise CheckpointError(f"{self.ckpt.path}: converting {list(self.keys)[:3]} gave {got}, not {self.target}")
+        return out[self.target]
+
+    def get_slice(self, slices: tuple[slice, ...]) -> torch.Tensor:
+        """Only a block: a plain tensor reads just those bytes; a fused one is built whole (one
+        parameter at a time) and cut."""
+        if self.converter is None:
+            return self.ckpt.get_slice(self.keys[0], slices)
+        return self.get()[slices].clone()
+
+
+def _conversions(model: nn.Module):
+    """(renamings, converters) transformers applies to this model's checkpoint keys on load;
+    ([], []) where transformers has no conversion mapping (4.x: stored names are module names)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:
+        return [], []
+    mapping = get_model_conversion_mapping(model)
+    return (
+        [m for m in mapping if isinstance(m, WeightRenaming)],
+        [m for m in mapping if isinstance(m, WeightConverter)],
+    )
+
+
+Plan = dict[str, tuple[list[str], list[str], Any]]
+
+
+def _stored_to_target(model: nn.Module, ckpt: HFCheckpoint, names: set[str]) -> Plan:
+    """target parameter name -> (stored keys, their converter patterns, converter or None), as
+    `from_pretrained` maps them (renamings first, then at most one converter per key)."""
+    renamings, converters = _conversions(model)
+    if not renamings and not converters:
+        return {k: ([k], [k], None) for k in ckpt.keys() if k in names}
+    from transformers.core_model_loading import dot_natural_key, rename_source_key
+
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    known = dict.fromkeys(names, True)
+    prefix = getattr(model, "base_model_prefix", None)
+    out: Plan = {}
+    for key in sorted(ckpt.keys(), key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, known)
+        if target not in names and key in names:
+            target, pattern = key, None
+        if target in names:
+            keys, patterns, _ = out.setdefault(target, ([], [], by_pattern.get(pattern) if pattern else None))
+            keys.append(key)
+            patterns.append(pattern or key)
+    return out
+
+
+def weight_sources(model: nn.Module, ckpt: HFCheckpoint) -> list[tuple[str, WeightSource, nn.Parameter]]:
+    """(model name, source, parameter) for each distinct parameter. A tied parameter (lm_head
+    tied to the embedding) is listed once, under whichever of its names the checkpoint holds."""
     by_id: dict[int, tuple[list[str], nn.Parameter]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), ([], p))[0].append(name)
+    plan = _stored_to_target(model, ckpt, {n for names, _ in by_id.values() for n in names})
     out, missing = [], []
     for names, p in by_id.values():
-        stored = [n for n in names if n in ckpt]
+        stored = [n for n in names if n in plan]
         if stored:
-            out.append((names[0], stored[0], p))
+            keys, patterns, converter = plan[stored[0]]
+            out.append((names[0], WeightSource(ckpt, stored[0], tuple(keys), tuple(patterns), converter, model), p))
         else:
             missing.append(names[0])
     if missing:

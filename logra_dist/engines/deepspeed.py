@@ -34,6 +34,15 @@ class DeepSpeedEngineAdapter(Engine):
         self.stage = int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0
         self.kind = f"deepspeed-zero{self.stage}"
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The engine's bf16 / fp16 switch (it casts the module), else its parameters' dtype."""
+        for enabled, dtype in (("bfloat16_enabled", torch.bfloat16), ("fp16_enabled", torch.float16)):
+            check = getattr(self.wrapped, enabled, None)
+            if callable(check) and check():
+                return dtype
+        return super().compute_dtype
+
     def parameter_count(self) -> int:
         """ZeRO-3 partitions leave each rank an empty tensor; `ds_numel` is the full size."""
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.root.parameters())

@@ -29,6 +29,12 @@ class FSDP1Engine(Engine):
         # use_orig_params=False, the original parameters with True; FSDP honours either.
         super().__init__(fsdp, fsdp, fsdp)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """MixedPrecision(param_dtype=...) computes in that dtype whatever the stored weights'."""
+        mp = getattr(self.wrapped, "mixed_precision", None)
+        return getattr(mp, "param_dtype", None) or super().compute_dtype
+
     @contextmanager
     def generation(self) -> Iterator[nn.Module]:
         """FSDP1's wrapper has no `generate`; the inner model's does, but calling it skips the
@@ -45,6 +51,13 @@ class FSDP2Engine(Engine):
 
     def __init__(self, module: nn.Module):
         super().__init__(module, module, module)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """MixedPrecisionPolicy(param_dtype=...) computes in that dtype whatever the shards'."""
+        state = getattr(self.root, "_get_fsdp_state", None)
+        policy = getattr(state(), "_mp_policy", None) if state is not None else None
+        return getattr(policy, "param_dtype", None) or super().compute_dtype
 
     def model_class(self) -> type:
         """`fully_shard` swaps in a generated subclass "FSDP<Name>": name the user's class under it."""

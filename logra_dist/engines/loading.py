@@ -17,6 +17,8 @@ Every path returns the model in eval mode (no dropout: gradients logged must be 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,13 @@ from torch import nn
 
 from logra_dist.engines.checkpoint import (
     HFCheckpoint,
+    WeightSource,
     causal_lm_class,
     construct_uninitialized,
     persistent_buffers,
-    source_names,
+    weight_sources,
 )
+from logra_dist.engines.dsconfig import hidden_size_of, resolve_job_autos, resolve_model_autos
 from logra_dist.engines.launch import DistInfo, init_distributed, skip_deepspeed_shm_build
 from logra_dist.engines.spec import (
     EngineConfigError,
@@ -39,6 +43,7 @@ from logra_dist.engines.spec import (
     default_spec,
     parse_dtype,
     read_spec,
+    spec_from_dict,
 )
 
 
@@ -87,24 +92,62 @@ def _load_none(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, nn.Mo
 def _load_zero3_weights(model: nn.Module, ckpt: HFCheckpoint, rank: int) -> None:
     import deepspeed
 
-    for _, stored, param in source_names(model, ckpt):
+    for _, source, param in weight_sources(model, ckpt):
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
                 with torch.no_grad():
-                    param.copy_(ckpt.get(stored))
+                    param.copy_(source.get())
     with torch.no_grad():
         for name, buf in persistent_buffers(model, ckpt):
             buf.copy_(ckpt.get(name))
 
 
+def _check_deepspeed_dtype(dtype: torch.dtype) -> None:
+    """DeepSpeed's CPU accelerator refuses fp16 deep inside `initialize`; say so up front."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if dtype == torch.float16 and not accelerator.is_fp16_supported():
+        raise EngineConfigError(
+            f"dtype float16 (fp16.enabled or --dtype float16) was asked for, but DeepSpeed's "
+            f"{accelerator.device_name()} accelerator does not support fp16; use bfloat16 (bf16.enabled) or float32"
+        )
+
+
+def resolved_ds_config(ds_config: dict[str, Any], dtype: torch.dtype, path: Path) -> dict[str, Any]:
+    """The DeepSpeed config DeepSpeed is given: precision switches set for `dtype`, HF-style
+    "auto" values resolved from the job and the checkpoint's hidden size (dsconfig.py)."""
+    where = "the DeepSpeed config"
+    hidden = hidden_size_of(json.loads((path / "config.json").read_text()))
+    return resolve_model_autos(resolve_job_autos(deepspeed_config_for(ds_config, dtype), where), where, hidden)
+
+
+def training_ds_config(
+    ds_config: dict[str, Any] | str | Path, micro_batch_size: int, dtype: Any = None, hidden_size: int | None = None
+) -> dict[str, Any]:
+    """A Trainer-style DeepSpeed config (configs/zero3.json: "auto" values) made concrete for a
+    training script of one's own, as the Trainer would fill it: precision from the config or
+    `dtype` (contradictions refused), micro batch `micro_batch_size`, accumulation 1, an "auto"
+    clipping 0.0, bucket sizes from `hidden_size`. Optimizer and scheduler sections are kept;
+    "auto" inside them is refused (the script chooses its learning rate)."""
+    where = str(ds_config) if isinstance(ds_config, (str, Path)) else "the DeepSpeed config"
+    data = json.loads(Path(ds_config).read_text()) if isinstance(ds_config, (str, Path)) else ds_config
+    chosen = spec_from_dict(data, where, dtype).dtype
+    ds = resolve_job_autos(deepspeed_config_for(data, chosen), where, micro_batch_size, logging=False)
+    return resolve_model_autos(ds, where, hidden_size)
+
+
 def load_zero3_model(path: str | Path, dtype: torch.dtype, ds_config: dict[str, Any], rank: int) -> nn.Module:
     """The model partitioned by ZeRO-3 from construction on, weights loaded, not yet wrapped: for a
-    user who passes it, with their optimizer, to `deepspeed.initialize` themselves."""
+    user who passes it, with their optimizer, to `deepspeed.initialize` themselves. `ds_config`
+    may hold HF-style "auto" values (the one file their Trainer uses)."""
     skip_deepspeed_shm_build()
+    _check_deepspeed_dtype(dtype)
     config = _hf_config(Path(path), dtype)
     cls = causal_lm_class(config)
     ckpt = HFCheckpoint(path)
-    model = construct_uninitialized(cls, config, dtype, zero3_config=deepspeed_config_for(ds_config, dtype))
+    zero3_config = resolved_ds_config(ds_config, dtype, Path(path))
+    model = construct_uninitialized(cls, config, dtype, zero3_config=zero3_config)
     wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
     if wrong:
         raise RuntimeError(f"zero.Init built {sorted(wrong)} parameters, {dtype} was asked for")
@@ -117,17 +160,17 @@ def _load_deepspeed(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, 
     import deepspeed
 
     skip_deepspeed_shm_build()
+    _check_deepspeed_dtype(spec.dtype)
     if spec.engine == "zero3":
         model = load_zero3_model(path, spec.dtype, spec.ds_config, info.rank)
     else:
         model = causal_lm_class(_hf_config(path, spec.dtype)).from_pretrained(str(path), dtype=spec.dtype).eval()
-    ds = spec.ds_config
-    if "optimizer" not in ds and spec.engine in ("zero1", "zero2"):
+    ds = spec.ds_config  # resolved: no optimizer or scheduler section (dsconfig.py)
+    if spec.engine in ("zero1", "zero2"):
         # Stages 1-2 partition only optimizer state and gradients, and DeepSpeed refuses them
         # without an optimizer; a logging job has neither, so it runs exactly as stage 0.
         ds = {**ds, "zero_optimization": {**ds["zero_optimization"], "stage": 0}}
-    params = model.parameters() if "optimizer" in ds else None
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds)
+    engine, *_ = deepspeed.initialize(model=model, config=ds)
     return engine, model
 
 
@@ -147,21 +190,24 @@ def _restore_buffers(model: nn.Module, saved: dict[str, torch.Tensor], device: t
         modules[owner]._buffers[leaf] = value.to(device)
 
 
-def _load_local_shards(model: nn.Module, ckpt: HFCheckpoint) -> None:
-    """Copy into each DTensor's local shard exactly its block of the stored tensor."""
+def _load_local_shards(model: nn.Module, ckpt: HFCheckpoint, sources: list[tuple[str, WeightSource]]) -> None:
+    """Copy into each DTensor's local shard exactly its block of the stored tensor. `sources` are
+    planned before `fully_shard`: it renames the class (FSDP<Name>), and transformers finds a
+    model's checkpoint renamings (GPT-NeoX `embed_out`) by class name."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     with torch.no_grad():
-        for _, stored, param in source_names(model, ckpt):
+        for name, source in sources:
+            param = model.get_parameter(name)
             if isinstance(param, DTensor):
                 local = param.to_local()
                 shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
                 if local.numel():
                     block = tuple(slice(o, o + s) for o, s in zip(offset, shape))
-                    local.copy_(ckpt.get_slice(stored, block))
+                    local.copy_(source.get_slice(block))
             else:
-                param.copy_(ckpt.get(stored))
+                param.copy_(source.get())
         for name, buf in persistent_buffers(model, ckpt):
             buf.copy_(ckpt.get(name))
 
@@ -172,6 +218,8 @@ def _load_fsdp2(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, nn.M
 
     config = _hf_config(path, spec.dtype)
     model = construct_uninitialized(causal_lm_class(config), config, spec.dtype)
+    ckpt = HFCheckpoint(path)
+    sources = [(name, source) for name, source, _ in weight_sources(model, ckpt)]
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     mp = _mixed_precision(spec.options)
     kwargs = {"mesh": mesh, "reshard_after_forward": spec.options["reshard_after_forward"]}
@@ -183,8 +231,7 @@ def _load_fsdp2(path: Path, spec: EngineSpec, info: DistInfo) -> tuple[Any, nn.M
     buffers = _snapshot_buffers(model)
     model.to_empty(device=info.device)
     _restore_buffers(model, buffers, info.device)
-    ckpt = HFCheckpoint(path)
-    _load_local_shards(model, ckpt)
+    _load_local_shards(model, ckpt, sources)
     ckpt.close()
     return model.eval(), model
 
@@ -231,12 +278,11 @@ def load_causal_lm(
     spec: EngineSpec | None = None,
 ) -> LoadedModel:
     """Load the checkpoint folder `path` into `engine` ("none", "ddp", "fsdp1", "fsdp2", "zero0".."zero3").
-    `ds_config` (a DeepSpeed config dict) or a full `spec` (see spec.py) override the defaults.
-    Initializes the process group from the launcher's environment if that is not done yet."""
+    `ds_config` (a DeepSpeed config dict) or a full `spec` (see spec.py) override the defaults;
+    HF-style "auto" values in a DeepSpeed config are resolved (dsconfig.py). Initializes the
+    process group from the launcher's environment if that is not done yet."""
     if spec is None:
         if ds_config is not None:
-            from logra_dist.engines.spec import spec_from_dict
-
             spec = spec_from_dict(ds_config, "ds_config", dtype)
             if engine not in ("none", spec.engine):
                 raise EngineConfigError(f"engine={engine!r} but ds_config selects {spec.engine!r}")
@@ -248,16 +294,22 @@ def load_causal_lm(
     info = init_distributed(require_group=spec.engine.startswith("zero") or spec.engine.startswith("fsdp"))
     if spec.engine == "ddp" and info.backend is None:
         raise EngineConfigError("engine 'ddp' needs a launcher (torchrun, deepspeed or mpiexec); use 'none'")
+    if spec.ds_config is not None:
+        spec = dataclasses.replace(spec, ds_config=resolved_ds_config(spec.ds_config, spec.dtype, path))
     wrapped, module = _LOADERS[spec.engine](path, spec, info)
     return LoadedModel(wrapped, module, spec.engine, spec.dtype, info.device, info)
 
 
 def build(
-    engine: str | None, model_path: str | Path, config_path: str | Path | None = None, dtype: Any = None
+    engine: str | None,
+    model_path: str | Path,
+    config_path: str | Path | None = None,
+    dtype: Any = None,
 ) -> tuple[Any, torch.device]:
     """For the CLI: (object to pass to attach, device for the batches). The engine comes from
     `config_path` (a DeepSpeed or our JSON config) or, without one, from `engine`; an explicit
-    `engine` must agree with the config. `dtype` overrides the config's precision."""
+    `engine` must agree with the config. `dtype` (None: the config's) must agree with the
+    config's precision where it states one (spec.py)."""
     if config_path is not None:
         spec = read_spec(config_path, dtype)
         agrees = engine in (None, spec.engine) or (engine == "deepspeed" and spec.engine.startswith("zero"))

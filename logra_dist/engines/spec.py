@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from logra_dist.engines.dsconfig import resolve_job_autos
+
 ENGINES = ("none", "ddp", "fsdp1", "fsdp2", "zero0", "zero1", "zero2", "zero3")
 DTYPES = {
     "float32": torch.float32,
@@ -42,9 +44,20 @@ class EngineConfigError(ValueError):
 @dataclass
 class EngineSpec:
     engine: str
-    dtype: torch.dtype
+    dtype: torch.dtype  # the weights' dtype as loaded
     ds_config: dict[str, Any] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the forward and backward run in (what the logged gradients are made in):
+        FSDP mixed precision computes in its param_dtype, every other engine in `dtype`."""
+        mp = self.options.get("mixed_precision")
+        return parse_dtype(mp["param_dtype"]) if mp and "param_dtype" in mp else self.dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_dtype(value: Any, where: str = "dtype") -> torch.dtype:
@@ -55,20 +68,48 @@ def parse_dtype(value: Any, where: str = "dtype") -> torch.dtype:
     raise EngineConfigError(f"{where}: {value!r} is not one of {sorted(DTYPES)}")
 
 
-def _ds_dtype(ds: dict[str, Any]) -> torch.dtype:
-    if ds.get("bf16", {}).get("enabled") is True:
-        return torch.bfloat16
-    if ds.get("fp16", {}).get("enabled") is True:
-        return torch.float16
-    return torch.float32
+def _ds_dtype(ds: dict[str, Any], where: str) -> torch.dtype | None:
+    """The precision a DeepSpeed config states: bf16 or fp16 when enabled, float32 when a section
+    says `"enabled": false` and none is enabled; None when it leaves it open (`"auto"` or no
+    bf16/fp16 section), for the job's dtype to decide."""
+    stated = {}
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        section = ds.get(key, {})
+        enabled = section.get("enabled", "auto") if isinstance(section, dict) else section
+        if enabled not in (True, False, "auto"):
+            raise EngineConfigError(f'{where}: {key}.enabled must be true, false or "auto", got {enabled!r}')
+        stated[key] = (enabled, dtype)
+    on = [k for k, (e, _) in stated.items() if e is True]
+    if len(on) == 2:
+        raise EngineConfigError(f"{where}: both bf16.enabled and fp16.enabled are true; enable one")
+    if on:
+        return stated[on[0]][1]
+    return torch.float32 if any(e is False for e, _ in stated.values()) else None
+
+
+def _agreed_dtype(stated: torch.dtype | None, asked: Any, where: str, what: str, fix: str) -> torch.dtype:
+    """The job's dtype: the one asked for (--dtype) or the config's; both given and different is
+    refused (never silently changed), naming both and the fix."""
+    asked = parse_dtype(asked, f"{where}: dtype") if asked is not None else None
+    if asked is not None and stated is not None and asked != stated:
+        raise EngineConfigError(
+            f"{where}: dtype {dtype_name(asked)} was asked for (--dtype) but {what} {dtype_name(stated)}; "
+            f"drop --dtype to use the config's, or {fix}"
+        )
+    return asked or stated or torch.float32
 
 
 def deepspeed_config_for(ds: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     """A copy of a DeepSpeed config whose precision section agrees with `dtype`, with the batch
     size keys DeepSpeed insists on (they do not matter for logging: we never call its step)."""
     ds = copy.deepcopy(ds)
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": dtype == torch.bfloat16}
-    ds["fp16"] = {**ds.get("fp16", {}), "enabled": dtype == torch.float16}
+    for key, on in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+        stated = _ds_dtype({key: ds.get(key, {})}, "deepspeed config")
+        if stated is not None and (stated != torch.float32) != on:
+            raise EngineConfigError(
+                f"the DeepSpeed config sets {key}.enabled={str(not on).lower()} but dtype is {dtype_name(dtype)}"
+            )
+        ds[key] = {**(ds[key] if isinstance(ds.get(key), dict) else {}), "enabled": on}
     if "train_batch_size" not in ds and "train_micro_batch_size_per_gpu" not in ds:
         ds["train_micro_batch_size_per_gpu"] = 1
     return ds
@@ -111,8 +152,11 @@ def spec_from_dict(data: dict[str, Any], where: str = "<engine config>", dtype: 
         stage = data.get("zero_optimization", {}).get("stage", 0)
         if stage not in (0, 1, 2, 3):
             raise EngineConfigError(f"{where}: zero_optimization.stage={stage!r} is not 0, 1, 2 or 3")
-        chosen = parse_dtype(dtype, f"{where}: dtype") if dtype is not None else _ds_dtype(data)
-        return EngineSpec(f"zero{stage}", chosen, deepspeed_config_for(data, chosen))
+        stated = _ds_dtype(data, where)
+        what = "the config disables bf16 and fp16:" if stated == torch.float32 else "the config enables"
+        fix = 'set bf16.enabled and fp16.enabled to "auto" so --dtype decides'
+        chosen = _agreed_dtype(stated, dtype, where, what, fix)
+        return EngineSpec(f"zero{stage}", chosen, resolve_job_autos(deepspeed_config_for(data, chosen), where))
     engine = data["engine"]
     if engine not in _OPTIONS:
         raise EngineConfigError(
@@ -126,8 +170,18 @@ def spec_from_dict(data: dict[str, Any], where: str = "<engine config>", dtype: 
     options = {**_OPTIONS[engine], **{k: v for k, v in data.items() if k not in ("engine", "dtype")}}
     if engine.startswith("fsdp"):
         _check_fsdp_options(engine, options, where)
-    chosen = parse_dtype(dtype if dtype is not None else data.get("dtype", "float32"), f"{where}: dtype")
-    return EngineSpec(engine, chosen, None, options)
+    stated = data.get("dtype", "auto")
+    stated = None if stated == "auto" else parse_dtype(stated, f"{where}: dtype")
+    chosen = _agreed_dtype(stated, dtype, where, "its dtype is", 'set "dtype": "auto" so --dtype decides')
+    spec = EngineSpec(engine, chosen, None, options)
+    mp = options.get("mixed_precision")
+    if dtype is not None and mp and "param_dtype" in mp and spec.compute_dtype != parse_dtype(dtype):
+        asked = dtype_name(parse_dtype(dtype))
+        raise EngineConfigError(
+            f"{where}: dtype {asked} was asked for (--dtype) but mixed_precision computes in "
+            f"{mp['param_dtype']}; drop --dtype, or set mixed_precision.param_dtype to {asked}"
+        )
+    return spec
 
 
 def read_spec(path: str | Path, dtype: Any = None) -> EngineSpec:

@@ -32,7 +32,7 @@ class Plan:
 
 
 def _logra(init: str, hessian: str, k: int, **kw) -> Method:
-    tag = {"raw": "", "kfac": "-kfac", "none": "-nohess"}[hessian]
+    tag = {"raw": "", "kfac": "-kfac", "ekfac": "-ekfac", "none": "-nohess"}[hessian]
     extra = "".join(f"-{v}" for v in kw.pop("suffix", []))
     return Method(f"logra-{init}{tag}-k{k}{extra}", "logra", init=init, k=k, hessian=hessian, **kw)
 

@@ -49,7 +49,7 @@ def _hessian(m: dict[str, Any], cost: dict[str, Any] | None = None) -> str:
         d = "default" if m["damping"] is None else f"{m['damping']:g}"
         return f"{m['peer']} (damping {d}{'' if used is None else f' = {used}'})"
     raw = {"full": "full Fisher", "dense": "projected Fisher (D x D)"}.get(m["family"], "projected Fisher")
-    h = {"raw": raw, "kfac": "KFAC", "none": "none"}[m["hessian"]]
+    h = {"raw": raw, "kfac": "KFAC", "ekfac": "EKFAC", "none": "none"}[m["hessian"]]
     if m["hessian"] != "none":
         h += f" ({m['fisher']}, c={m['damping']:g})"
     if m.get("optimizer"):

@@ -325,6 +325,22 @@ _HEADLINE = {
 }
 
 
+def _rank_lines(cfg: dict[str, Any], layout: list[dict[str, Any]]) -> list[str]:
+    """The `ranks` overrides and every layer whose ranks are not the config's k_in/k_out (capped at
+    a narrow layer's width or overridden): the rows' shape is never a surprise."""
+    lines = [f"  ranks overrides (first match wins): {cfg['ranks']}"] if cfg.get("ranks") else []
+    if cfg.get("init") == "identity":
+        return lines
+    own = [layer for layer in layout if (layer["k_in"], layer["k_out"]) != (cfg.get("k_in"), cfg.get("k_out"))]
+    if own:
+        lines.append(f"  {len(own)} layer(s) with their own ranks (k_out x k_in, of d_out x d_in):")
+        lines += [
+            f"    {layer['name']:<44} {layer['k_out']:>5} x {layer['k_in']:<5} of {layer['d_out']} x {layer['d_in']}"
+            for layer in own
+        ]
+    return lines
+
+
 def render(facts: dict[str, Any]) -> str:
     """The facts as a terminal page."""
     cfg = facts.get("config") or {}
@@ -335,8 +351,10 @@ def render(facts: dict[str, Any]) -> str:
         f"  width D={facts['width']}, stored as {facts['storage_dtype']}, {len(facts['layout'])} layers, "
         f"world size {facts['world_size']}, engine {facts.get('engine') or '?'}",
         f"  config: k_in={cfg.get('k_in')} k_out={cfg.get('k_out')} init={cfg.get('init')} "
-        f"hessian={cfg.get('hessian')} damping={cfg.get('damping')} seed={cfg.get('seed')}",
+        f"hessian={cfg.get('hessian')} fisher={cfg.get('fisher', 'empirical')} damping={cfg.get('damping')} "
+        f"seed={cfg.get('seed')}",
         f"  disk use: {_size(facts['disk_bytes'])}",
+        *_rank_lines(cfg, facts["layout"]),
         "",
         "shards:",
     ]

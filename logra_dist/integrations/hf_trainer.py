@@ -21,6 +21,7 @@ early would hang the others): each rank's share is split into ceil(max share / b
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ import torch
 from logra_dist import comm
 from logra_dist.config import LoGraConfig
 from logra_dist.data import IGNORE, DataIdentity, digest_from_words, digest_words, sample_digest, summed_lm_loss
+from logra_dist.engines import wrap
 from logra_dist.logger import attach
 from logra_dist.session import run_batches
 from logra_dist.tracking import NULL_TRACKER, NullTracker
@@ -134,7 +136,9 @@ def log_trainer_dataset(
     batch_size = batch_size or trainer.args.per_device_train_batch_size
     plan = rank_batches(len(dataset), comm.rank(), comm.world_size(), batch_size)
     info = {"source": "transformers.Trainer", "samples": len(dataset), "batch_size": batch_size}
-    data = dataset_identity(dataset, trainer.data_collator, plan)
+    dtype = str(wrap(engine).compute_dtype).removeprefix("torch.")  # the engine's bf16/fp16, as it runs
+    data = dataclasses.replace(dataset_identity(dataset, trainer.data_collator, plan), model_dtype=dtype)
+    info["dtype"] = dtype
     logger = attach(engine, config, out_dir, tracker=tracker, metadata={**info, **(metadata or {})}, data=data)
     keys = _forward_keys(logger.engine.root)
 

@@ -438,6 +438,7 @@ class Scorer:
         """What topk.h5 records of how this Scorer scored (beyond the index path and config)."""
         return {
             "hessian": self.hessian,
+            "lambdas": self.preconditioner.lambdas,  # per layer: damping x that layer's mean eigenvalue
             "world_size": self.world,
             "allow_model_mismatch": self.allow_model_mismatch,
             "model_mismatch": self.model_mismatch or {},

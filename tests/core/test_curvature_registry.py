@@ -4,20 +4,20 @@ import pytest
 import torch
 
 from logra_dist.config import HESSIANS, ConfigError, LoGraConfig
-from logra_dist.core.curvature import CURVATURES, KFAC, Curvature, Identity, Raw
+from logra_dist.core.curvature import CURVATURES, EKFAC, KFAC, Curvature, Identity, Raw
 from logra_dist.core.projection import LayerSpec
 
 
 def test_registered_kinds_are_the_config_choices():
     assert sorted(CURVATURES.names()) == sorted(HESSIANS)
-    assert [CURVATURES.get(h) for h in ("raw", "kfac", "none")] == [Raw, KFAC, Identity]
+    assert [CURVATURES.get(h) for h in ("raw", "kfac", "ekfac", "none")] == [Raw, KFAC, EKFAC, Identity]
     for h in HESSIANS:
         assert issubclass(CURVATURES.get(LoGraConfig(hessian=h).hessian), Curvature)
 
 
 def test_unknown_kind_is_a_config_error_listing_the_known_ones():
-    with pytest.raises(ConfigError, match="unknown curvature kind 'ekfac'") as err:
-        CURVATURES.get("ekfac")
+    with pytest.raises(ConfigError, match="unknown curvature kind 'shampoo'") as err:
+        CURVATURES.get("shampoo")
     for h in HESSIANS:
         assert repr(h) in str(err.value)
 

@@ -16,7 +16,7 @@ from logra_dist.engines.checkpoint import (
     causal_lm_class,
     construct_uninitialized,
     parameters_on_meta,
-    source_names,
+    weight_sources,
 )
 from logra_dist.engines.launch import detect_launcher, init_distributed
 from logra_dist.engines.spec import EngineConfigError, read_spec, spec_from_dict
@@ -47,7 +47,7 @@ def test_dtype_override_switches_deepspeed_precision():
     spec = read_spec(REPO / "configs" / "zero3.json", dtype="bfloat16")
     assert spec.dtype == torch.bfloat16
     assert spec.ds_config["bf16"]["enabled"] is True and spec.ds_config["fp16"]["enabled"] is False
-    assert json.loads((REPO / "configs" / "zero3.json").read_text())["bf16"]["enabled"] is False  # file untouched
+    assert json.loads((REPO / "configs" / "zero3.json").read_text())["bf16"]["enabled"] == "auto"  # file untouched
 
 
 @pytest.mark.parametrize(
@@ -143,10 +143,10 @@ def test_checkpoint_reads_sharded_index_and_slices(tied_checkpoint):
 
 def test_tied_parameter_is_loaded_once_under_its_stored_name(tied_checkpoint):
     path, model = tied_checkpoint
-    listed = source_names(model, HFCheckpoint(path))
+    listed = weight_sources(model, HFCheckpoint(path))
     assert len(listed) == len(list(model.parameters()))
-    stored = {s for _, s, p in listed if p is model.lm_head.weight}
-    assert stored == {"model.embed_tokens.weight"}
+    stored = {s.keys for _, s, p in listed if p is model.lm_head.weight}
+    assert stored == {("model.embed_tokens.weight",)}
 
 
 def test_missing_parameters_are_named(tied_checkpoint, tmp_path):
@@ -154,7 +154,7 @@ def test_missing_parameters_are_named(tied_checkpoint, tmp_path):
 
     other = LlamaForCausalLM(_llama_config(tied=False))  # has an untied lm_head the checkpoint lacks
     with pytest.raises(CheckpointError, match=r"lm_head.weight"):
-        source_names(other, HFCheckpoint(tied_checkpoint[0]))
+        weight_sources(other, HFCheckpoint(tied_checkpoint[0]))
     with pytest.raises(CheckpointError, match=r"no config\.json"):
         HFCheckpoint(tmp_path)
 
@@ -215,3 +215,35 @@ def test_bare_module_engine():
 def test_spec_from_dict_dtype_default():
     assert spec_from_dict({"engine": "none"}).dtype == torch.float32
     assert spec_from_dict({"engine": "fsdp2", "dtype": "bf16"}).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "qwen2_moe", "gpt2"])
+def test_weight_sources_map_checkpoint_names_as_from_pretrained(family, tmp_path):
+    """GPT-NeoX stores `embed_out` for the model's `lm_head`; Qwen2-MoE stores experts one by one
+    for the model's fused `experts.gate_up_proj` / `down_proj`; GPT-2 ties its head. Every
+    parameter of a model built on the meta device gets a source whose tensor equals the one
+    `from_pretrained` loads (the sharded loaders read only these sources)."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO / "tests" / "distributed"))
+    from families import save_family
+
+    path = save_family(family, tmp_path / family)
+    whole = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    config = whole.config
+    meta = construct_uninitialized(causal_lm_class(config), config, torch.float32)
+    ckpt = HFCheckpoint(path)
+    sources = weight_sources(meta, ckpt)
+    expected = dict(whole.named_parameters())
+    assert {name for name, _, _ in sources} == set(expected)
+    for name, source, _ in sources:
+        assert torch.equal(source.get(), expected[name]), name
+        rows = slice(0, max(1, expected[name].shape[0] // 2))
+        assert torch.equal(source.get_slice((rows,)), expected[name][rows]), name
+    if family == "gpt_neox":
+        assert dict((n, s.keys) for n, s, _ in sources)["lm_head.weight"] == ("embed_out.weight",)
+    if family == "qwen2_moe":
+        fused = dict((n, s) for n, s, _ in sources)["model.layers.0.mlp.experts.gate_up_proj"]
+        assert fused.converter is not None and len(fused.keys) == 2 * config.num_experts

@@ -481,9 +481,9 @@ def _cli_cases(tmp_path: Path) -> list[tuple[list[str], type, str]]:
         (["log", *out, "--logra", str(bad_cfg)], ld.ConfigError, r"storage_dtype='int3' is not one of"),
         (["log", *out, "--data", str(empty)], ValueError, r"empty\.jsonl'\]: no documents"),
         (
-            ["log", *out, "--max-samples", "4", "--k-in", "100"],
+            ["log", *out, "--max-samples", "4", "--ranks", "no_such_layer=4,4"],
             ld.ConfigError,
-            r"narrower than the projection ranks k_in=100",
+            r"ranks pattern\(s\) \['no_such_layer'\] match no logged layer",
         ),
         (
             ["log", *out, "--max-samples", "4", "--include", "nothing_matches"],

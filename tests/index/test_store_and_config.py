@@ -76,8 +76,8 @@ def test_config_json_round_trip_and_validation():
 def test_bad_layer_selection_is_a_clear_error(tmp_path):
     with pytest.raises(ld.ConfigError, match="select no Linear"):
         ld.attach(mlp(), ld.LoGraConfig(include=["nope"]), tmp_path)
-    with pytest.raises(ld.ConfigError, match=r"layer '4' .* narrower than the projection ranks"):
-        ld.attach(mlp(), ld.LoGraConfig(k_in=4, k_out=4), tmp_path)
+    with pytest.raises(ld.ConfigError, match=r"ranks pattern\(s\) \['nope'\] match no logged layer"):
+        ld.attach(mlp(), ld.LoGraConfig(ranks={"nope": [2, 2]}), tmp_path)
 
 
 def test_complete_shard_is_never_overwritten(tmp_path):

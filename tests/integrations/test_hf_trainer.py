@@ -95,7 +95,8 @@ def test_trainer_zero3_logs_every_sample_once_with_reference_rows(zero3_run):
     # the data identity: the same digest a single process computes (world-size free), other batches too
     texts = Texts(N)
     expected = dataset_identity(texts, texts.collate, rank_batches(N, 0, 1, 4))
-    assert manifest["data"] == {**expected.to_dict()} and manifest["data"]["samples"] == N
+    assert manifest["data"] == {**expected.to_dict(), "model_dtype": "float32"} and manifest["data"]["samples"] == N
+    assert manifest["metadata"]["precision"] == {"model": "float32", "storage": "float32"}
     with GradientStore(out / "index") as store:
         assert sorted(store.ids.tolist()) == list(range(N))  # every sample, once (the store refuses duplicates)
         rows = store.rows_for_ids(np.arange(N))

@@ -62,7 +62,7 @@ def test_full_rank_identity_scores_equal_exact_influence(problem, tmp_path, damp
     scorer.close()
 
 
-@pytest.mark.parametrize("hessian", ["raw", "kfac", "none"])
+@pytest.mark.parametrize("hessian", ["raw", "kfac", "ekfac", "none"])
 def test_self_influence_is_pairwise_diagonal_and_modes_agree(problem, tmp_path, hessian):
     model, X, Y, _, _ = problem
     cfg = ld.LoGraConfig(k_in=3, k_out=2, hessian=hessian, compute_dtype="float64", storage_dtype="float32")

@@ -25,13 +25,8 @@ from logra_dist.tracking import Tracker, start_wandb  # noqa: E402
 
 out, n_samples = sys.argv[1], int(sys.argv[2])
 data = Texts(n_samples)
-ds_config = {
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "zero_allow_untested_optimizer": True,
-    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-}
+# the shipped config, unchanged: the same file `logra-dist log --config configs/zero3.json` uses
+ds_config = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "zero3.json")
 args = TrainingArguments(
     output_dir=os.path.join(out, "trainer"),
     per_device_train_batch_size=3,
