@@ -69,6 +69,9 @@ def logix_scores(req: dict, task, model) -> tuple[dict, dict]:
     for label in req["dampings"]:
         damping = None if label == "default" else float(label)
         used[label] = "0.1 x mean eigenvalue per layer" if damping is None else damping
+        # logix-ai 0.1.1 caches the damped inverse at the FIRST damping it sees
+        # (LogIXState.get_covariance_inverse_state): recompute it for each damping of the sweep
+        run.state.covariance_inverse(damping=damping)
         res = run.compute_influence_all(query_log, loader, mode="dot", damping=damping)
         inf = res["influence"].double().numpy()
         order = {str(t): j for j, t in enumerate(res["tgt_ids"])}
