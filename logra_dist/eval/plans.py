@@ -197,7 +197,14 @@ def lm_plan(fast: bool, peers: bool = False, smaller: bool = False) -> Plan:
     params = {"n_train": 120, "n_query_pool": 8, "steps": 40} if fast else {"steps": LM_STEPS}
     methods = lm_methods(fast, peers, smaller)
     k = 4 if fast else 32
-    brittle = [f"preset-fast-k{k}-relatif", f"preset-accurate-k{k}-relatif"]
+    # the removal test for the presets in both scoring modes, the best LoGra damping, and the best peer
+    brittle = [
+        f"preset-fast-k{k}-relatif",
+        f"preset-fast-k{k}-dot",
+        f"preset-accurate-k{k}-relatif",
+        f"logra-random-k{k}-relatif-c0.1",
+        f"logra-random-k{k}-dot-c0.1",
+    ] + (["kronfluence-ekfac-default"] if peers else [])
     return Plan(
         TaskSpec("lm", params),
         methods,
