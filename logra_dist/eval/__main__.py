@@ -35,6 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--fast", action="store_true", help="small counts (CI): same methods, fewer subsets/seeds")
     run.add_argument("--workers", type=int, default=2, help="retraining processes (1 thread each)")
+    run.add_argument(
+        "--peers",
+        action="store_true",
+        help="also score the peer libraries (Kronfluence, TRAK, LogIX; LM task) in the bench venv",
+    )
+    run.add_argument(
+        "--smaller",
+        action="store_true",
+        help="lm: the labelled smaller plan (1 seed, fewer removal queries) for a loaded machine",
+    )
+    run.add_argument(
+        "--peer-python",
+        default="bench/.bench-venv/bin/python",
+        help="python of the bench venv holding the peers (made by bash bench/setup_peers.sh)",
+    )
     rep = sub.add_parser("report", help="rewrite the markdown table from the JSON results in --out")
     rep.add_argument("--out", default="bench/results/accuracy")
     rep.add_argument("--markdown", default=None)
@@ -50,7 +65,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = ("digits", "lm") if args.benchmark == "all" else (args.benchmark,)
         command = "python -m logra_dist.eval " + " ".join(argv)
         for name in names:
-            run_benchmark(name, out, args.cache, fast=args.fast, workers=args.workers, command=command)
+            peer_python = args.peer_python if args.peers and name == "lm" else None
+            run_benchmark(
+                name,
+                out,
+                args.cache,
+                fast=args.fast,
+                workers=args.workers,
+                command=command,
+                peer_python=peer_python,
+                smaller=args.smaller and name == "lm",
+            )
     write_markdown(out, markdown)
     print(f"wrote {markdown}")
     return 0

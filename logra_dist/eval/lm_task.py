@@ -61,7 +61,7 @@ class LMTask(Task):
             return (step + 1) / warm
         return 0.1 + 0.45 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
-    def train(self, train_ids: np.ndarray, seed: int) -> LlamaForCausalLM:
+    def train(self, train_ids: np.ndarray, seed: int, optimizer_path: str | None = None) -> LlamaForCausalLM:
         torch.manual_seed(seed)
         model = LlamaForCausalLM(default_model_config(self.tokenizer))
         model.train()
@@ -82,6 +82,8 @@ class LMTask(Task):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
+        if optimizer_path is not None:
+            torch.save(opt.state_dict(), optimizer_path)
         return model.eval()
 
     @torch.no_grad()

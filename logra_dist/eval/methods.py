@@ -7,7 +7,10 @@ Baselines that LoGra cannot express, at the SAME storage per example D:
   parameters, torch.func), optionally preconditioned by the D x D projected Fisher;
 - "full": the unprojected full gradient with the full (all layers jointly) Fisher: the exact
   Gauss-Newton-style influence the projections approximate (small models only).
-Damping for every preconditioned method: lambda = damping x mean eigenvalue (as LoGra).
+- "peer": another library (Kronfluence, TRAK, LogIX) run by bench/peers/run_peer.py in the bench
+  venv (logra_dist.eval.peers), on the same saved model, data and query ids.
+Damping for every preconditioned method: lambda = damping x mean eigenvalue (as LoGra); a peer
+uses its own library's damping convention (recorded with its result).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ from logra_dist.scoring.scorer import Scorer
 @dataclass(frozen=True)
 class Method:
     """family "logra": init/k/hessian/fisher are LoGraConfig fields (k_in = k_out = k);
-    family "dense": `dim` Gaussian projection of the full gradient; "full": no projection.
+    family "dense": `dim` Gaussian projection of the full gradient; "full": no projection;
+    "peer": `peer` names the library recipe, `damping` None = that library's default.
     hessian "none" = plain gradient dot products. storage: the row codec of a LoGra index
-    (float32 by default; the quantized codecs are compared at the main rank)."""
+    (float32 by default; the quantized codecs are compared at the main rank). optimizer: scale
+    gradients by the attributed model's Adam second moments (LoGraConfig.optimizer_state)."""
 
     name: str
     family: str = "logra"
@@ -42,14 +47,27 @@ class Method:
     k: int = 8
     hessian: str = "raw"
     fisher: str = "empirical"
-    damping: float = 1.0
+    damping: float | None = 1.0
     mode: str = "dot"
     dim: int = 0
     seed: int = 0
     storage: str = "float32"
+    optimizer: bool = False
+    peer: str = ""
+    preset: str = ""  # the LoGraConfig preset whose fields this method uses (recorded)
 
     def index_key(self) -> tuple:
-        return (self.family, self.init, self.k, self.hessian, self.fisher, self.dim, self.seed, self.storage)
+        return (
+            self.family,
+            self.init,
+            self.k,
+            self.hessian,
+            self.fisher,
+            self.dim,
+            self.seed,
+            self.storage,
+            self.optimizer,
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,6 +85,8 @@ class Attributor:
         workdir: str | Path,
         batch_size: int = 64,
         label_seed: int = 0,
+        optimizer_path: str | Path | None = None,
+        peers=None,
     ):
         self.task, self.model = task, model
         self.train_ids = np.arange(task.n_train, dtype=np.int64)
@@ -77,13 +97,42 @@ class Attributor:
         self._dense: dict[tuple, tuple] = {}
         self.seconds: dict[str, float] = {}
         self.storage: dict[str, int] = {}
+        self.optimizer_path = optimizer_path
+        self.peers = peers  # logra_dist.eval.peers.PeerRunner, or None
+        self._index_cost: dict[tuple, dict] = {}
+        self.cost: dict[str, dict] = {}  # per method: logging step vs floor, finalize (seconds)
 
     # -- public -----------------------------------------------------------------------------
     def scores(self, m: Method) -> np.ndarray:
         t0 = time.perf_counter()
-        s = self._logra(m) if m.family == "logra" else self._projected(m)
+        if m.family == "logra":
+            s = self._logra(m)
+        elif m.family == "random":  # the floor: Gaussian scores, seeded, no signal at all
+            rng = np.random.default_rng(m.seed)
+            s = rng.standard_normal((len(self.query_ids), len(self.train_ids)))
+            self.storage[m.name] = 0
+        elif m.family == "peer":
+            if self.peers is None:
+                raise ValueError(f"{m.name}: peer methods need a PeerRunner (run with --peers)")
+            s, self.storage[m.name], self.cost[m.name] = self.peers.scores(m)
+        else:
+            s = self._projected(m)
         self.seconds[m.name] = time.perf_counter() - t0
         return s
+
+    def floor_seconds(self, reps: int = 2) -> float:
+        """One pass of forward + backward over the training set without logging: the floor that
+        a logging pass is compared with (same batches, same threads). Measured right before each
+        logging pass, best of `reps` (a first, cold pass would flatter the logging pass)."""
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _, batch in self.task.batches("train", self.train_ids, self.batch_size):
+                self.model.zero_grad(set_to_none=True)
+                self.task.summed_loss(self.task.forward(self.model, batch), batch).backward()
+            self.model.zero_grad(set_to_none=True)
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     # -- LoGra through the public API --------------------------------------------------------
     def _capture_all(self, session, split: str, ids: np.ndarray, labels: str, gen: torch.Generator) -> None:
@@ -96,9 +145,13 @@ class Attributor:
 
     def _log_index(self, m: Method) -> Path:
         key = m.index_key()
-        out = self.workdir / f"index-{m.init}-{m.hessian}-k{m.k}-{m.fisher}-{m.dim}-s{m.seed}-{m.storage}"
+        opt = "-opt" if m.optimizer else ""
+        out = self.workdir / f"index-{m.init}-{m.hessian}-k{m.k}-{m.fisher}-{m.dim}-s{m.seed}-{m.storage}{opt}"
         if (out / "manifest.json").exists() and key in self._query_rows:
             return out
+        if m.optimizer and self.optimizer_path is None:
+            raise ValueError(f"{m.name}: optimizer-aware gradients need the attributed model's optimizer state")
+        floor = self.floor_seconds()
         shutil.rmtree(out, ignore_errors=True)
         cfg = LoGraConfig(
             k_in=m.k,
@@ -109,21 +162,33 @@ class Attributor:
             fisher=m.fisher,
             damping=1.0,
             storage_dtype=m.storage,
+            optimizer_state=str(self.optimizer_path) if m.optimizer else None,
         )
         gen = torch.Generator().manual_seed(self.label_seed)
         stat_labels = "sampled" if m.fisher == "true" else "data"
         logger = attach(self.model, cfg, out)
         try:
+            t0 = time.perf_counter()
             if m.init == "pca":
                 with logger.pca_pass():  # PCA of the same curvature the Hessian uses
                     self._capture_all(logger, "train", self.train_ids, stat_labels, gen)
             if m.fisher == "true" and CURVATURES.get(m.hessian).needs_statistics:
                 with logger.statistics_pass():
                     self._capture_all(logger, "train", self.train_ids, "sampled", gen)
+            t1 = time.perf_counter()
             self._capture_all(logger, "train", self.train_ids, "data", gen)
+            t2 = time.perf_counter()
             logger.finalize()
+            t3 = time.perf_counter()
         finally:
             logger.close()
+        self._index_cost[key] = {
+            "extra_passes_seconds": round(t1 - t0, 3),
+            "logging_pass_seconds": round(t2 - t1, 3),
+            "floor_pass_seconds": round(floor, 3),
+            "logging_vs_floor": round((t2 - t1) / floor, 2),
+            "finalize_seconds": round(t3 - t2, 3),
+        }
         scorer = Scorer(self.model, out, mode="dot")
         try:
             self._capture_all(scorer, "query", self.query_ids, "data", gen)
@@ -144,6 +209,7 @@ class Attributor:
             if not np.array_equal(scorer.store.ids[order], self.train_ids):
                 raise RuntimeError(f"{index}: index does not hold exactly the training ids")
             self.storage[m.name] = scorer.store.width
+            self.cost[m.name] = dict(self._index_cost.get(m.index_key(), {}))
         finally:
             scorer.store.close()
         return s[:, order].astype(np.float64)

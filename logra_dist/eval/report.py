@@ -41,12 +41,29 @@ def _ratio(b: dict[str, Any]) -> str:
     return f"{_f(b['ratio_of_means'], 2)} [{_f(ci[0], 2)}, {'∞' if ci[1] is None else _f(ci[1], 2)}]"
 
 
-def _hessian(m: dict[str, Any]) -> str:
+def _hessian(m: dict[str, Any], cost: dict[str, Any] | None = None) -> str:
+    if m["family"] == "random":
+        return "none (Gaussian random scores: the floor)"
+    if m["family"] == "peer":
+        used = (cost or {}).get("damping_used")
+        d = "default" if m["damping"] is None else f"{m['damping']:g}"
+        return f"{m['peer']} (damping {d}{'' if used is None else f' = {used}'})"
     raw = {"full": "full Fisher", "dense": "projected Fisher (D x D)"}.get(m["family"], "projected Fisher")
     h = {"raw": raw, "kfac": "KFAC", "ekfac": "EKFAC", "none": "none"}[m["hessian"]]
     if m["hessian"] != "none":
         h += f" ({m['fisher']}, c={m['damping']:g})"
+    if m.get("optimizer"):
+        h += " + Adam normalization"
     return h
+
+
+def _cost_cells(entry: dict[str, Any]) -> list[str]:
+    c = entry.get("cost") or {}
+    if "logging_vs_floor" in c:
+        return [f"{c['logging_vs_floor']:.2f}x", f"{c['finalize_seconds']:.1f}"]
+    if "fit_seconds" in c:  # peers: their own fit (factors / features) and scoring
+        return [f"fit {c['fit_seconds']:.0f} s", f"score {c.get('score_seconds', float('nan')):.0f} s"]
+    return ["", ""]
 
 
 def _targets(res: dict[str, Any]) -> list[str]:
@@ -80,6 +97,8 @@ def _targets(res: dict[str, Any]) -> list[str]:
                 f"- D={d}: PCA {_f(pca)} vs random {_f(rnd)}: PCA at least as accurate? "
                 f"**{'yes' if pca >= rnd else 'NO'}**"
             )
+    if res["benchmark"] == "lm":
+        lines += _lm_targets(meth)
     for name, m in meth.items():
         b = m.get("brittleness")
         if b and res["benchmark"] == "lm":
@@ -94,9 +113,55 @@ def _targets(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _lm_targets(meth: dict[str, Any]) -> list[str]:
+    """Issue 14's LM statements: defaults at k=32 vs every peer at its default; the accurate preset
+    (k <= 32) vs every peer tuned on the test queries (at any dimension)."""
+
+    def mean(e):
+        return e["lds"]["mean"] if "lds" in e else float("nan")
+
+    peers: dict[str, dict[str, float]] = {}
+    for name, e in meth.items():
+        m = e["method"]
+        if m["family"] == "peer" or name.startswith("trackstar"):
+            recipe = m["peer"] or "trackstar"
+            if m["family"] == "peer" and m["dim"]:
+                recipe += f"-D{m['dim']}"
+            slot = peers.setdefault(recipe, {})
+            is_default = m["damping"] is None if m["family"] == "peer" else name == "trackstar-k32"
+            if is_default:
+                slot["default"] = mean(e)
+            slot["best"] = max(slot.get("best", float("-inf")), mean(e))
+    if not peers:
+        return []
+    lines = []
+    d = meth.get("preset-fast-k32-relatif")
+    if d:
+        defaults = {r: v["default"] for r, v in peers.items() if "default" in v}
+        ok = all(mean(d) > v for v in defaults.values())
+        lines.append(
+            f"- defaults (k=32, relatif) LDS {_f(mean(d))} vs peers at their defaults "
+            + ", ".join(f"{r} {_f(v)}" for r, v in defaults.items())
+            + f": beats all? **{'yes' if ok else 'NO'}**"
+        )
+    acc = [(n, mean(e)) for n, e in meth.items() if n.startswith("preset-accurate-")]
+    if acc:
+        n, best = max(acc, key=lambda t: t[1])
+        tuned = {r: v["best"] for r, v in peers.items()}
+        ok = all(best > v for v in tuned.values())
+        lines.append(
+            f"- best accurate preset ({n}) LDS {_f(best)} vs peers tuned on the test queries "
+            + ", ".join(f"{r} {_f(v)}" for r, v in tuned.items())
+            + f": beats all? **{'yes' if ok else 'NO'}**"
+        )
+    return lines
+
+
 def section(res: dict[str, Any]) -> str:
     p, t = res["plan"], res["task"]
     title = f"### {res['benchmark']}{' (fast)' if res['fast'] else ''}"
+    if res.get("smaller"):
+        title += " (SMALLER plan than the full one: see the notes)"
     out = [
         title,
         "",
@@ -126,6 +191,8 @@ def section(res: dict[str, Any]) -> str:
         rnd = next((m["brittleness"] for m in res["methods"].values() if "brittleness" in m), None)
         if rnd:
             out.append(f"Random removal: Δ = {_f(rnd['delta_random_mean'], 4)} ± {_f(rnd['delta_random_std'], 4)}.  ")
+    for note in p.get("notes", []):
+        out.append(f"Note: {note}.  ")
     out.append(
         f"Time of this run: {res['timing_seconds']['total']:.0f} s "
         f"(retraining {res['timing_seconds']['retraining']:.0f} s, "
@@ -134,14 +201,14 @@ def section(res: dict[str, Any]) -> str:
     out.append("")
     has_lds = bool(p["lds_subsets"])
     head = (
-        ["method", "D", "Hessian", "mode"]
+        ["method", "D", "Hessian", "mode", "log step / floor", "finalize s"]
         + (["LDS (loss)", "LDS (margin)"] if has_lds else [])
         + ["Δ loss top-k", "Δ top-k − Δ random [95% CI]", "ratio vs random", "win"]
     )
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in res["methods"].items():
         md = m["method"]
-        row = [name, str(m["storage_per_example"]), _hessian(md), md["mode"]]
+        row = [name, str(m["storage_per_example"]), _hessian(md, m.get("cost")), md["mode"], *_cost_cells(m)]
         if has_lds:
             row += [_lds_cell(m), _lds_cell(m, "lds_margin")]
         out.append("| " + " | ".join(row + _brittle_cells(m)) + " |")

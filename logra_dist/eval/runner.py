@@ -46,9 +46,14 @@ def run_benchmark(
     workers: int = 2,
     command: str = "",
     log: Callable[[str], None] = print,
+    peer_python: str | Path | None = None,
+    score_threads: int = 1,
+    smaller: bool = False,
 ) -> dict[str, Any]:
+    """`peer_python`: the bench venv's python; adds the peer libraries to the plan (LM only).
+    Scoring runs on `score_threads` threads (the peers too), so the costs compare."""
     t_start = time.perf_counter()
-    plan = plan_for(benchmark, fast)
+    plan = plan_for(benchmark, fast, peers=peer_python is not None, smaller=smaller)
     task = cached_task(plan.spec)
     retrain = RetrainCache(cache, task, plan.spec)
     n_queries = max(plan.lds_queries, plan.brittle_queries)
@@ -56,16 +61,34 @@ def run_benchmark(
     log(f"[{benchmark}] training the attributed model on all {task.n_train} examples (seed 0)")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the retraining workers: the same model, bit for bit
+    workdir = Path(tempfile.mkdtemp(prefix=f"logra-eval-{benchmark}-"))
+    optimizer_path = workdir / "optimizer.pt"  # the attributed model's Adam state (TrackStar-style methods)
     try:
-        model = task.train(np.arange(task.n_train), seed=0)
+        model = task.train(np.arange(task.n_train), seed=0, optimizer_path=str(optimizer_path))
         attributed_outputs = task.evaluate(model)
     finally:
         torch.set_num_threads(threads)
     t_model = time.perf_counter()
 
-    workdir = Path(tempfile.mkdtemp(prefix=f"logra-eval-{benchmark}-"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(score_threads)
     try:
-        attributor = Attributor(task, model, query_ids, workdir)
+        peers = None
+        if peer_python is not None:
+            from logra_dist.eval.peers import PeerRunner
+
+            peers = PeerRunner(
+                peer_python,
+                Path(__file__).resolve().parents[2] / "bench" / "peers" / "run_peer.py",
+                plan.spec,
+                model,
+                np.arange(task.n_train),
+                query_ids,
+                workdir,
+                plan.methods,
+                threads=score_threads,
+            )
+        attributor = Attributor(task, model, query_ids, workdir, optimizer_path=optimizer_path, peers=peers)
         scores: dict[str, np.ndarray] = {}
         for m in plan.methods:
             scores[m.name] = attributor.scores(m)
@@ -73,6 +96,7 @@ def run_benchmark(
                 f"[{benchmark}] scored {m.name:32s} D={attributor.storage[m.name]:6d} {attributor.seconds[m.name]:.1f}s"
             )
     finally:
+        torch.set_num_threads(threads)
         shutil.rmtree(workdir, ignore_errors=True)
     t_scored = time.perf_counter()
 
@@ -135,6 +159,7 @@ def run_benchmark(
             "method": m.to_dict(),
             "storage_per_example": attributor.storage[m.name],
             "score_seconds": round(attributor.seconds[m.name], 3),
+            "cost": attributor.cost.get(m.name, {}),
         }
         if plan.lds_subsets:
             entry["lds"] = lds(scores[m.name][lds_q], masks, measured["loss"])
@@ -154,6 +179,7 @@ def run_benchmark(
     result = {
         "benchmark": benchmark,
         "fast": fast,
+        "smaller": smaller,
         "command": command,
         "task": {
             "name": task.name,
@@ -179,6 +205,9 @@ def run_benchmark(
         "sign_convention": "score > 0: the example lowers the query loss; LDS = Spearman(sum of scores over "
         "the subset, -query loss after retraining), averaged over queries",
         "retrain_consistency": consistency,
+        # (subsets x queries) seed-mean query losses, subsets in lds_subsets(n_train, M, fraction,
+        # subset_seed) order: anyone can recompute every LDS from these and the scores
+        "lds_measured_loss": measured["loss"].tolist() if plan.lds_subsets else None,
         "attributed_model_vs_retrained_max_abs_loss_diff": reproduced,
         "base_query_loss": None if base is None else {"mean": float(base.mean()), "per_query": base.tolist()},
         "methods": out_methods,
@@ -200,6 +229,7 @@ def run_benchmark(
             "python": platform.python_version(),
             "workers": workers,
             "threads_per_worker": 1,
+            "scoring_threads": score_threads,
         },
     }
     out = Path(out)
@@ -208,6 +238,11 @@ def run_benchmark(
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1, sort_keys=False))
     tmp.replace(path)
+    if plan.lds_subsets:
+        from logra_dist.eval.plot import lds_vs_dim_svg
+
+        svg = path.with_name(f"{path.stem}-lds-vs-dim.svg")
+        svg.write_text(lds_vs_dim_svg(out_methods, f"{benchmark}: LDS against D ({plan.lds_queries} queries)"))
     log(f"[{benchmark}] wrote {path} ({result['timing_seconds']})")
     return result
 

@@ -54,7 +54,9 @@ class Task:
         blob = json.dumps({"task": self.name, "recipe": self.recipe(), "version": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def train(self, train_ids: np.ndarray, seed: int) -> nn.Module:
+    def train(self, train_ids: np.ndarray, seed: int, optimizer_path: str | None = None) -> nn.Module:
+        """The model trained on `train_ids`; `optimizer_path`: also save the final optimizer state
+        dict there (torch.save, as HF Trainer's optimizer.pt) for optimizer-aware attribution."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module) -> dict[str, np.ndarray]:
@@ -156,7 +158,7 @@ class ClassificationTask(Task):
         layers.append(nn.Linear(p["hidden"], self.classes))
         return nn.Sequential(*layers)
 
-    def train(self, train_ids: np.ndarray, seed: int) -> nn.Module:
+    def train(self, train_ids: np.ndarray, seed: int, optimizer_path: str | None = None) -> nn.Module:
         torch.manual_seed(seed)
         model = self.build_model()
         idx = torch.as_tensor(np.asarray(train_ids, dtype=np.int64))
@@ -167,6 +169,8 @@ class ClassificationTask(Task):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        if optimizer_path is not None:
+            torch.save(opt.state_dict(), optimizer_path)
         return model.eval()
 
     @torch.no_grad()

@@ -118,8 +118,8 @@ def test_fast_classification_end_to_end_and_cache_hit(tmp_path):
     assert all(f"| {name} |" in table for name in first["methods"])
 
 
-def test_fast_lm_brittleness_end_to_end(tmp_path):
-    _run(["--benchmark", "lm", "--fast"], tmp_path)
+def test_fast_lm_lds_and_brittleness_end_to_end(tmp_path):
+    _run(["--benchmark", "lm", "--fast", "--workers", "1"], tmp_path)
     res = json.loads((tmp_path / "acc" / "lm-fast.json").read_text())
     plan = plan_for("lm", fast=True)
     assert list(res["methods"]) == [m.name for m in plan.methods]
@@ -128,4 +128,20 @@ def test_fast_lm_brittleness_end_to_end(tmp_path):
         b = res["methods"][name]["brittleness"]
         assert b["n_queries"] == plan.brittle_queries and np.isfinite(b["delta_top_mean"])
     # LoGra over the 15 Linear layers of the tiny Llama at rank 4
-    assert res["methods"]["logra-random-k4"]["storage_per_example"] == 15 * 16
+    assert res["methods"]["logra-random-k4-dot-c1"]["storage_per_example"] == 15 * 16
+    # the same index and scoring reached two ways (preset "fast" = the defaults) agree exactly
+    assert res["methods"]["preset-fast-k4-relatif"]["lds"] == res["methods"]["logra-random-k4-relatif-c1"]["lds"]
+    cost = res["methods"]["logra-random-k4-dot-c1"]["cost"]
+    assert cost["logging_pass_seconds"] > 0 and cost["finalize_seconds"] > 0 and cost["floor_pass_seconds"] > 0
+    # the measured losses in the JSON are the cached retrainings, in lds_subsets order
+    measured = np.array(res["lds_measured_loss"])
+    masks = lds_subsets(res["task"]["n_train"], plan.lds_subsets, plan.lds_fraction, plan.subset_seed)
+    cache = next((tmp_path / "cache").glob("lm-*"))
+    for mk, row in zip(masks, measured):
+        with np.load(cache / f"{make_job(np.flatnonzero(mk), 0).name}.npz") as z:
+            np.testing.assert_array_equal(z["loss"][: plan.lds_queries], row)
+    # a planted signal (subset sums reproduce the losses) reaches LDS 1; the random floor does not
+    planted = np.linalg.lstsq(masks, -measured, rcond=None)[0].T
+    assert lds(planted, masks, measured)["mean"] == pytest.approx(1.0)
+    assert res["methods"]["random-scores"]["lds"]["mean"] < 0.9
+    assert (tmp_path / "acc" / "lm-fast-lds-vs-dim.svg").read_text().startswith("<svg")
