@@ -51,7 +51,6 @@ from logra_dist.index.ann import (
     write_ann,
 )
 from logra_dist.index.format import layout_to_json, read_stats
-from logra_dist.index.h5io import ids_digest
 from logra_dist.index.partition import shard_owners
 from logra_dist.index.reader import GradientStore
 from logra_dist.index.stream import ChunkStream
@@ -68,11 +67,10 @@ def expected_record(
     store: GradientStore, shard: int, *, dim: int, seed: int, normalization: str, hessian: str, damping: float
 ) -> AnnRecord:
     info = store.shards[shard]
-    ids = store.ids[info.offset : info.offset + info.rows]
     return AnnRecord(
         shard=info.path.name,
         rows=info.rows,
-        ids_digest=ids_digest(ids),
+        ids_digest=store.id_facts[shard].digest,  # ids_digest of the shard's ids, checked on open
         content_digest=content_digest(info),
         width=store.width,
         sketch_dim=dim,
@@ -237,7 +235,7 @@ def _rescore(scorer, q, rows_q: slice, cand: np.ndarray, q_self: torch.Tensor, t
         row_self = None if mode == "dot" else scorer._row_self(rows).sum(1)[where]
         scores = normalize(dots, mode, q_self[rows_q], row_self)
     mask = torch.from_numpy(~valid)
-    ids = torch.from_numpy(store.ids[rows_at])[where].masked_fill(mask, ID_PAD)
+    ids = torch.from_numpy(store.ids_at(rows_at))[where].masked_fill(mask, ID_PAD)
     top.update(scores.masked_fill(mask, -torch.inf), ids, rows_q)
 
 
