@@ -1,7 +1,11 @@
 """ANN files: one FAISS index per shard, in a seeded sketch space, refused when it is not the shard's.
 
 `shards/rank-NNNNN.ann` (HDF5, written under a temporary name and renamed) holds dataset `faiss`
-(the serialized FAISS index, uint8, with its sha256) and the record (`AnnRecord`) as attributes.
+(the serialized FAISS index, uint8, with its sha256), the record (`AnnRecord`) as attributes, and
+two per-row datasets taken from the build's verified read of the shard: `row_sums` (each stored
+row's checksum, so the re-rank verifies the candidate rows it reads one by one instead of reading
+their whole checksum blocks) and `row_self` (float64 g^T H^-1 g of each row, the re-rank's
+RelatIF / cosine denominator, instead of recomputing it per candidate).
 Vector i of the index is row i of the shard as the caller prepared it (scoring/ann.py: whitened
 by the curvature, optionally normalized), sketched: v = x @ S with S a (D x d) Gaussian matrix
 (entries N(0, 1/d), so inner products are kept in expectation) regenerated from (seed, D, d,
@@ -21,6 +25,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -28,7 +33,7 @@ import numpy as np
 from logra_dist.index.format import IndexFormatError
 from logra_dist.index.verify import ShardInfo
 
-ANN_VERSION = 1
+ANN_VERSION = 2  # 2: per-row checksums and self-influence beside the FAISS index
 DEFAULT_SKETCH_DIM = 256  # d = min(D, 256): measured in docs/scoring.md ("ANN")
 DEFAULT_FACTORY = "HNSW32"
 NORMALIZATIONS = ("none", "selfinf")
@@ -125,9 +130,15 @@ def new_index(dim: int, factory: str):
         raise ValueError(f"FAISS factory {factory!r} is not valid: {str(e).strip()[:200]}") from e
 
 
-def write_ann(path: Path, record: AnnRecord, vectors: Iterable[np.ndarray], train: np.ndarray | None = None) -> Path:
-    """Build the FAISS index (inner product) from chunks of (n, d) vectors, added incrementally;
-    `train` (a sample) for factories that need training. Atomic: temp file, then rename."""
+def write_ann(
+    path: Path,
+    record: AnnRecord,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    train: np.ndarray | None = None,
+) -> Path:
+    """Build the FAISS index (inner product) from chunks of ((n, d) vectors, n row checksums,
+    n self-influences), added incrementally; `train` (a sample) for factories that need
+    training. Atomic: temp file, then rename."""
     faiss = faiss_module()
     index = new_index(record.sketch_dim, record.factory)
     if not index.is_trained:
@@ -140,15 +151,20 @@ def write_ann(path: Path, record: AnnRecord, vectors: Iterable[np.ndarray], trai
                 f"{path}: factory {record.factory!r} could not be trained on {len(train)} rows of the "
                 f"shard: {str(e).strip()[:200]} (use a smaller IVF list count or 'Flat'/'HNSW32')"
             ) from e
-    for block in vectors:
+    sums, selfs = [], []
+    for block, row_sums, row_self in chunks:
         index.add(np.ascontiguousarray(block, dtype=np.float32))
-    if index.ntotal != record.rows:
+        sums.append(np.asarray(row_sums, np.uint64))
+        selfs.append(np.asarray(row_self, np.float64))
+    if index.ntotal != record.rows or sum(map(len, sums)) != record.rows:
         raise IndexFormatError(f"{path}: {index.ntotal} vectors added for a shard of {record.rows} rows")
     data = faiss.serialize_index(index)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("faiss", data=np.asarray(data, np.uint8))
+            f.create_dataset("row_sums", data=np.concatenate(sums) if sums else np.zeros(0, np.uint64))
+            f.create_dataset("row_self", data=np.concatenate(selfs) if selfs else np.zeros(0))
             f.attrs["record"] = record.to_json()
             f.attrs["faiss_sha256"] = hashlib.sha256(np.asarray(data).tobytes()).hexdigest()
         os.replace(tmp, path)
@@ -179,21 +195,39 @@ def check_record(path: Path, want: AnnRecord) -> AnnRecord:
     return record
 
 
-def load_ann(path: Path, want: AnnRecord):
-    """(faiss index, record) after checking the record against `want` (IndexFormatError naming
-    the file and every differing field) and the stored bytes against their digest."""
+@dataclass
+class LoadedAnn:
+    """One shard's ANN file in memory: what the re-rank needs besides the shard's rows."""
+
+    index: Any  # the FAISS index
+    record: AnnRecord
+    row_sums: np.ndarray  # (rows,) uint64 checksum of each stored row
+    row_self: np.ndarray  # (rows,) float64 g^T H^-1 g of each row
+
+
+def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
+    """The file, after checking its record against `want` (IndexFormatError naming the file and
+    every differing field) and the stored bytes against their digest."""
     record = check_record(path, want)
     faiss = faiss_module()
     with h5py.File(path, "r") as f:
         data = f["faiss"][()]
         if hashlib.sha256(data.tobytes()).hexdigest() != f.attrs.get("faiss_sha256"):
             raise IndexFormatError(f"{path}: the FAISS bytes do not match their digest (corrupted)")
+        try:
+            row_sums, row_self = f["row_sums"][()], f["row_self"][()]
+        except KeyError as e:
+            raise IndexFormatError(f"{path}: dataset {e} missing; rebuild it with `logra-dist ann build`") from e
     index = faiss.deserialize_index(data)
-    if index.ntotal != record.rows or index.d != record.sketch_dim:
+    if (
+        index.ntotal != record.rows
+        or index.d != record.sketch_dim
+        or {row_sums.shape, row_self.shape} != {(record.rows,)}
+    ):
         raise IndexFormatError(f"{path}: FAISS index holds {index.ntotal} x {index.d}, record says {record.rows}")
     if record.search_params:
         faiss.ParameterSpace().set_index_parameters(index, record.search_params)
-    return index, record
+    return LoadedAnn(index, record, row_sums.astype(np.uint64), row_self.astype(np.float64))
 
 
 def search(index, queries: np.ndarray, candidates: int) -> np.ndarray:

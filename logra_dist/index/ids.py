@@ -66,11 +66,11 @@ def scan_ids(path: Path, dset: h5py.Dataset) -> IdFacts:
             ids = np.ascontiguousarray(dset[a : min(n, a + ID_CHUNK)], dtype="<i8")
         except OSError as e:
             raise IndexFormatError(f"{path}: ids unreadable (corrupted?): {e}") from e
-        h.update(ids.tobytes())
+        h.update(ids.data)  # no copy
         facts.lo = int(ids.min()) if a == 0 else min(facts.lo, int(ids.min()))
         facts.hi = max(facts.hi, int(ids.max())) if a else int(ids.max())
         if facts.increasing:
-            facts.increasing = bool((np.diff(ids) > 0).all()) and (prev is None or int(ids[0]) > prev)
+            facts.increasing = bool((ids[1:] > ids[:-1]).all()) and (prev is None or int(ids[0]) > prev)
         prev = int(ids[-1])
         fence.append(int(ids[0]))
         sample.append(ids[(-a) % stride :: stride])

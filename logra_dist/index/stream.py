@@ -272,3 +272,41 @@ class ChunkStream:
         finally:
             stop.set()
             thread.join()
+
+
+def gather_stored(
+    info: ShardInfo, positions: np.ndarray, codec: RowCodec, width: int, expected: np.ndarray
+) -> np.ndarray:
+    """Stored rows of one shard at sorted local `positions`, each checked against its own
+    checksum `expected` (row_checksums of the stored row, e.g. recorded by `ann build` from a
+    verified read): the ANN re-rank reads only its candidates, not their whole checksum blocks.
+    Plain bytes are gathered through a read-only memory map (no syscall per row); any other
+    layout through one HDF5 point selection."""
+    dtype, stored_width = codec.h5_dtype, codec.stored_width(width)
+    out = np.empty((len(positions), stored_width), dtype)
+    if not len(positions):
+        return out
+    try:
+        with h5py.File(info.path, "r") as f:
+            dset = f["grads"]
+            runs = plain_runs(dset, dtype.itemsize)
+            if runs is None:
+                out[:] = dset[positions]
+        if runs is not None:
+            ends = np.r_[runs[1:, 0], info.rows]
+            run_of = np.searchsorted(runs[:, 0], positions, side="right") - 1
+            for r in np.unique(run_of).tolist():
+                n = int(ends[r] - runs[r, 0])
+                view = np.memmap(info.path, dtype, "r", int(runs[r, 1]), (n, stored_width))
+                sel = run_of == r
+                out[sel] = view[positions[sel] - runs[r, 0]]
+                del view
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{info.path}: rows unreadable (truncated or corrupted?): {e}") from e
+    bad = np.nonzero(row_checksums(out) != expected)[0]
+    if len(bad):
+        raise IndexFormatError(
+            f"{info.path}: row {int(positions[bad[0]])} fails its checksum ({len(bad)} of the "
+            f"{len(positions)} rows read): the shard is corrupted or changed since `ann build`"
+        )
+    return out
