@@ -7,9 +7,14 @@ row's checksum, so the re-rank verifies the candidate rows it reads one by one i
 their whole checksum blocks) and `row_self` (float64 g^T H^-1 g of each row, the re-rank's
 RelatIF / cosine denominator, instead of recomputing it per candidate).
 Vector i of the index is row i of the shard as the caller prepared it (scoring/ann.py: whitened
-by the curvature, optionally normalized), sketched: v = x @ S with S a (D x d) Gaussian matrix
-(entries N(0, 1/d), so inner products are kept in expectation) regenerated from (seed, D, d,
-layout digest), never stored; d >= D means no sketch (v = x). A query is searched the same way.
+by the curvature, optionally normalized), sketched: v = x @ S with S (D x d) of one of two kinds:
+`pca` (the default): the top-d right singular vectors of the shard's training sample (strided
+rows, prepared the same way; uncentered, so inner products are kept within that subspace),
+stored in the file as dataset `sketch`; `gaussian`: entries N(0, 1/d), inner products kept in
+expectation, regenerated from (seed, D, d, layout digest), never stored. d >= D means no sketch
+(v = x). A query is searched the same way, with the shard's own S. Projected gradients are far
+from isotropic even whitened (a few directions carry most of their energy), so a PCA sketch of
+d = 128 keeps the top-10 where a Gaussian one of d = 256 needs 30x the candidates (docs/scoring.md).
 
 The record names what the vectors depend on: the shard (rows, ids digest, a digest of its block
 checksums, i.e. of its content), the sketch (dim, seed), the normalization, the Hessian kind and
@@ -29,14 +34,18 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from logra_dist.index.format import IndexFormatError
 from logra_dist.index.verify import ShardInfo
 
-ANN_VERSION = 2  # 2: per-row checksums and self-influence beside the FAISS index
-DEFAULT_SKETCH_DIM = 256  # d = min(D, 256): measured in docs/scoring.md ("ANN")
+ANN_VERSION = 2  # 2: per-row checksums and self-influence beside the FAISS index; PCA sketches
+DEFAULT_SKETCH_DIM = 128  # d = min(D, 128): measured in docs/scoring.md ("ANN")
+SKETCHES = ("pca", "gaussian")
+DEFAULT_SKETCH = "pca"
 DEFAULT_FACTORY = "HNSW32"
 NORMALIZATIONS = ("none", "selfinf")
+PCA_ROWS = 8192  # rows of the training sample the PCA sketch is computed from (measured enough)
 TRAIN_ROWS = 1 << 16  # rows sampled (strided) to train a factory that needs training (IVF, PQ)
 
 
@@ -80,6 +89,7 @@ class AnnRecord:
     damping: float
     factory: str
     search_params: str = ""  # faiss ParameterSpace string applied when loaded, e.g. "nprobe=32"
+    sketch: str = "gaussian"  # SKETCHES: how S was made
     version: int = ANN_VERSION
 
     def to_json(self) -> str:
@@ -116,6 +126,23 @@ def sketch_matrix(width: int, dim: int, seed: int, layout: str) -> np.ndarray | 
     return (gen.standard_normal((width, dim), dtype=np.float32) / np.float32(np.sqrt(dim))).astype(np.float32)
 
 
+def pca_matrix(sample: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """(D, d) float32: the top-d right singular vectors of (up to PCA_ROWS strided rows of) the
+    (n, D) sample, uncentered (an inner-product sketch): eigenvectors of the D x D Gram matrix
+    for moderate D, else a seeded randomized SVD."""
+    x = torch.from_numpy(np.ascontiguousarray(sample[:: max(1, -(-len(sample) // PCA_ROWS))], dtype=np.float32))
+    if x.shape[1] <= 4096:
+        vals, vecs = torch.linalg.eigh((x.T @ x).double())
+        v = vecs[:, torch.argsort(vals, descending=True)[:dim]]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            v = torch.svd_lowrank(x, q=min(min(x.shape), dim + 32), niter=4)[2][:, :dim]
+    out = np.zeros((sample.shape[1], dim), np.float32)  # fewer sample rows than d: zero columns
+    out[:, : v.shape[1]] = v.float().numpy()
+    return out
+
+
 def sketch(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     return rows if matrix is None else np.ascontiguousarray(rows @ matrix)
@@ -135,10 +162,11 @@ def write_ann(
     record: AnnRecord,
     chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
     train: np.ndarray | None = None,
+    matrix: np.ndarray | None = None,
 ) -> Path:
     """Build the FAISS index (inner product) from chunks of ((n, d) vectors, n row checksums,
     n self-influences), added incrementally; `train` (a sample) for factories that need
-    training. Atomic: temp file, then rename."""
+    training; `matrix`: the sketch to store (pca). Atomic: temp file, then rename."""
     faiss = faiss_module()
     index = new_index(record.sketch_dim, record.factory)
     if not index.is_trained:
@@ -167,6 +195,9 @@ def write_ann(
             f.create_dataset("row_self", data=np.concatenate(selfs) if selfs else np.zeros(0))
             f.attrs["record"] = record.to_json()
             f.attrs["faiss_sha256"] = hashlib.sha256(np.asarray(data).tobytes()).hexdigest()
+            if matrix is not None:
+                f.create_dataset("sketch", data=np.asarray(matrix, np.float32))
+                f.attrs["sketch_sha256"] = hashlib.sha256(np.asarray(matrix, np.float32).tobytes()).hexdigest()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -203,6 +234,7 @@ class LoadedAnn:
     record: AnnRecord
     row_sums: np.ndarray  # (rows,) uint64 checksum of each stored row
     row_self: np.ndarray  # (rows,) float64 g^T H^-1 g of each row
+    matrix: np.ndarray | None  # the sketch S (D, d), None: no sketch
 
 
 def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
@@ -216,8 +248,15 @@ def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
             raise IndexFormatError(f"{path}: the FAISS bytes do not match their digest (corrupted)")
         try:
             row_sums, row_self = f["row_sums"][()], f["row_self"][()]
+            stored = f["sketch"][()] if record.sketch == "pca" and record.sketch_dim < record.width else None
         except KeyError as e:
             raise IndexFormatError(f"{path}: dataset {e} missing; rebuild it with `logra-dist ann build`") from e
+        if stored is not None and hashlib.sha256(stored.tobytes()).hexdigest() != f.attrs.get("sketch_sha256"):
+            raise IndexFormatError(f"{path}: the sketch matrix does not match its digest (corrupted)")
+    if record.sketch == "gaussian":
+        matrix = sketch_matrix(record.width, record.sketch_dim, record.sketch_seed, record.layout_digest)
+    else:
+        matrix = stored
     index = faiss.deserialize_index(data)
     if (
         index.ntotal != record.rows
@@ -227,7 +266,7 @@ def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
         raise IndexFormatError(f"{path}: FAISS index holds {index.ntotal} x {index.d}, record says {record.rows}")
     if record.search_params:
         faiss.ParameterSpace().set_index_parameters(index, record.search_params)
-    return LoadedAnn(index, record, row_sums.astype(np.uint64), row_self.astype(np.float64))
+    return LoadedAnn(index, record, row_sums.astype(np.uint64), row_self.astype(np.float64), matrix)
 
 
 def search(index, queries: np.ndarray, candidates: int) -> np.ndarray:

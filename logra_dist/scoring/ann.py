@@ -34,6 +34,8 @@ from logra_dist import comm
 from logra_dist.core.curvature import CURVATURES
 from logra_dist.index.ann import (
     DEFAULT_FACTORY,
+    DEFAULT_SKETCH,
+    SKETCHES,
     TRAIN_ROWS,
     AnnRecord,
     LoadedAnn,
@@ -45,6 +47,7 @@ from logra_dist.index.ann import (
     load_ann,
     new_index,
     normalization_for,
+    pca_matrix,
     read_record,
     search,
     sketch,
@@ -67,7 +70,15 @@ QUERY_BLOCK = 256  # queries per FAISS search call (fixed: candidates must not d
 
 
 def expected_record(
-    store: GradientStore, shard: int, *, dim: int, seed: int, normalization: str, hessian: str, damping: float
+    store: GradientStore,
+    shard: int,
+    *,
+    dim: int,
+    seed: int,
+    normalization: str,
+    hessian: str,
+    damping: float,
+    kind: str = DEFAULT_SKETCH,
 ) -> AnnRecord:
     info = store.shards[shard]
     return AnnRecord(
@@ -83,6 +94,7 @@ def expected_record(
         hessian=hessian,
         damping=float(damping),
         factory="",
+        sketch=kind,
     )
 
 
@@ -128,6 +140,7 @@ def build_ann(
     *,
     factory: str = DEFAULT_FACTORY,
     dim: int | None = None,
+    kind: str = DEFAULT_SKETCH,
     mode: str = "relatif",
     damping: float | None = None,
     seed: int = 0,
@@ -141,22 +154,30 @@ def build_ann(
     attrs, _ = read_stats(store.root / "stats.h5")
     normalization = normalization_for(mode)
     hessian, damping = str(attrs["hessian"]), float(attrs["damping"] if damping is None else damping)
+    if kind not in SKETCHES:
+        raise ValueError(f"sketch kind {kind!r} is not one of {SKETCHES}")
     d = sketch_dim(store.width, dim)
     vectors = _Vectors(store, normalization, hessian, damping, d, seed)
+    gaussian = vectors.matrix
     written = []
     for s in shard_owners([i.rows for i in store.shards], comm.world_size())[comm.rank()]:
         info = store.shards[s]
         base = expected_record(
             store, s, dim=d, seed=seed, normalization=normalization, hessian=hessian, damping=damping
         )
-        record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": search_params})
-        train = None
-        if not new_index(d, factory).is_trained:  # a strided sample of the shard (rows may be ordered)
+        record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": search_params, "sketch": kind})
+        train, pca = None, kind == "pca" and d < store.width
+        if pca or not new_index(d, factory).is_trained:  # a strided sample of the shard (rows may be ordered)
             picks = np.unique(np.linspace(0, info.rows - 1, min(info.rows, TRAIN_ROWS)).astype(np.int64))
+            vectors.matrix = None if pca else gaussian
             train = vectors(torch.from_numpy(store[info.offset + picks]))
+            if pca:
+                vectors.matrix = pca_matrix(train, d, seed)
+                train = sketch(train, vectors.matrix)
         span = [(info.offset, info.offset + info.rows)]
         chunks = (vectors.stored(rows) for _, _, rows, _ in ChunkStream(store, span, chunk_rows, decode=False))
-        written.append(write_ann(ann_path(info.path), record, chunks, train))
+        stored = vectors.matrix if pca else None
+        written.append(write_ann(ann_path(info.path), record, chunks, train, stored))
     return written
 
 
@@ -171,6 +192,7 @@ def _checked_records(scorer) -> list[AnnRecord]:
             s,
             dim=first.sketch_dim,
             seed=first.sketch_seed,
+            kind=first.sketch,
             normalization=normalization_for(scorer.mode),
             hessian=scorer.hessian,
             damping=scorer.damping,
@@ -210,8 +232,6 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
     mine = shard_owners([s.rows for s in store.shards], scorer.world)[scorer.rank]
     if not mine:
         return top, info
-    matrix = sketch_matrix(store.width, records[0].sketch_dim, records[0].sketch_seed, records[0].layout_digest)
-    q_sketch = sketch(q_white, matrix)
     q_self = q.self_layers.sum(1)
     with scorer.tracker.phase("ann-load"):
         loaded = [(s, _loaded(scorer, s, records[s])) for s in mine]
@@ -221,7 +241,7 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
         b = min(n_q, a + step)
         for s, ann in loaded:  # per shard: the same arithmetic whichever rank holds it
             with scorer.tracker.phase("ann-search"):
-                labels = search(ann.index, q_sketch[a:b], candidates)
+                labels = search(ann.index, sketch(q_white[a:b], ann.matrix), candidates)
             _rescore(scorer, q, slice(a, b), s, ann, labels, q_self, top)
     return top, info
 
