@@ -6,7 +6,7 @@ recall, scorer peak RSS, at 100k, 1M (and, with --rows 10000000, 10M) rows on th
 Synthetic rows (`bench/ann.build_index`: D = 1024, 4 layers of 16 x 16, structured low-rank
 rows, raw projected Fisher), int8 shards, 2 shards; `--embedded` adds the real embedded index
 (the bundled tiny Llama and corpus, logged int8, its held-out documents as queries). Every
-scoring figure comes from a fresh subprocess (`--worker`), so its peak RSS (ru_maxrss) is that
+scoring figure comes from a fresh subprocess (`--worker`), so its peak RSS (VmHWM) is that
 path's alone: the exact scan (`Scorer.topk`), and ANN (`Scorer.topk(ann=True)`: its first batch
 loads the FAISS files, later batches reuse them; "seconds" is the median of those later
 batches, the per-batch cost of a scorer serving many batches). Recall@k is against the exact
@@ -49,6 +49,15 @@ def disk_bytes(path: Path) -> int:
 
 
 # -- workers: one scoring path per process, its peak RSS is its own ----------------------------
+def peak_rss() -> int:
+    """This process's peak RSS since its exec (VmHWM): ru_maxrss would also count the parent's
+    memory at fork, which Linux carries across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     q = np.load(args.queries_file)
@@ -67,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
                 "first_s": times[0],
                 "seconds": float(np.median(times[1:])),
                 "rounds": args.rounds,
-                "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "peak_rss_bytes": peak_rss(),
             }
         )
     )

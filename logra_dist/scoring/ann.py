@@ -62,7 +62,8 @@ from logra_dist.index.reader import GradientStore
 from logra_dist.index.stream import ChunkStream, gather_stored
 from logra_dist.scoring.kernels import ID_PAD, RunningTopK, TopKResult, normalize
 
-DEFAULT_CANDIDATES = 1000  # per query and shard; measured in docs/scoring.md ("ANN")
+DEFAULT_CANDIDATES = 100  # per query and shard; measured in docs/scoring.md ("ANN")
+HNSW_SEARCH_PARAMS = "efSearch=256"  # HNSW's default when --search-params is not given (measured with it)
 # One GEMM against the union of a block's candidates and a gather, unless the union exceeds this
 # many times C: a gathered (bmm) multiply-add cost ~145x a GEMM one here (bench/ann.py, 1 thread).
 UNION_GEMM_RATIO = 64
@@ -165,7 +166,8 @@ def build_ann(
         base = expected_record(
             store, s, dim=d, seed=seed, normalization=normalization, hessian=hessian, damping=damping
         )
-        record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": search_params, "sketch": kind})
+        params = search_params or (HNSW_SEARCH_PARAMS if "HNSW" in factory else "")
+        record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": params, "sketch": kind})
         train, pca = None, kind == "pca" and d < store.width
         if pca or not new_index(d, factory).is_trained:  # a strided sample of the shard (rows may be ordered)
             picks = np.unique(np.linspace(0, info.rows - 1, min(info.rows, TRAIN_ROWS)).astype(np.int64))
