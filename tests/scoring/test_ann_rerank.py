@@ -25,7 +25,7 @@ from logra_dist.scoring.ann import build_ann
 def test_codec_rows_rerank_equals_the_exact_scan(tmp_path, storage):
     index = tmp_path / "i"
     build_index(index, 700, 1, 2, storage=storage)
-    build_ann(index, factory="Flat", mode="relatif")
+    build_ann(index, factory="Flat", mode="relatif", dim=256)  # d = D: no sketch, an exact search
     q = queries(5, 256, seed=3)
     sc = ld.Scorer(None, index, mode="relatif")
     sc.add_query_gradients(q, np.arange(5))
