@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ann import build_index, queries, recall  # noqa: E402
 
 import logra_dist as ld  # noqa: E402
+from logra_dist.index.ann import read_record  # noqa: E402
 from logra_dist.index.codecs import codec_for  # noqa: E402
 
 LAYERS, SHARDS, WIDTH = 4, 2, 1024
@@ -157,14 +158,16 @@ def one_size(rows: int, args, work: Path) -> dict:
     print(json.dumps({"rows": rows, "exact": entry["exact"]}), flush=True)
     entry["ann"] = []
     for factory in args.factories:
-        build_s = build_ann_timed(index, factory, args)
+        built = sorted((index / "shards").glob("*.ann"))
+        reuse = args.reuse_ann and len(built) == SHARDS and all(read_record(p).factory == factory for p in built)
+        build_s = None if reuse else build_ann_timed(index, factory, args)
         ann_bytes = sum(p.stat().st_size for p in (index / "shards").glob("*.ann"))
         for c in args.candidates:
             got = run_worker("ann", index, qfile, work / "ann-ids.npy", args, candidates=c)
             got.update(
                 factory=factory,
                 candidates=c,
-                build_s=round(build_s, 1),
+                build_s=None if build_s is None else round(build_s, 1),
                 ann_bytes=ann_bytes,
                 recall=recall(exact_ids, np.load(work / "ann-ids.npy")),
                 speedup=entry["exact"]["seconds"] / got["seconds"],
@@ -208,6 +211,39 @@ def embedded(args, work: Path) -> dict:
     return entry
 
 
+def table(result: dict) -> str:
+    """The README table of a scale.json."""
+    mb = 1 / 1e6
+    lines = [
+        "| rows | index MB (int8) | exact s / 64 q | exact peak RSS MB | factory, C | ANN build s | ANN MB |"
+        " ANN s / 64 q | speedup | recall@10 | ANN peak RSS MB |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    sizes = list(result["sizes"]) + (
+        [{**result["embedded"], "rows": f"{result['embedded']['rows']} (embedded)"}] if "embedded" in result else []
+    )
+    for e in sizes:
+        ex = e["exact"]
+        head = f"| {e['rows']} | {e['index_bytes'] * mb:.0f} | {ex['seconds']:.2f} | {ex['peak_rss_bytes'] * mb:.0f} |"
+        for a in e["ann"] or [{}]:
+            if not a:
+                lines.append(head + " not run | | | | | | |")
+                continue
+            build = "-" if a["build_s"] is None else f"{a['build_s']:.0f}"
+            lines.append(
+                head + f" {a['factory']}, {a['candidates']} | {build} | {a.get('ann_bytes', 0) * mb:.0f} |"
+                f" {a['seconds']:.3f} | {ex['seconds'] / a['seconds']:.1f}x | {a['recall']:.3f} |"
+                f" {a['peak_rss_bytes'] * mb:.0f} |"
+            )
+    codecs = result["codec_bytes"]
+    lines += ["", "| codec | bytes / row (D = 1024) | shard bytes / row on disk | vs float16 |", "|---|---:|---:|---:|"]
+    for name, c in codecs.items():
+        lines.append(
+            f"| {name} | {c['bytes_per_row']} | {c['shard_bytes_per_row_on_disk']:.0f} | {c['vs_float16']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", type=int, default=[100_000, 1_000_000])
@@ -223,6 +259,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--codec-rows", type=int, default=20_000)
     p.add_argument("--embedded", action="store_true")
+    p.add_argument("--reuse-ann", action="store_true", help="keep ANN files of the same factory (build_s: null)")
     p.add_argument("--work", default="/tmp/bench-scale")
     p.add_argument("--out", default="bench/results/scale.json")
     # worker mode (one scoring path in this process)
@@ -230,7 +267,10 @@ def main() -> None:
     p.add_argument("--index")
     p.add_argument("--queries-file")
     p.add_argument("--ids-out")
+    p.add_argument("--table", metavar="JSON", help="print the README table of a scale.json and exit")
     args = p.parse_args()
+    if args.table:
+        return print(table(json.loads(Path(args.table).read_text())))
     if args.worker:
         args.candidates = args.candidates[0]
         return worker(args)
