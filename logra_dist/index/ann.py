@@ -46,6 +46,7 @@ DEFAULT_SKETCH = "pca"
 DEFAULT_FACTORY = "HNSW32"
 NORMALIZATIONS = ("none", "selfinf")
 PCA_ROWS = 8192  # rows of the training sample the PCA sketch is computed from (measured enough)
+LOAD_PIECE = 16 << 20  # bytes per read when an ANN file is verified and loaded
 TRAIN_ROWS = 1 << 16  # rows sampled (strided) to train a factory that needs training (IVF, PQ)
 
 
@@ -247,9 +248,13 @@ def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
     record = check_record(path, want)
     faiss = faiss_module()
     with h5py.File(path, "r") as f:
-        data = f["faiss"][()]
-        if hashlib.sha256(data.tobytes()).hexdigest() != f.attrs.get("faiss_sha256"):
+        data = f["faiss"]
+        h = hashlib.sha256()
+        for a in range(0, data.shape[0], LOAD_PIECE):  # in pieces: the peak is the index, not twice it
+            h.update(data[a : a + LOAD_PIECE].data)
+        if h.hexdigest() != f.attrs.get("faiss_sha256"):
             raise IndexFormatError(f"{path}: the FAISS bytes do not match their digest (corrupted)")
+        index = faiss.read_index(faiss.PyCallbackIOReader(_piece_reader(data), LOAD_PIECE))
         try:
             row_sums, row_self = f["row_sums"][()], f["row_self"][()]
             stored = f["sketch"][()] if record.sketch == "pca" and record.sketch_dim < record.width else None
@@ -261,7 +266,6 @@ def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
         matrix = sketch_matrix(record.width, record.sketch_dim, record.sketch_seed, record.layout_digest)
     else:
         matrix = stored
-    index = faiss.deserialize_index(data)
     if (
         index.ntotal != record.rows
         or index.d != record.sketch_dim
@@ -271,6 +275,18 @@ def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
     if record.search_params:
         faiss.ParameterSpace().set_index_parameters(index, record.search_params)
     return LoadedAnn(index, record, row_sums.astype(np.uint64), row_self.astype(np.float64), matrix)
+
+
+def _piece_reader(data: h5py.Dataset):
+    """FAISS reader callback over the dataset's bytes, piece by piece."""
+    pos = [0]
+
+    def read(n: int) -> bytes:
+        a = pos[0]
+        pos[0] = min(data.shape[0], a + n)
+        return data[a : pos[0]].tobytes()
+
+    return read
 
 
 def search(index, queries: np.ndarray, candidates: int) -> np.ndarray:

@@ -56,3 +56,16 @@ def test_a_corrupted_candidate_row_is_named(tmp_path):
     with pytest.raises(IndexFormatError, match=r"rank-00000\.h5: row 137 fails its checksum"):
         sc.topk(5, ann=True, candidates=300)  # every row a candidate
     sc.close()
+
+
+def test_corrupted_faiss_bytes_are_refused_before_loading(tmp_path):
+    index = tmp_path / "i"
+    build_index(index, 200, 1, 1, storage="float16")
+    build_ann(index, factory="HNSW32", mode="dot")
+    with h5py.File(index / "shards" / "rank-00000.ann", "a") as f:  # verified in pieces, then read in pieces
+        f["faiss"][len(f["faiss"]) // 2] ^= 1
+    sc = ld.Scorer(None, index, mode="dot")
+    sc.add_query_gradients(queries(2, 256), np.arange(2))
+    with pytest.raises(IndexFormatError, match=r"rank-00000\.ann: the FAISS bytes do not match their digest"):
+        sc.topk(5, ann=True, candidates=10)
+    sc.close()
