@@ -139,7 +139,7 @@ def _add_ann(sub) -> None:
     )
     build.add_argument("index", help="index directory written by `log`")
     build.add_argument("--factory", default=None, help='FAISS index_factory string (default "HNSW32"; "Flat": exact)')
-    build.add_argument("--sketch-dim", type=int, default=None, help="sketch dimension d (default min(D, 128))")
+    build.add_argument("--sketch-dim", type=int, default=None, help="sketch dimension d (default min(D, 256))")
     build.add_argument(
         "--sketch", default="pca", choices=["pca", "gaussian"], help="sketch kind (default pca of each shard's sample)"
     )

@@ -82,18 +82,18 @@ RECALL_BOUND = 0.9
 
 
 def test_pca_sketch_keeps_the_topk_with_few_candidates(tmp_path):
-    """The default sketch (PCA of each shard's sample, d = 128 of D = 1024), queries of the rows'
-    own model (as real queries are: gradients of the same model): recall@10 at C = 30 of 1000
-    rows per shard measured 1.0, the Gaussian sketch of d = 128 0.74."""
+    """The PCA sketch (each shard's sample, d = 128 of D = 1024), queries of the rows' own model
+    (as real queries are: gradients of the same model): recall@10 at C = 30 of 1000 rows per
+    shard measured 1.0, the Gaussian sketch of d = 128 0.74."""
     index = tmp_path / "index"
     build_index(index, 2000, 4, 2)
     q = queries(16, 1024)
     exact = topk(index, q, "relatif", 10)
-    build_ann(index, factory="Flat", mode="relatif")
+    build_ann(index, factory="Flat", mode="relatif", dim=128)
     got = topk(index, q, "relatif", 10, ann=True, candidates=30)
     assert got.info["ann_sketch_dim"] == 128
     pca = recall(exact.train_ids, got.train_ids)
-    build_ann(index, factory="Flat", mode="relatif", kind="gaussian")
+    build_ann(index, factory="Flat", mode="relatif", kind="gaussian", dim=128)
     gaussian = recall(exact.train_ids, topk(index, q, "relatif", 10, ann=True, candidates=30).train_ids)
     assert pca >= 0.97 and gaussian < pca - 0.1, (pca, gaussian)
 
@@ -143,7 +143,7 @@ def test_cli_build_and_score_record_ann_and_candidates(tmp_path):
     assert main([*args, "--ann", "--candidates", "7", "--out", str(out), "--no-wandb"]) == 0
     with h5py.File(out / "topk.h5", "r") as f:
         assert bool(f.attrs["ann"]) and int(f.attrs["ann_candidates"]) == 7
-        assert f.attrs["ann_factory"] == "Flat" and int(f.attrs["ann_sketch_dim"]) == 128  # default min(D, 128)
+        assert f.attrs["ann_factory"] == "Flat" and int(f.attrs["ann_sketch_dim"]) == 256  # default min(D, 256)
         ann_ids = f["train_ids"][()]
     assert "ANN: 7 candidates per query and shard (Flat" in (out / "topk.md").read_text()
     assert ld.scoring.results.read_topk_h5(out / "topk.h5").info["ann_candidates"] == 7
