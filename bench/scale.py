@@ -204,7 +204,8 @@ def embedded(args, work: Path) -> dict:
     for factory in ("HNSW32",):
         build_s = build_ann_timed(index, factory, args)
         got = run_worker("ann", index, work / "emb-q.npy", work / "ann-ids.npy", args, candidates=100)
-        got.update(factory=factory, candidates=100, build_s=round(build_s, 1))
+        ann_bytes = sum(p.stat().st_size for p in (index / "shards").glob("*.ann"))
+        got.update(factory=factory, candidates=100, build_s=round(build_s, 1), ann_bytes=ann_bytes)
         got["recall"] = recall(exact_ids, np.load(work / "ann-ids.npy"))
         entry["ann"].append(got)
     print(json.dumps({"embedded": entry}), flush=True)
@@ -230,8 +231,9 @@ def table(result: dict) -> str:
                 lines.append(head + " not run | | | | | | |")
                 continue
             build = "-" if a["build_s"] is None else f"{a['build_s']:.0f}"
+            size = "-" if a.get("ann_bytes") is None else f"{a['ann_bytes'] * mb:.0f}"
             lines.append(
-                head + f" {a['factory']}, {a['candidates']} | {build} | {a.get('ann_bytes', 0) * mb:.0f} |"
+                head + f" {a['factory']}, {a['candidates']} | {build} | {size} |"
                 f" {a['seconds']:.3f} | {ex['seconds'] / a['seconds']:.1f}x | {a['recall']:.3f} |"
                 f" {a['peak_rss_bytes'] * mb:.0f} |"
             )
