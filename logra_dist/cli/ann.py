@@ -30,6 +30,7 @@ def run_ann(args: argparse.Namespace) -> None:
             args.index,
             factory=args.factory or DEFAULT_FACTORY,
             dim=args.sketch_dim,
+            kind=getattr(args, "sketch", "pca"),
             mode=args.mode,
             damping=args.damping,
             seed=args.sketch_seed,
@@ -49,7 +50,7 @@ def run_ann(args: argparse.Namespace) -> None:
         r = read_record(paths[0])
         say(
             f"built {int(built)} ANN file(s) in {time.perf_counter() - start:.1f}s: factory {r.factory}, "
-            f"sketch dim {r.sketch_dim} of D={r.width}, normalization {r.normalization}"
+            f"{r.sketch} sketch dim {r.sketch_dim} of D={r.width}, normalization {r.normalization}"
         )
     else:
         say(f"built {int(built)} ANN file(s) in {time.perf_counter() - start:.1f}s")

@@ -263,6 +263,9 @@ def _add_ann(sub) -> None:
     build.add_argument("index", help="index directory written by `log`")
     build.add_argument("--factory", default=None, help='FAISS index_factory string (default "HNSW32"; "Flat": exact)')
     build.add_argument("--sketch-dim", type=int, default=None, help="sketch dimension d (default min(D, 256))")
+    build.add_argument(
+        "--sketch", default="pca", choices=["pca", "gaussian"], help="sketch kind (default pca of each shard's sample)"
+    )
     build.add_argument("--sketch-seed", type=int, default=0)
     build.add_argument(
         "--mode", default="relatif", choices=list(SCORE_MODES), help="score mode it serves (relatif serves cosine)"

@@ -1,11 +1,21 @@
 """ANN files: one FAISS index per shard, in a seeded sketch space, refused when it is not the shard's.
 
 `shards/rank-NNNNN.ann` (HDF5, written under a temporary name and renamed) holds dataset `faiss`
-(the serialized FAISS index, uint8, with its sha256) and the record (`AnnRecord`) as attributes.
+(the serialized FAISS index, uint8, with its sha256), the record (`AnnRecord`) as attributes, and
+two per-row datasets taken from the build's verified read of the shard: `row_sums` (each stored
+row's checksum, so the re-rank verifies the candidate rows it reads one by one instead of reading
+their whole checksum blocks) and `row_self` (float64 g^T H^-1 g of each row, the re-rank's
+RelatIF / cosine denominator, instead of recomputing it per candidate).
 Vector i of the index is row i of the shard as the caller prepared it (scoring/ann.py: whitened
-by the curvature, optionally normalized), sketched: v = x @ S with S a (D x d) Gaussian matrix
-(entries N(0, 1/d), so inner products are kept in expectation) regenerated from (seed, D, d,
-layout digest), never stored; d >= D means no sketch (v = x). A query is searched the same way.
+by the curvature, optionally normalized), sketched: v = x @ S with S (D x d) of one of two kinds:
+`pca` (the default): the top-d right singular vectors of the shard's training sample (strided
+rows, prepared the same way; uncentered, so inner products are kept within that subspace),
+stored in the file as dataset `sketch`; `gaussian`: entries N(0, 1/d), inner products kept in
+expectation, regenerated from (seed, D, d, layout digest), never stored. d >= D means no sketch
+(v = x). A query is searched the same way, with the shard's own S. Projected gradients are far
+from isotropic even whitened (a few directions carry most of their energy), on the embedded index's
+real rows (D = 3840) a PCA sketch of d = 256 kept 0.984 of the top-10 at C = 100, a Gaussian one
+0.716 (docs/scoring.md).
 
 The record names what the vectors depend on: the shard (rows, ids digest, a digest of its block
 checksums, i.e. of its content), the sketch (dim, seed), the normalization, the Hessian kind and
@@ -21,17 +31,23 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from logra_dist.index.format import IndexFormatError
 from logra_dist.index.verify import ShardInfo
 
-ANN_VERSION = 1
-DEFAULT_SKETCH_DIM = 256  # d = min(D, 256): measured in docs/scoring.md ("ANN")
+ANN_VERSION = 2  # 2: per-row checksums and self-influence beside the FAISS index; PCA sketches
+DEFAULT_SKETCH_DIM = 256  # d = min(D, 256): measured on the embedded index, docs/scoring.md ("ANN")
+SKETCHES = ("pca", "gaussian")
+DEFAULT_SKETCH = "pca"
 DEFAULT_FACTORY = "HNSW32"
 NORMALIZATIONS = ("none", "selfinf")
+PCA_ROWS = 8192  # rows of the training sample the PCA sketch is computed from (measured enough)
+LOAD_PIECE = 16 << 20  # bytes per read when an ANN file is verified and loaded
 TRAIN_ROWS = 1 << 16  # rows sampled (strided) to train a factory that needs training (IVF, PQ)
 
 
@@ -75,6 +91,7 @@ class AnnRecord:
     damping: float
     factory: str
     search_params: str = ""  # faiss ParameterSpace string applied when loaded, e.g. "nprobe=32"
+    sketch: str = "gaussian"  # SKETCHES: how S was made
     version: int = ANN_VERSION
 
     def to_json(self) -> str:
@@ -111,9 +128,30 @@ def sketch_matrix(width: int, dim: int, seed: int, layout: str) -> np.ndarray | 
     return (gen.standard_normal((width, dim), dtype=np.float32) / np.float32(np.sqrt(dim))).astype(np.float32)
 
 
+def pca_matrix(sample: np.ndarray, dim: int, seed: int) -> np.ndarray:
+    """(D, d) float32: the top-d right singular vectors of (up to PCA_ROWS strided rows of) the
+    (n, D) sample, uncentered (an inner-product sketch): eigenvectors of the D x D Gram matrix
+    for moderate D, else a seeded randomized SVD."""
+    x = torch.from_numpy(np.ascontiguousarray(sample[:: max(1, -(-len(sample) // PCA_ROWS))], dtype=np.float32))
+    if x.shape[1] <= 4096:
+        vals, vecs = torch.linalg.eigh((x.T @ x).double())
+        v = vecs[:, torch.argsort(vals, descending=True)[:dim]]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            v = torch.svd_lowrank(x, q=min(min(x.shape), dim + 32), niter=4)[2][:, :dim]
+    out = np.zeros((sample.shape[1], dim), np.float32)  # fewer sample rows than d: zero columns
+    out[:, : v.shape[1]] = v.float().numpy()
+    return out
+
+
 def sketch(rows: np.ndarray, matrix: np.ndarray | None) -> np.ndarray:
+    """rows @ S in float32, through torch (its thread setting: numpy's BLAS pool, unbounded,
+    took 100 ms for a 64 x 1024 x 128 product on this shared machine)."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
-    return rows if matrix is None else np.ascontiguousarray(rows @ matrix)
+    if matrix is None:
+        return rows
+    return (torch.from_numpy(rows) @ torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))).numpy()
 
 
 def new_index(dim: int, factory: str):
@@ -125,9 +163,16 @@ def new_index(dim: int, factory: str):
         raise ValueError(f"FAISS factory {factory!r} is not valid: {str(e).strip()[:200]}") from e
 
 
-def write_ann(path: Path, record: AnnRecord, vectors: Iterable[np.ndarray], train: np.ndarray | None = None) -> Path:
-    """Build the FAISS index (inner product) from chunks of (n, d) vectors, added incrementally;
-    `train` (a sample) for factories that need training. Atomic: temp file, then rename."""
+def write_ann(
+    path: Path,
+    record: AnnRecord,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    train: np.ndarray | None = None,
+    matrix: np.ndarray | None = None,
+) -> Path:
+    """Build the FAISS index (inner product) from chunks of ((n, d) vectors, n row checksums,
+    n self-influences), added incrementally; `train` (a sample) for factories that need
+    training; `matrix`: the sketch to store (pca). Atomic: temp file, then rename."""
     faiss = faiss_module()
     index = new_index(record.sketch_dim, record.factory)
     if not index.is_trained:
@@ -140,17 +185,25 @@ def write_ann(path: Path, record: AnnRecord, vectors: Iterable[np.ndarray], trai
                 f"{path}: factory {record.factory!r} could not be trained on {len(train)} rows of the "
                 f"shard: {str(e).strip()[:200]} (use a smaller IVF list count or 'Flat'/'HNSW32')"
             ) from e
-    for block in vectors:
+    sums, selfs = [], []
+    for block, row_sums, row_self in chunks:
         index.add(np.ascontiguousarray(block, dtype=np.float32))
-    if index.ntotal != record.rows:
+        sums.append(np.asarray(row_sums, np.uint64))
+        selfs.append(np.asarray(row_self, np.float64))
+    if index.ntotal != record.rows or sum(map(len, sums)) != record.rows:
         raise IndexFormatError(f"{path}: {index.ntotal} vectors added for a shard of {record.rows} rows")
     data = faiss.serialize_index(index)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("faiss", data=np.asarray(data, np.uint8))
+            f.create_dataset("row_sums", data=np.concatenate(sums) if sums else np.zeros(0, np.uint64))
+            f.create_dataset("row_self", data=np.concatenate(selfs) if selfs else np.zeros(0))
             f.attrs["record"] = record.to_json()
             f.attrs["faiss_sha256"] = hashlib.sha256(np.asarray(data).tobytes()).hexdigest()
+            if matrix is not None:
+                f.create_dataset("sketch", data=np.asarray(matrix, np.float32))
+                f.attrs["sketch_sha256"] = hashlib.sha256(np.asarray(matrix, np.float32).tobytes()).hexdigest()
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -179,21 +232,62 @@ def check_record(path: Path, want: AnnRecord) -> AnnRecord:
     return record
 
 
-def load_ann(path: Path, want: AnnRecord):
-    """(faiss index, record) after checking the record against `want` (IndexFormatError naming
-    the file and every differing field) and the stored bytes against their digest."""
+@dataclass
+class LoadedAnn:
+    """One shard's ANN file in memory: what the re-rank needs besides the shard's rows."""
+
+    index: Any  # the FAISS index
+    record: AnnRecord
+    row_sums: np.ndarray  # (rows,) uint64 checksum of each stored row
+    row_self: np.ndarray  # (rows,) float64 g^T H^-1 g of each row
+    matrix: np.ndarray | None  # the sketch S (D, d), None: no sketch
+
+
+def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
+    """The file, after checking its record against `want` (IndexFormatError naming the file and
+    every differing field) and the stored bytes against their digest."""
     record = check_record(path, want)
     faiss = faiss_module()
     with h5py.File(path, "r") as f:
-        data = f["faiss"][()]
-        if hashlib.sha256(data.tobytes()).hexdigest() != f.attrs.get("faiss_sha256"):
+        data = f["faiss"]
+        h = hashlib.sha256()
+        for a in range(0, data.shape[0], LOAD_PIECE):  # in pieces: the peak is the index, not twice it
+            h.update(data[a : a + LOAD_PIECE].data)
+        if h.hexdigest() != f.attrs.get("faiss_sha256"):
             raise IndexFormatError(f"{path}: the FAISS bytes do not match their digest (corrupted)")
-    index = faiss.deserialize_index(data)
-    if index.ntotal != record.rows or index.d != record.sketch_dim:
+        index = faiss.read_index(faiss.PyCallbackIOReader(_piece_reader(data), LOAD_PIECE))
+        try:
+            row_sums, row_self = f["row_sums"][()], f["row_self"][()]
+            stored = f["sketch"][()] if record.sketch == "pca" and record.sketch_dim < record.width else None
+        except KeyError as e:
+            raise IndexFormatError(f"{path}: dataset {e} missing; rebuild it with `logra-dist ann build`") from e
+        if stored is not None and hashlib.sha256(stored.tobytes()).hexdigest() != f.attrs.get("sketch_sha256"):
+            raise IndexFormatError(f"{path}: the sketch matrix does not match its digest (corrupted)")
+    if record.sketch == "gaussian":
+        matrix = sketch_matrix(record.width, record.sketch_dim, record.sketch_seed, record.layout_digest)
+    else:
+        matrix = stored
+    if (
+        index.ntotal != record.rows
+        or index.d != record.sketch_dim
+        or {row_sums.shape, row_self.shape} != {(record.rows,)}
+    ):
         raise IndexFormatError(f"{path}: FAISS index holds {index.ntotal} x {index.d}, record says {record.rows}")
     if record.search_params:
         faiss.ParameterSpace().set_index_parameters(index, record.search_params)
-    return index, record
+    return LoadedAnn(index, record, row_sums.astype(np.uint64), row_self.astype(np.float64), matrix)
+
+
+def _piece_reader(data: h5py.Dataset):
+    """FAISS reader callback over the dataset's bytes, piece by piece."""
+    pos = [0]
+
+    def read(n: int) -> bytes:
+        a = pos[0]
+        pos[0] = min(data.shape[0], a + n)
+        return data[a : pos[0]].tobytes()
+
+    return read
 
 
 def search(index, queries: np.ndarray, candidates: int) -> np.ndarray:

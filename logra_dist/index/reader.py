@@ -1,7 +1,8 @@
 """Read side of an index: every rank's shard behind one row space, validated when opened.
 
 Rows are read through the one verified reader (`stream.ChunkStream`, the scorer's), whatever
-the access: ranges, single rows, ids, chunks.
+the access: ranges, single rows, ids, chunks. Ids are read on demand (`ids.py`): a store holds
+O(rows / 65536) facts per shard, never every id of the corpus.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from logra_dist.index.format import (
     partial_path,
     read_manifest,
 )
-from logra_dist.index.h5io import attr_value, ids_digest
+from logra_dist.index.h5io import attr_value
+from logra_dist.index.ids import IdFacts, duplicate_ids, positions_of, read_ids, scan_ids
 from logra_dist.index.stream import ChunkStream
 from logra_dist.index.verify import ShardInfo
 from logra_dist.tracking import NULL_TRACKER, NullTracker
@@ -66,7 +68,8 @@ class GradientStore:
         self.storage_dtype = self.config.storage_dtype
         self.codec = codec_for(self.storage_dtype, self.layout)
         self.shards: list[ShardInfo] = []
-        ids, offset = [], 0
+        self.id_facts: list[IdFacts] = []  # per shard, aligned with `shards`
+        offset = 0
         if not m["shards"]:
             raise IndexFormatError(f"{manifest_path}: lists no shards")
         self._check_no_strays([self.root / e["path"] for e in m["shards"]])
@@ -74,23 +77,20 @@ class GradientStore:
             path = self.root / entry["path"]
             try:
                 with self._open(path) as f:
-                    shard_ids = self._check_shard(path, f, entry)
-                    n = len(shard_ids)
+                    facts = self._check_shard(path, f, entry)
+                    n = facts.rows
                     self.shards.append(ShardInfo(path, n, offset, int(f.attrs["block_rows"]), f["block_sums"][:]))
             except IndexFormatError as e:
                 self._report(e)
                 continue
-            ids.append(shard_ids)
+            self.id_facts.append(facts)
             offset += n
-        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        uniq, counts = np.unique(self.ids, return_counts=True)
-        if (counts > 1).any():
-            dup = uniq[counts > 1][:5].tolist()
-            owners = [str(s.path.name) for s, i in zip(self.shards, ids) if np.isin(dup, i).any()]
+        self.rows = offset
+        dup, owners = duplicate_ids([(s.path, f) for s, f in zip(self.shards, self.id_facts)])
+        if dup:
             self._report(
                 IndexFormatError(f"{self.root}: ids logged more than once across shards, e.g. {dup} (in {owners[:4]})")
             )
-        self._row_of_id = None
         try:
             self._check_stats(m["layout"])
         except IndexFormatError as e:
@@ -134,8 +134,9 @@ class GradientStore:
                 )
             )
 
-    def _check_shard(self, path: Path, f: h5py.File, entry: dict) -> np.ndarray:
-        """This shard's ids, after checking it belongs to the manifest's job."""
+    def _check_shard(self, path: Path, f: h5py.File, entry: dict) -> IdFacts:
+        """The facts of this shard's ids (one bounded pass), after checking it belongs to the
+        manifest's job."""
         attrs = {k: attr_value(v) for k, v in f.attrs.items()}
         if attrs.get("format_version") != FORMAT_VERSION:
             raise IndexFormatError(
@@ -163,25 +164,22 @@ class GradientStore:
             )
         if g.dtype != self.codec.h5_dtype:
             raise IndexFormatError(f"{path}: grads stored as {g.dtype}, expected {self.storage_dtype}")
-        try:
-            shard_ids = f["ids"][:]
-        except OSError as e:
-            raise IndexFormatError(f"{path}: ids unreadable (corrupted?): {e}") from e
-        if ids_digest(shard_ids) != entry.get("ids_digest"):
+        facts = scan_ids(path, f["ids"])
+        if facts.digest != entry.get("ids_digest"):
             raise IndexFormatError(
                 f"{path}: its ids do not match the fingerprint in the manifest (corrupted, or a shard of another run)"
             )
         block_rows = int(attrs.get("block_rows", 0))
         if block_rows < 1 or f["block_sums"].shape != (-(-n // block_rows),):
             raise IndexFormatError(f"{path}: block checksums missing or of the wrong length")
-        got = content_digest(f["block_sums"][:], ids_digest(shard_ids), attrs.get("job_key", ""))
+        got = content_digest(f["block_sums"][:], facts.digest, attrs.get("job_key", ""))
         if got != entry.get("content_digest"):
             raise IndexFormatError(
                 f"{path}: its content digest {got!r} (block checksums, ids, job key) does not match the "
                 f"manifest's field 'content_digest' {entry.get('content_digest')!r}: a shard of another "
                 "job or altered; shards of different runs cannot be mixed"
             )
-        return shard_ids
+        return facts
 
     @staticmethod
     def _open(path: Path) -> h5py.File:
@@ -209,7 +207,42 @@ class GradientStore:
         return f
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.rows
+
+    @property
+    def ids(self) -> np.ndarray:
+        """Every id in row order, read now: O(N) memory, for small indexes and tests. Scale-aware
+        callers use `ids_range`, `ids_at` and `rows_for_ids`."""
+        return self.ids_range(0, len(self))
+
+    def ids_range(self, lo: int, hi: int) -> np.ndarray:
+        """Ids of global rows [lo, hi), read from their shards."""
+        lo, hi = max(0, lo), min(len(self), hi)
+        parts = [np.zeros(0, np.int64)]
+        for info, facts in zip(self.shards, self.id_facts):
+            a, b = max(lo, info.offset), min(hi, info.offset + info.rows)
+            if a < b:
+                parts.append(read_ids(info.path, facts, a - info.offset, b - info.offset))
+        return np.concatenate(parts)
+
+    def ids_at(self, positions) -> np.ndarray:
+        """Ids of the given global rows (any order): runs of nearby rows are read as one range."""
+        positions = np.asarray(positions, np.int64)
+        out = np.empty(len(positions), np.int64)
+        if not len(positions):
+            return out
+        order = np.argsort(positions, kind="stable")
+        wanted = positions[order]
+        bounds = np.array([s.offset + s.rows for s in self.shards], np.int64)
+        # a new run where the gap exceeds a page of ids or a shard boundary lies between
+        shard = np.searchsorted(bounds, wanted, "right")
+        cut = (np.diff(wanted) > 512) | (shard[1:] != shard[:-1])
+        starts = np.r_[0, np.nonzero(cut)[0] + 1]
+        ends = np.r_[starts[1:], len(wanted)]
+        for a, b in zip(starts.tolist(), ends.tolist()):
+            lo = int(wanted[a])
+            out[order[a:b]] = self.ids_range(lo, int(wanted[b - 1]) + 1)[wanted[a:b] - lo]
+        return out
 
     def close(self) -> None:
         """Nothing to release: shards are opened per read (by the stream) and closed after."""
@@ -271,13 +304,24 @@ class GradientStore:
 
     def rows_for_ids(self, ids) -> np.ndarray:
         """Rows of the given sample ids (KeyError naming the first unknown id)."""
-        if self._row_of_id is None:
-            self._row_of_id = {int(i): r for r, i in enumerate(self.ids)}
-        try:
-            rows = [self._row_of_id[int(i)] for i in np.atleast_1d(ids)]
-        except KeyError as e:
-            raise KeyError(f"sample id {e.args[0]} is not in the index {self.root}") from None
-        return self._gather(np.asarray(rows, dtype=np.int64))
+        return self._gather(self.positions_of_ids(ids))
+
+    def positions_of_ids(self, ids) -> np.ndarray:
+        """Global row positions of the given sample ids, shard by shard (sorted ids, searchsorted:
+        no table of all ids); KeyError naming the first unknown id."""
+        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64))
+        wanted, back = np.unique(ids, return_inverse=True)
+        found = np.full(len(wanted), -1, np.int64)
+        for info, facts in zip(self.shards, self.id_facts):
+            if not len(wanted) or facts.rows == 0 or wanted[-1] < facts.lo or wanted[0] > facts.hi:
+                continue
+            at = positions_of(info.path, facts, wanted)
+            hit = at >= 0
+            found[hit] = at[hit] + info.offset
+        rows = found[back.reshape(-1)]
+        if (rows < 0).any():
+            raise KeyError(f"sample id {int(ids[np.argmax(rows < 0)])} is not in the index {self.root}")
+        return rows
 
     def iter_chunks(
         self, chunk_rows: int, start: int = 0, stop: int | None = None

@@ -49,20 +49,22 @@ class RowSpace(Protocol):
     width: int
     codec: RowCodec
     shards: list[ShardInfo]
-    ids: np.ndarray
     tracker: NullTracker
+
+    def ids_range(self, lo: int, hi: int) -> np.ndarray: ...
 
 
 _KNOWN_RUNS: weakref.WeakKeyDictionary[RowSpace, dict] = weakref.WeakKeyDictionary()
 
 
 def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
-    """(runs, 2) [first row, byte offset] of the file ranges holding `dset`'s rows as plain
+    """(runs, 2) [first row, byte offset] of the file ranges holding `dset`'s rows (or, 1-D, its
+    elements) as plain
     little-endian bytes in row order, or None when they are not stored that way (filters, a
     chunk shape cutting rows, unallocated chunks, another byte order)."""
     dcpl, ftype = dset.id.get_create_plist(), dset.id.get_type()
     if (
-        dset.ndim != 2
+        dset.ndim not in (1, 2)
         or not hasattr(dset.id, "chunk_iter")
         or dcpl.get_nfilters()
         or ftype.get_size() != itemsize
@@ -71,14 +73,14 @@ def plain_runs(dset: h5py.Dataset, itemsize: int) -> np.ndarray | None:
         or not hasattr(os, "preadv")
     ):
         return None
-    n, width = dset.shape
+    n, width = dset.shape if dset.ndim == 2 else (dset.shape[0], 1)
     if n == 0:
         return np.zeros((0, 2), np.int64)
     if dset.chunks is None:
         offset = dset.id.get_offset()
         return None if offset is None else np.array([[0, offset]], np.int64)
     rows = dset.chunks[0]
-    if dset.chunks[1] != width or dset.id.get_num_chunks() != -(-n // rows):
+    if dset.chunks[1:] != dset.shape[1:] or dset.id.get_num_chunks() != -(-n // rows):
         return None
     found: list[tuple[int, int, int]] = []
     dset.id.chunk_iter(lambda c: found.append((c.chunk_offset[0], c.byte_offset, c.size)))
@@ -240,7 +242,8 @@ class ChunkStream:
                     self._read(files, lo, hi, item)
                     tracker.add_time("read", time.perf_counter() - t0)
                     tracker.count(bytes_read=(hi - lo) * self.row_bytes)  # bytes as stored on disk
-                    ready.put((lo, hi, item, None if self.side is None else self.side(lo, hi)))
+                    ids = self.store.ids_range(lo, hi)  # read here too: no id is held for the whole store
+                    ready.put((lo, hi, item, ids, None if self.side is None else self.side(lo, hi)))
                 for check, src in zip(self._checks, files):  # blocks the ranges only partly covered
                     if check.pending:
                         check.finish(src.dset)
@@ -261,11 +264,49 @@ class ChunkStream:
                     return
                 if isinstance(got, BaseException):
                     raise got
-                lo, hi, item, side = got
+                lo, hi, item, ids, side = got
                 stage, out = item
                 rows = out[: hi - lo] if self.decode else (stage if stage is not None else out.numpy())[: hi - lo]
-                yield lo, self.store.ids[lo:hi], rows, side
+                yield lo, ids, rows, side
                 free.put(item)
         finally:
             stop.set()
             thread.join()
+
+
+def gather_stored(
+    info: ShardInfo, positions: np.ndarray, codec: RowCodec, width: int, expected: np.ndarray
+) -> np.ndarray:
+    """Stored rows of one shard at sorted local `positions`, each checked against its own
+    checksum `expected` (row_checksums of the stored row, e.g. recorded by `ann build` from a
+    verified read): the ANN re-rank reads only its candidates, not their whole checksum blocks.
+    Plain bytes are gathered through a read-only memory map (no syscall per row); any other
+    layout through one HDF5 point selection."""
+    dtype, stored_width = codec.h5_dtype, codec.stored_width(width)
+    out = np.empty((len(positions), stored_width), dtype)
+    if not len(positions):
+        return out
+    try:
+        with h5py.File(info.path, "r") as f:
+            dset = f["grads"]
+            runs = plain_runs(dset, dtype.itemsize)
+            if runs is None:
+                out[:] = dset[positions]
+        if runs is not None:
+            ends = np.r_[runs[1:, 0], info.rows]
+            run_of = np.searchsorted(runs[:, 0], positions, side="right") - 1
+            for r in np.unique(run_of).tolist():
+                n = int(ends[r] - runs[r, 0])
+                view = np.memmap(info.path, dtype, "r", int(runs[r, 1]), (n, stored_width))
+                sel = run_of == r
+                out[sel] = view[positions[sel] - runs[r, 0]]
+                del view
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{info.path}: rows unreadable (truncated or corrupted?): {e}") from e
+    bad = np.nonzero(row_checksums(out) != expected)[0]
+    if len(bad):
+        raise IndexFormatError(
+            f"{info.path}: row {int(positions[bad[0]])} fails its checksum ({len(bad)} of the "
+            f"{len(positions)} rows read): the shard is corrupted or changed since `ann build`"
+        )
+    return out

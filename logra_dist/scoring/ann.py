@@ -23,6 +23,7 @@ shard only, never on the world size, so every world size returns the same result
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,11 @@ from logra_dist import comm
 from logra_dist.core.curvature import CURVATURES
 from logra_dist.index.ann import (
     DEFAULT_FACTORY,
+    DEFAULT_SKETCH,
+    SKETCHES,
     TRAIN_ROWS,
     AnnRecord,
+    LoadedAnn,
     ann_path,
     check_record,
     content_digest,
@@ -43,6 +47,7 @@ from logra_dist.index.ann import (
     load_ann,
     new_index,
     normalization_for,
+    pca_matrix,
     read_record,
     search,
     sketch,
@@ -51,13 +56,14 @@ from logra_dist.index.ann import (
     write_ann,
 )
 from logra_dist.index.format import layout_to_json, read_stats
-from logra_dist.index.h5io import ids_digest
+from logra_dist.index.h5io import row_checksums
 from logra_dist.index.partition import shard_owners
 from logra_dist.index.reader import GradientStore
-from logra_dist.index.stream import ChunkStream
+from logra_dist.index.stream import ChunkStream, gather_stored
 from logra_dist.scoring.kernels import ID_PAD, RunningTopK, TopKResult, normalize
 
-DEFAULT_CANDIDATES = 1000  # per query and shard; measured in docs/scoring.md ("ANN")
+DEFAULT_CANDIDATES = 100  # per query and shard; measured in docs/scoring.md ("ANN")
+HNSW_SEARCH_PARAMS = "efSearch=256"  # HNSW's default when --search-params is not given (measured with it)
 # One GEMM against the union of a block's candidates and a gather, unless the union exceeds this
 # many times C: a gathered (bmm) multiply-add cost ~145x a GEMM one here (bench/ann.py, 1 thread).
 UNION_GEMM_RATIO = 64
@@ -65,14 +71,21 @@ QUERY_BLOCK = 256  # queries per FAISS search call (fixed: candidates must not d
 
 
 def expected_record(
-    store: GradientStore, shard: int, *, dim: int, seed: int, normalization: str, hessian: str, damping: float
+    store: GradientStore,
+    shard: int,
+    *,
+    dim: int,
+    seed: int,
+    normalization: str,
+    hessian: str,
+    damping: float,
+    kind: str = DEFAULT_SKETCH,
 ) -> AnnRecord:
     info = store.shards[shard]
-    ids = store.ids[info.offset : info.offset + info.rows]
     return AnnRecord(
         shard=info.path.name,
         rows=info.rows,
-        ids_digest=ids_digest(ids),
+        ids_digest=store.id_facts[shard].digest,  # ids_digest of the shard's ids, checked on open
         content_digest=content_digest(info),
         width=store.width,
         sketch_dim=dim,
@@ -82,6 +95,7 @@ def expected_record(
         hessian=hessian,
         damping=float(damping),
         factory="",
+        sketch=kind,
     )
 
 
@@ -89,16 +103,26 @@ class _Vectors:
     """Rows of a store -> the ANN vectors: whitened, normalized (selfinf), sketched."""
 
     def __init__(self, store: GradientStore, normalization: str, hessian: str, damping: float, dim: int, seed: int):
-        self.normalization = normalization
+        self.normalization, self.codec = normalization, store.codec
         self.matrix = sketch_matrix(store.width, dim, seed, layout_digest(layout_to_json(store.layout)))
         _, state = read_stats(store.root / "stats.h5")
         self.pre = CURVATURES.get(hessian).from_state(store.layout, damping, state)
 
     def __call__(self, rows: torch.Tensor) -> np.ndarray:
-        white = self.pre.whiten(rows.float())
+        return self.with_self(rows)[0]
+
+    def with_self(self, rows: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors, float64 self-influence |W^T g|^2 = g^T H^-1 g of each row)."""
+        white = self.pre.whiten(rows.double())
+        norm2 = (white * white).sum(1)
         if self.normalization == "selfinf":
-            white = white / white.norm(dim=1).clamp_min(1e-30)[:, None]
-        return sketch(white.numpy(), self.matrix)
+            white = white / norm2.sqrt().clamp_min(1e-30)[:, None]
+        return sketch(white.float().numpy(), self.matrix), norm2.numpy()
+
+    def stored(self, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stored rows (verified by the stream) -> (vectors, row checksums, self-influence)."""
+        vectors, row_self = self.with_self(self.codec.decode(stored))
+        return vectors, row_checksums(stored), row_self
 
 
 def whitened_queries(scorer, order_ids: np.ndarray) -> np.ndarray:
@@ -117,6 +141,7 @@ def build_ann(
     *,
     factory: str = DEFAULT_FACTORY,
     dim: int | None = None,
+    kind: str = DEFAULT_SKETCH,
     mode: str = "relatif",
     damping: float | None = None,
     seed: int = 0,
@@ -130,23 +155,31 @@ def build_ann(
     attrs, _ = read_stats(store.root / "stats.h5")
     normalization = normalization_for(mode)
     hessian, damping = str(attrs["hessian"]), float(attrs["damping"] if damping is None else damping)
+    if kind not in SKETCHES:
+        raise ValueError(f"sketch kind {kind!r} is not one of {SKETCHES}")
     d = sketch_dim(store.width, dim)
     vectors = _Vectors(store, normalization, hessian, damping, d, seed)
+    gaussian = vectors.matrix
     written = []
     for s in shard_owners([i.rows for i in store.shards], comm.world_size())[comm.rank()]:
         info = store.shards[s]
         base = expected_record(
             store, s, dim=d, seed=seed, normalization=normalization, hessian=hessian, damping=damping
         )
-        record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": search_params})
-        train = None
-        if not new_index(d, factory).is_trained:  # a strided sample of the shard (rows may be ordered)
+        params = search_params or (HNSW_SEARCH_PARAMS if "HNSW" in factory else "")
+        record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": params, "sketch": kind})
+        train, pca = None, kind == "pca" and d < store.width
+        if pca or not new_index(d, factory).is_trained:  # a strided sample of the shard (rows may be ordered)
             picks = np.unique(np.linspace(0, info.rows - 1, min(info.rows, TRAIN_ROWS)).astype(np.int64))
+            vectors.matrix = None if pca else gaussian
             train = vectors(torch.from_numpy(store[info.offset + picks]))
-        chunks = (
-            vectors(rows) for _, _, rows, _ in ChunkStream(store, [(info.offset, info.offset + info.rows)], chunk_rows)
-        )
-        written.append(write_ann(ann_path(info.path), record, chunks, train))
+            if pca:
+                vectors.matrix = pca_matrix(train, d, seed)
+                train = sketch(train, vectors.matrix)
+        span = [(info.offset, info.offset + info.rows)]
+        chunks = (vectors.stored(rows) for _, _, rows, _ in ChunkStream(store, span, chunk_rows, decode=False))
+        stored = vectors.matrix if pca else None
+        written.append(write_ann(ann_path(info.path), record, chunks, train, stored))
     return written
 
 
@@ -161,6 +194,7 @@ def _checked_records(scorer) -> list[AnnRecord]:
             s,
             dim=first.sketch_dim,
             seed=first.sketch_seed,
+            kind=first.sketch,
             normalization=normalization_for(scorer.mode),
             hessian=scorer.hessian,
             damping=scorer.damping,
@@ -200,63 +234,62 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
     mine = shard_owners([s.rows for s in store.shards], scorer.world)[scorer.rank]
     if not mine:
         return top, info
-    matrix = sketch_matrix(store.width, records[0].sketch_dim, records[0].sketch_seed, records[0].layout_digest)
-    q_sketch = sketch(q_white, matrix)
     q_self = q.self_layers.sum(1)
-    indexes = [(store.shards[s].offset, load_ann(ann_path(store.shards[s].path), records[s])[0]) for s in mine]
+    with scorer.tracker.phase("ann-load"):
+        loaded = [(s, _loaded(scorer, s, records[s])) for s in mine]
     n_q, per_row = len(q.ids), max(1, candidates) * store.width * 4
     step = max(1, min(QUERY_BLOCK, scorer.block_bytes // per_row))  # global sizes only
     for a in range(0, n_q, step):
         b = min(n_q, a + step)
-        for offset, index in indexes:  # per shard: the same arithmetic whichever rank holds it
+        for s, ann in loaded:  # per shard: the same arithmetic whichever rank holds it
             with scorer.tracker.phase("ann-search"):
-                labels = search(index, q_sketch[a:b], candidates)
-            _rescore(scorer, q, slice(a, b), np.where(labels >= 0, labels + offset, -1), q_self, top)
+                labels = search(ann.index, sketch(q_white[a:b], ann.matrix), candidates)
+            _rescore(scorer, q, slice(a, b), s, ann, labels, q_self, top)
     return top, info
 
 
-def _rescore(scorer, q, rows_q: slice, cand: np.ndarray, q_self: torch.Tensor, top: RunningTopK) -> None:
-    """Exact scores of the queries `rows_q` against their own candidates `cand` (global row
-    positions, -1: none), into `top`. One GEMM against the union of the block's candidates (then a
-    gather) unless the union is much larger than C, where gathering each query's own rows (memory
+# Loaded ANN files per scorer, reused by its later topk calls while the file is unchanged: a
+# query batch then costs its search and re-rank only (loading is ~1 s per GB of FAISS index).
+_LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _loaded(scorer, shard: int, record: AnnRecord) -> LoadedAnn:
+    path = ann_path(scorer.store.shards[shard].path)
+    st = path.stat()
+    key = (record.to_json(), st.st_mtime_ns, st.st_size, st.st_ino)
+    cache = _LOADED.setdefault(scorer, {})
+    if cache.get(path, (None,))[0] != key:
+        cache[path] = (key, load_ann(path, record))
+    return cache[path][1]
+
+
+def _rescore(
+    scorer, q, rows_q: slice, shard: int, ann: LoadedAnn, labels: np.ndarray, q_self: torch.Tensor, top: RunningTopK
+) -> None:
+    """Exact scores of the queries `rows_q` against their own candidates `labels` (local rows of
+    `shard`, -1: none), into `top`. The union of the candidates is read once, sorted (each row
+    verified against its own checksum), decoded once; then one GEMM against the union and a
+    gather, unless the union is much larger than C, where gathering each query's own rows (memory
     bound) costs less; both give exact scores."""
     store, mode = scorer.store, scorer.mode
-    valid = cand >= 0
-    rows_at = np.unique(cand[valid])
+    info = store.shards[shard]
+    valid = labels >= 0
+    rows_at = np.unique(labels[valid])
     if not len(rows_at):
         return
     with scorer.tracker.phase("ann-read"):
-        rows = _read_rows(store, rows_at, scorer.chunk_rows).to(scorer.score_dtype)
-    where = torch.from_numpy(np.searchsorted(rows_at, np.where(valid, cand, rows_at[0])))
+        stored = gather_stored(info, rows_at, store.codec, store.width, ann.row_sums[rows_at])
+        rows = store.codec.decode(stored).to(scorer.score_dtype)
+        ids = store.ids_at(rows_at + info.offset)
+    scorer.tracker.count(bytes_read=stored.nbytes)
+    where = torch.from_numpy(np.searchsorted(rows_at, np.where(valid, labels, rows_at[0])))
     pre = q.pre[rows_q]
     with scorer.tracker.phase("gemm"):
-        if len(rows_at) <= UNION_GEMM_RATIO * cand.shape[1]:
+        if len(rows_at) <= UNION_GEMM_RATIO * labels.shape[1]:
             dots = (pre @ rows.T).gather(1, where)
         else:
             dots = torch.bmm(rows[where], pre[:, :, None]).squeeze(2)
-        row_self = None if mode == "dot" else scorer._row_self(rows).sum(1)[where]
+        row_self = None if mode == "dot" else torch.from_numpy(ann.row_self[rows_at]).to(scorer.score_dtype)[where]
         scores = normalize(dots, mode, q_self[rows_q], row_self)
     mask = torch.from_numpy(~valid)
-    ids = torch.from_numpy(store.ids[rows_at])[where].masked_fill(mask, ID_PAD)
-    top.update(scores.masked_fill(mask, -torch.inf), ids, rows_q)
-
-
-def _read_rows(store: GradientStore, positions: np.ndarray, chunk_rows: int) -> torch.Tensor:
-    """Rows at sorted global `positions`, read as the whole checksum blocks holding them (the
-    stream's fast path; a block partly read would be re-read through HDF5 to verify it)."""
-    out = torch.empty(len(positions), store.width)
-    ranges = []
-    for info in store.shards:
-        lo, hi = np.searchsorted(positions, [info.offset, info.offset + info.rows])
-        if lo == hi:
-            continue
-        blocks = np.unique((positions[lo:hi] - info.offset) // info.block_rows)
-        cut = np.nonzero(np.diff(blocks) > 1)[0] + 1
-        for run in np.split(blocks, cut):
-            a = info.offset + int(run[0]) * info.block_rows
-            ranges.append((a, min(info.offset + info.rows, info.offset + (int(run[-1]) + 1) * info.block_rows)))
-    step = max(chunk_rows, max((s.block_rows for s in store.shards), default=1))
-    for start, _, rows, _ in ChunkStream(store, ranges, step):  # read time and bytes: the store's tracker
-        a, b = np.searchsorted(positions, [start, start + len(rows)])
-        out[a:b] = rows[torch.from_numpy(positions[a:b] - start)]
-    return out
+    top.update(scores.masked_fill(mask, -torch.inf), torch.from_numpy(ids)[where].masked_fill(mask, ID_PAD), rows_q)
