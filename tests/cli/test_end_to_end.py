@@ -62,7 +62,8 @@ def test_score_with_another_checkpoint_needs_allow_model_mismatch(tmp_path):
     args = ["score", "--index", str(index), "--queries", str(queries), "--topk", "2", "--model", str(other)]
     with pytest.raises(IndexFormatError, match=r"field 'model.fingerprint.weights' is '[0-9a-f]+' in the index"):
         main(args)
-    assert main([*args, "--allow-model-mismatch", "--out", str(tmp_path / "out")]) == 0
+    with pytest.warns(RuntimeWarning, match="scoring across models as allowed"):
+        assert main([*args, "--allow-model-mismatch", "--out", str(tmp_path / "out")]) == 0
     with h5py.File(tmp_path / "out" / "topk.h5") as f:
         assert bool(f.attrs["allow_model_mismatch"])
         assert "model.fingerprint.weights" in json.loads(f.attrs["model_mismatch"])
