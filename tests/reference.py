@@ -112,3 +112,24 @@ def log_classifier(model, X, Y, out_dir, config: ld.LoGraConfig, batch_size: int
     manifest = logger.finalize()
     logger.close()
     return manifest
+
+
+class PerSampleLoss:
+    """A per-sample loss `fn(call, params, i)` over `n` samples, for `per_sample_weight_grads`."""
+
+    def __init__(self, n, fn):
+        self.n, self.fn = n, fn
+
+    def __call__(self, call, params, i):
+        return self.fn(call, params, i)
+
+
+def rows_session(model, config: dict):
+    """A GradientSession that keeps its last batch's rows (`.rows`) instead of writing them."""
+    from logra_dist.session import GradientSession
+
+    class Keep(GradientSession):
+        def _on_batch(self, ids, rows):
+            self.rows = rows
+
+    return Keep(model, ld.LoGraConfig(**config))

@@ -5,30 +5,17 @@ is refused by name with the `exclude` fix, never attributed to the wrong samples
 
 import pytest
 import torch
-from reference import lm_loss, per_sample_weight_grads, projected_reference
+from reference import PerSampleLoss, lm_loss, per_sample_weight_grads, projected_reference, rows_session
 from torch import nn
-
-import logra_dist as ld
 
 CFG = dict(k_in=3, k_out=2, compute_dtype="float64", storage_dtype="float32", hessian="none")
 
 
-class _Loss:
-    def __init__(self, n, fn):
-        self.n, self.fn = n, fn
-
-    def __call__(self, call, params, i):
-        return self.fn(call, params, i)
+_Loss = PerSampleLoss
 
 
 def _session(model, **over):
-    from logra_dist.session import GradientSession
-
-    class Keep(GradientSession):
-        def _on_batch(self, ids, rows):
-            self.rows = rows
-
-    return Keep(model, ld.LoGraConfig(**{**CFG, **over}))
+    return rows_session(model, {**CFG, **over})
 
 
 def tiny_qwen2_moe(vocab: int = 40):

@@ -2,7 +2,17 @@
 
 import pytest
 import torch
-from reference import ReusingMLP, lm_loss, mlp, per_sample_weight_grads, projected_reference, tiny_gpt2, tiny_llama
+from reference import (
+    PerSampleLoss,
+    ReusingMLP,
+    lm_loss,
+    mlp,
+    per_sample_weight_grads,
+    projected_reference,
+    rows_session,
+    tiny_gpt2,
+    tiny_llama,
+)
 from torch import nn
 
 import logra_dist as ld
@@ -10,22 +20,11 @@ import logra_dist as ld
 CFG = dict(k_in=3, k_out=2, compute_dtype="float64", storage_dtype="float32", hessian="none")
 
 
-class _Loss:
-    def __init__(self, n, fn):
-        self.n, self.fn = n, fn
-
-    def __call__(self, call, params, i):
-        return self.fn(call, params, i)
+_Loss = PerSampleLoss
 
 
 def _session(model, **over):
-    from logra_dist.session import GradientSession
-
-    class Keep(GradientSession):
-        def _on_batch(self, ids, rows):
-            self.rows = rows
-
-    return Keep(model, ld.LoGraConfig(**{**CFG, **over}))
+    return rows_session(model, {**CFG, **over})
 
 
 @pytest.mark.parametrize("model_fn", [mlp, ReusingMLP], ids=["mlp", "reused-module"])
