@@ -203,8 +203,10 @@ def markdown_body(records: list[dict[str, Any]]) -> str:
 
 
 def _train_cell(row: dict[str, Any]) -> str:
+    """The sample id, with the record's own id where it has one (a string id, say)."""
     if "offset" not in row:
-        return str(row["train_id"])
+        own = row.get("document", row["train_id"])
+        return str(row["train_id"]) + ("" if own == row["train_id"] else f" ({_cell(json.dumps(own), 40)})")
     return f"{row['train_id']} (doc {_cell(json.dumps(row['document']), 40)}, token {row['offset']})"
 
 

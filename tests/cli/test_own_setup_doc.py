@@ -31,14 +31,18 @@ def test_the_worked_example_runs_as_written(tmp_path):
     _run([sys.executable, "make.py"], tmp_path)
     commands = [line for line in _blocks("bash")[0].splitlines() if line.startswith("python ")]
     assert len(commands) == 4, commands  # log, inspect, score, report: the page's promise
+    outputs = []
     for line in commands:
         args = line.split()[1:]
         if args[0].startswith("launch/"):
             args[0] = str(ROOT / args[0])
-        _run([sys.executable, *args], tmp_path)
+        outputs.append(_run([sys.executable, *args], tmp_path))
+    score_out = outputs[2]
     listing = [json.loads(r) for r in (tmp_path / "runs/my-scores/topk.jsonl").read_text().splitlines()]
     top = next(r for r in listing if "results" in r)["results"][0]
     assert "comets" in top["text"], top  # the texts come back from my_train.jsonl, verified
+    assert top["document"] == f"doc-{top['train_id']:03d}", top  # the record's own (string) id, kept
+    assert f'| {top["train_id"]} ("{top["document"]}") |' in score_out.stdout
     assert (tmp_path / "runs/my-scores/report.html").is_file()
     manifest = json.loads((tmp_path / "runs/my-index/manifest.json").read_text())
     assert manifest["total_rows"] == 48
