@@ -79,11 +79,19 @@ class OptimizerStateReader:
 def _load_zero_optim_states(path: Path) -> dict:
     """A ZeRO optimizer-states file, unpickled with torch's weights-only loader: besides tensors it
     holds only DeepSpeed's stage enum and loss scaler, allowed by name, so a user's checkpoint never
-    runs code (no `weights_only=False`)."""
+    runs code (no `weights_only=False`). Python pickles the enum member as `getattr(ZeroStageEnum,
+    "weights")`; that `getattr` is served by `_enum_member`, which looks up members of the allowed
+    enum and nothing else (a real getattr would open every attribute of the allowed classes)."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+    def _enum_member(cls, name: str):
+        if cls is not ZeroStageEnum or name not in ZeroStageEnum.__members__:
+            raise OptimizerStateError(f"{path}: refuses to unpickle getattr({cls!r}, {name!r})")
+        return ZeroStageEnum[name]
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, (_enum_member, "builtins.getattr")]
+    with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -93,3 +93,25 @@ def test_unknown_files_are_refused_listing_the_known_formats(tmp_path):
     with pytest.raises(OptimizerStateError, match="no such file"):
         read_second_moments(tmp_path / "gone", _params())
     assert READERS.names() == ["zero3", "dcp", "torch"]
+
+
+def test_zero_states_unpickle_only_the_stage_enum_through_getattr(tmp_path):
+    """The weights-only loader's `getattr` serves members of DeepSpeed's stage enum and nothing
+    else: a file reaching for another attribute is refused, never evaluated."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from logra_dist.engines.optimizer_state import OptimizerStateError, _load_zero_optim_states
+
+    class Member:  # pickles as getattr(ZeroStageEnum, name), as Python pickles an enum member
+        def __init__(self, name):
+            self.name = name
+
+        def __reduce__(self):
+            return getattr, (ZeroStageEnum, self.name)
+
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"optimizer_state_dict": {"zero_stage": Member("weights")}}, good)
+    assert _load_zero_optim_states(good)["optimizer_state_dict"]["zero_stage"] is ZeroStageEnum.weights
+    torch.save({"optimizer_state_dict": {"zero_stage": Member("__init__")}}, bad)
+    with pytest.raises(OptimizerStateError, match="refuses to unpickle getattr"):
+        _load_zero_optim_states(bad)
