@@ -133,3 +133,47 @@ def rows_session(model, config: dict):
             self.rows = rows
 
     return Keep(model, ld.LoGraConfig(**config))
+
+
+def padded_lm_batch(lengths, vocab: int = 40):
+    """(seqs, input_ids, mask, labels): random token sequences of `lengths`, right-padded."""
+    seqs = [torch.randint(1, vocab, (n,)) for n in lengths]
+    input_ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, s in enumerate(seqs):
+        input_ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, s
+    return seqs, input_ids, mask, labels
+
+
+def lm_rows_reference(session, model: nn.Module, seqs) -> torch.Tensor:
+    """Each sequence's projected gradient computed ALONE on its unpadded tokens (torch.func)."""
+
+    def one(call, p, i):
+        s = seqs[i][None]
+        return lm_loss(call(p, input_ids=s).logits, s)
+
+    return projected_reference(session, model, per_sample_weight_grads(model, PerSampleLoss(len(seqs), one)))
+
+
+def linear_covariances(model: nn.Module, X: torch.Tensor, Y: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]]:
+    """{Linear name: (A, S)}: sample covariances of its inputs and output gradients under the summed
+    cross-entropy of (X, Y), by plain autograd hooks (no logra_dist code)."""
+    acts, outs = {}, {}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            acts[name] = inputs[0].detach()
+            output.retain_grad()
+            outs[name] = output
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
+    model.zero_grad()
+    nn.functional.cross_entropy(model(X), Y, reduction="sum").backward()
+    for h in hooks:
+        h.remove()
+    n = len(X)
+    return {name: (acts[name].T @ acts[name] / n, outs[name].grad.T @ outs[name].grad / n) for name in layers}

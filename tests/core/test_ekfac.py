@@ -4,7 +4,7 @@ plain autograd, eigenvalues re-fitted on torch.func per-sample gradients, a dens
 import numpy as np
 import pytest
 import torch
-from reference import log_classifier, mlp, per_sample_weight_grads
+from reference import linear_covariances, log_classifier, mlp, per_sample_weight_grads
 from torch import nn
 
 import logra_dist as ld
@@ -21,30 +21,8 @@ class _Loss:
         return nn.functional.cross_entropy(call(p, self.X[i : i + 1]), self.Y[i : i + 1], reduction="sum")
 
 
-def _kfac_factors(model, X, Y):
-    """{layer: (A, S)}: token (= sample) covariances of inputs and output gradients, plain autograd."""
-    acts, outs = {}, {}
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-    def keep(name):
-        def hook(module, inputs, output):
-            acts[name] = inputs[0]
-            output.retain_grad()
-            outs[name] = output
-
-        return hook
-
-    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-    model.zero_grad()
-    nn.functional.cross_entropy(model(X), Y, reduction="sum").backward()
-    for h in hooks:
-        h.remove()
-    n = len(X)
-    return {name: (acts[name].T @ acts[name] / n, outs[name].grad.T @ outs[name].grad / n) for name in layers}
-
-
 def _explicit_ekfac_scores(model, X, Y, Xq, Yq, damping):
-    factors = _kfac_factors(model, X, Y)
+    factors = linear_covariances(model, X, Y)
     gt = per_sample_weight_grads(model, _Loss(X, Y))
     gq = per_sample_weight_grads(model, _Loss(Xq, Yq))
     scores, evals = np.zeros((len(Xq), len(X))), {}

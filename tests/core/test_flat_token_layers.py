@@ -5,7 +5,15 @@ is refused by name with the `exclude` fix, never attributed to the wrong samples
 
 import pytest
 import torch
-from reference import PerSampleLoss, lm_loss, per_sample_weight_grads, projected_reference, rows_session
+from reference import (
+    PerSampleLoss,
+    lm_loss,
+    lm_rows_reference,
+    padded_lm_batch,
+    per_sample_weight_grads,
+    projected_reference,
+    rows_session,
+)
 from torch import nn
 
 CFG = dict(k_in=3, k_out=2, compute_dtype="float64", storage_dtype="float32", hessian="none")
@@ -69,23 +77,13 @@ class RoutedNet(nn.Module):
         return self.out(torch.tanh(self.moe(torch.tanh(self.inp(x))))).sum(1)
 
 
-def _padded_batch(lengths, vocab=40):
-    seqs = [torch.randint(1, vocab, (n,)) for n in lengths]
-    input_ids = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, s
-    return seqs, input_ids, mask, labels
-
-
-def test_qwen2_moe_shared_expert_rows_match_torch_func_on_a_padded_batch():
+def test_qwen2_moe_shared_expert_rows_match_torch_func_on_apadded_lm_batch():
     """Each sample of a right-padded batch equals its gradient computed ALONE (torch.func), for
     every Linear of the model: attention, the shared expert (flattened tokens), its d_out=1 gate
     (k_out 1 by the per-layer width rule) and the head. Routed experts are fused 3-D parameters."""
     torch.manual_seed(0)
     model = tiny_qwen2_moe().double().eval()
-    seqs, input_ids, mask, labels = _padded_batch([7, 4, 9])
+    seqs, input_ids, mask, labels = padded_lm_batch([7, 4, 9])
     session = _session(model)
     names = {s.name: s for s in session.specs}
     flat = [n for n in names if ".mlp.shared_expert" in n]
@@ -96,11 +94,7 @@ def test_qwen2_moe_shared_expert_rows_match_torch_func_on_a_padded_batch():
         out = session.model(input_ids=input_ids, attention_mask=mask)
         session.backward(lm_loss(out.logits, labels))
 
-    def one(call, p, i):
-        s = seqs[i][None]
-        return lm_loss(call(p, input_ids=s).logits, s)
-
-    ref = projected_reference(session, model, per_sample_weight_grads(model, _Loss(3, one)))
+    ref = lm_rows_reference(session, model, seqs)
     torch.testing.assert_close(session.rows, ref, rtol=1e-9, atol=1e-11)
     offset = 0
     for spec in session.specs:  # the shared expert's rows are really there (not all zero)

@@ -6,7 +6,9 @@ from reference import (
     PerSampleLoss,
     ReusingMLP,
     lm_loss,
+    lm_rows_reference,
     mlp,
+    padded_lm_batch,
     per_sample_weight_grads,
     projected_reference,
     rows_session,
@@ -52,14 +54,7 @@ def test_language_model_padded_batch_matches_unpadded_torch_func(model_fn):
     unpadded tokens (so padding and the mask leak nothing)."""
     torch.manual_seed(0)
     model = model_fn().double().eval()
-    lengths = [7, 4, 9]
-    seqs = [torch.randint(1, 40, (n,)) for n in lengths]
-    T = max(lengths)
-    input_ids = torch.zeros(3, T, dtype=torch.long)
-    mask = torch.zeros(3, T, dtype=torch.long)
-    labels = torch.full((3, T), -100)
-    for i, s in enumerate(seqs):
-        input_ids[i, : len(s)], mask[i, : len(s)], labels[i, : len(s)] = s, 1, s
+    seqs, input_ids, mask, labels = padded_lm_batch([7, 4, 9])
     # GPT-2 ties lm_head to the token embedding: that weight's gradient also holds the embedding
     # lookup's part, which is not a Linear/Conv1D gradient, so the tied head is excluded here.
     session = _session(model, exclude=[r"lm_head"] if model_fn is tiny_gpt2 else [])
@@ -69,11 +64,7 @@ def test_language_model_padded_batch_matches_unpadded_torch_func(model_fn):
         out = session.model(input_ids=input_ids, attention_mask=mask)
         session.backward(lm_loss(out.logits, labels))
 
-    def one(call, p, i):
-        s = seqs[i][None]
-        return lm_loss(call(p, input_ids=s).logits, s)
-
-    ref = projected_reference(session, model, per_sample_weight_grads(model, _Loss(3, one)))
+    ref = lm_rows_reference(session, model, seqs)
     torch.testing.assert_close(session.rows, ref, rtol=1e-9, atol=1e-11)
 
 

@@ -4,7 +4,7 @@ eigendecomposition, and the modes' definitions."""
 import numpy as np
 import pytest
 import torch
-from reference import log_classifier, mlp, per_sample_weight_grads
+from reference import linear_covariances, log_classifier, mlp, per_sample_weight_grads
 from torch import nn
 
 import logra_dist as ld
@@ -129,26 +129,7 @@ def test_pca_projection_is_top_eigenvectors_of_independent_covariances(problem, 
     # independent covariances: inputs and output gradients of each Linear via plain autograd
     projections = {n: logger.projection(n) for n in ("0", "2", "4")}
     logger.close()  # hooks off, weights trainable again: the reference below is plain autograd
-    acts, outs = {}, {}
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-    def keep(name):
-        def hook(module, inputs, output):
-            acts[name] = inputs[0]
-            output.retain_grad()
-            outs[name] = output
-
-        return hook
-
-    hooks = [m.register_forward_hook(keep(n)) for n, m in layers.items()]
-    model.zero_grad()
-    nn.functional.cross_entropy(model(X), Y, reduction="sum").backward()
-    for h in hooks:
-        h.remove()
-    for name in layers:
-        a = acts[name].detach()
-        g = outs[name].grad
-        A, S = a.T @ a / len(X), g.T @ g / len(X)
+    for name, (A, S) in linear_covariances(model, X, Y).items():
         p_in, p_out = projections[name]
         for P, C, k in ((p_in, A, 3), (p_out, S, 2)):
             _evals, evecs = torch.linalg.eigh(C)
