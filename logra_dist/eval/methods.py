@@ -205,8 +205,9 @@ class Attributor:
         try:
             scorer.add_query_gradients(self._query_rows[m.index_key()].numpy(), self.query_ids)
             s = scorer.scores()
-            order = np.argsort(scorer.store.ids)
-            if not np.array_equal(scorer.store.ids[order], self.train_ids):
+            ids = scorer.store.ids  # a property that reads every shard's ids: once
+            order = np.argsort(ids)
+            if not np.array_equal(ids[order], self.train_ids):
                 raise RuntimeError(f"{index}: index does not hold exactly the training ids")
             self.storage[m.name] = scorer.store.width
             self.cost[m.name] = dict(self._index_cost.get(m.index_key(), {}))
