@@ -21,6 +21,7 @@ from ann import queries
 
 import logra_dist as ld
 from logra_dist import comm
+from logra_dist.engines.launch import destroy_distributed, exit_process
 
 K, CANDIDATES, N_QUERIES, WIDTH = 10, 40, 13, 512
 
@@ -58,9 +59,9 @@ def main() -> None:
             raise SystemExit(f"unknown phase {phase!r}")
         comm.barrier()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_distributed()
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after a gloo group (pytorch#190489: SIGABRT at exit)

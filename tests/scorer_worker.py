@@ -22,6 +22,7 @@ from scorer_helpers import GROUPS, MODES, Bilinear, TinyNet, capture_batches, ca
 
 import logra_dist as ld
 from logra_dist import comm
+from logra_dist.engines.launch import destroy_distributed, exit_process
 from logra_dist.index.stream import ChunkStream
 
 QUERY_IDS = np.arange(1000, 1021)  # 21 queries: several query chunks
@@ -169,8 +170,9 @@ def main() -> None:
             raise SystemExit(f"unknown phase {phase!r}")
         comm.barrier()
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after a gloo group (pytorch#190489: SIGABRT at exit)

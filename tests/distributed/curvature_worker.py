@@ -11,7 +11,7 @@ from torch import nn
 import logra_dist as ld
 from logra_dist import comm
 from logra_dist.core.fisher import FisherTargets
-from logra_dist.engines.launch import init_distributed
+from logra_dist.engines.launch import destroy_distributed, exit_process, init_distributed
 
 N, BATCH, CLASSES = 21, 4, 3
 
@@ -49,3 +49,5 @@ def log(out: str, rank: int = 0, world: int = 1) -> None:
 if __name__ == "__main__":
     init_distributed()
     log(sys.argv[1], comm.rank(), comm.world_size())
+    destroy_distributed()
+    exit_process(0)  # no interpreter teardown after a gloo group (pytorch#190489: SIGABRT at exit)

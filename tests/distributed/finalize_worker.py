@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from logra_dist import comm  # noqa: E402
-from logra_dist.engines.launch import destroy_distributed, init_distributed  # noqa: E402
+from logra_dist.engines.launch import destroy_distributed, exit_process, init_distributed  # noqa: E402
 
 GROUP_TIMEOUT_S = 4.0  # the gloo group's own timeout; rank 0's lone work below takes longer
 
@@ -112,3 +112,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # no interpreter teardown after a gloo group (pytorch#190489: SIGABRT at exit)

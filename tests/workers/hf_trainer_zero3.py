@@ -20,6 +20,7 @@ from hf_texts import Texts  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from logra_dist import LoGraConfig  # noqa: E402
+from logra_dist.engines.launch import destroy_distributed, exit_process  # noqa: E402
 from logra_dist.integrations.hf_trainer import log_trainer_dataset  # noqa: E402
 from logra_dist.tracking import Tracker, start_wandb  # noqa: E402
 
@@ -91,4 +92,5 @@ if rank == 0:
             f,
         )
 torch.distributed.barrier()
-torch.distributed.destroy_process_group()  # a live gloo group at exit can abort the process
+destroy_distributed()
+exit_process(0)  # no interpreter teardown after a gloo group (pytorch#190489: SIGABRT at exit)

@@ -16,6 +16,8 @@ import sys
 import torch
 from torch import nn
 
+from logra_dist.engines.launch import destroy_distributed, exit_process
+
 
 def tiny_model() -> nn.Module:
     torch.manual_seed(0)
@@ -58,7 +60,7 @@ def zero3(out: str) -> None:
     engine.save_checkpoint(out, tag="step2")
     if rank == 0:
         torch.save(reference, f"{out}/reference.pt")
-    torch.distributed.destroy_process_group()
+    destroy_distributed()
 
 
 def fsdp2(out: str) -> None:
@@ -83,8 +85,9 @@ def fsdp2(out: str) -> None:
     full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save({n: s["exp_avg_sq"].clone() for n, s in full["state"].items()}, f"{out}/reference.pt")
-    torch.distributed.destroy_process_group()
+    destroy_distributed()
 
 
 if __name__ == "__main__":
     {"zero3": zero3, "fsdp2": fsdp2}[sys.argv[1]](sys.argv[2])
+    exit_process(0)  # no interpreter teardown after a gloo group (pytorch#190489: SIGABRT at exit)
