@@ -1,4 +1,4 @@
-"""Readers of data files, one small class per kind (a registry keyed by kind, picked from the path).
+"""Readers of data files, one small class per kind (registered by subclassing, picked from the path).
 
 Each reader streams `(where, record)` pairs in file order, `where` naming the file and line (or
 row) for error messages; a record that cannot be read comes as `(where, ValueError)` in its
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from logra_dist.data.text import decode_text, json_record
+from logra_dist.registry import Registry
 
 Item = tuple[str, "dict[str, Any] | ValueError"]
 COLUMNS = ("text", "prompt", "completion", "id")
@@ -25,7 +26,13 @@ ARROW_FIX = "install pyarrow (`pip install 'logra-dist[data]'`)"
 
 
 class Reader:
-    kind: ClassVar[str]
+    """A data file kind: `name` (the kind), `claims(path)` and `items()`. Subclassing registers it."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        READERS.register(cls)
 
     def __init__(self, path: Path):
         self.path = path
@@ -38,17 +45,11 @@ class Reader:
         raise NotImplementedError
 
 
-READERS: dict[str, type[Reader]] = {}
+READERS: Registry[Reader] = Registry("data file kind")
 
 
-def register(cls: type[Reader]) -> type[Reader]:
-    READERS[cls.kind] = cls
-    return cls
-
-
-@register
 class JsonlReader(Reader):
-    kind = "jsonl"
+    name = "jsonl"
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -82,7 +83,7 @@ class _ArrowReader(Reader):
 
     def items(self) -> Iterator[Item]:
         if _arrow() is None:
-            raise ValueError(f"{self.path}: reading {self.kind} needs pyarrow; {ARROW_FIX}")
+            raise ValueError(f"{self.path}: reading {self.name} needs pyarrow; {ARROW_FIX}")
         row = 0
         for batch in self._batches():
             for record in batch.to_pylist():
@@ -98,9 +99,8 @@ class _ArrowReader(Reader):
         return keep
 
 
-@register
 class ParquetReader(_ArrowReader):
-    kind = "parquet"
+    name = "parquet"
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -113,11 +113,10 @@ class ParquetReader(_ArrowReader):
         yield from file.iter_batches(batch_size=1024, columns=self._columns(file.schema_arrow.names))
 
 
-@register
 class HFDiskReader(_ArrowReader):
     """`Dataset.save_to_disk(DIR)`: state.json lists the Arrow stream files in order."""
 
-    kind = "hf-disk"
+    name = "hf-disk"
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -138,11 +137,10 @@ class HFDiskReader(_ArrowReader):
                     yield batch.select(keep)
 
 
-@register
 class TextReader(Reader):
     """Plain text: paragraphs (separated by blank lines) are documents; where = their first line."""
 
-    kind = "text"
+    name = "text"
 
     @classmethod
     def claims(cls, path: Path) -> bool:
@@ -177,6 +175,6 @@ def reader_for(path: str | Path) -> Reader:
     if not path.exists():
         raise FileNotFoundError(f"data file {path} does not exist")
     for kind in ORDER:
-        if READERS[kind].claims(path):
-            return READERS[kind](path)
+        if READERS.get(kind).claims(path):
+            return READERS.get(kind)(path)
     raise ValueError(f"{path}: a directory but not a saved Hugging Face dataset (no state.json); name its files")

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from logra_dist.data import DataSpec, documents, read_documents
-from logra_dist.data.sources import reader_for
+from logra_dist.data.sources import ORDER, READERS, reader_for
 
 TEXTS = ["first document", "second one", "third and last"]
 
@@ -25,6 +25,11 @@ def _docs(path, **spec):
     return [(p, d) for p, _, d in documents(DataSpec([str(path)], 8, **spec), skipped)], skipped
 
 
+def test_every_registered_kind_is_tried_and_text_last():
+    """A reader class missing from ORDER would never be picked; text takes any file."""
+    assert sorted(ORDER) == sorted(READERS.names()) and ORDER[-1] == "text"
+
+
 def test_every_kind_reads_the_same_documents(tmp_path):
     jsonl = _jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
     text = tmp_path / "a.txt"
@@ -37,7 +42,7 @@ def test_every_kind_reads_the_same_documents(tmp_path):
     with pa.OSFile(arrow, "wb") as sink, pa.ipc.new_stream(sink, pa.schema([("text", pa.string())])) as w:
         w.write_table(pa.table({"text": TEXTS}))
     (saved / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-    kinds = {reader_for(p).kind: [d.full_text for d in read_documents(p)] for p in (jsonl, text, parquet, saved)}
+    kinds = {reader_for(p).name: [d.full_text for d in read_documents(p)] for p in (jsonl, text, parquet, saved)}
     assert kinds == {"jsonl": TEXTS, "text": TEXTS, "parquet": TEXTS, "hf-disk": TEXTS}
 
 
