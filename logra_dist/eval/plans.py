@@ -68,6 +68,57 @@ def classification_methods(ranks: list[int], main_k: int, n_layers: int) -> list
     return methods
 
 
+# digits MLP layers (d_in, d_out): 64 pixels -> 32 -> 32 -> 10 classes (ClassificationTask defaults)
+DIGITS_LAYERS = ((64, 32), (32, 32), (32, 10))
+
+
+def digits_dim(k: int) -> int:
+    """LoGra's D at rank k per side on the digits MLP (a side narrower than k keeps its width)."""
+    return sum(min(k, i) * min(k, o) for i, o in DIGITS_LAYERS)
+
+
+def classification_peer_methods(ks: tuple[int, ...] = (8, 32)) -> list[Method]:
+    """Issue 14's digits statements: the presets at k <= 32 and the peers in the same run, each
+    peer at its default and over its damping sweep (PEER_DAMPINGS; "best" tuned on the test
+    queries), TRAK and LogIX at LoGra's D of each k, TrackStar-style at each k."""
+    m: list[Method] = []
+    for k in ks:
+        for name in PRESETS:
+            for mode in ("relatif", "dot"):
+                m.append(_preset(name, k, mode))
+        m.append(Method(f"trackstar-k{k}", "logra", init="random", k=k, hessian="none", mode="cosine", optimizer=True))
+        for c in (0.1, 1.0):
+            m.append(
+                Method(
+                    f"trackstar-fisher-k{k}-c{c:g}",
+                    "logra",
+                    init="random",
+                    k=k,
+                    hessian="raw",
+                    damping=c,
+                    mode="cosine",
+                    optimizer=True,
+                )
+            )
+    for recipe, dampings in PEER_DAMPINGS.items():
+        dims = {"trak": [digits_dim(k) for k in ks], "logix": [digits_dim(k) for k in ks]}.get(recipe, [0])
+        for dim in dims:
+            for d in dampings:
+                tag = "default" if d is None else f"c{d:g}"
+                m.append(
+                    Method(
+                        f"{recipe}{f'-D{dim}' if dim else ''}-{tag}",
+                        "peer",
+                        peer=recipe,
+                        dim=dim,
+                        damping=d,
+                        hessian="peer",
+                        mode="peer",
+                    )
+                )
+    return m
+
+
 def plan_for(benchmark: str, fast: bool, peers: bool = False, smaller: bool = False) -> Plan:
     if benchmark in ("digits", "synthetic"):
         if benchmark == "digits":
@@ -76,6 +127,8 @@ def plan_for(benchmark: str, fast: bool, peers: bool = False, smaller: bool = Fa
             params = {"n_train": 200, "n_query_pool": 60, "steps": 200}
         ranks, main_k = ([4] if fast else [2, 4, 8]), (4 if fast else 8)
         methods = classification_methods(ranks, main_k, n_layers=3)
+        if peers and benchmark == "digits":
+            methods += classification_peer_methods((4,) if fast else (8, 32))
         big = benchmark == "digits" and not fast
         return Plan(
             TaskSpec(benchmark, params),
