@@ -180,16 +180,15 @@ class Attributor:
             optimizer_state=str(self.optimizer_path) if m.optimizer else None,
         )
         gen = torch.Generator().manual_seed(self.label_seed)
-        stat_labels, copies = ("sampled", m.fisher_samples) if m.fisher == "true" else ("data", 1)
         logger = attach(self.model, cfg, out)
         try:
             t0 = time.perf_counter()
-            if m.init == "pca":
-                with logger.pca_pass():  # PCA of the same curvature the Hessian uses
-                    self._capture_all(logger, "train", self.train_ids, stat_labels, gen, copies)
+            if m.init == "pca":  # the data's labels, as `log` runs it (cli/jobs.py); for the LM and S=8
+                with logger.pca_pass():  # the sampled labels' PCA measured the same (0.534 vs 0.536)
+                    self._capture_all(logger, "train", self.train_ids, "data", gen)
             if m.fisher == "true" and CURVATURES.get(m.hessian).needs_statistics:
                 with logger.statistics_pass():
-                    self._capture_all(logger, "train", self.train_ids, "sampled", gen, copies)
+                    self._capture_all(logger, "train", self.train_ids, "sampled", gen, m.fisher_samples)
             t1 = time.perf_counter()
             self._capture_all(logger, "train", self.train_ids, "data", gen)
             t2 = time.perf_counter()
