@@ -183,8 +183,8 @@ class Attributor:
         logger = attach(self.model, cfg, out)
         try:
             t0 = time.perf_counter()
-            if m.init == "pca":  # the data's labels, as `log` runs it (cli/jobs.py); for the LM and S=8
-                with logger.pca_pass():  # the sampled labels' PCA measured the same (0.534 vs 0.536)
+            if m.init == "pca":  # the data's labels, as `log` runs it (cli/jobs.py); LM, S=8: sampled
+                with logger.pca_pass():  # labels' PCA measured the same (bench/results/true_fisher_explore.json)
                     self._capture_all(logger, "train", self.train_ids, "data", gen)
             if m.fisher == "true" and CURVATURES.get(m.hessian).needs_statistics:
                 with logger.statistics_pass():
