@@ -69,3 +69,19 @@ def test_cli_preset_flag_and_overrides_reach_the_config():
     assert cfg.optimizer_state == "ckpt/optimizer.pt"
     with pytest.raises(SystemExit):
         parser.parse_args(["log", "--preset", "best"])
+
+
+def test_log_preset_accurate_runs_its_extra_passes_inside_the_job(tmp_path):
+    """`log --preset accurate` on the embedded model: the PCA pass and the true Fisher's
+    statistics pass (8 sampled copies per sample) run in the same job; rows keep the data's labels."""
+    import json
+
+    from logra_dist.cli.main import main
+
+    args = ["--max-samples", "6", "--batch-size", "3", "--k-in", "2", "--k-out", "2", "--storage-dtype", "float32"]
+    args += ["--include", r"layers\.0\.mlp", "--no-wandb"]
+    assert main(["log", "--out", str(tmp_path / "acc"), "--preset", "accurate", *args]) == 0
+    manifest = json.loads((tmp_path / "acc" / "manifest.json").read_text())
+    cfg = manifest["config"]
+    assert (cfg["preset"], cfg["init"], cfg["fisher"], cfg["fisher_samples"]) == ("accurate", "pca", "true", 8)
+    assert manifest["total_rows"] == 6 and manifest["samples_in_statistics"] == 8 * 6
