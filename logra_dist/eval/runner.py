@@ -51,7 +51,7 @@ def run_benchmark(
     score_threads: int = 1,
     smaller: bool = False,
 ) -> dict[str, Any]:
-    """`peer_python`: the bench venv's python; adds the peer libraries to the plan (LM only).
+    """`peer_python`: the bench venv's python; adds the peer libraries to the plan (LM, digits).
     Scoring runs on `score_threads` threads (the peers too), so the costs compare."""
     t_start = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]  # a shared machine: costs are read against this
