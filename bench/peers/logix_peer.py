@@ -20,7 +20,9 @@ def logix_scores(req: dict, task, model) -> tuple[dict, dict]:
     import logix
     import yaml
     from logix.utils import get_logger
-    from run_peer import linear_names, summed_token_loss
+    from run_peer import adapter_for, linear_names
+
+    ad = adapter_for(task)
 
     get_logger().setLevel(logging.WARNING)
     root = Path(req["workdir"]) / "logix"
@@ -48,21 +50,19 @@ def logix_scores(req: dict, task, model) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     for s in range(0, len(train_ids), bs):
         ids = train_ids[s : s + bs]
-        b = task._collate("train", ids)
-        with run(data_id=[str(i) for i in ids], mask=b["attention_mask"]):
+        b = ad.collate("train", ids)
+        with run(data_id=[str(i) for i in ids], mask=ad.mask(b)):
             model.zero_grad(set_to_none=True)
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            summed_token_loss(logits, b["labels"]).backward()
+            ad.loss(ad.logits(model, b), b).backward()
     run.finalize()
     fit = time.perf_counter() - t0
     t1 = time.perf_counter()
     run.eval()
     q_ids = [int(i) for i in req["query_ids"]]
-    q = task._collate("query", q_ids)
-    with run(data_id=[f"q{i}" for i in q_ids], mask=q["attention_mask"]):
+    q = ad.collate("query", q_ids)
+    with run(data_id=[f"q{i}" for i in q_ids], mask=ad.mask(q)):
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=q["input_ids"], attention_mask=q["attention_mask"]).logits
-        summed_token_loss(logits, q["labels"]).backward()
+        ad.loss(ad.logits(model, q), q).backward()
     query_log = run.get_log(copy=True)
     loader = run.build_log_dataloader(batch_size=64)
     scores, used = {}, {}

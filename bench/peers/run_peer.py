@@ -38,6 +38,72 @@ def linear_names(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
+class LMAdapter:
+    """The LM task as the peers see it: documents, per-document summed token loss."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def load(self, model_dir: str) -> torch.nn.Module:
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(model_dir).eval()
+
+    def collate(self, split: str, ids) -> dict:
+        return self.task._collate(split, ids)
+
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def loss(self, logits, batch: dict, labels=None, reduce: bool = True) -> torch.Tensor:
+        return summed_token_loss(logits, batch["labels"] if labels is None else labels, reduce)
+
+    def sampled_labels(self, logits, batch: dict) -> torch.Tensor:
+        """Labels drawn from the model per predicted token (the true Fisher)."""
+        probs = F.softmax(logits[:, :-1].detach().float(), -1)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:2])
+        labels = batch["labels"].clone()
+        labels[:, 1:] = torch.where(batch["labels"][:, 1:] == -100, labels[:, 1:], drawn)
+        return labels
+
+    def mask(self, batch: dict):
+        return batch["attention_mask"]
+
+    keys = ("input_ids", "attention_mask", "labels")  # TRAK's batch: these tensors, in order
+
+
+class ClassifierAdapter(LMAdapter):
+    """The digits MLP: examples, summed cross-entropy; the model is a state dict (model.pt)."""
+
+    def load(self, model_dir: str) -> torch.nn.Module:
+        model = self.task.build_model()
+        model.load_state_dict(torch.load(Path(model_dir) / "model.pt", weights_only=True))
+        return model.eval()
+
+    def collate(self, split: str, ids) -> dict:
+        b = torch.as_tensor([int(i) for i in ids], dtype=torch.long)
+        return {"x": self.task.x[split][b], "y": self.task.y[split][b]}
+
+    def logits(self, model, batch: dict) -> torch.Tensor:
+        return model(batch["x"])
+
+    def loss(self, logits, batch: dict, labels=None, reduce: bool = True) -> torch.Tensor:
+        per = F.cross_entropy(logits.float(), batch["y"] if labels is None else labels, reduction="none")
+        return per.sum() if reduce else per
+
+    def sampled_labels(self, logits, batch: dict) -> torch.Tensor:
+        return torch.multinomial(F.softmax(logits.detach().float(), -1), 1)[:, 0]
+
+    def mask(self, batch: dict):
+        return None
+
+    keys = ("x", "y")
+
+
+def adapter_for(task):
+    return LMAdapter(task) if task.name == "lm" else ClassifierAdapter(task)
+
+
 class Ids(torch.utils.data.Dataset):
     def __init__(self, ids):
         self.ids = [int(i) for i in ids]
@@ -56,34 +122,30 @@ def kronfluence(req: dict, task, model, strategy: str) -> tuple[dict, dict]:
     from kronfluence.task import Task as KTask
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    class LMTask(KTask):
+    ad = adapter_for(task)
+
+    class PeerTask(KTask):
         def compute_train_loss(self, batch, model, sample=False):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"]
-            if sample:  # the true Fisher: labels drawn from the model (Kronfluence's default)
-                with torch.no_grad():
-                    probs = F.softmax(logits[:, :-1].detach().float(), -1)
-                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(probs.shape[:2])
-                labels = labels.clone()
-                labels[:, 1:] = torch.where(batch["labels"][:, 1:] == -100, labels[:, 1:], drawn)
-            return summed_token_loss(logits, labels)
+            logits = ad.logits(model, batch)
+            # sample: the true Fisher, labels drawn from the model (Kronfluence's default)
+            labels = ad.sampled_labels(logits, batch) if sample else None
+            return ad.loss(logits, batch, labels)
 
         def compute_measurement(self, batch, model):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return summed_token_loss(logits, batch["labels"])
+            return ad.loss(ad.logits(model, batch), batch)
 
         def get_influence_tracked_modules(self):
             return linear_names(model)
 
         def get_attention_mask(self, batch):
-            return batch["attention_mask"]
+            return ad.mask(batch)
 
-    ktask = LMTask()
+    ktask = PeerTask()
     model = prepare_model(model, ktask)
     out = Path(req["workdir"]) / "kronfluence"
-    analyzer = Analyzer(f"lm-{strategy}", model, ktask, cpu=True, disable_tqdm=True, output_dir=str(out))
+    analyzer = Analyzer(f"{task.name}-{strategy}", model, ktask, cpu=True, disable_tqdm=True, output_dir=str(out))
     # one collate_fn serves both data sets: each item carries its split
-    loader = DataLoaderKwargs(collate_fn=_split_collate(task))
+    loader = DataLoaderKwargs(collate_fn=_split_collate(ad))
     train, query = Tagged(Ids(req["train_ids"]), "train"), Tagged(Ids(req["query_ids"]), "query")
     bs = req["batch_size"]
     t0 = time.perf_counter()
@@ -138,12 +200,12 @@ class Tagged(torch.utils.data.Dataset):
         return (self.split, self.ids[i])
 
 
-def _split_collate(task):
+def _split_collate(ad):
     def fn(items):
         splits = {s for s, _ in items}
         if len(splits) != 1:
             raise RuntimeError(f"a batch mixes splits {splits}")
-        return task._collate(splits.pop(), [i for _, i in items])
+        return ad.collate(splits.pop(), [i for _, i in items])
 
     return fn
 
@@ -156,33 +218,35 @@ def trak(req: dict, task, model) -> tuple[dict, dict]:
     from trak.projectors import BasicProjector
 
     names = [n + ".weight" for n in linear_names(model)]
+    ad = adapter_for(task)
 
-    class LMOutput(AbstractModelOutput):
-        """f = minus the summed token loss of the document (its log-likelihood); out-to-loss = 1."""
+    def as_batch(tensors) -> dict:
+        return dict(zip(ad.keys, tensors))
+
+    class PeerOutput(AbstractModelOutput):
+        """f = minus the summed loss of the example (its log-likelihood); out-to-loss = 1. The
+        gradients of f come from `Iterative` below, the only caller of get_output in traker 0.3.2."""
 
         def __init__(self):
             pass
 
-        def get_output(self, model, weights, buffers, input_ids, attention_mask, labels):
-            logits = torch.func.functional_call(
-                model, (weights, buffers), args=(), kwargs={"input_ids": input_ids, "attention_mask": attention_mask}
-            ).logits
-            return -summed_token_loss(logits, labels, reduce=False)
+        def get_output(self, model, weights, buffers, *tensors):
+            raise NotImplementedError("f's gradients are computed by Iterative.compute_per_sample_grad")
 
         def get_out_to_loss_grad(self, model, weights, buffers, batch):
             return torch.ones(batch[0].shape[0], 1)
 
     class Iterative(IterativeGradientComputer):
-        """Per-document gradients one document at a time (HF Llama under vmap is not reliable)."""
+        """Per-example gradients one example at a time (HF Llama under vmap is not reliable)."""
 
         def compute_per_sample_grad(self, batch):
             rows = []
+            params = dict(model.named_parameters())
             for j in range(batch[0].shape[0]):
-                one = [b[j : j + 1] for b in batch]
+                one = as_batch([b[j : j + 1] for b in batch])
                 model.zero_grad(set_to_none=True)
-                logits = model(input_ids=one[0], attention_mask=one[1]).logits
-                (-summed_token_loss(logits, one[2])).backward()
-                rows.append(torch.cat([dict(model.named_parameters())[n].grad.reshape(-1) for n in names]))
+                (-ad.loss(ad.logits(model, one), one)).backward()
+                rows.append(torch.cat([params[n].grad.reshape(-1) for n in names]))
             return torch.stack(rows)
 
         def compute_loss_grad(self, batch):
@@ -198,7 +262,7 @@ def trak(req: dict, task, model) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     traker = TRAKer(
         model,
-        LMOutput(),
+        PeerOutput(),
         n_train,
         save_dir=str(out),
         load_from_save_dir=True,  # a fresh folder; False skips creating experiments.json
@@ -213,8 +277,8 @@ def trak(req: dict, task, model) -> tuple[dict, dict]:
     traker.load_checkpoint(model.state_dict(), model_id=0)
     bs = req["batch_size"]
     for s in range(0, n_train, bs):
-        b = task._collate("train", req["train_ids"][s : s + bs])
-        traker.featurize(batch=[b["input_ids"], b["attention_mask"], b["labels"]], num_samples=len(b["input_ids"]))
+        b = ad.collate("train", req["train_ids"][s : s + bs])
+        traker.featurize(batch=[b[k] for k in ad.keys], num_samples=len(b[ad.keys[0]]))
     fit = time.perf_counter() - t0
     t1 = time.perf_counter()
     scores, used = {}, {}
@@ -229,8 +293,8 @@ def trak(req: dict, task, model) -> tuple[dict, dict]:
         traker.projector.model_id = -1
         name = f"q{label.replace('.', 'p').replace('-', 'm')}"
         traker.start_scoring_checkpoint(name, model.state_dict(), model_id=0, num_targets=len(req["query_ids"]))
-        q = task._collate("query", req["query_ids"])
-        traker.score(batch=[q["input_ids"], q["attention_mask"], q["labels"]], num_samples=len(req["query_ids"]))
+        q = ad.collate("query", req["query_ids"])
+        traker.score(batch=[q[k] for k in ad.keys], num_samples=len(req["query_ids"]))
         s = traker.finalize_scores(exp_name=name)  # (train, queries)
         scores[label] = np.asarray(s, dtype=np.float64).T
     meta = {
@@ -248,10 +312,8 @@ def main(path: str) -> int:
     req = json.loads(Path(path).read_text())
     torch.set_num_threads(int(req.get("threads", 1)))
     torch.manual_seed(0)
-    from transformers import LlamaForCausalLM
-
     task = cached_task(TaskSpec(req["spec"]["name"], req["spec"]["params"]))
-    model = LlamaForCausalLM.from_pretrained(req["model_dir"]).eval()
+    model = adapter_for(task).load(req["model_dir"])
     recipe = req["recipe"]
     if recipe.startswith("kronfluence-"):
         scores, meta = kronfluence(req, task, model, recipe.split("-", 1)[1])

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         default=None,
         choices=list(PRESETS),
-        help="a named recipe (fast: the defaults; accurate: the best measured one); flags below override it",
+        help="a named recipe (fast: the defaults; accurate: the best measured on the LM, PCA + true Fisher with 8 "
+        "labels per token, its extra passes run in this job); flags below override it",
     )
     log.add_argument(
         "--optimizer-state",

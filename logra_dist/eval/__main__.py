@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--peers",
         action="store_true",
-        help="also score the peer libraries (Kronfluence, TRAK, LogIX; LM task) in the bench venv",
+        help="also score the peer libraries (Kronfluence, TRAK, LogIX; LM and digits tasks) in the bench venv",
     )
     run.add_argument(
         "--smaller",
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         names = ("digits", "lm") if args.benchmark == "all" else (args.benchmark,)
         command = "python -m logra_dist.eval " + " ".join(argv)
         for name in names:
-            peer_python = args.peer_python if args.peers and name == "lm" else None
+            peer_python = args.peer_python if args.peers and name != "synthetic" else None
             run_benchmark(
                 name,
                 out,

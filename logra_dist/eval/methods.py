@@ -25,6 +25,7 @@ import torch
 
 from logra_dist.config import LoGraConfig
 from logra_dist.core.curvature import CURVATURES
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.core.projection import LayerSpec
 from logra_dist.eval.tasks import Task
 from logra_dist.logger import attach
@@ -47,6 +48,7 @@ class Method:
     k: int = 8
     hessian: str = "raw"
     fisher: str = "empirical"
+    fisher_samples: int = 1  # fisher="true": labels drawn per token/example, S copies of each batch
     damping: float | None = 1.0
     mode: str = "dot"
     dim: int = 0
@@ -63,6 +65,7 @@ class Method:
             self.k,
             self.hessian,
             self.fisher,
+            self.fisher_samples,
             self.dim,
             self.seed,
             self.storage,
@@ -135,9 +138,18 @@ class Attributor:
         return best
 
     # -- LoGra through the public API --------------------------------------------------------
-    def _capture_all(self, session, split: str, ids: np.ndarray, labels: str, gen: torch.Generator) -> None:
+    def _capture_all(
+        self, session, split: str, ids: np.ndarray, labels: str, gen: torch.Generator, copies: int = 1
+    ) -> None:
+        """copies > 1 (sampled labels only): each batch repeated `copies` times, copy-major
+        (core.fisher.FisherTargets), each copy with its own drawn labels: S samples per token."""
         task = self.task
+        if copies > 1 and labels != "sampled":
+            raise ValueError(f"{copies} copies of a batch with the data's labels would count every sample {copies}x")
+        expand = FisherTargets("true", copies).expand
         for b, batch in task.batches(split, ids, self.batch_size):
+            if copies > 1:
+                b, batch = expand(b), {key: expand(v) for key, v in batch.items()}
             with session.capture(b, mask=task.mask(batch)):
                 logits = task.forward(session.model, batch)
                 lab = task.sample_labels(logits, batch, gen) if labels == "sampled" else None
@@ -146,7 +158,9 @@ class Attributor:
     def _log_index(self, m: Method) -> Path:
         key = m.index_key()
         opt = "-opt" if m.optimizer else ""
-        out = self.workdir / f"index-{m.init}-{m.hessian}-k{m.k}-{m.fisher}-{m.dim}-s{m.seed}-{m.storage}{opt}"
+        out = self.workdir / (
+            f"index-{m.init}-{m.hessian}-k{m.k}-{m.fisher}{m.fisher_samples}-{m.dim}-s{m.seed}-{m.storage}{opt}"
+        )
         if (out / "manifest.json").exists() and key in self._query_rows:
             return out
         if m.optimizer and self.optimizer_path is None:
@@ -160,21 +174,21 @@ class Attributor:
             seed=m.seed,
             hessian=m.hessian,
             fisher=m.fisher,
+            fisher_samples=m.fisher_samples,
             damping=1.0,
             storage_dtype=m.storage,
             optimizer_state=str(self.optimizer_path) if m.optimizer else None,
         )
         gen = torch.Generator().manual_seed(self.label_seed)
-        stat_labels = "sampled" if m.fisher == "true" else "data"
         logger = attach(self.model, cfg, out)
         try:
             t0 = time.perf_counter()
-            if m.init == "pca":
-                with logger.pca_pass():  # PCA of the same curvature the Hessian uses
-                    self._capture_all(logger, "train", self.train_ids, stat_labels, gen)
+            if m.init == "pca":  # the data's labels, as `log` runs it (cli/jobs.py); LM, S=8: sampled
+                with logger.pca_pass():  # labels' PCA measured the same (bench/results/true_fisher_explore.json)
+                    self._capture_all(logger, "train", self.train_ids, "data", gen)
             if m.fisher == "true" and CURVATURES.get(m.hessian).needs_statistics:
                 with logger.statistics_pass():
-                    self._capture_all(logger, "train", self.train_ids, "sampled", gen)
+                    self._capture_all(logger, "train", self.train_ids, "sampled", gen, m.fisher_samples)
             t1 = time.perf_counter()
             self._capture_all(logger, "train", self.train_ids, "data", gen)
             t2 = time.perf_counter()

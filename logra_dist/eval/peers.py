@@ -77,11 +77,15 @@ class PeerRunner:
         self._model_dir: Path | None = None
 
     def _saved_model(self) -> Path:
+        """A transformers model as save_pretrained; any other as its state dict, model.pt (the
+        worker rebuilds the module with the task's build_model)."""
         if self._model_dir is None:
-            if not hasattr(self.model, "save_pretrained"):
-                raise ValueError("peer methods need a transformers model (save_pretrained); the task has none")
             self._model_dir = self.workdir / "peer-model"
-            self.model.save_pretrained(self._model_dir)
+            if hasattr(self.model, "save_pretrained"):
+                self.model.save_pretrained(self._model_dir)
+            else:
+                self._model_dir.mkdir(parents=True, exist_ok=True)
+                torch.save(self.model.state_dict(), self._model_dir / "model.pt")
         return self._model_dir
 
     def _run(self, peer: str, dim: int) -> dict:

@@ -68,6 +68,65 @@ def classification_methods(ranks: list[int], main_k: int, n_layers: int) -> list
     return methods
 
 
+# digits MLP layers (d_in, d_out): 64 pixels -> 32 -> 32 -> 10 classes (ClassificationTask defaults)
+DIGITS_LAYERS = ((64, 32), (32, 32), (32, 10))
+
+
+def digits_dim(k: int) -> int:
+    """LoGra's D at rank k per side on the digits MLP (a side narrower than k keeps its width)."""
+    return sum(min(k, i) * min(k, o) for i, o in DIGITS_LAYERS)
+
+
+def classification_peer_methods(ks: tuple[int, ...] = (8, 32)) -> list[Method]:
+    """Issue 14's digits statements: the presets at k <= 32 and the peers in the same run, each
+    peer at its default and over its damping sweep (PEER_DAMPINGS; "best" tuned on the test
+    queries), TRAK and LogIX at LoGra's D of each k, TrackStar-style at each k."""
+    m: list[Method] = []
+    for k in ks:
+        for name in PRESETS:
+            for mode in ("relatif", "dot"):
+                m.append(_preset(name, k, mode))
+        m.append(Method(f"trackstar-k{k}", "logra", init="random", k=k, hessian="none", mode="cosine", optimizer=True))
+        for c in (0.1, 1.0):
+            m.append(
+                Method(
+                    f"trackstar-fisher-k{k}-c{c:g}",
+                    "logra",
+                    init="random",
+                    k=k,
+                    hessian="raw",
+                    damping=c,
+                    mode="cosine",
+                    optimizer=True,
+                )
+            )
+    # the true Fisher's S on a confident classifier (most draws are the data's label), at the top k
+    for s in (1, 8, 64):
+        for c in (0.01, 0.1, 1.0):
+            m.append(
+                _logra(
+                    "pca", "raw", ks[-1], fisher="true", fisher_samples=s, damping=c, suffix=[f"true-S{s}", f"c{c:g}"]
+                )
+            )
+    for recipe, dampings in PEER_DAMPINGS.items():
+        dims = {"trak": [digits_dim(k) for k in ks], "logix": [digits_dim(k) for k in ks]}.get(recipe, [0])
+        for dim in dims:
+            for d in dampings:
+                tag = "default" if d is None else f"c{d:g}"
+                m.append(
+                    Method(
+                        f"{recipe}{f'-D{dim}' if dim else ''}-{tag}",
+                        "peer",
+                        peer=recipe,
+                        dim=dim,
+                        damping=d,
+                        hessian="peer",
+                        mode="peer",
+                    )
+                )
+    return m
+
+
 def plan_for(benchmark: str, fast: bool, peers: bool = False, smaller: bool = False) -> Plan:
     if benchmark in ("digits", "synthetic"):
         if benchmark == "digits":
@@ -76,6 +135,8 @@ def plan_for(benchmark: str, fast: bool, peers: bool = False, smaller: bool = Fa
             params = {"n_train": 200, "n_query_pool": 60, "steps": 200}
         ranks, main_k = ([4] if fast else [2, 4, 8]), (4 if fast else 8)
         methods = classification_methods(ranks, main_k, n_layers=3)
+        if peers and benchmark == "digits":
+            methods += classification_peer_methods((4,) if fast else (8, 32))
         big = benchmark == "digits" and not fast
         return Plan(
             TaskSpec(benchmark, params),
@@ -106,6 +167,8 @@ def plan_for(benchmark: str, fast: bool, peers: bool = False, smaller: bool = Fa
 LM_STEPS = 150
 LM_MODES = ("relatif", "dot", "cosine")
 LM_DAMPINGS = (0.01, 0.1, 1.0, 10.0)
+TRUE_FISHER_SAMPLES = (1, 2, 4, 8, 16)  # S: labels drawn per token (fisher="true")
+TRUE_FISHER_DAMPINGS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 PEER_DAMPINGS: dict[str, tuple[float | None, ...]] = {
     # None = the library's own default; the rest is the sweep ("best" is tuned on the test queries).
     # Kronfluence: absolute lambda on the eigenvalues (default 1e-8; the layers' mean eigenvalues
@@ -123,7 +186,18 @@ def _preset(name: str, k: int, mode: str, damping: float | None = None, tag: str
     cfg = LoGraConfig.from_preset(name, k_in=k, k_out=k)
     c = cfg.damping if damping is None else damping
     label = f"preset-{name}-k{k}-{mode}" + (f"-c{c:g}" if damping is not None else "") + tag
-    return Method(label, "logra", init=cfg.init, k=k, hessian=cfg.hessian, damping=c, mode=mode, preset=name)
+    return Method(
+        label,
+        "logra",
+        init=cfg.init,
+        k=k,
+        hessian=cfg.hessian,
+        fisher=cfg.fisher,
+        fisher_samples=cfg.fisher_samples,
+        damping=c,
+        mode=mode,
+        preset=name,
+    )
 
 
 def lm_methods(fast: bool, peers: bool, smaller: bool = False) -> list[Method]:
@@ -143,10 +217,20 @@ def lm_methods(fast: bool, peers: bool, smaller: bool = False) -> list[Method]:
     for c in (0.1, 1.0, 10.0):
         m.append(Method(f"logra-random-kfac-k{k}-dot-c{c:g}", "logra", init="random", k=k, hessian="kfac", damping=c))
     m.append(Method(f"logra-random-kfac-k{k}-relatif-c1", "logra", init="random", k=k, hessian="kfac", mode="relatif"))
-    # the true Fisher (labels sampled from the model, as Kronfluence's default) at the main rank, and
-    # full-rank per-layer KFAC (identity projections: D = all Linear weights, like Kronfluence's KFAC)
-    for c in (0.1, 1.0):
-        m.append(_logra("random", "raw", k, fisher="true", damping=c, suffix=["truefisher", f"c{c:g}"]))
+    # the true Fisher (labels sampled from the model, as Kronfluence's default) at the main rank: S
+    # labels per token (the raw projected Fisher of 1024 x 1024 per layer from 800 documents has rank
+    # <= 800 S), random and PCA init, and EKFAC with it; then full-rank per-layer KFAC (identity
+    # projections: D = all Linear weights, like Kronfluence's KFAC)
+    for init, samples in (("random", TRUE_FISHER_SAMPLES), ("pca", (1, 8))):
+        for s in (1,) if fast else samples:
+            for c in (0.1, 1.0) if fast else TRUE_FISHER_DAMPINGS:
+                m.append(
+                    _logra(init, "raw", k, fisher="true", fisher_samples=s, damping=c, suffix=[f"true-S{s}", f"c{c:g}"])
+                )
+    for c in (0.003, 0.01):
+        m.append(
+            _logra("random", "ekfac", k, fisher="true", fisher_samples=8, damping=c, suffix=["true-S8", f"c{c:g}"])
+        )
     for c in (0.01, 0.1, 1.0):
         m.append(Method(f"logra-identity-kfac-dot-c{c:g}", "logra", init="identity", hessian="kfac", damping=c))
     # EKFAC in projected space (eigenvalues re-fitted on the logged rows). Not at full rank: identity

@@ -4,6 +4,7 @@ compute LDS and brittleness, write `<out>/<benchmark>[-fast].json`."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -50,9 +51,10 @@ def run_benchmark(
     score_threads: int = 1,
     smaller: bool = False,
 ) -> dict[str, Any]:
-    """`peer_python`: the bench venv's python; adds the peer libraries to the plan (LM only).
+    """`peer_python`: the bench venv's python; adds the peer libraries to the plan (LM, digits).
     Scoring runs on `score_threads` threads (the peers too), so the costs compare."""
     t_start = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]  # a shared machine: costs are read against this
     plan = plan_for(benchmark, fast, peers=peer_python is not None, smaller=smaller)
     task = cached_task(plan.spec)
     retrain = RetrainCache(cache, task, plan.spec)
@@ -230,6 +232,8 @@ def run_benchmark(
             "workers": workers,
             "threads_per_worker": 1,
             "scoring_threads": score_threads,
+            "load_average_1_5_15min": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
     }
     out = Path(out)

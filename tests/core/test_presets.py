@@ -8,6 +8,7 @@ from torch import nn
 
 import logra_dist as ld
 from logra_dist.config import PRESETS
+from logra_dist.core.fisher import FisherTargets
 
 
 def test_presets_resolve_override_and_refuse_unknown_names():
@@ -28,19 +29,27 @@ def test_accurate_preset_round_trips_through_the_index(tmp_path):
     X, Y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     config = ld.LoGraConfig.from_preset("accurate", k_in=3, k_out=2, storage_dtype="float32")
     logger = ld.attach(model, config, tmp_path)
-    assert logger.needs_pca_pass  # the preset's extra pass, told to the caller
+    assert logger.needs_pca_pass  # the preset's extra passes, told to the caller: PCA ...
+    targets = FisherTargets.for_config(config)  # ... and fisher="true" with fisher_samples copies
+    assert (targets.kind, targets.copies) == ("true", config.fisher_samples) == ("true", 8)
+    gen = torch.Generator().manual_seed(0)
 
-    def run():
+    def run(statistics=False):
         for s in range(0, 8, 4):
-            with logger.capture(torch.arange(s, s + 4)):
-                logger.backward(nn.functional.cross_entropy(logger.model(X[s : s + 4]), Y[s : s + 4], reduction="sum"))
+            ids, xb = torch.arange(s, s + 4), X[s : s + 4]
+            if statistics:
+                with logger.statistics_pass(), logger.capture(targets.expand(ids)):
+                    logger.backward(targets.loss(logger.model(targets.expand(xb)), gen))
+            with logger.capture(ids):
+                logger.backward(nn.functional.cross_entropy(logger.model(xb), Y[s : s + 4], reduction="sum"))
 
     with logger.pca_pass():
         run()
-    run()
+    run(statistics=True)
     manifest = logger.finalize()
     logger.close()
     assert manifest["config"]["preset"] == "accurate"
+    assert manifest["samples_in_statistics"] == 8 * 8  # the sampled copies, not the logged rows
     assert ld.LoGraConfig.from_dict(manifest["config"]) == config
     assert ld.GradientStore(tmp_path).config == config
 
@@ -52,8 +61,27 @@ def test_cli_preset_flag_and_overrides_reach_the_config():
     parser = build_parser()
     cfg = logra_config(parser.parse_args(["log", "--preset", "accurate", "--damping", "0.5"]))
     assert (cfg.preset, cfg.init, cfg.hessian, cfg.damping) == ("accurate", "pca", "raw", 0.5)
+    assert (cfg.fisher, cfg.fisher_samples) == ("true", 8)
+    cfg = logra_config(parser.parse_args(["log", "--preset", "accurate", "--fisher-samples", "2"]))
+    assert (cfg.fisher, cfg.fisher_samples) == ("true", 2)
     assert logra_config(parser.parse_args(["log"])).preset is None
     cfg = logra_config(parser.parse_args(["log", "--optimizer-state", "ckpt/optimizer.pt"]))
     assert cfg.optimizer_state == "ckpt/optimizer.pt"
     with pytest.raises(SystemExit):
         parser.parse_args(["log", "--preset", "best"])
+
+
+def test_log_preset_accurate_runs_its_extra_passes_inside_the_job(tmp_path):
+    """`log --preset accurate` on the embedded model: the PCA pass and the true Fisher's
+    statistics pass (8 sampled copies per sample) run in the same job; rows keep the data's labels."""
+    import json
+
+    from logra_dist.cli.main import main
+
+    args = ["--max-samples", "6", "--batch-size", "3", "--k-in", "2", "--k-out", "2", "--storage-dtype", "float32"]
+    args += ["--include", r"layers\.0\.mlp", "--no-wandb"]
+    assert main(["log", "--out", str(tmp_path / "acc"), "--preset", "accurate", *args]) == 0
+    manifest = json.loads((tmp_path / "acc" / "manifest.json").read_text())
+    cfg = manifest["config"]
+    assert (cfg["preset"], cfg["init"], cfg["fisher"], cfg["fisher_samples"]) == ("accurate", "pca", "true", 8)
+    assert manifest["total_rows"] == 6 and manifest["samples_in_statistics"] == 8 * 6

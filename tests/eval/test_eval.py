@@ -145,3 +145,50 @@ def test_fast_lm_lds_and_brittleness_end_to_end(tmp_path):
     assert lds(planted, masks, measured)["mean"] == pytest.approx(1.0)
     assert res["methods"]["random-scores"]["lds"]["mean"] < 0.9
     assert (tmp_path / "acc" / "lm-fast-lds-vs-dim.svg").read_text().startswith("<svg")
+
+
+def test_digits_plan_with_peers_has_presets_and_every_peer_at_k_up_to_32():
+    from logra_dist.eval.plans import digits_dim
+
+    plain = {m.name for m in plan_for("digits", fast=False).methods}
+    plan = plan_for("digits", fast=False, peers=True)
+    names = [m.name for m in plan.methods]
+    assert len(names) == len(set(names)) and plain < set(names)
+    assert {m.peer for m in plan.methods if m.family == "peer"} == {
+        "kronfluence-ekfac",
+        "kronfluence-kfac",
+        "trak",
+        "logix",
+    }
+    for k in (8, 32):
+        assert {f"preset-fast-k{k}-relatif", f"preset-accurate-k{k}-dot", f"trackstar-k{k}"} <= set(names)
+        assert f"trak-D{digits_dim(k)}-default" in names and f"logix-D{digits_dim(k)}-default" in names
+    assert (digits_dim(8), digits_dim(32)) == (3 * 64, 32 * 32 + 32 * 32 + 32 * 10)  # the 10-class head: 10 wide
+    assert not any(m.family == "peer" for m in plan_for("synthetic", fast=True, peers=True).methods)
+
+
+def test_peer_worker_rebuilds_a_plain_module_from_its_state_dict(tmp_path):
+    """A model without save_pretrained (the digits MLP) reaches the peer worker as model.pt and
+    comes back with the same outputs and the task's summed loss."""
+    import torch
+
+    from logra_dist.eval.catalog import cached_task
+    from logra_dist.eval.peers import PeerRunner
+    from logra_dist.eval.tasks import TaskSpec
+
+    sys.path.insert(0, str(REPO / "bench" / "peers"))
+    try:
+        from run_peer import adapter_for
+    finally:
+        sys.path.pop(0)
+    spec = TaskSpec("synthetic", {"data": "synthetic", "n_train": 40, "n_query_pool": 4, "steps": 5})
+    task = cached_task(spec)
+    model = task.train(np.arange(40), seed=1)
+    runner = PeerRunner(sys.executable, REPO / "bench" / "peers" / "run_peer.py", spec, model, [], [], tmp_path, [])
+    ad = adapter_for(task)
+    again = ad.load(str(runner._saved_model()))
+    batch = ad.collate("train", [3, 1, 2])
+    ref = {"x": task.x["train"][[3, 1, 2]], "y": task.y["train"][[3, 1, 2]]}
+    with torch.no_grad():
+        assert torch.equal(ad.logits(again, batch), model(ref["x"]))
+        assert torch.allclose(ad.loss(ad.logits(again, batch), batch), task.summed_loss(model(ref["x"]), ref))
