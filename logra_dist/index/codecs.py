@@ -128,7 +128,7 @@ class BlockQuantized(RowCodec):
         record = np.empty((n, self.stored_width(width)), np.uint8)
         vb = self.value_bytes(width)
         record[:, :vb] = codes
-        record[:, vb:] = scales.numpy().astype("<f4").view(np.uint8).reshape(n, -1)
+        record[:, vb:] = scales.numpy().astype("<f4").view(np.uint8).reshape(n, 4 * len(blocks))  # n may be 0
         return record
 
     def decode(self, stored: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,7 +210,7 @@ class Int4Codec(BlockQuantized):
 
     def _dequantize_into(self, values: np.ndarray, out: torch.Tensor) -> None:
         byte = torch.from_numpy(values)
-        codes = torch.stack((byte & 15, byte >> 4), 2).reshape(len(values), -1)[:, : out.shape[1]]
+        codes = torch.stack((byte & 15, byte >> 4), 2).reshape(len(values), 2 * values.shape[1])[:, : out.shape[1]]
         out.copy_(codes).sub_(8.0)
 
 
@@ -233,7 +233,7 @@ class SignCodec(BlockQuantized):
 
     def _dequantize_into(self, values: np.ndarray, out: torch.Tensor) -> None:
         bits = (torch.from_numpy(values)[:, :, None] >> self._SHIFTS) & 1  # low bit first
-        out.copy_(bits.reshape(len(values), -1)[:, : out.shape[1]]).mul_(2.0).sub_(1.0)
+        out.copy_(bits.reshape(len(values), 8 * values.shape[1])[:, : out.shape[1]]).mul_(2.0).sub_(1.0)
 
 
 def codec_for(storage_dtype: str, specs: list[LayerSpec] | None = None) -> RowCodec:

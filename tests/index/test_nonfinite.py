@@ -160,3 +160,13 @@ def test_resuming_a_finished_version_3_index_changes_nothing(tmp_path):
     assert re.search(r"RuntimeWarning: 1 sample\(s\) had non-finite .* rank 0's shard holds none", proc.stderr)
     assert 'MANIFEST {"total_rows": 11, "nonfinite_total": 1}' in proc.stdout
     assert {p: (index / p).read_bytes() for p in files} == before
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4", "sign"])
+def test_a_batch_whose_every_sample_is_nonfinite_appends_no_rows(tmp_path, storage):
+    """Batch [4, 5] is all NaN: the quantized codecs encode an empty block (they failed on 0 rows)."""
+    with pytest.warns(RuntimeWarning, match=r"2 sample\(s\) had non-finite gradients .* ids \[4, 5\]"):
+        mlp_worker.run(mlp_args(tmp_path, "--storage-dtype", storage, "--batch", "2", "--nan-id", "4", "5"))
+    with ld.GradientStore(tmp_path) as store:
+        assert sorted(store.ids.tolist()) == [i for i in range(N) if i not in (4, 5)]
+        assert store.nonfinite_ids().tolist() == [4, 5] and np.isfinite(store[:]).all()
