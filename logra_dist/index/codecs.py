@@ -64,12 +64,21 @@ class RowCodec:
     def decode(self, stored: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """(n, stored_width) records -> (n, width) float32, into `out` when given (a reader's
         reused buffer, e.g. a slice of the stream's) and returned."""
-        items = torch.from_numpy(np.ascontiguousarray(stored))
+        items = torch.from_numpy(_rows_view(stored))
         if self.torch_dtype == torch.bfloat16:
             items = items.view(torch.bfloat16)
         if out is None:
             return items.float()
         return out.copy_(items)
+
+
+def _rows_view(stored: np.ndarray) -> np.ndarray:
+    """`stored` itself when torch can view it (rows of contiguous items, at any row stride: a
+    stream's padded piece), else a contiguous copy."""
+    if stored.ndim != 2 or stored.strides[1] != stored.itemsize:
+        return np.ascontiguousarray(stored)
+    row, item = stored.strides[0], stored.itemsize
+    return stored if row % item == 0 and row >= item * stored.shape[1] else np.ascontiguousarray(stored)
 
 
 class Float32Codec(RowCodec):
