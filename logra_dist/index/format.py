@@ -436,6 +436,8 @@ def check_manifest_entries(path: Path, manifest: dict) -> None:
             counts = [e.get("nonfinite_count") for e in entries]
             if "total_rows" in manifest and manifest["total_rows"] != rows:
                 problem = f"total_rows is {manifest['total_rows']} but its shard entries hold {rows}"
+            elif any(c is not None and (type(c) is not int or c < 0) for c in counts):
+                problem = f"nonfinite_count is {counts} (counts of samples, or none in a version 3 manifest)"
             elif None not in counts and manifest.get("nonfinite_total") != sum(counts):
                 total = manifest.get("nonfinite_total")
                 problem = f"nonfinite_total is {total} but its shard entries count {sum(counts)} non-finite samples"

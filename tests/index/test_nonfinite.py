@@ -98,6 +98,10 @@ def test_a_count_that_disagrees_with_the_shard_is_refused(two_ranks, tmp_path):
     (index / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ld.IndexFormatError, match=r"nonfinite_total is 4 but its shard entries count 3"):
         ld.GradientStore(index)
+    m["shards"][1]["nonfinite_count"] = "2"
+    (index / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ld.IndexFormatError, match=r"field 'shards': nonfinite_count is \[2, '2'\]"):
+        ld.GradientStore(index)
 
 
 def test_resume_after_a_killed_rank_keeps_the_ids_in_their_shards(two_ranks, tmp_path):
