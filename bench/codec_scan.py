@@ -5,9 +5,12 @@ that says where the time goes (read, checksum, decode: widening and, for the qua
 the per-block scale multiply).
 
 `int8-contiguous` is int8 read as before the padded pieces (records back to back in a piece,
-checksummed through a padded copy): the same run's A/B of that change.
+checksummed through a padded copy): the same run's A/B of that change. `--score-queries Q...`
+also times `Scorer.topk(10)` end to end (dot, Q precomputed query rows, the stream in its
+thread beside the GEMM), every codec in each round, for each Q.
 
-    python bench/codec_scan.py [--rows 40000] [--layers 15] [--k 16] [--rounds 7] [--out bench/results/codec_scan.json]
+    python bench/codec_scan.py [--rows 40000] [--layers 15] [--k 16] [--rounds 7] [--score-queries 8 64]
+        [--out bench/results/codec_scan.json]
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ if str(ROOT) not in sys.path:
 import logra_dist as ld  # noqa: E402
 from logra_dist.core.projection import LayerSpec  # noqa: E402
 from logra_dist.index import codecs, stream  # noqa: E402
+from logra_dist.index.format import stats_attrs, write_stats  # noqa: E402
 from logra_dist.index.stream import ChunkStream  # noqa: E402
 from logra_dist.index.writer import write_index  # noqa: E402
 
@@ -94,12 +98,44 @@ def _timed(spent: dict[str, float]):
             setattr(owner, attr, f)
 
 
+def _score_rounds(index: dict[str, Path], queries: list[int], rounds: int, width: int) -> dict:
+    """Scorer.topk(10) seconds per codec and query count, interleaved like the scan rounds."""
+    out: dict = {}
+    gen = torch.Generator().manual_seed(1)
+    for nq in queries:
+        q = torch.randn(nq, width, generator=gen)
+        scorers = {c: ld.Scorer(None, index[c], mode="dot") for c in CODECS}
+        for sc in scorers.values():
+            sc.add_query_gradients(q, torch.arange(nq))
+            sc.topk(10)  # warm
+        seconds: dict[str, list[float]] = {c: [] for c in CODECS}
+        for r in range(rounds):
+            for c in CODECS[r % len(CODECS) :] + CODECS[: r % len(CODECS)]:
+                t0 = time.perf_counter()
+                scorers[c].topk(10)
+                seconds[c].append(time.perf_counter() - t0)
+        for sc in scorers.values():
+            sc.close()
+        m16 = statistics.median(seconds["float16"])
+        out[str(nq)] = {
+            c: {
+                "topk_seconds_best": min(v),
+                "topk_seconds_median": statistics.median(v),
+                "topk_vs_float16_median": statistics.median(v) / m16,
+                "topk_vs_float16_best": min(v) / min(seconds["float16"]),
+            }
+            for c, v in seconds.items()
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=40000)
     ap.add_argument("--layers", type=int, default=15)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--score-queries", type=int, nargs="*", default=[], help="also time Scorer.topk per codec")
     ap.add_argument("--out", default="bench/results/codec_scan.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -111,11 +147,12 @@ def main() -> None:
     profile: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for codec in CODECS:
-            cfg = ld.LoGraConfig(k_in=args.k, k_out=args.k, storage_dtype=codec, flush_rows=4096)
+            cfg = ld.LoGraConfig(k_in=args.k, k_out=args.k, storage_dtype=codec, flush_rows=4096, hessian="none")
             blocks = [
                 (torch.arange(s, min(args.rows, s + 8192)), rows[s : s + 8192]) for s in range(0, args.rows, 8192)
             ]
-            write_index(Path(tmp) / codec, specs, cfg.to_json(), [blocks])
+            manifest = write_index(Path(tmp) / codec, specs, cfg.to_json(), [blocks])
+            write_stats(Path(tmp) / codec / "stats.h5", "none", 1.0, {}, stats_attrs(manifest, args.rows))
         index = {v: Path(tmp) / v.split("-")[0] for v in VARIANTS}
         for v in VARIANTS:  # warm: page cache and first-use costs out of the timed rounds
             _scan(index[v], v)
@@ -127,6 +164,7 @@ def main() -> None:
             with _timed(spent):
                 spent["total (instrumented)"] = _scan(index[v], v)
             profile[v] = {k: round(s, 4) for k, s in sorted(spent.items())}
+        scoring = _score_rounds(index, args.score_queries, args.rounds, width) if args.score_queries else {}
         sizes = {c: sum(p.stat().st_size for p in (Path(tmp) / c / "shards").glob("*.h5")) for c in CODECS}
     load_after = os.getloadavg()
     best16, med16 = min(seconds["float16"]), statistics.median(seconds["float16"])
@@ -135,7 +173,8 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit.stdout.strip() or None,
         "command": f"python bench/codec_scan.py --rows {args.rows} --layers {args.layers} --k {args.k} "
-        f"--rounds {args.rounds}",
+        f"--rounds {args.rounds}"
+        + "".join(f" --score-queries {' '.join(map(str, args.score_queries))}" * any(args.score_queries)),
         "what_ran": "one process, torch.set_num_threads(1); per round every variant scans the whole index once "
         "through ChunkStream (512-row chunks, verified, decoded to float32), order rotated per round; "
         "profile: one more scan per variant with its steps timed (read/checksum/decode overlap nothing: "
@@ -161,6 +200,7 @@ def main() -> None:
             }
             for v in VARIANTS
         },
+        "scoring_topk10_dot_by_queries": scoring,
     }
     Path(args.out).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     for v, e in out["codecs"].items():
@@ -168,6 +208,14 @@ def main() -> None:
             f"{v:16s} scan best {e['scan_seconds_best'] * 1e3:7.1f} ms ({e['scan_vs_float16_best']:.2f}x float16), "
             f"median {e['scan_seconds_median'] * 1e3:7.1f} ms ({e['scan_vs_float16_median']:.2f}x), "
             f"bytes {e['bytes_vs_float16']:.3f}x  profile {e['profile_seconds']}"
+        )
+    for nq, per in scoring.items():
+        print(
+            f"topk(10) with {nq} queries, median vs float16: "
+            + ", ".join(
+                f"{c} {e['topk_vs_float16_median']:.2f}x ({e['topk_seconds_median'] * 1e3:.0f} ms)"
+                for c, e in per.items()
+            )
         )
     print(f"load average before {out['loadavg_before']}, after {out['loadavg_after']}")
 
