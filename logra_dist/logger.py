@@ -48,6 +48,7 @@ from logra_dist.index.format import (
     shard_content_digest,
     shard_path,
     stats_attrs,
+    upgrade_manifest,
     write_stats,
 )
 from logra_dist.index.h5io import write_json_atomic
@@ -387,15 +388,20 @@ class Logger(GradientSession):
                 f"{path}: lists rank {self.rank}'s shard with other rows or ids than "
                 f"{shard_path(self.out_dir, self.rank)} holds; the index was altered"
             )
-        self._warn_nonfinite(manifest.get("nonfinite_ids", []))
+        manifest = upgrade_manifest(manifest)
+        self._warn_nonfinite(int(manifest.get("nonfinite_total") or 0))
         return manifest
 
-    def _warn_nonfinite(self, nonfinite: list[int]) -> None:
-        if self.rank == 0 and nonfinite:
+    def _warn_nonfinite(self, total: int) -> None:
+        """On rank 0: how many samples were left out and where their ids are; the ids shown are
+        rank 0's own (its shard's), so nothing is gathered."""
+        if self.rank == 0 and total:
+            mine = sorted(self.nonfinite_ids)
+            shown = f"ids {mine[:10]}{' ...' if len(mine) > 10 else ''}" if mine else "none of them"
             warnings.warn(
-                f"{len(nonfinite)} sample(s) had non-finite gradients and were left out of the "
-                f"index and its statistics: ids {nonfinite[:10]}{' ...' if len(nonfinite) > 10 else ''}"
-                " (all listed in manifest.json 'nonfinite_ids')",
+                f"{total} sample(s) had non-finite gradients and were left out of the index and its "
+                f"statistics; rank 0's shard holds {shown}. Every shard keeps its own in the dataset "
+                "'nonfinite_ids' (counts in manifest.json; GradientStore.nonfinite_ids(), logra-dist inspect)",
                 RuntimeWarning,
                 stacklevel=4,
             )
@@ -408,12 +414,12 @@ class Logger(GradientSession):
         status = self.out_dir / FINALIZE_STATUS
         if self.rank == 0:
             status.unlink(missing_ok=True)  # a previous attempt's, before the collective below
-        info = torch.zeros(5 * w + 1, dtype=torch.float64)
+        info = torch.zeros(6 * w, dtype=torch.float64)
         info[self.rank] = self._writer.rows_total
         info[w + self.rank], info[2 * w + self.rank] = _digest_words(self._writer.ids_digest)
         content = shard_content_digest(shard_path(self.out_dir, self.rank))
         info[3 * w + self.rank], info[4 * w + self.rank] = _digest_words(content)
-        info[-1] = len(self.nonfinite_ids)
+        info[5 * w + self.rank] = len(self.nonfinite_ids)  # a count: the ids stay in the shard
         local = self.accumulator.counts()
         with self.tracker.phase("all-reduce"):
             reduced = comm.all_reduce_sum(torch.cat([local, info]))
@@ -426,14 +432,14 @@ class Logger(GradientSession):
         counts = [int(c) for c in reduced[local.numel() :].tolist()]
         digests = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[w : 2 * w], counts[2 * w : 3 * w])]
         contents = [f"{hi:012x}{lo:012x}" for hi, lo in zip(counts[3 * w : 4 * w], counts[4 * w : 5 * w])]
-        nonfinite = self._gather_nonfinite(counts[-1])
+        nonfinite = counts[5 * w : 6 * w]
         if sum(counts[:w]) == 0:
             raise ValueError(
-                f"{self.out_dir}: no sample was logged ({len(nonfinite)} had non-finite "
+                f"{self.out_dir}: no sample was logged ({sum(nonfinite)} had non-finite "
                 "gradients); an index needs at least one"
             )
         manifest = self._manifest(counts[:w], digests, nonfinite, contents)
-        self._warn_nonfinite(nonfinite)
+        self._warn_nonfinite(sum(nonfinite))
         layers = self._decompose()
 
         def write() -> None:
@@ -453,16 +459,8 @@ class Logger(GradientSession):
         )
         return layers
 
-    def _gather_nonfinite(self, total: int) -> list[int]:
-        if total == 0:
-            return []
-        if not comm.is_distributed():
-            return sorted(self.nonfinite_ids)
-        gathered = comm.all_gather_rows(torch.tensor(self.nonfinite_ids, dtype=torch.int64).reshape(-1, 1))
-        return sorted(int(i) for g in gathered for i in g.reshape(-1).tolist())
-
     def _manifest(
-        self, rows_per_rank: list[int], digests: list[str], nonfinite: list[int], contents: list[str]
+        self, rows_per_rank: list[int], digests: list[str], nonfinite_per_rank: list[int], contents: list[str]
     ) -> dict[str, Any]:
         return Manifest.build(
             config=self.config.to_dict(),
@@ -470,7 +468,7 @@ class Logger(GradientSession):
             rows_per_rank=rows_per_rank,
             digests=digests,
             samples_in_statistics=self.accumulator.samples,
-            nonfinite_ids=nonfinite,
+            nonfinite_per_rank=nonfinite_per_rank,
             model=self.model_info,
             engine=self.engine.kind,
             metadata=self.metadata,

@@ -64,12 +64,21 @@ class RowCodec:
     def decode(self, stored: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
         """(n, stored_width) records -> (n, width) float32, into `out` when given (a reader's
         reused buffer, e.g. a slice of the stream's) and returned."""
-        items = torch.from_numpy(np.ascontiguousarray(stored))
+        items = torch.from_numpy(_rows_view(stored))
         if self.torch_dtype == torch.bfloat16:
             items = items.view(torch.bfloat16)
         if out is None:
             return items.float()
         return out.copy_(items)
+
+
+def _rows_view(stored: np.ndarray) -> np.ndarray:
+    """`stored` itself when torch can view it (rows of contiguous items, at any row stride: a
+    stream's padded piece), else a contiguous copy."""
+    if stored.ndim != 2 or stored.strides[1] != stored.itemsize:
+        return np.ascontiguousarray(stored)
+    row, item = stored.strides[0], stored.itemsize
+    return stored if row % item == 0 and row >= item * stored.shape[1] else np.ascontiguousarray(stored)
 
 
 class Float32Codec(RowCodec):
@@ -128,7 +137,7 @@ class BlockQuantized(RowCodec):
         record = np.empty((n, self.stored_width(width)), np.uint8)
         vb = self.value_bytes(width)
         record[:, :vb] = codes
-        record[:, vb:] = scales.numpy().astype("<f4").view(np.uint8).reshape(n, -1)
+        record[:, vb:] = scales.numpy().astype("<f4").view(np.uint8).reshape(n, 4 * len(blocks))  # n may be 0
         return record
 
     def decode(self, stored: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,7 +219,7 @@ class Int4Codec(BlockQuantized):
 
     def _dequantize_into(self, values: np.ndarray, out: torch.Tensor) -> None:
         byte = torch.from_numpy(values)
-        codes = torch.stack((byte & 15, byte >> 4), 2).reshape(len(values), -1)[:, : out.shape[1]]
+        codes = torch.stack((byte & 15, byte >> 4), 2).reshape(len(values), 2 * values.shape[1])[:, : out.shape[1]]
         out.copy_(codes).sub_(8.0)
 
 
@@ -233,7 +242,7 @@ class SignCodec(BlockQuantized):
 
     def _dequantize_into(self, values: np.ndarray, out: torch.Tensor) -> None:
         bits = (torch.from_numpy(values)[:, :, None] >> self._SHIFTS) & 1  # low bit first
-        out.copy_(bits.reshape(len(values), -1)[:, : out.shape[1]]).mul_(2.0).sub_(1.0)
+        out.copy_(bits.reshape(len(values), 8 * values.shape[1])[:, : out.shape[1]]).mul_(2.0).sub_(1.0)
 
 
 def codec_for(storage_dtype: str, specs: list[LayerSpec] | None = None) -> RowCodec:

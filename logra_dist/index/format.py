@@ -38,7 +38,12 @@ from logra_dist.version import versions
 
 # 3: shards carry the data identity and the job key, the manifest content digests, stats.h5 checksums;
 # readers refuse version 2 indexes by their version (log them again) instead of by a missing field.
-FORMAT_VERSION = 3
+# 4: the manifest holds each shard's count of non-finite samples ("nonfinite_count") and their total
+# ("nonfinite_total"), O(shards); the ids stay in the shards' own `nonfinite_ids` datasets (version 3
+# listed every one in the manifest). Shards are unchanged, so version 3 indexes stay readable
+# (`upgrade_manifest`).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)
 SHARD_DIR = "shards"
 LOCK_DIR = "locks"  # apart from shards/: a killed job's lock files never mix with its shards
 MANIFEST_FILE = "manifest.json"
@@ -308,10 +313,10 @@ class Manifest:
     layout: str
     width: int
     world_size: int
-    shards: list[dict[str, Any]]  # per rank: path (relative to the index), rank, rows, ids_digest
+    shards: list[dict[str, Any]]  # per rank: path (relative to the index), rank, rows, ids_digest, nonfinite_count
     total_rows: int
     samples_in_statistics: int
-    nonfinite_ids: list[int]
+    nonfinite_total: int  # samples left out for a non-finite gradient; ids in each shard's `nonfinite_ids`
     model: dict[str, Any]  # manifest_model
     engine: str | None
     metadata: dict[str, Any]
@@ -331,7 +336,7 @@ class Manifest:
         rows_per_rank: list[int],
         digests: list[str],
         samples_in_statistics: int = 0,
-        nonfinite_ids: list[int] | None = None,
+        nonfinite_per_rank: list[int] | None = None,
         model: dict[str, Any] | None = None,
         engine: str | None = None,
         metadata: dict[str, Any] | None = None,
@@ -339,6 +344,7 @@ class Manifest:
         content_digests: list[str] | None = None,
     ) -> Manifest:
         contents = list(content_digests or [""] * len(rows_per_rank))
+        nonfinite = [int(c) for c in nonfinite_per_rank or [0] * len(rows_per_rank)]
         built = cls(
             config=config,
             layout=layout_to_json(specs),
@@ -351,12 +357,13 @@ class Manifest:
                     "rows": int(n),
                     "ids_digest": d,
                     "content_digest": c,
+                    "nonfinite_count": b,
                 }
-                for r, (n, d, c) in enumerate(zip(rows_per_rank, digests, contents))
+                for r, (n, d, c, b) in enumerate(zip(rows_per_rank, digests, contents, nonfinite, strict=True))
             ],
             total_rows=int(sum(rows_per_rank)),
             samples_in_statistics=int(samples_in_statistics),
-            nonfinite_ids=list(nonfinite_ids or []),
+            nonfinite_total=sum(nonfinite),
             model=dict(model) if model is not None else manifest_model(None),
             engine=engine,
             metadata=dict(metadata or {}),
@@ -384,11 +391,30 @@ def read_manifest(path: Path) -> dict:
             manifest[key]
     except (OSError, ValueError, KeyError) as e:
         raise IndexFormatError(f"{path}: unreadable or incomplete manifest ({e!r})") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{path}: format version {manifest.get('format_version')}, this reader reads {FORMAT_VERSION}"
-        )
+    problem = version_problem(manifest.get("format_version"))
+    if problem:
+        raise IndexFormatError(f"{path}: {problem}")
+    manifest = upgrade_manifest(manifest)
     check_manifest_entries(path, manifest)
+    return manifest
+
+
+def version_problem(version: Any) -> str | None:
+    """Why a manifest or shard of format `version` cannot be read (None: it can)."""
+    if version in READABLE_VERSIONS:
+        return None
+    return f"format version {version}, this reader reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+
+
+def upgrade_manifest(manifest: dict) -> dict:
+    """A readable manifest in the current form. Version 3 listed every non-finite id
+    ("nonfinite_ids"): that list becomes its length, "nonfinite_total"; the per-shard counts it
+    never recorded are None (the reader takes them from the shards, which hold the same ids).
+    "format_version" stays what the file says."""
+    if manifest.get("format_version") == 3 and "nonfinite_total" not in manifest:
+        manifest = dict(manifest)
+        manifest["nonfinite_total"] = len(manifest.pop("nonfinite_ids", None) or [])
+        manifest["shards"] = [{**e, "nonfinite_count": None} if isinstance(e, dict) else e for e in manifest["shards"]]
     return manifest
 
 
@@ -407,8 +433,14 @@ def check_manifest_entries(path: Path, manifest: dict) -> None:
                 break
         else:
             rows = sum(int(e.get("rows", 0)) for e in entries)
+            counts = [e.get("nonfinite_count") for e in entries]
             if "total_rows" in manifest and manifest["total_rows"] != rows:
                 problem = f"total_rows is {manifest['total_rows']} but its shard entries hold {rows}"
+            elif any(c is not None and (type(c) is not int or c < 0) for c in counts):
+                problem = f"nonfinite_count is {counts} (counts of samples, or none in a version 3 manifest)"
+            elif None not in counts and manifest.get("nonfinite_total") != sum(counts):
+                total = manifest.get("nonfinite_total")
+                problem = f"nonfinite_total is {total} but its shard entries count {sum(counts)} non-finite samples"
     if problem:
         raise IndexFormatError(f"{path}: field 'shards': {problem}; the manifest was altered or is incomplete")
 

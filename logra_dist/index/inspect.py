@@ -46,6 +46,7 @@ from logra_dist.index.reader import index_problems
 # `logra-dist inspect` exits with these (cli/parser.py, README, docs/reliability.md say the same).
 EXIT_CODES = {"usable": 0, "partial": 1, "damaged": 2}
 IDENTITY = tuple(f.name for f in dataclasses.fields(ShardAttrs))  # what resume and readers compare
+NONFINITE_SHOWN = 5  # non-finite ids shown per shard (all of them are in the shard)
 _SHARD = re.compile(r"^rank-(\d+)\.(h5|partial|h5\.partial)$")
 
 
@@ -102,6 +103,8 @@ def _shard_facts(
             chunks=list(f["grads"].chunks or ()),
             has_partial_stats="partial_stats" in f,
         )
+        if "nonfinite_ids" in f:  # read here, not from the manifest: it holds only the counts
+            facts.update(_nonfinite(f["nonfinite_ids"]))
         if n_ids != rows:
             facts["error"] = f"{rows} gradient rows but {n_ids} ids"
         layout = json.loads(attrs["layout"]) if "layout" in attrs else None
@@ -143,6 +146,7 @@ def _partial_facts(
         world_size=int(meta.get("world_size", 0)),
         chunks=[],
         has_partial_stats=part.record.has_stats,
+        **_nonfinite(part.record.nonfinite_ids),
         **_widths(json.loads(meta["layout"]) if "layout" in meta else None, part.width),
         config=json.loads(meta["config"]) if "config" in meta else None,
     )
@@ -159,6 +163,13 @@ def _partial_facts(
         seen_ids.append(ids)
         facts["id_range"] = [int(ids.min()), int(ids.max())]
     return facts, sample, layout
+
+
+def _nonfinite(ids) -> dict[str, Any]:
+    """A shard's count of samples left out for a non-finite gradient and the first of their ids
+    (an HDF5 dataset or an array: only the first NONFINITE_SHOWN are read)."""
+    n = int(ids.shape[0])
+    return {"nonfinite_samples": n, "nonfinite_first": np.asarray(ids[: min(n, NONFINITE_SHOWN)]).tolist()}
 
 
 def _widths(layout: list[dict] | None, stored: int) -> dict[str, int]:
@@ -248,6 +259,9 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         "shards": [{k: v for k, v in s.items() if k not in ("config", "identity")} for s in shards],
         "rows_on_disk": total,
         "rows_in_manifest": manifest.get("total_rows") if manifest else None,
+        "nonfinite_samples": sum(s.get("nonfinite_samples", 0) for s in shards),
+        "nonfinite_in_manifest": manifest.get("nonfinite_total") if manifest else None,
+        "nonfinite_first": [i for s in shards for i in s.get("nonfinite_first", [])][:NONFINITE_SHOWN],
         "width": first.get("width"),
         "storage_dtype": first.get("storage_dtype"),
         "config": (manifest or {}).get("config") or first.get("config"),
@@ -341,6 +355,17 @@ def _rank_lines(cfg: dict[str, Any], layout: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _nonfinite_lines(facts: dict[str, Any]) -> list[str]:
+    n = facts["nonfinite_samples"]
+    if not n:
+        return []
+    more = " ..." if n > len(facts["nonfinite_first"]) else ""
+    return [
+        f"  non-finite samples left out: {n}, ids {facts['nonfinite_first']}{more} "
+        "(all of them in each shard's dataset 'nonfinite_ids')"
+    ]
+
+
 def render(facts: dict[str, Any]) -> str:
     """The facts as a terminal page."""
     cfg = facts.get("config") or {}
@@ -354,6 +379,7 @@ def render(facts: dict[str, Any]) -> str:
         f"hessian={cfg.get('hessian')} fisher={cfg.get('fisher', 'empirical')} damping={cfg.get('damping')} "
         f"seed={cfg.get('seed')}",
         f"  disk use: {_size(facts['disk_bytes'])}",
+        *_nonfinite_lines(facts),
         *_rank_lines(cfg, facts["layout"]),
         "",
         "shards:",
@@ -364,7 +390,8 @@ def render(facts: dict[str, Any]) -> str:
             continue
         state = "complete" if s["complete"] else f"partial ({s['rows_committed']} committed)"
         ids = f", ids {s['id_range'][0]}..{s['id_range'][1]}" if "id_range" in s else ""
-        lines.append(f"  rank {s['rank']:>3}  {s['rows']:>8} rows  {state:<24} {_size(s['bytes']):>10}{ids}")
+        bad = f", {s['nonfinite_samples']} non-finite left out" if s.get("nonfinite_samples") else ""
+        lines.append(f"  rank {s['rank']:>3}  {s['rows']:>8} rows  {state:<24} {_size(s['bytes']):>10}{ids}{bad}")
     if facts["layer_norms"]:
         lines += [
             "",

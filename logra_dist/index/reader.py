@@ -17,7 +17,6 @@ from logra_dist.config import LoGraConfig
 from logra_dist.core.projection import LayerSpec
 from logra_dist.index.codecs import codec_for
 from logra_dist.index.format import (
-    FORMAT_VERSION,
     MANIFEST_FILE,
     SHARD_DIR,
     STATS_FILE,
@@ -28,6 +27,7 @@ from logra_dist.index.format import (
     partial_dir,
     partial_path,
     read_manifest,
+    version_problem,
 )
 from logra_dist.index.h5io import attr_value
 from logra_dist.index.ids import IdFacts, duplicate_ids, positions_of, read_ids, scan_ids
@@ -69,6 +69,7 @@ class GradientStore:
         self.codec = codec_for(self.storage_dtype, self.layout)
         self.shards: list[ShardInfo] = []
         self.id_facts: list[IdFacts] = []  # per shard, aligned with `shards`
+        self.nonfinite_counts: list[int] = []  # per shard: samples left out (non-finite), aligned too
         offset = 0
         if not m["shards"]:
             raise IndexFormatError(f"{manifest_path}: lists no shards")
@@ -80,16 +81,25 @@ class GradientStore:
                     facts = self._check_shard(path, f, entry)
                     n = facts.rows
                     self.shards.append(ShardInfo(path, n, offset, int(f.attrs["block_rows"]), f["block_sums"][:]))
+                    nonfinite = int(f["nonfinite_ids"].shape[0])
             except IndexFormatError as e:
                 self._report(e)
                 continue
             self.id_facts.append(facts)
+            self.nonfinite_counts.append(nonfinite)
             offset += n
         self.rows = offset
         dup, owners = duplicate_ids([(s.path, f) for s, f in zip(self.shards, self.id_facts)])
         if dup:
             self._report(
                 IndexFormatError(f"{self.root}: ids logged more than once across shards, e.g. {dup} (in {owners[:4]})")
+            )
+        if len(self.nonfinite_counts) == len(m["shards"]) and sum(self.nonfinite_counts) != m["nonfinite_total"]:
+            self._report(
+                IndexFormatError(
+                    f"{manifest_path}: nonfinite_total is {m['nonfinite_total']} but the shards' "
+                    f"'nonfinite_ids' datasets hold {sum(self.nonfinite_counts)} ids; the manifest was altered"
+                )
             )
         try:
             self._check_stats(m["layout"])
@@ -138,10 +148,9 @@ class GradientStore:
         """The facts of this shard's ids (one bounded pass), after checking it belongs to the
         manifest's job."""
         attrs = {k: attr_value(v) for k, v in f.attrs.items()}
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{path}: format version {attrs.get('format_version')}, this reader reads {FORMAT_VERSION}"
-            )
+        problem = version_problem(attrs.get("format_version"))
+        if problem:
+            raise IndexFormatError(f"{path}: {problem}")
         try:
             config_rows = LoGraConfig.from_json(attrs["config"]).row_compatibility_key
         except (KeyError, ValueError) as e:
@@ -164,6 +173,13 @@ class GradientStore:
             )
         if g.dtype != self.codec.h5_dtype:
             raise IndexFormatError(f"{path}: grads stored as {g.dtype}, expected {self.storage_dtype}")
+        want = entry.get("nonfinite_count")  # None only in a version 3 manifest (upgrade_manifest)
+        have = f["nonfinite_ids"]
+        if (want is None and self.manifest["format_version"] != 3) or (want is not None and have.shape != (want,)):
+            raise IndexFormatError(
+                f"{path}: holds {have.shape[0]} non-finite ids, but the manifest's field 'nonfinite_count' "
+                f"records {want}; the manifest or the shard was altered"
+            )
         facts = scan_ids(path, f["ids"])
         if facts.digest != entry.get("ids_digest"):
             raise IndexFormatError(
@@ -196,7 +212,7 @@ class GradientStore:
         except OSError as e:
             raise IndexFormatError(f"{path}: not a readable HDF5 shard (truncated or corrupted?): {e}") from e
         try:
-            for name in ("grads", "ids", "block_sums"):
+            for name in ("grads", "ids", "block_sums", "nonfinite_ids"):
                 if name not in f:
                     raise IndexFormatError(f"{path}: dataset {name!r} is missing")
             if not bool(f.attrs.get("complete", False)):
@@ -223,6 +239,24 @@ class GradientStore:
             a, b = max(lo, info.offset), min(hi, info.offset + info.rows)
             if a < b:
                 parts.append(read_ids(info.path, facts, a - info.offset, b - info.offset))
+        return np.concatenate(parts)
+
+    @property
+    def nonfinite_total(self) -> int:
+        """Samples left out of the index for a non-finite gradient (every shard's count)."""
+        return sum(self.nonfinite_counts)
+
+    def nonfinite_ids(self, limit: int | None = None) -> np.ndarray:
+        """Ids of the samples left out for a non-finite gradient, shard by shard in rank order,
+        read from the shards now (the manifest holds only their counts); the first `limit` ones
+        if given (reads no further than it needs)."""
+        parts, left = [np.zeros(0, np.int64)], limit
+        for info, count in zip(self.shards, self.nonfinite_counts):
+            if left is not None and left <= 0:
+                break
+            if count:
+                parts.append(read_nonfinite_ids(info.path, left))
+                left = None if left is None else left - len(parts[-1])
         return np.concatenate(parts)
 
     def ids_at(self, positions) -> np.ndarray:
@@ -332,6 +366,17 @@ class GradientStore:
         stop = len(self) if stop is None else stop
         for lo, ids, rows, _ in ChunkStream(self, [(start, stop)] if start < stop else [], chunk_rows):
             yield lo, ids, rows.numpy().copy()
+
+
+def read_nonfinite_ids(path: Path, limit: int | None = None) -> np.ndarray:
+    """The ids a shard left out for a non-finite gradient (its `nonfinite_ids` dataset, in the
+    order they were met), the first `limit` if given."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            dset = f["nonfinite_ids"]
+            return dset[: dset.shape[0] if limit is None else min(limit, dset.shape[0])].astype(np.int64)
+    except (OSError, KeyError) as e:
+        raise IndexFormatError(f"{path}: dataset 'nonfinite_ids' unreadable ({e})") from e
 
 
 def index_problems(out_dir: str | Path) -> list[str]:

@@ -40,6 +40,11 @@ from logra_dist.tracking import NullTracker
 
 PIECE_BYTES = 512 << 10  # read + checksum + widen unit: stays in a core's L2 cache
 IO_PIECE_BYTES = 4 << 20  # read + checksum unit when rows are kept as stored (fewer calls)
+# Records of at least this many bytes that are not whole 64-bit words (int8 rows: D + 4 L bytes)
+# are read one iovec per row into zero-padded rows of whole words, so the checksum sums them in
+# place; packed back to back they would need a padded copy of every piece (h5io.row_checksums).
+PADDED_ROW_MIN_BYTES = 256
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 1024
 
 
 class RowSpace(Protocol):
@@ -142,6 +147,33 @@ class _Source:
         except OSError as e:
             raise IndexFormatError(f"{self.info.path}: rows {lo}..{hi} unreadable: {e}") from e
 
+    def read_rows(self, lo: int, hi: int, dst: np.ndarray, rows: list[memoryview]) -> None:
+        """Stored rows [lo, hi) of the shard, row i into rows[i] (row_bytes each: the rows of a
+        padded piece; `dst`: the same rows as an array, for the HDF5 fallback): one preadv per
+        run of chunks crossed (at most IOV_MAX rows each); more only on short reads."""
+        try:
+            if self.runs is None:
+                dst[: hi - lo] = self.dset[lo:hi]
+                return
+            rb, i, n = self.row_bytes, 0, hi - lo
+            while i < n:
+                r = bisect_right(self.run_rows, lo + i) - 1
+                end = n if r + 1 == len(self.run_rows) else min(n, self.run_rows[r + 1] - lo)
+                end = min(end, i + IOV_MAX)
+                pos = self.run_bytes[r] + (lo + i - self.run_rows[r]) * rb
+                full, part = divmod(os.preadv(self.fd, rows[i:end], pos), rb)
+                if full == 0 and part == 0:
+                    raise OSError(f"end of file at byte {pos} (truncated?)")
+                i += full
+                while part:  # a short read ended inside row i: finish that row
+                    got = os.preadv(self.fd, [rows[i][part:]], pos + full * rb + part)
+                    if got == 0:
+                        raise OSError(f"end of file at byte {pos + full * rb + part} (truncated?)")
+                    part = (part + got) % rb
+                    i += part == 0
+        except OSError as e:
+            raise IndexFormatError(f"{self.info.path}: rows {lo}..{hi} unreadable: {e}") from e
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -176,6 +208,10 @@ class ChunkStream:
         self.row_bytes = self.codec.bytes_per_row(store.width)
         self.piece_rows = max(1, PIECE_BYTES // max(1, self.row_bytes))  # read, checked, decoded
         self.io_rows = max(1, IO_PIECE_BYTES // max(1, self.row_bytes))  # read and checked in place
+        # decoded pieces whose records are not whole words: read into zero-padded rows (PADDED_ROW_MIN_BYTES)
+        self.padded = (
+            decode and not self.codec.passthrough and self.row_bytes % 8 != 0 and self.row_bytes >= PADDED_ROW_MIN_BYTES
+        )
 
     def _read(self, files: list[_Source], lo: int, hi: int, dest: tuple[np.ndarray | None, torch.Tensor]) -> None:
         """Rows [lo, hi) of the global row space into dest (stored rows, float32 rows), crossing
@@ -192,6 +228,12 @@ class ChunkStream:
             a, b = max(lo, src.info.offset), min(hi, src.info.offset + src.info.rows)
             for p in range(a, b, piece_rows):
                 q = min(b, p + piece_rows)
+                if self.padded:  # rows padded to whole words: checksummed in place, decoded from the view
+                    piece = self._piece[0][: q - p]
+                    src.read_rows(p - src.info.offset, q - src.info.offset, piece, self._row_views)
+                    row_checksums(self._padded[: q - p], out=sums[p - lo : q - lo])
+                    decode(piece, out[p - lo : q - lo])
+                    continue
                 start = p - lo if rows is not None else 0
                 piece = target[0][start : start + q - p]
                 src.read(p - src.info.offset, q - src.info.offset, piece, target[1][start * rb : (start + q - p) * rb])
@@ -215,8 +257,14 @@ class ChunkStream:
                     torch.empty(rows, width) if self.decode or passthrough else None,
                 )
             )
-        piece = np.empty((self.piece_rows, self.stored_width), self.stage_dtype)
-        self._piece = (piece, memoryview(piece.reshape(-1).view(np.uint8)))
+        if self.padded:  # each row its own run of bytes, zeros after it up to a whole word
+            self._padded = np.zeros((self.piece_rows, -(-self.row_bytes // 8) * 8), np.uint8)
+            stage = self._padded[:, : self.row_bytes]
+            self._row_views = [memoryview(row) for row in stage]
+            self._piece = (stage.view(self.stage_dtype), None)
+        else:
+            piece = np.empty((self.piece_rows, self.stored_width), self.stage_dtype)
+            self._piece = (piece, memoryview(piece.reshape(-1).view(np.uint8)))
         self._sums = np.empty(rows, np.uint64)
         first, last = self.bounds[0][0], self.bounds[-1][1]
         shards = [s for s in self.store.shards if s.offset < last and s.offset + s.rows > first]

@@ -1,6 +1,6 @@
 """A logging job on a tiny MLP and synthetic data (no transformers import: starts in ~2 s).
 
-    python tests/faults/mlp_worker.py --out DIR [--resume] [--nan-id 13] ...
+    python tests/faults/mlp_worker.py --out DIR [--resume] [--nan-id 13 [4 ...]] ...
     (also under torchrun, or as bare processes with RANK/WORLD_SIZE/MASTER_* set)
 
 It follows the resume protocol of launch/log.py: rank r owns samples r, r+world, ...; with
@@ -75,7 +75,7 @@ def run(args, net: nn.Module | None = None) -> dict:
 def _step(logger, b, X, Y, nan_id) -> None:
     with logger.capture(b):
         losses = nn.functional.cross_entropy(logger.model(X[b]), Y[b], reduction="none")
-        scale = torch.where(b == nan_id, float("nan"), 1.0)  # one sample's loss is NaN, only its gradient
+        scale = torch.where(torch.isin(b, torch.tensor(nan_id)), float("nan"), 1.0)  # NaN losses: their gradients only
         losses = losses * scale
         logger.backward(losses.sum())
 
@@ -91,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hessian", default="raw")
     p.add_argument("--storage-dtype", default="float32")
-    p.add_argument("--nan-id", type=int, default=-1)
+    p.add_argument("--nan-id", type=int, nargs="+", default=[-1], help="these samples get a NaN loss")
     p.add_argument("--skip-id", type=int, default=-1, help="leave this sample out of the data")
     p.add_argument("--include", nargs="*", default=[".*"])
     p.add_argument("--no-stride", action="store_true", help="every rank logs every sample (a user bug)")
@@ -106,7 +106,7 @@ if __name__ == "__main__":
     if comm.rank() == 0:
         print(
             "MANIFEST",
-            json.dumps({"total_rows": manifest["total_rows"], "nonfinite_ids": manifest["nonfinite_ids"]}),
+            json.dumps({"total_rows": manifest["total_rows"], "nonfinite_total": manifest["nonfinite_total"]}),
             flush=True,
         )
     destroy_distributed()

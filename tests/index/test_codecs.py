@@ -54,6 +54,9 @@ def test_record_size_and_error_bound_per_layer_block(name):
     for lo in range(0, len(rows), 7):
         codec.decode(stored[lo : lo + 7], out[lo : lo + 7])
     assert torch.equal(out, got)
+    # no rows (a batch whose every sample was non-finite appends none): an empty record block
+    assert codec.encode(rows[:0]).shape == (0, codec.stored_width(WIDTH))
+    assert codec.decode(codec.encode(rows[:0])).shape == (0, WIDTH)
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

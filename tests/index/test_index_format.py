@@ -82,7 +82,7 @@ def test_logger_and_write_index_build_the_same_manifest(tmp_path):
     assert set(logged) == set(on_disk) == set(built) == {f.name for f in Manifest.__dataclass_fields__.values()}
     assert read_manifest(tmp_path / "built" / "manifest.json") == built
     assert built["format_version"] == logged["format_version"] == FORMAT_VERSION
-    for key in ("config", "layout", "width", "world_size", "shards", "total_rows", "nonfinite_ids", "model"):
+    for key in ("config", "layout", "width", "world_size", "shards", "total_rows", "nonfinite_total", "model"):
         assert built[key] == logged[key], key
     assert logged["samples_in_statistics"] == 6 and built["samples_in_statistics"] == 0
     assert logged["engine"] == "module" and built["engine"] is None and built["versions"] == logged["versions"]

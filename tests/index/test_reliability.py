@@ -33,7 +33,7 @@ from reliability_helpers import (
 
 import logra_dist as ld
 from logra_dist.cli.main import main
-from logra_dist.index.format import FORMAT_VERSION
+from logra_dist.index.format import READABLE_VERSIONS as READABLE
 
 N, NAN_ID = 40, 13
 CONFIGS = {
@@ -343,7 +343,7 @@ DAMAGE = {
     "stray": r"shards/rank-00001\.h5: a shard the manifest does not list",
     "no-manifest": r"manifest\.json: missing; .* is not a finalized LoGra index",
     "bad-manifest": r"manifest\.json: unreadable or incomplete manifest",
-    "old-format": rf"manifest\.json: format version 1, this reader reads {FORMAT_VERSION}",
+    "old-format": rf"manifest\.json: format version 1, this reader reads versions {', '.join(map(str, READABLE))}",
     "stats-corrupt": r"stats\.h5: unreadable statistics \(truncated or corrupted\?\)",
     "stats-foreign": r"stats\.h5: statistics of another layer layout",
 }
@@ -419,7 +419,10 @@ def test_scoring_with_a_model_whose_layers_differ(reference):
 def test_nonfinite_sample_is_reported_and_left_out_of_rows_and_statistics(tmp_path, hessian):
     with pytest.warns(RuntimeWarning, match=r"1 sample\(s\) had non-finite gradients .* ids \[13\]"):
         manifest = mlp_worker.run(mlp_args(tmp_path / "nan", "--hessian", hessian, "--nan-id", "13"))
-    assert manifest["nonfinite_ids"] == [13] and manifest["total_rows"] == N - 1
+    assert manifest["nonfinite_total"] == manifest["shards"][0]["nonfinite_count"] == 1
+    assert "nonfinite_ids" not in manifest and manifest["total_rows"] == N - 1
+    with ld.GradientStore(tmp_path / "nan") as store:
+        assert store.nonfinite_ids().tolist() == [13]
     assert manifest["samples_in_statistics"] == N - 1
     mlp_worker.run(mlp_args(tmp_path / "without", "--hessian", hessian, "--skip-id", "13"))
     gi, gr = rows_by_id(tmp_path / "nan")

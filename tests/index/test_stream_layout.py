@@ -166,3 +166,92 @@ def test_stream_check_sees_every_block_at_any_piece_boundaries():
         else:
             assert failed is None, (trial, pieces, failed)
             assert not check.pending
+
+
+# -- records that are not whole words (int8: D + 4 L bytes) are read into zero-padded rows ----------
+def _decoded_from_h5py(root: Path, storage: str, specs) -> np.ndarray:
+    codec = codec_for(storage, specs)
+    parts = []
+    for path in _shards(root):
+        with h5py.File(path) as f:
+            parts.append(codec.decode(f["grads"][:]).numpy())
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4", "sign"])
+@pytest.mark.parametrize("raw", [True, False])
+def test_padded_pieces_equal_the_decoded_records(tmp_path, monkeypatch, storage, raw):
+    write_synthetic_index(tmp_path, [5, 0, 9, 4], storage)
+    specs = [s for s in ld.GradientStore(tmp_path).layout]
+    row_bytes = codec_for(storage, specs).bytes_per_row(12)
+    assert row_bytes % 8  # 20, 14, 10 bytes: padded to 24, 16, 16
+    monkeypatch.setattr(stream, "PADDED_ROW_MIN_BYTES", 1)
+    monkeypatch.setattr(stream, "PIECE_BYTES", 2 * row_bytes)  # pieces cut chunks and blocks
+    monkeypatch.setattr(stream, "IOV_MAX", 3)  # and one preadv reads at most 3 rows
+    if not raw:
+        monkeypatch.setattr(stream, "plain_runs", lambda *a: None)  # the HDF5 fallback
+    want = _decoded_from_h5py(tmp_path, storage, specs)
+    with ld.GradientStore(tmp_path) as store:
+        for ranges, chunk in [([(0, 18)], 4), ([(2, 12)], 5), ([(0, 3), (6, 14), (17, 18)], 7)]:
+            s = ChunkStream(store, ranges, chunk)
+            assert s.padded
+            seen = []
+            for start, ids, rows, _ in s:
+                np.testing.assert_array_equal(rows.numpy(), want[start : start + len(ids)])
+                seen += list(range(start, start + len(ids)))
+            assert seen == [r for lo, hi in ranges for r in range(lo, hi)]
+
+
+def test_a_flipped_byte_fails_a_padded_stream(tmp_path, monkeypatch):
+    write_synthetic_index(tmp_path, [20], "int8")  # 20-byte records, checksum blocks of 3 rows
+    monkeypatch.setattr(stream, "PADDED_ROW_MIN_BYTES", 1)
+    shard = _shards(tmp_path)[0]
+    with h5py.File(shard) as f:
+        offset = f["grads"].id.get_chunk_info(3).byte_offset + 20 + 19  # row 10's last byte (a scale's)
+    with open(shard, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x01]))
+    with ld.GradientStore(tmp_path) as store:
+        assert ChunkStream(store, [(0, 20)], 4).padded
+        with pytest.raises(ld.IndexFormatError, match=r"rank-00000\.h5: rows 9\.\.12 fail their checksum"):
+            list(ChunkStream(store, [(0, 20)], 4))
+
+
+def test_row_reads_into_padded_rows_equal_h5py_and_name_a_truncated_row(tmp_path, monkeypatch):
+    path = tmp_path / "s.h5"
+    rows = _interleaved_shard(path)  # 10-byte rows in scattered chunks of 3
+    monkeypatch.setattr(stream, "IOV_MAX", 4)
+    src = _Source(ShardInfo(path, len(rows), 0), 2, 10, {})
+    padded = np.zeros((len(rows), 16), np.uint8)
+    stage = padded[:, :10]
+    views = [memoryview(r) for r in stage]
+    try:
+        for lo, hi in [(0, 23), (0, 1), (2, 4), (3, 6), (5, 22), (22, 23), (7, 7)]:
+            padded[:] = 0
+            src.read_rows(lo, hi, stage.view(np.float16), views)
+            np.testing.assert_array_equal(stage[: hi - lo].view(np.float16), rows[lo:hi])
+            assert not padded[:, 10:].any()  # the padding stays zero: the checksum sums it
+        os.truncate(path, int(src.runs[-1, 1]) + 14)  # the last chunk keeps 1.4 rows
+        with pytest.raises(ld.IndexFormatError, match=r"s\.h5: rows 20\.\.23 unreadable: end of file"):
+            src.read_rows(20, 23, stage.view(np.float16), views)
+    finally:
+        src.close()
+
+
+def test_wide_int8_records_take_the_padded_path_by_default(tmp_path):
+    from logra_dist.core.projection import LayerSpec
+    from logra_dist.index.writer import write_index
+
+    specs = [LayerSpec("a", "linear", 20, 20, 17, 17)]  # 289 values + 4 scale bytes: 293 bytes
+    rows = torch.randn(70, 289, generator=torch.Generator().manual_seed(0))
+    cfg = ld.LoGraConfig(k_in=17, k_out=17, storage_dtype="int8", flush_rows=16)
+    write_index(tmp_path, specs, cfg.to_json(), [[(torch.arange(40), rows[:40])], [(torch.arange(40, 70), rows[40:])]])
+    want = _decoded_from_h5py(tmp_path, "int8", specs)
+    with ld.GradientStore(tmp_path) as store:
+        s = ChunkStream(store, [(0, 70)], 32)
+        assert s.padded and s.row_bytes == 293
+        got = np.concatenate([r.numpy().copy() for _, _, r, _ in s])
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(store[:], want)
