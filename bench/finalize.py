@@ -62,6 +62,7 @@ def worker(args) -> None:
     logger.finalize()
     finalize_s = time.perf_counter() - start
     report = logger.finalize_report
+    parts = comm.all_gather_objects(report.figures() if report else {})  # every rank's, to see who waits
     logger.close()
     if rank == 0:
         out = {
@@ -72,7 +73,8 @@ def worker(args) -> None:
             "samples": args.samples,
             "logging_s": logging_s,
             "finalize_s": finalize_s,
-            "finalize_parts_rank0": report.figures() if report else {},
+            "finalize_parts_rank0": parts[0],
+            "finalize_parts_per_rank": parts,
             "float64_layers": report.float64_layers if report else [],
         }
         Path(args.result).write_text(json.dumps(out))

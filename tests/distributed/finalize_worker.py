@@ -10,6 +10,7 @@ Writes <out>/checks-rank<R>.json.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -24,14 +25,58 @@ import torch.distributed as dist  # noqa: E402
 
 from logra_dist import comm  # noqa: E402
 from logra_dist.engines.launch import destroy_distributed, exit_process, init_distributed  # noqa: E402
+from logra_dist.index import stats_writer  # noqa: E402
+from logra_dist.logger import Logger  # noqa: E402
 
 GROUP_TIMEOUT_S = 4.0  # the gloo group's own timeout; rank 0's lone work below takes longer
 
 
-def log(out: Path, hessian: str, bucket_bytes: int, n: int) -> None:
+REPORTS: dict[str, dict[str, float]] = {}  # index folder name -> this rank's FinalizeReport figures
+
+
+def log(out: Path, hessian: str, bucket_bytes: int, n: int, *extra: str) -> None:
     comm.REDUCE_BUCKET_BYTES = bucket_bytes
-    args = mlp_worker.parser().parse_args(["--out", str(out), "--hessian", hessian, "--n", str(n), "--k", "3"])
-    mlp_worker.run(args)
+    args = mlp_worker.parser().parse_args(["--out", str(out), "--hessian", hessian, "--n", str(n), "--k", "3", *extra])
+    finalize = Logger.finalize
+
+    def keep_report(logger: Logger):  # the report of this run, kept for the test
+        try:
+            return finalize(logger)
+        except BaseException:
+            logger.close()  # its locks released, as the process exit would (a resume follows here)
+            raise
+        finally:
+            REPORTS[out.name] = logger.finalize_report.figures()
+
+    Logger.finalize = keep_report
+    try:
+        mlp_worker.run(args)
+    finally:
+        Logger.finalize = finalize
+
+
+def stats_failure(out: Path, n: int) -> str:
+    """Rank 0's stats.h5 writer thread hits a full disk at its first layer, while the ranks still
+    decompose: every rank raises (the error text returned); nothing is renamed into place. Then
+    the same job with --resume finishes the index in `out`."""
+    original = stats_writer.dataset_sha
+
+    def full(arr):
+        raise OSError(errno.ENOSPC, "No space left on device (test)")
+
+    if comm.rank() == 0:
+        stats_writer.dataset_sha = full
+    try:
+        log(out, "raw", 64 << 20, n)
+        error = "none"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        stats_writer.dataset_sha = original
+    comm.barrier()
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith(("stats.h5", "manifest")))
+    log(out, "raw", 64 << 20, n, "--resume")
+    return f"{error} | left: {left}"
 
 
 def bucket_check(rank: int) -> dict:
@@ -100,7 +145,8 @@ def main() -> None:
         log(out / hessian, hessian, 64 << 20, args.n)
         log(out / f"{hessian}-small-buckets", hessian, 24, args.n)
     log(out / "ekfac", "ekfac", 64 << 20, args.n)
-    checks: dict = {"rank": info.rank}
+    checks: dict = {"rank": info.rank, "reports": REPORTS}
+    checks["stats_failure"] = stats_failure(out / "raw-stats-failed", args.n)
     if info.world_size >= 2:
         checks["buckets"] = bucket_check(info.rank)
     if args.timeouts:

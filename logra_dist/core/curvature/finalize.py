@@ -22,6 +22,8 @@ Statistics accumulated in float64 (compute_dtype="float64") are decomposed in fl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +36,8 @@ from logra_dist.tracking import NULL_TRACKER, NullTracker
 FLOAT32_ERROR_FACTOR = 4.0
 FLOAT32_MAX_ERROR = 1e-3
 _EPS32 = torch.finfo(torch.float32).eps
+# Rank 0's receiver of one decomposed layer (the Logger streams it into stats.h5).
+LayerSink = Callable[[LayerSpec, dict[str, torch.Tensor]], None]
 
 
 def owner(index: int, world: int) -> int:
@@ -48,21 +52,39 @@ def float32_error_bound(kappa: float) -> float:
 
 @dataclass
 class FinalizeReport:
-    """Where finalize's time went on this rank, and which layers needed float64."""
+    """Where `Logger.finalize`'s time went on this rank, part by part (every second of it in
+    one part, so that a gap between ranks shows where it is), and which layers needed float64."""
 
-    reduce_s: float = 0.0
-    decompose_s: float = 0.0
-    transfer_s: float = 0.0
+    drain_s: float = 0.0  # the shard built, the last statistics committed beside it
+    digest_s: float = 0.0  # the shard's content digest (reads it back)
+    counts_s: float = 0.0  # the counts' all-reduce: waits for the slowest rank's drain
+    reduce_s: float = 0.0  # the sums onto their owners
+    decompose_s: float = 0.0  # this rank's eighs
+    wait_s: float = 0.0  # the per-round status all-reduce: waits for the round's slowest eigh
+    transfer_s: float = 0.0  # decompositions to rank 0
+    stats_s: float = 0.0  # rank 0: damping, stats.h5 (what the overlap with the eighs left)
+    manifest_s: float = 0.0  # rank 0: manifest.json
+    alone_s: float = 0.0  # rank 0 alone (comm.rank0_alone): rank 0's barrier, the others' polling
+    total_s: float = 0.0
     reduce_calls: int = 0
     float64_layers: list[str] = field(default_factory=list)
 
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """`with report.timed("stats"):` adds the block's wall time to `stats_s`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, f"{part}_s", getattr(self, f"{part}_s") + time.perf_counter() - start)
+
     def figures(self) -> dict[str, float]:
-        return {
-            "time/finalize-reduce": self.reduce_s,
-            "time/finalize-eigh": self.decompose_s,
-            "time/finalize-transfer": self.transfer_s,
-            "count/finalize_float64_layers": float(len(self.float64_layers)),
-        }
+        parts = ("drain", "digest", "counts", "reduce", "wait", "transfer", "stats", "manifest", "alone")
+        out = {f"time/finalize-{p}": getattr(self, f"{p}_s") for p in parts}
+        out["time/finalize-eigh"] = self.decompose_s
+        out["time/finalize"] = self.total_s
+        out["count/finalize_float64_layers"] = float(len(self.float64_layers))
+        return out
 
 
 def reduce_to_owners(curvature: Curvature, report: FinalizeReport | None = None) -> None:
@@ -104,10 +126,16 @@ def _check_lambda(spec: LayerSpec, lam: float, damping: float) -> None:
 
 
 def decompose_to_rank0(
-    curvature: Curvature, damping: float, device="cpu", report: FinalizeReport | None = None
+    curvature: Curvature,
+    damping: float,
+    device="cpu",
+    report: FinalizeReport | None = None,
+    on_layer: LayerSink | None = None,
 ) -> Factors:
     """Collective, after `reduce_to_owners`: every layer decomposed by its owner; rank 0 returns
-    all layers' factors, the other ranks an empty dict."""
+    all layers' factors, the other ranks an empty dict. With `on_layer`, rank 0 hands each layer
+    to it instead, in layer order, as soon as it has it (its own before the round's status is
+    known: the caller discards them if finalize fails), and returns {}."""
     report = report or FinalizeReport()
     me, world, specs = comm.rank(), comm.world_size(), curvature.specs
     layers: Factors = {}
@@ -120,10 +148,13 @@ def decompose_to_rank0(
             try:
                 factors, dtype = decompose_layer(curvature, specs[mine], damping, device)
                 wide[me] = float(dtype == torch.float64)
+                if me == 0 and on_layer is not None:  # written while the others finish their eigh
+                    on_layer(specs[mine], factors)
             except Exception as e:  # raised on every rank below, this one's own error here
                 error, failed[me] = e, 1.0
             report.decompose_s += time.perf_counter() - start
-        status = comm.all_reduce_sum(torch.cat([failed, wide]))
+        with report.timed("wait"):
+            status = comm.all_reduce_sum(torch.cat([failed, wide]))
         if status[:world].any():
             if error is not None:
                 raise error
@@ -138,28 +169,36 @@ def decompose_to_rank0(
             if dtype == torch.float64 and me == 0:
                 report.float64_layers.append(specs[i].name)
             if r == me:
-                if me == 0:
+                if me == 0 and on_layer is None:
                     layers[specs[i].name] = factors
-                else:
+                elif me != 0:
                     comm.send_tensor(torch.cat([factors[k].reshape(-1) for k in curvature.factor_shapes(specs[i])]), 0)
             elif me == 0:
-                layers[specs[i].name] = _unpack(
-                    curvature, specs[i], comm.recv_tensor(_numel(curvature, specs[i]), dtype, r)
-                )
+                got = _unpack(curvature, specs[i], comm.recv_tensor(_numel(curvature, specs[i]), dtype, r))
+                if on_layer is None:
+                    layers[specs[i].name] = got
+                else:
+                    on_layer(specs[i], got)
         report.transfer_s += time.perf_counter() - start
     return layers
 
 
 def finalize_statistics(
-    curvature: Curvature, damping: float, device="cpu", tracker: NullTracker = NULL_TRACKER
+    curvature: Curvature,
+    damping: float,
+    device="cpu",
+    tracker: NullTracker = NULL_TRACKER,
+    report: FinalizeReport | None = None,
+    on_layer: LayerSink | None = None,
 ) -> tuple[Factors, FinalizeReport]:
     """Collective: `reduce_to_owners` then `decompose_to_rank0`, timed as the tracker's
-    "all-reduce" and "eigh" phases. Rank 0 gets every layer's factors, the others {}."""
-    report = FinalizeReport()
+    "all-reduce" and "eigh" phases. Rank 0 gets every layer's factors (or hands them to
+    `on_layer`), the others {}."""
+    report = report or FinalizeReport()
     with tracker.phase("all-reduce"):
         reduce_to_owners(curvature, report)
     with tracker.phase("eigh"):
-        layers = decompose_to_rank0(curvature, damping, device, report)
+        layers = decompose_to_rank0(curvature, damping, device, report, on_layer)
     tracker.count(finalize_float64_layers=len(report.float64_layers))
     return layers, report
 
