@@ -132,6 +132,28 @@ def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.T
     return buf.cpu()
 
 
+class Transfer:
+    """A send or receive in flight (`isend_tensor`, `irecv_tensor`): `wait()` returns the tensor
+    (on the CPU); the buffer stays alive until then."""
+
+    def __init__(self, work: Any, buf: torch.Tensor):
+        self._work, self._buf = work, buf
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        return self._buf.cpu()
+
+
+def isend_tensor(t: torch.Tensor, dst: int) -> Transfer:
+    buf = t.contiguous().to(_backend_device())
+    return Transfer(dist.isend(buf, dst), buf)
+
+
+def irecv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> Transfer:
+    buf = torch.empty(shape, dtype=dtype, device=_backend_device())
+    return Transfer(dist.irecv(buf, src), buf)
+
+
 def rank0_alone(work: Callable[[], Any], status: Path, key: str, poll_s: float = 0.01) -> Any:
     """Run `work` on rank 0 while the other ranks wait for it without sitting in a collective.
 

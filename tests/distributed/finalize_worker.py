@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from logra_dist import comm  # noqa: E402
+from logra_dist.core.curvature.raw import Raw  # noqa: E402
 from logra_dist.engines.launch import destroy_distributed, exit_process, init_distributed  # noqa: E402
 from logra_dist.index import stats_writer  # noqa: E402
 from logra_dist.logger import Logger  # noqa: E402
@@ -41,12 +42,12 @@ def log(out: Path, hessian: str, bucket_bytes: int, n: int, *extra: str) -> None
 
     def keep_report(logger: Logger):  # the report of this run, kept for the test
         try:
-            return finalize(logger)
+            manifest = finalize(logger)
         except BaseException:
             logger.close()  # its locks released, as the process exit would (a resume follows here)
             raise
-        finally:
-            REPORTS[out.name] = logger.finalize_report.figures()
+        REPORTS[out.name] = logger.finalize_report.figures()
+        return manifest
 
     Logger.finalize = keep_report
     try:
@@ -93,6 +94,29 @@ def bucket_check(rank: int) -> dict:
         target = expected.float().double() if rank == 1 else local.double()  # float64 sums, stored float32
         out[str(bucket)] = {"calls": calls, "max_error": float((got - target).abs().max())}
     return out
+
+
+def eigh_failure(out: Path, n: int) -> str:
+    """The last layer's eigh fails on its owner (2 ranks: rank 0 in round 2, with rank 1's layer
+    of round 1 still in flight to it): every rank raises, nothing is left in place."""
+    original = Raw.layer_factors
+
+    def failing(self, spec, *args, **kwargs):
+        if spec.name == self.specs[-1].name:
+            raise ValueError("eigh failed (test)")
+        return original(self, spec, *args, **kwargs)
+
+    Raw.layer_factors = failing
+    try:
+        log(out, "raw", 64 << 20, n)
+        error = "none"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        Raw.layer_factors = original
+    comm.barrier()
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith(("stats.h5", "manifest")))
+    return f"{error} | left: {left}"
 
 
 def rank0_alone_check(rank: int, out: Path) -> dict:
@@ -147,6 +171,7 @@ def main() -> None:
     log(out / "ekfac", "ekfac", 64 << 20, args.n)
     checks: dict = {"rank": info.rank, "reports": REPORTS}
     checks["stats_failure"] = stats_failure(out / "raw-stats-failed", args.n)
+    checks["eigh_failure"] = eigh_failure(out / "raw-eigh-failed", args.n)
     if info.world_size >= 2:
         checks["buckets"] = bucket_check(info.rank)
     if args.timeouts:

@@ -45,6 +45,7 @@ def runs(tmp_path_factory) -> dict[int, Path]:
         finalize_worker.log(out[1] / variant, variant.split("-")[0], 24, N)
     failure = finalize_worker.stats_failure(out[1] / "raw-stats-failed", N)
     checks = {"reports": dict(finalize_worker.REPORTS), "stats_failure": failure}
+    checks["eigh_failure"] = finalize_worker.eigh_failure(out[1] / "raw-eigh-failed", N)
     (out[1] / "checks-rank0.json").write_text(json.dumps(checks))
     for world in (2, 3):
         out[world] = tmp_path_factory.mktemp(f"world{world}")
@@ -155,6 +156,20 @@ def test_a_full_disk_in_rank0s_stats_writer_fails_every_rank_then_resume_finishe
     for key, want in _matrices(stats_1).items():
         np.testing.assert_allclose(_matrices(stats_w)[key], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     np.testing.assert_allclose([lambdas_w[k] for k in lambdas_1], list(lambdas_1.values()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_an_eigh_failing_on_its_owner_fails_every_rank(runs, world):
+    """The last of the 3 layers fails on its owner (2 ranks: in round 2, while round 1's transfer
+    to rank 0 is in flight): it raises its error, every other rank names it; nothing is left."""
+    owner = 2 % world
+    for rank in range(world):
+        error, left = _checks(runs, world, rank)["eigh_failure"].split(" | ")
+        if rank == owner:
+            assert error == "ValueError: eigh failed (test)", error
+        else:
+            assert error == f"RuntimeError: finalize failed on rank(s) [{owner}] (layers ['4'])", error
+        assert left == "left: []", left
 
 
 def test_serial_finalize_scores_equal_an_explicit_float64_solve(runs):

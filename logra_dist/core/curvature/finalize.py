@@ -4,10 +4,12 @@ the decompositions sent to rank 0 (which writes stats.h5).
 Layer i belongs to rank `owner(i) = i mod world`. Its sums are reduced to that rank alone, in
 float64 buckets of `comm.REDUCE_BUCKET_BYTES` (peak extra memory: one bucket, not a copy of
 every statistic). Then in rounds of `world` layers each rank decomposes its layer of the round on
-the compute device and sends the fields to rank 0; a round ends with one tiny all-reduce of
-every rank's status, so an error on any rank (a singular layer, out of memory) is raised on all
-of them, and no rank waits in a collective longer than one round (one layer's eigh and one
-transfer) takes.
+the compute device and sends the fields to rank 0, in the background during the next round's
+eigh (waited for before that round's status: the link and rank 0 are not idle-waited on); a
+round ends with one tiny all-reduce of every rank's status, so an error on any rank (a singular
+layer, out of memory) is raised on all of them, and no rank waits in a collective longer than
+one round (one layer's eigh and one transfer) takes. Rank 0 hands each layer, in layer order, to
+the caller's `on_layer` (the Logger's stats.h5 writer thread) as soon as it has it.
 
 Precision: eigh runs in float32 when it is accurate enough and in float64 otherwise. For a layer
 with damped condition number kappa = (e_max + lambda) / lambda, the preconditioned product
@@ -139,6 +141,16 @@ def decompose_to_rank0(
     report = report or FinalizeReport()
     me, world, specs = comm.rank(), comm.world_size(), curvature.specs
     layers: Factors = {}
+    in_flight: list[tuple[LayerSpec | None, comm.Transfer]] = []  # last round's, done during this eigh
+
+    def settle() -> None:
+        with report.timed("transfer"):
+            for spec, transfer in in_flight:
+                got = transfer.wait()
+                if spec is not None:  # rank 0: a layer received
+                    _deliver(layers, on_layer, spec, _unpack(curvature, spec, got))
+            in_flight.clear()
+
     for first in range(0, len(specs), world):
         mine = first + me
         failed, wide = torch.zeros(world, dtype=torch.float64), torch.zeros(world, dtype=torch.float64)
@@ -148,11 +160,18 @@ def decompose_to_rank0(
             try:
                 factors, dtype = decompose_layer(curvature, specs[mine], damping, device)
                 wide[me] = float(dtype == torch.float64)
-                if me == 0 and on_layer is not None:  # written while the others finish their eigh
-                    on_layer(specs[mine], factors)
             except Exception as e:  # raised on every rank below, this one's own error here
                 error, failed[me] = e, 1.0
             report.decompose_s += time.perf_counter() - start
+        try:
+            settle()  # the last round's layers first: rank 0 delivers in layer order
+        except Exception as e:
+            error, failed[me] = error or e, 1.0
+        if me == 0 and error is None and mine < len(specs):
+            try:  # written (on_layer) while the others finish their eigh
+                _deliver(layers, on_layer, specs[mine], factors)
+            except Exception as e:
+                error, failed[me] = e, 1.0
         with report.timed("wait"):
             status = comm.all_reduce_sum(torch.cat([failed, wide]))
         if status[:world].any():
@@ -160,27 +179,28 @@ def decompose_to_rank0(
                 raise error
             bad = [r for r in range(world) if status[r]]
             raise RuntimeError(f"finalize failed on rank(s) {bad} (layers {[specs[first + r].name for r in bad]})")
-        start = time.perf_counter()
-        for r in range(world):
-            i = first + r
-            if i >= len(specs):
-                break
-            dtype = torch.float64 if status[world + r] else torch.float32
-            if dtype == torch.float64 and me == 0:
-                report.float64_layers.append(specs[i].name)
-            if r == me:
-                if me == 0 and on_layer is None:
-                    layers[specs[i].name] = factors
-                elif me != 0:
-                    comm.send_tensor(torch.cat([factors[k].reshape(-1) for k in curvature.factor_shapes(specs[i])]), 0)
-            elif me == 0:
-                got = _unpack(curvature, specs[i], comm.recv_tensor(_numel(curvature, specs[i]), dtype, r))
-                if on_layer is None:
-                    layers[specs[i].name] = got
-                else:
-                    on_layer(specs[i], got)
-        report.transfer_s += time.perf_counter() - start
+        with report.timed("transfer"):  # posted now, waited for after the next round's eigh
+            for r in range(world):
+                i = first + r
+                if i >= len(specs):
+                    break
+                dtype = torch.float64 if status[world + r] else torch.float32
+                if dtype == torch.float64 and me == 0:
+                    report.float64_layers.append(specs[i].name)
+                if r == me and me != 0:
+                    flat = torch.cat([factors[k].reshape(-1) for k in curvature.factor_shapes(specs[i])])
+                    in_flight.append((None, comm.isend_tensor(flat, 0)))
+                elif r != me and me == 0:
+                    in_flight.append((specs[i], comm.irecv_tensor(_numel(curvature, specs[i]), dtype, r)))
+    settle()
     return layers
+
+
+def _deliver(layers: Factors, on_layer: LayerSink | None, spec: LayerSpec, factors: dict[str, torch.Tensor]) -> None:
+    if on_layer is None:
+        layers[spec.name] = factors
+    else:
+        on_layer(spec, factors)
 
 
 def finalize_statistics(
