@@ -160,8 +160,9 @@ def rank0_alone(work: Callable[[], Any], status: Path, key: str, poll_s: float =
     A gloo barrier aborts a waiting rank once the group's timeout passes (30 min by default),
     however healthy rank 0 is; so rank 0 writes its outcome ("<key> ok" or "<key> error: ...")
     to `status` (on the index's shared file system), rewriting "<key> running" there every
-    RANK0_HEARTBEAT_S meanwhile, and the others poll that file (10 ms growing to 1 s between
-    looks). A failure on rank 0 is raised on every rank; a heartbeat older than RANK0_STALE_S
+    RANK0_HEARTBEAT_S meanwhile, and the others poll that file (every 10 ms, then every tenth
+    of the time waited so far, at most 1 s: growing the pause 1.5x a look let 0.3-0.5 s go by
+    after a 1 s stats.h5 write). A failure on rank 0 is raised on every rank; a heartbeat older than RANK0_STALE_S
     (rank 0 killed or hung) too. Then one barrier, short: everyone is there. Rank 0 must remove
     a stale `status` before the last collective preceding this call (`key` names the job too)."""
     if not is_distributed():
@@ -198,7 +199,7 @@ def rank0_alone(work: Callable[[], Any], status: Path, key: str, poll_s: float =
                 "the shards are complete: rerun the same command with --resume to finish the index"
             )
         time.sleep(pause)
-        pause = min(1.0, pause * 1.5)
+        pause = min(1.0, max(poll_s, 0.1 * (time.time() - since)))  # rank 0's end seen within ~10% of the wait
     dist.barrier()
     return None
 

@@ -358,10 +358,11 @@ class Logger(GradientSession):
         self._require("finalize()", Phase.LOGGING)
         report, start = FinalizeReport(), time.perf_counter()
         self.finalize_report = report
-        with self.tracker.phase("write-drain"), report.timed("drain"):  # close() waits for the writer: views, no copy
-            self._writer.close(
-                complete=True, stats=self.accumulator.snapshot(copy=False), nonfinite_ids=self.nonfinite_ids
-            )
+        with self.tracker.phase("write-drain"):  # close() waits for the writer: views, no copy
+            with report.timed("flush"):  # buffered rows folded in, lower tiles mirrored (raw)
+                stats = self.accumulator.snapshot(copy=False)
+            with report.timed("drain"):
+                self._writer.close(complete=True, stats=stats, nonfinite_ids=self.nonfinite_ids)
         self.bytes_written = self._writer.bytes_written
         self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
         if self._finished:

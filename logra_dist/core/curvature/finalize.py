@@ -57,6 +57,7 @@ class FinalizeReport:
     """Where `Logger.finalize`'s time went on this rank, part by part (every second of it in
     one part, so that a gap between ranks shows where it is), and which layers needed float64."""
 
+    flush_s: float = 0.0  # the statistics brought up to date (raw: buffered rows, lower tiles)
     drain_s: float = 0.0  # the shard built, the last statistics committed beside it
     digest_s: float = 0.0  # the shard's content digest (reads it back)
     counts_s: float = 0.0  # the counts' all-reduce: waits for the slowest rank's drain
@@ -81,7 +82,7 @@ class FinalizeReport:
             setattr(self, f"{part}_s", getattr(self, f"{part}_s") + time.perf_counter() - start)
 
     def figures(self) -> dict[str, float]:
-        parts = ("drain", "digest", "counts", "reduce", "wait", "transfer", "stats", "manifest", "alone")
+        parts = ("flush", "drain", "digest", "counts", "reduce", "wait", "transfer", "stats", "manifest", "alone")
         out = {f"time/finalize-{p}": getattr(self, f"{p}_s") for p in parts}
         out["time/finalize-eigh"] = self.decompose_s
         out["time/finalize"] = self.total_s
