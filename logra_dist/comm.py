@@ -134,13 +134,17 @@ def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.T
 
 class Transfer:
     """A send or receive in flight (`isend_tensor`, `irecv_tensor`): `wait()` returns the tensor
-    (on the CPU); the buffer stays alive until then."""
+    (on the CPU); the buffer stays alive until then. Any number of calls, from any thread, wait
+    for it once (a second wait on gloo's recv work would wait for another message)."""
 
     def __init__(self, work: Any, buf: torch.Tensor):
-        self._work, self._buf = work, buf
+        self._work, self._buf, self._lock, self._done = work, buf, threading.Lock(), False
 
     def wait(self) -> torch.Tensor:
-        self._work.wait()
+        with self._lock:
+            if not self._done:
+                self._work.wait()
+                self._done = True
         return self._buf.cpu()
 
 

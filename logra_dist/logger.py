@@ -469,10 +469,13 @@ class Logger(GradientSession):
             return lambdas
         kind, damping = type(self.accumulator), self.config.damping
 
-        def keep(spec: LayerSpec, factors: dict[str, torch.Tensor]) -> None:
-            pre = kind.from_factors([spec], damping, {spec.name: factors})  # damping is per layer
-            lambdas.update(pre.lambdas)
-            stats.add(pre.state())
+        def keep(spec: LayerSpec, get) -> None:
+            def state() -> dict[str, np.ndarray]:  # in the writer thread: may wait for the transfer
+                pre = kind.from_factors([spec], damping, {spec.name: get()})  # damping is per layer
+                lambdas.update(pre.lambdas)
+                return pre.state()
+
+            stats.add(state)
 
         finalize_statistics(
             self.accumulator, damping, self.device, self.tracker, self.finalize_report, None if stats is None else keep
@@ -511,9 +514,9 @@ class Logger(GradientSession):
             if self.config.init == "pca":  # random projections are regenerated from the seed
                 state[f"{name}/p_in"] = p_in.cpu().numpy()
                 state[f"{name}/p_out"] = p_out.cpu().numpy()
-        manifest["lambdas"] = {s.name: lambdas[s.name] for s in self.specs if s.name in lambdas}
         stats.add(state)
-        stats.close()
+        stats.close()  # every layer's lambda is known once its writer is done
+        manifest["lambdas"] = {s.name: lambdas[s.name] for s in self.specs if s.name in lambdas}
 
     def close(self) -> None:
         """Remove the hooks and restore the weights; an unfinalized shard stays, for resume=True."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ class StatsWriter:
         if sorted(attrs) != sorted(STATS_ATTRS[2:]):
             raise ValueError(f"StatsWriter({path}): attributes {sorted(attrs)}, expected {sorted(STATS_ATTRS[2:])}")
         self.path, self.tmp = Path(path), Path(path).with_name(Path(path).name + ".tmp")
-        self._queue: queue.Queue[dict[str, np.ndarray] | None] = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
         self._abandon = False
         self._thread = threading.Thread(
@@ -38,8 +39,9 @@ class StatsWriter:
         )
         self._thread.start()
 
-    def add(self, state: dict[str, np.ndarray]) -> None:
-        """Queue datasets (name -> array); the arrays must stay unchanged until written."""
+    def add(self, state: dict[str, np.ndarray] | Callable[[], dict[str, np.ndarray]]) -> None:
+        """Queue datasets (name -> array; the arrays unchanged until written), or a callable the
+        writer thread calls for them (a layer still in transfer to this rank)."""
         if self._thread.is_alive():
             self._queue.put(state)
 
@@ -71,7 +73,9 @@ class StatsWriter:
                 f.attrs.update({"hessian": kind, "damping": damping, **attrs})
                 sums: dict[str, str] = {}
                 while (state := self._queue.get()) is not None:
-                    for key, arr in state.items():
+                    if callable(state):  # even when abandoned: a transfer is waited for, not dropped
+                        state = state()
+                    for key, arr in state.items() if isinstance(state, dict) else ():
                         if self._abandon:
                             break
                         ds = f.create_dataset(key, data=arr)

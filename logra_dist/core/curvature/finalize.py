@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -38,8 +39,10 @@ from logra_dist.tracking import NULL_TRACKER, NullTracker
 FLOAT32_ERROR_FACTOR = 4.0
 FLOAT32_MAX_ERROR = 1e-3
 _EPS32 = torch.finfo(torch.float32).eps
-# Rank 0's receiver of one decomposed layer (the Logger streams it into stats.h5).
-LayerSink = Callable[[LayerSpec, dict[str, torch.Tensor]], None]
+# Rank 0's receiver of one decomposed layer: `on_layer(spec, get)`, `get()` returning its factors
+# (for a layer still in transfer from its owner, once it has arrived: call it from another thread,
+# as the Logger's stats.h5 writer does, to overlap the wait with rank 0's next eigh).
+LayerSink = Callable[[LayerSpec, Callable[[], dict[str, torch.Tensor]]], None]
 
 
 def owner(index: int, world: int) -> int:
@@ -137,19 +140,44 @@ def decompose_to_rank0(
 ) -> Factors:
     """Collective, after `reduce_to_owners`: every layer decomposed by its owner; rank 0 returns
     all layers' factors, the other ranks an empty dict. With `on_layer`, rank 0 hands each layer
-    to it instead, in layer order, as soon as it has it (its own before the round's status is
-    known: the caller discards them if finalize fails), and returns {}."""
+    to it instead (`LayerSink`), in layer order, as soon as it has it or its transfer is posted
+    (its own before the round's status is known: the caller discards them if finalize fails),
+    and returns {}."""
     report = report or FinalizeReport()
-    me, world, specs = comm.rank(), comm.world_size(), curvature.specs
     layers: Factors = {}
     in_flight: list[tuple[LayerSpec | None, comm.Transfer]] = []  # last round's, done during this eigh
+    posted: list[comm.Transfer] = []  # rank 0's handed to on_layer: all complete before this returns
+    try:
+        _rounds(curvature, damping, device, report, on_layer, layers, in_flight, posted)
+    except BaseException:
+        for transfer in posted:  # matched sends (their round's status was good): the buffers stay alive
+            with suppress(Exception):
+                transfer.wait()
+        raise
+    for transfer in posted:
+        transfer.wait()
+    return layers
+
+
+def _rounds(
+    curvature: Curvature,
+    damping: float,
+    device,
+    report: FinalizeReport,
+    on_layer: LayerSink | None,
+    layers: Factors,
+    in_flight: list[tuple[LayerSpec | None, comm.Transfer]],
+    posted: list[comm.Transfer],
+) -> None:
+    """`decompose_to_rank0`'s rounds: fills `layers` (rank 0, without on_layer) and `posted`."""
+    me, world, specs = comm.rank(), comm.world_size(), curvature.specs
 
     def settle() -> None:
         with report.timed("transfer"):
             for spec, transfer in in_flight:
                 got = transfer.wait()
                 if spec is not None:  # rank 0: a layer received
-                    _deliver(layers, on_layer, spec, _unpack(curvature, spec, got))
+                    layers[spec.name] = _unpack(curvature, spec, got)
             in_flight.clear()
 
     for first in range(0, len(specs), world):
@@ -170,7 +198,7 @@ def decompose_to_rank0(
             error, failed[me] = error or e, 1.0
         if me == 0 and error is None and mine < len(specs):
             try:  # written (on_layer) while the others finish their eigh
-                _deliver(layers, on_layer, specs[mine], factors)
+                _deliver(layers, on_layer, specs[mine], partial(_given, factors))
             except Exception as e:
                 error, failed[me] = e, 1.0
         with report.timed("wait"):
@@ -192,16 +220,28 @@ def decompose_to_rank0(
                     flat = torch.cat([factors[k].reshape(-1) for k in curvature.factor_shapes(specs[i])])
                     in_flight.append((None, comm.isend_tensor(flat, 0)))
                 elif r != me and me == 0:
-                    in_flight.append((specs[i], comm.irecv_tensor(_numel(curvature, specs[i]), dtype, r)))
+                    transfer = comm.irecv_tensor(_numel(curvature, specs[i]), dtype, r)
+                    if on_layer is None:
+                        in_flight.append((specs[i], transfer))
+                    else:  # its receiver waits for it, in layer order
+                        posted.append(transfer)
+                        on_layer(specs[i], partial(_received, curvature, specs[i], transfer))
     settle()
-    return layers
 
 
-def _deliver(layers: Factors, on_layer: LayerSink | None, spec: LayerSpec, factors: dict[str, torch.Tensor]) -> None:
+def _deliver(layers: Factors, on_layer: LayerSink | None, spec: LayerSpec, get: Callable[[], dict]) -> None:
     if on_layer is None:
-        layers[spec.name] = factors
+        layers[spec.name] = get()
     else:
-        on_layer(spec, factors)
+        on_layer(spec, get)
+
+
+def _given(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return factors
+
+
+def _received(curvature: Curvature, spec: LayerSpec, transfer: comm.Transfer) -> dict[str, torch.Tensor]:
+    return _unpack(curvature, spec, transfer.wait())
 
 
 def finalize_statistics(
