@@ -132,14 +132,41 @@ def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.T
     return buf.cpu()
 
 
+class Transfer:
+    """A send or receive in flight (`isend_tensor`, `irecv_tensor`): `wait()` returns the tensor
+    (on the CPU); the buffer stays alive until then. Any number of calls, from any thread, wait
+    for it once (a second wait on gloo's recv work would wait for another message)."""
+
+    def __init__(self, work: Any, buf: torch.Tensor):
+        self._work, self._buf, self._lock, self._done = work, buf, threading.Lock(), False
+
+    def wait(self) -> torch.Tensor:
+        with self._lock:
+            if not self._done:
+                self._work.wait()
+                self._done = True
+        return self._buf.cpu()
+
+
+def isend_tensor(t: torch.Tensor, dst: int) -> Transfer:
+    buf = t.contiguous().to(_backend_device())
+    return Transfer(dist.isend(buf, dst), buf)
+
+
+def irecv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> Transfer:
+    buf = torch.empty(shape, dtype=dtype, device=_backend_device())
+    return Transfer(dist.irecv(buf, src), buf)
+
+
 def rank0_alone(work: Callable[[], Any], status: Path, key: str, poll_s: float = 0.01) -> Any:
     """Run `work` on rank 0 while the other ranks wait for it without sitting in a collective.
 
     A gloo barrier aborts a waiting rank once the group's timeout passes (30 min by default),
     however healthy rank 0 is; so rank 0 writes its outcome ("<key> ok" or "<key> error: ...")
     to `status` (on the index's shared file system), rewriting "<key> running" there every
-    RANK0_HEARTBEAT_S meanwhile, and the others poll that file (10 ms growing to 1 s between
-    looks). A failure on rank 0 is raised on every rank; a heartbeat older than RANK0_STALE_S
+    RANK0_HEARTBEAT_S meanwhile, and the others poll that file (every 10 ms, then every tenth
+    of the time waited so far, at most 1 s: growing the pause 1.5x a look let 0.3-0.5 s go by
+    after a 1 s stats.h5 write). A failure on rank 0 is raised on every rank; a heartbeat older than RANK0_STALE_S
     (rank 0 killed or hung) too. Then one barrier, short: everyone is there. Rank 0 must remove
     a stale `status` before the last collective preceding this call (`key` names the job too)."""
     if not is_distributed():
@@ -176,7 +203,7 @@ def rank0_alone(work: Callable[[], Any], status: Path, key: str, poll_s: float =
                 "the shards are complete: rerun the same command with --resume to finish the index"
             )
         time.sleep(pause)
-        pause = min(1.0, pause * 1.5)
+        pause = min(1.0, max(poll_s, 0.1 * (time.time() - since)))  # rank 0's end seen within ~10% of the wait
     dist.barrier()
     return None
 

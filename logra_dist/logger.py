@@ -31,7 +31,6 @@ from logra_dist import comm
 from logra_dist.config import MODEL_FISHERS, LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
-from logra_dist.core.curvature.base import Factors
 from logra_dist.core.curvature.finalize import FinalizeReport, finalize_statistics
 from logra_dist.core.projection import LayerSpec
 from logra_dist.data import DataIdentity
@@ -49,12 +48,12 @@ from logra_dist.index.format import (
     shard_path,
     stats_attrs,
     upgrade_manifest,
-    write_stats,
 )
 from logra_dist.index.h5io import write_json_atomic
 from logra_dist.index.lock import JobLocks, lock_job
 from logra_dist.index.resume import agree_on_state, pca_path, read_pca, write_pca
 from logra_dist.index.signals import StopOnSignals
+from logra_dist.index.stats_writer import StatsWriter
 from logra_dist.index.writer import ShardWriter
 from logra_dist.session import GradientSession
 from logra_dist.tracking import NullTracker
@@ -358,10 +357,13 @@ class Logger(GradientSession):
         then rank 0 writes stats.h5 and manifest.json. Returns the manifest. Safe to re-run
         after a kill (resume=True): complete shards are adopted, not rebuilt."""
         self._require("finalize()", Phase.LOGGING)
+        report, start = FinalizeReport(), time.perf_counter()
+        self.finalize_report = report
         with self.tracker.phase("write-drain"):  # close() waits for the writer: views, no copy
-            self._writer.close(
-                complete=True, stats=self.accumulator.snapshot(copy=False), nonfinite_ids=self.nonfinite_ids
-            )
+            with report.timed("flush"):  # buffered rows folded in, lower tiles mirrored (raw)
+                stats = self.accumulator.snapshot(copy=False)
+            with report.timed("drain"):
+                self._writer.close(complete=True, stats=stats, nonfinite_ids=self.nonfinite_ids)
         self.bytes_written = self._writer.bytes_written
         self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
         if self._finished:
@@ -372,6 +374,7 @@ class Logger(GradientSession):
         rank_stats_path(shard_path(self.out_dir, self.rank)).unlink(missing_ok=True)
         self._locks.release()
         self._writer, self.phase = None, Phase.FINALIZED
+        report.total_s = time.perf_counter() - start
         return manifest
 
     def _finished_manifest(self) -> dict[str, Any]:
@@ -417,11 +420,13 @@ class Logger(GradientSession):
         info = torch.zeros(6 * w, dtype=torch.float64)
         info[self.rank] = self._writer.rows_total
         info[w + self.rank], info[2 * w + self.rank] = _digest_words(self._writer.ids_digest)
-        content = shard_content_digest(shard_path(self.out_dir, self.rank))
+        report = self.finalize_report
+        with report.timed("digest"):
+            content = shard_content_digest(shard_path(self.out_dir, self.rank))
         info[3 * w + self.rank], info[4 * w + self.rank] = _digest_words(content)
         info[5 * w + self.rank] = len(self.nonfinite_ids)  # a count: the ids stay in the shard
         local = self.accumulator.counts()
-        with self.tracker.phase("all-reduce"):
+        with self.tracker.phase("all-reduce"), report.timed("counts"):
             reduced = comm.all_reduce_sum(torch.cat([local, info]))
         self.accumulator.load_counts(reduced[: local.numel()])
         if self.config.fisher in MODEL_FISHERS and self.accumulator.needs_statistics and self.accumulator.samples == 0:
@@ -440,24 +445,48 @@ class Logger(GradientSession):
             )
         manifest = self._manifest(counts[:w], digests, nonfinite, contents)
         self._warn_nonfinite(sum(nonfinite))
-        layers = self._decompose()
+        stats = None
+        if self.rank == 0:  # stats.h5 written while the later layers are decomposed
+            attrs = stats_attrs(manifest, self.accumulator.samples)
+            stats = StatsWriter(self.out_dir / STATS_FILE, self.config.hessian, self.config.damping, attrs)
+        try:
+            lambdas = self._decompose(stats)
 
-        def write() -> None:
-            with self.tracker.phase("stats"):  # damping, stats.h5
-                self._write_stats(manifest, layers)
-            write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
+            def write() -> None:
+                with self.tracker.phase("stats"), report.timed("stats"):  # the last layers, the digest
+                    self._finish_stats(stats, manifest, lambdas)
+                with report.timed("manifest"):
+                    write_json_atomic(self.out_dir / MANIFEST_FILE, manifest)
 
-        comm.rank0_alone(write, status, manifest["shards_digest"])
+            with report.timed("alone"):
+                comm.rank0_alone(write, status, manifest["shards_digest"])
+        except BaseException:  # any rank's failure, a signal: no stats.h5, its writer stopped
+            if stats is not None:
+                stats.abort()
+            raise
+        report.alone_s -= report.stats_s + report.manifest_s  # rank 0's own work is timed apart
         return manifest
 
-    def _decompose(self) -> Factors:
-        """Every layer's eigendecomposition, on rank 0 (empty elsewhere, and without statistics)."""
+    def _decompose(self, stats: StatsWriter | None) -> dict[str, float]:
+        """Every layer's eigendecomposition, streamed into `stats` on rank 0 (None elsewhere);
+        returns the lambdas on rank 0 ({} elsewhere, and without statistics)."""
+        lambdas: dict[str, float] = {}
         if not self.accumulator.needs_statistics or self.accumulator.samples <= 0:
-            return {}
-        layers, self.finalize_report = finalize_statistics(
-            self.accumulator, self.config.damping, self.device, self.tracker
+            return lambdas
+        kind, damping = type(self.accumulator), self.config.damping
+
+        def keep(spec: LayerSpec, get) -> None:
+            def state() -> dict[str, np.ndarray]:  # in the writer thread: may wait for the transfer
+                pre = kind.from_factors([spec], damping, {spec.name: get()})  # damping is per layer
+                lambdas.update(pre.lambdas)
+                return pre.state()
+
+            stats.add(state)
+
+        finalize_statistics(
+            self.accumulator, damping, self.device, self.tracker, self.finalize_report, None if stats is None else keep
         )
-        return layers
+        return lambdas
 
     def _manifest(
         self, rows_per_rank: list[int], digests: list[str], nonfinite_per_rank: list[int], contents: list[str]
@@ -476,25 +505,16 @@ class Logger(GradientSession):
             content_digests=contents,
         ).to_dict()
 
-    def _write_stats(self, manifest: dict[str, Any], layers: Factors) -> None:
+    def _finish_stats(self, stats: StatsWriter, manifest: dict[str, Any], lambdas: dict[str, float]) -> None:
+        """After the layers: the PCA projections, then stats.h5 closed and renamed into place."""
         state: dict[str, np.ndarray] = {}
-        lambdas: dict[str, float] = {}
-        if layers:
-            pre = type(self.accumulator).from_factors(self.specs, self.config.damping, layers)
-            state.update(pre.state())
-            lambdas = pre.lambdas
         for name, (p_in, p_out) in self.projections.items():
             if self.config.init == "pca":  # random projections are regenerated from the seed
                 state[f"{name}/p_in"] = p_in.cpu().numpy()
                 state[f"{name}/p_out"] = p_out.cpu().numpy()
-        manifest["lambdas"] = lambdas
-        write_stats(
-            self.out_dir / STATS_FILE,
-            self.config.hessian,
-            self.config.damping,
-            state,
-            stats_attrs(manifest, self.accumulator.samples),
-        )
+        stats.add(state)
+        stats.close()  # every layer's lambda is known once its writer is done
+        manifest["lambdas"] = {s.name: lambdas[s.name] for s in self.specs if s.name in lambdas}
 
     def close(self) -> None:
         """Remove the hooks and restore the weights; an unfinalized shard stays, for resume=True."""

@@ -499,19 +499,25 @@ def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarr
             f.attrs["digest"] = stats_digest(sums, attrs)
     except OSError as e:
         tmp.unlink(missing_ok=True)  # never renamed into place; the shards and side files stay
-        if e.errno in DISK_FULL:
-            raise IndexFormatError(
-                f"{path}: disk full while writing the statistics ({e!r}); the shards are complete: "
-                "free space and rerun the same command with --resume to finish the index"
-            ) from e
-        raise
+        raise stats_write_error(path, e) from e
     os.replace(tmp, path)
 
 
+def stats_write_error(path: Path, e: OSError) -> Exception:
+    """What a failed stats.h5 write raises: a full disk as an IndexFormatError saying what to do."""
+    if e.errno in DISK_FULL:
+        return IndexFormatError(
+            f"{path}: disk full while writing the statistics ({e!r}); the shards are complete: "
+            "free space and rerun the same command with --resume to finish the index"
+        )
+    return e
+
+
 def dataset_sha(arr: np.ndarray) -> str:
-    """The checksum a stats.h5 dataset carries: sha256 of its dtype, shape and bytes."""
+    """The checksum a stats.h5 dataset carries: sha256 of its dtype, shape and bytes (hashed in
+    place: a copy of a 64 MB eigenbasis cost as much as the hash)."""
     h = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 

@@ -10,6 +10,7 @@ Writes <out>/checks-rank<R>.json.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -23,15 +24,60 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from logra_dist import comm  # noqa: E402
+from logra_dist.core.curvature.raw import Raw  # noqa: E402
 from logra_dist.engines.launch import destroy_distributed, exit_process, init_distributed  # noqa: E402
+from logra_dist.index import stats_writer  # noqa: E402
+from logra_dist.logger import Logger  # noqa: E402
 
 GROUP_TIMEOUT_S = 4.0  # the gloo group's own timeout; rank 0's lone work below takes longer
 
 
-def log(out: Path, hessian: str, bucket_bytes: int, n: int) -> None:
+REPORTS: dict[str, dict[str, float]] = {}  # index folder name -> this rank's FinalizeReport figures
+
+
+def log(out: Path, hessian: str, bucket_bytes: int, n: int, *extra: str) -> None:
     comm.REDUCE_BUCKET_BYTES = bucket_bytes
-    args = mlp_worker.parser().parse_args(["--out", str(out), "--hessian", hessian, "--n", str(n), "--k", "3"])
-    mlp_worker.run(args)
+    args = mlp_worker.parser().parse_args(["--out", str(out), "--hessian", hessian, "--n", str(n), "--k", "3", *extra])
+    finalize = Logger.finalize
+
+    def keep_report(logger: Logger):  # the report of this run, kept for the test
+        try:
+            manifest = finalize(logger)
+        except BaseException:
+            logger.close()  # its locks released, as the process exit would (a resume follows here)
+            raise
+        REPORTS[out.name] = logger.finalize_report.figures()
+        return manifest
+
+    Logger.finalize = keep_report
+    try:
+        mlp_worker.run(args)
+    finally:
+        Logger.finalize = finalize
+
+
+def stats_failure(out: Path, n: int) -> str:
+    """Rank 0's stats.h5 writer thread hits a full disk at its first layer, while the ranks still
+    decompose: every rank raises (the error text returned); nothing is renamed into place. Then
+    the same job with --resume finishes the index in `out`."""
+    original = stats_writer.dataset_sha
+
+    def full(arr):
+        raise OSError(errno.ENOSPC, "No space left on device (test)")
+
+    if comm.rank() == 0:
+        stats_writer.dataset_sha = full
+    try:
+        log(out, "raw", 64 << 20, n)
+        error = "none"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        stats_writer.dataset_sha = original
+    comm.barrier()
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith(("stats.h5", "manifest")))
+    log(out, "raw", 64 << 20, n, "--resume")
+    return f"{error} | left: {left}"
 
 
 def bucket_check(rank: int) -> dict:
@@ -48,6 +94,29 @@ def bucket_check(rank: int) -> dict:
         target = expected.float().double() if rank == 1 else local.double()  # float64 sums, stored float32
         out[str(bucket)] = {"calls": calls, "max_error": float((got - target).abs().max())}
     return out
+
+
+def eigh_failure(out: Path, n: int) -> str:
+    """The last layer's eigh fails on its owner (2 ranks: rank 0 in round 2, with rank 1's layer
+    of round 1 still in flight to it): every rank raises, nothing is left in place."""
+    original = Raw.layer_factors
+
+    def failing(self, spec, *args, **kwargs):
+        if spec.name == self.specs[-1].name:
+            raise ValueError("eigh failed (test)")
+        return original(self, spec, *args, **kwargs)
+
+    Raw.layer_factors = failing
+    try:
+        log(out, "raw", 64 << 20, n)
+        error = "none"
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        Raw.layer_factors = original
+    comm.barrier()
+    left = sorted(p.name for p in out.iterdir() if p.name.startswith(("stats.h5", "manifest")))
+    return f"{error} | left: {left}"
 
 
 def rank0_alone_check(rank: int, out: Path) -> dict:
@@ -100,7 +169,9 @@ def main() -> None:
         log(out / hessian, hessian, 64 << 20, args.n)
         log(out / f"{hessian}-small-buckets", hessian, 24, args.n)
     log(out / "ekfac", "ekfac", 64 << 20, args.n)
-    checks: dict = {"rank": info.rank}
+    checks: dict = {"rank": info.rank, "reports": REPORTS}
+    checks["stats_failure"] = stats_failure(out / "raw-stats-failed", args.n)
+    checks["eigh_failure"] = eigh_failure(out / "raw-eigh-failed", args.n)
     if info.world_size >= 2:
         checks["buckets"] = bucket_check(info.rank)
     if args.timeouts:

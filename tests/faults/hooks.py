@@ -97,19 +97,20 @@ def _signal_in(phase: str, sig: str, target: str = "self") -> None:
 
         writer.block_checksums = block_checksums
     elif phase in ("stats", "manifest"):
-        original_json, original_stats = logger.write_json_atomic, logger.write_stats
+        original_json, original_stats = logger.write_json_atomic, logger.StatsWriter
 
-        def write_stats(path, *a, **k):
-            if phase == "stats":
-                _busy_after(sig, group=target == "group")
-            original_stats(path, *a, **k)
+        class StatsWriter(original_stats):
+            def add(self, state):  # the first layer queued: its writer thread is writing stats.h5
+                super().add(state)
+                if phase == "stats":
+                    _busy_after(sig, group=target == "group")
 
         def write_json_atomic(path, data):
             if phase == "manifest" and path.name == "manifest.json":
                 _busy_after(sig, group=target == "group")
             original_json(path, data)
 
-        logger.write_stats, logger.write_json_atomic = write_stats, write_json_atomic
+        logger.StatsWriter, logger.write_json_atomic = StatsWriter, write_json_atomic
     else:
         raise ValueError(f"signal_in: unknown phase {phase!r}")
 
@@ -203,13 +204,14 @@ def _fsize(limit: int) -> None:
 def _fsize_at_stats(limit: int) -> None:
     from logra_dist import logger
 
-    original = logger.write_stats
+    original = logger.StatsWriter
 
-    def write_stats(*args, **kwargs):
-        _fsize(limit)
-        original(*args, **kwargs)
+    class StatsWriter(original):  # opened once the shards are complete, before the eighs
+        def __init__(self, *args, **kwargs):
+            _fsize(limit)
+            super().__init__(*args, **kwargs)
 
-    logger.write_stats = write_stats
+    logger.StatsWriter = StatsWriter
 
 
 _INSTALL = {

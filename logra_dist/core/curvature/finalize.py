@@ -4,10 +4,12 @@ the decompositions sent to rank 0 (which writes stats.h5).
 Layer i belongs to rank `owner(i) = i mod world`. Its sums are reduced to that rank alone, in
 float64 buckets of `comm.REDUCE_BUCKET_BYTES` (peak extra memory: one bucket, not a copy of
 every statistic). Then in rounds of `world` layers each rank decomposes its layer of the round on
-the compute device and sends the fields to rank 0; a round ends with one tiny all-reduce of
-every rank's status, so an error on any rank (a singular layer, out of memory) is raised on all
-of them, and no rank waits in a collective longer than one round (one layer's eigh and one
-transfer) takes.
+the compute device and sends the fields to rank 0, in the background during the next round's
+eigh (waited for before that round's status: the link and rank 0 are not idle-waited on); a
+round ends with one tiny all-reduce of every rank's status, so an error on any rank (a singular
+layer, out of memory) is raised on all of them, and no rank waits in a collective longer than
+one round (one layer's eigh and one transfer) takes. Rank 0 hands each layer, in layer order, to
+the caller's `on_layer` (the Logger's stats.h5 writer thread) as soon as it has it.
 
 Precision: eigh runs in float32 when it is accurate enough and in float64 otherwise. For a layer
 with damped condition number kappa = (e_max + lambda) / lambda, the preconditioned product
@@ -22,7 +24,10 @@ Statistics accumulated in float64 (compute_dtype="float64") are decomposed in fl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -34,6 +39,10 @@ from logra_dist.tracking import NULL_TRACKER, NullTracker
 FLOAT32_ERROR_FACTOR = 4.0
 FLOAT32_MAX_ERROR = 1e-3
 _EPS32 = torch.finfo(torch.float32).eps
+# Rank 0's receiver of one decomposed layer: `on_layer(spec, get)`, `get()` returning its factors
+# (for a layer still in transfer from its owner, once it has arrived: call it from another thread,
+# as the Logger's stats.h5 writer does, to overlap the wait with rank 0's next eigh).
+LayerSink = Callable[[LayerSpec, Callable[[], dict[str, torch.Tensor]]], None]
 
 
 def owner(index: int, world: int) -> int:
@@ -48,21 +57,40 @@ def float32_error_bound(kappa: float) -> float:
 
 @dataclass
 class FinalizeReport:
-    """Where finalize's time went on this rank, and which layers needed float64."""
+    """Where `Logger.finalize`'s time went on this rank, part by part (every second of it in
+    one part, so that a gap between ranks shows where it is), and which layers needed float64."""
 
-    reduce_s: float = 0.0
-    decompose_s: float = 0.0
-    transfer_s: float = 0.0
+    flush_s: float = 0.0  # the statistics brought up to date (raw: buffered rows, lower tiles)
+    drain_s: float = 0.0  # the shard built, the last statistics committed beside it
+    digest_s: float = 0.0  # the shard's content digest (reads it back)
+    counts_s: float = 0.0  # the counts' all-reduce: waits for the slowest rank's drain
+    reduce_s: float = 0.0  # the sums onto their owners
+    decompose_s: float = 0.0  # this rank's eighs
+    wait_s: float = 0.0  # the per-round status all-reduce: waits for the round's slowest eigh
+    transfer_s: float = 0.0  # decompositions to rank 0
+    stats_s: float = 0.0  # rank 0: damping, stats.h5 (what the overlap with the eighs left)
+    manifest_s: float = 0.0  # rank 0: manifest.json
+    alone_s: float = 0.0  # rank 0 alone (comm.rank0_alone): rank 0's barrier, the others' polling
+    total_s: float = 0.0
     reduce_calls: int = 0
     float64_layers: list[str] = field(default_factory=list)
 
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """`with report.timed("stats"):` adds the block's wall time to `stats_s`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, f"{part}_s", getattr(self, f"{part}_s") + time.perf_counter() - start)
+
     def figures(self) -> dict[str, float]:
-        return {
-            "time/finalize-reduce": self.reduce_s,
-            "time/finalize-eigh": self.decompose_s,
-            "time/finalize-transfer": self.transfer_s,
-            "count/finalize_float64_layers": float(len(self.float64_layers)),
-        }
+        parts = ("flush", "drain", "digest", "counts", "reduce", "wait", "transfer", "stats", "manifest", "alone")
+        out = {f"time/finalize-{p}": getattr(self, f"{p}_s") for p in parts}
+        out["time/finalize-eigh"] = self.decompose_s
+        out["time/finalize"] = self.total_s
+        out["count/finalize_float64_layers"] = float(len(self.float64_layers))
+        return out
 
 
 def reduce_to_owners(curvature: Curvature, report: FinalizeReport | None = None) -> None:
@@ -104,13 +132,54 @@ def _check_lambda(spec: LayerSpec, lam: float, damping: float) -> None:
 
 
 def decompose_to_rank0(
-    curvature: Curvature, damping: float, device="cpu", report: FinalizeReport | None = None
+    curvature: Curvature,
+    damping: float,
+    device="cpu",
+    report: FinalizeReport | None = None,
+    on_layer: LayerSink | None = None,
 ) -> Factors:
     """Collective, after `reduce_to_owners`: every layer decomposed by its owner; rank 0 returns
-    all layers' factors, the other ranks an empty dict."""
+    all layers' factors, the other ranks an empty dict. With `on_layer`, rank 0 hands each layer
+    to it instead (`LayerSink`), in layer order, as soon as it has it or its transfer is posted
+    (its own before the round's status is known: the caller discards them if finalize fails),
+    and returns {}."""
     report = report or FinalizeReport()
-    me, world, specs = comm.rank(), comm.world_size(), curvature.specs
     layers: Factors = {}
+    in_flight: list[tuple[LayerSpec | None, comm.Transfer]] = []  # last round's, done during this eigh
+    posted: list[comm.Transfer] = []  # rank 0's handed to on_layer: all complete before this returns
+    try:
+        _rounds(curvature, damping, device, report, on_layer, layers, in_flight, posted)
+    except BaseException:
+        for transfer in posted:  # matched sends (their round's status was good): the buffers stay alive
+            with suppress(Exception):
+                transfer.wait()
+        raise
+    for transfer in posted:
+        transfer.wait()
+    return layers
+
+
+def _rounds(
+    curvature: Curvature,
+    damping: float,
+    device,
+    report: FinalizeReport,
+    on_layer: LayerSink | None,
+    layers: Factors,
+    in_flight: list[tuple[LayerSpec | None, comm.Transfer]],
+    posted: list[comm.Transfer],
+) -> None:
+    """`decompose_to_rank0`'s rounds: fills `layers` (rank 0, without on_layer) and `posted`."""
+    me, world, specs = comm.rank(), comm.world_size(), curvature.specs
+
+    def settle() -> None:
+        with report.timed("transfer"):
+            for spec, transfer in in_flight:
+                got = transfer.wait()
+                if spec is not None:  # rank 0: a layer received
+                    layers[spec.name] = _unpack(curvature, spec, got)
+            in_flight.clear()
+
     for first in range(0, len(specs), world):
         mine = first + me
         failed, wide = torch.zeros(world, dtype=torch.float64), torch.zeros(world, dtype=torch.float64)
@@ -123,43 +192,74 @@ def decompose_to_rank0(
             except Exception as e:  # raised on every rank below, this one's own error here
                 error, failed[me] = e, 1.0
             report.decompose_s += time.perf_counter() - start
-        status = comm.all_reduce_sum(torch.cat([failed, wide]))
+        try:
+            settle()  # the last round's layers first: rank 0 delivers in layer order
+        except Exception as e:
+            error, failed[me] = error or e, 1.0
+        if me == 0 and error is None and mine < len(specs):
+            try:  # written (on_layer) while the others finish their eigh
+                _deliver(layers, on_layer, specs[mine], partial(_given, factors))
+            except Exception as e:
+                error, failed[me] = e, 1.0
+        with report.timed("wait"):
+            status = comm.all_reduce_sum(torch.cat([failed, wide]))
         if status[:world].any():
             if error is not None:
                 raise error
             bad = [r for r in range(world) if status[r]]
             raise RuntimeError(f"finalize failed on rank(s) {bad} (layers {[specs[first + r].name for r in bad]})")
-        start = time.perf_counter()
-        for r in range(world):
-            i = first + r
-            if i >= len(specs):
-                break
-            dtype = torch.float64 if status[world + r] else torch.float32
-            if dtype == torch.float64 and me == 0:
-                report.float64_layers.append(specs[i].name)
-            if r == me:
-                if me == 0:
-                    layers[specs[i].name] = factors
-                else:
-                    comm.send_tensor(torch.cat([factors[k].reshape(-1) for k in curvature.factor_shapes(specs[i])]), 0)
-            elif me == 0:
-                layers[specs[i].name] = _unpack(
-                    curvature, specs[i], comm.recv_tensor(_numel(curvature, specs[i]), dtype, r)
-                )
-        report.transfer_s += time.perf_counter() - start
-    return layers
+        with report.timed("transfer"):  # posted now, waited for after the next round's eigh
+            for r in range(world):
+                i = first + r
+                if i >= len(specs):
+                    break
+                dtype = torch.float64 if status[world + r] else torch.float32
+                if dtype == torch.float64 and me == 0:
+                    report.float64_layers.append(specs[i].name)
+                if r == me and me != 0:
+                    flat = torch.cat([factors[k].reshape(-1) for k in curvature.factor_shapes(specs[i])])
+                    in_flight.append((None, comm.isend_tensor(flat, 0)))
+                elif r != me and me == 0:
+                    transfer = comm.irecv_tensor(_numel(curvature, specs[i]), dtype, r)
+                    if on_layer is None:
+                        in_flight.append((specs[i], transfer))
+                    else:  # its receiver waits for it, in layer order
+                        posted.append(transfer)
+                        on_layer(specs[i], partial(_received, curvature, specs[i], transfer))
+    settle()
+
+
+def _deliver(layers: Factors, on_layer: LayerSink | None, spec: LayerSpec, get: Callable[[], dict]) -> None:
+    if on_layer is None:
+        layers[spec.name] = get()
+    else:
+        on_layer(spec, get)
+
+
+def _given(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return factors
+
+
+def _received(curvature: Curvature, spec: LayerSpec, transfer: comm.Transfer) -> dict[str, torch.Tensor]:
+    return _unpack(curvature, spec, transfer.wait())
 
 
 def finalize_statistics(
-    curvature: Curvature, damping: float, device="cpu", tracker: NullTracker = NULL_TRACKER
+    curvature: Curvature,
+    damping: float,
+    device="cpu",
+    tracker: NullTracker = NULL_TRACKER,
+    report: FinalizeReport | None = None,
+    on_layer: LayerSink | None = None,
 ) -> tuple[Factors, FinalizeReport]:
     """Collective: `reduce_to_owners` then `decompose_to_rank0`, timed as the tracker's
-    "all-reduce" and "eigh" phases. Rank 0 gets every layer's factors, the others {}."""
-    report = FinalizeReport()
+    "all-reduce" and "eigh" phases. Rank 0 gets every layer's factors (or hands them to
+    `on_layer`), the others {}."""
+    report = report or FinalizeReport()
     with tracker.phase("all-reduce"):
         reduce_to_owners(curvature, report)
     with tracker.phase("eigh"):
-        layers = decompose_to_rank0(curvature, damping, device, report)
+        layers = decompose_to_rank0(curvature, damping, device, report, on_layer)
     tracker.count(finalize_float64_layers=len(report.float64_layers))
     return layers, report
 
