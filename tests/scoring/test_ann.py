@@ -58,8 +58,36 @@ def test_flat_without_sketch_returns_the_exact_topk(small, mode, union_gemm, mon
     got = topk(small, q, mode, 10, ann=True, candidates=10)
     np.testing.assert_array_equal(got.train_ids, exact.train_ids)
     np.testing.assert_allclose(got.scores, exact.scores, rtol=1e-5, atol=0)
-    assert got.info == {"ann": True, "ann_candidates": 10, "ann_factory": "Flat", "ann_sketch_dim": 256}
+    want = {"ann": True, "ann_candidates": 10, "ann_factory": "Flat", "ann_sketch_dim": 256, "ann_search_params": ""}
+    assert got.info == want
     assert exact.info == {}
+
+
+def test_search_params_given_at_scoring_replace_the_files_own(small):
+    """IVF4 built with nprobe=1 (one of 4 lists probed) misses part of the exact top-k; scoring
+    with search_params="nprobe=4" probes every list: the exact top-k, recorded in info; the next
+    call without them is back to the file's nprobe=1; parameters FAISS does not know for the
+    factory are a ValueError naming them."""
+    q = queries(9, 256, seed=1)
+    build_ann(small, factory="IVF4,Flat", mode="relatif", dim=256, search_params="nprobe=1")
+    exact = topk(small, q, "relatif", 10)
+    sc = ld.Scorer(None, small, mode="relatif")
+    sc.add_query_gradients(q, np.arange(len(q)))
+    try:
+        one = sc.topk(10, ann=True, candidates=10)
+        every = sc.topk(10, ann=True, candidates=10, search_params="nprobe=4")
+        again = sc.topk(10, ann=True, candidates=10)
+        with pytest.raises(ValueError, match=r"efSearch=9.*IVF4,Flat"):
+            sc.topk(10, ann=True, candidates=10, search_params="efSearch=9")
+        with pytest.raises(ValueError, match="ann=True"):
+            sc.topk(10, search_params="nprobe=4")
+    finally:
+        sc.close()
+    assert recall(exact.train_ids, one.train_ids) < 1.0
+    np.testing.assert_array_equal(every.train_ids, exact.train_ids)
+    np.testing.assert_array_equal(again.train_ids, one.train_ids)
+    assert (one.info["ann_search_params"], every.info["ann_search_params"]) == ("nprobe=1", "nprobe=4")
+    assert again.info["ann_search_params"] == "nprobe=1"
 
 
 def test_sketched_recall_is_high_on_structured_rows(tmp_path):
