@@ -269,7 +269,7 @@ def main() -> None:
         nargs="*",
         default=[],
         help="FAISS search parameters given at scoring (one ANN run each, e.g. efSearch=256 efSearch=1024); "
-        "none: the files' own (HNSW: efSearch=256)",
+        "none: the files' own (HNSW: efSearch=512)",
     )
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--k", type=int, default=10)
