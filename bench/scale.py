@@ -1,7 +1,12 @@
 """Growth curves of the index with the corpus: bytes, exact scan, ANN build / search + re-rank,
 recall, scorer peak RSS, at 100k, 1M (and, with --rows 10000000, 10M) rows on this machine.
 
-    PYTHONPATH=. nice -n 10 python bench/scale.py --rows 100000 1000000 --out bench/results/scale.json
+    PYTHONPATH=. python bench/scale.py --rows 100000 1000000 --out bench/results/scale.json
+    PYTHONPATH=. python bench/scale.py --rows 100000 --candidates 100 --search-params efSearch=256 efSearch=512
+
+Run it at normal priority (its timings are the point); `--search-params` are given at scoring,
+one ANN run each, and every entry records the parameters in force, the result's info and a
+per-batch phase profile (ann-search, ann-read, gemm) of the batches after the first.
 
 Synthetic rows (`bench/ann.build_index`: D = 1024, 4 layers of 16 x 16, structured low-rank
 rows, raw projected Fisher), int8 shards, 2 shards; `--embedded` adds the real embedded index
