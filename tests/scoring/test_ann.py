@@ -168,12 +168,17 @@ def test_cli_build_and_score_record_ann_and_candidates(tmp_path):
     build_index(qidx, 4, 1, 1, seed=7)  # a query index with the same layout and config
     assert main(["ann", "build", str(index), "--factory", "Flat", "--mode", "dot"]) == 0
     args = ["score", "--index", str(index), "--query-index", str(qidx), "--mode", "dot", "--topk", "3"]
+    with pytest.raises(SystemExit, match="--search-params tunes the ANN search"):
+        main([*args, "--search-params", "nprobe=2", "--out", str(out), "--no-wandb"])
     assert main([*args, "--ann", "--candidates", "7", "--out", str(out), "--no-wandb"]) == 0
     with h5py.File(out / "topk.h5", "r") as f:
         assert bool(f.attrs["ann"]) and int(f.attrs["ann_candidates"]) == 7
         assert f.attrs["ann_factory"] == "Flat" and int(f.attrs["ann_sketch_dim"]) == 256  # default min(D, 256)
         ann_ids = f["train_ids"][()]
-    assert "ANN: 7 candidates per query and shard (Flat" in (out / "topk.md").read_text()
+    assert (
+        "ANN: 7 candidates per query and shard (Flat, sketch dim 256, search parameters none)"
+        in (out / "topk.md").read_text()
+    )
     assert ld.scoring.results.read_topk_h5(out / "topk.h5").info["ann_candidates"] == 7
     assert main([*args, "--out", str(tmp_path / "exact"), "--no-wandb"]) == 0
     with h5py.File(tmp_path / "exact" / "topk.h5", "r") as f:
