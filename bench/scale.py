@@ -1,7 +1,12 @@
 """Growth curves of the index with the corpus: bytes, exact scan, ANN build / search + re-rank,
 recall, scorer peak RSS, at 100k, 1M (and, with --rows 10000000, 10M) rows on this machine.
 
-    PYTHONPATH=. nice -n 10 python bench/scale.py --rows 100000 1000000 --out bench/results/scale.json
+    PYTHONPATH=. python bench/scale.py --rows 100000 1000000 --out bench/results/scale.json
+    PYTHONPATH=. python bench/scale.py --rows 100000 --candidates 100 --search-params efSearch=256 efSearch=512
+
+Run it at normal priority (its timings are the point); `--search-params` are given at scoring,
+one ANN run each, and every entry records the parameters in force, the result's info and a
+per-batch phase profile (ann-search, ann-read, gemm) of the batches after the first.
 
 Synthetic rows (`bench/ann.build_index`: D = 1024, 4 layers of 16 x 16, structured low-rank
 rows, raw projected Fisher), int8 shards, 2 shards; `--embedded` adds the real embedded index
@@ -60,13 +65,20 @@ def peak_rss() -> int:
 
 
 def worker(args: argparse.Namespace) -> None:
+    from logra_dist.tracking import Tracker
+
     torch.set_num_threads(args.threads)
     q = np.load(args.queries_file)
-    sc = ld.Scorer(None, args.index, mode=args.mode)
+    tracker = Tracker("scale", progress=False)
+    sc = ld.Scorer(None, args.index, mode=args.mode, tracker=tracker)
     sc.add_query_gradients(q, np.arange(len(q)))
     kw = {"ann": True, "candidates": args.candidates} if args.worker == "ann" else {}
+    if args.worker == "ann" and args.search_params:
+        kw["search_params"] = args.search_params[0]
     times, result = [], None
-    for _ in range(args.rounds + 1):  # the first: page cache, self-influence cache, ANN load
+    for r in range(args.rounds + 1):  # the first: page cache, self-influence cache, ANN load
+        if r == 1:
+            tracker.times.clear()  # the profile: the later batches only
         t = time.perf_counter()
         result = sc.topk(args.k, **kw)
         times.append(time.perf_counter() - t)
@@ -78,7 +90,10 @@ def worker(args: argparse.Namespace) -> None:
                 "seconds": float(np.median(times[1:])),
                 "rounds": args.rounds,
                 "peak_rss_bytes": peak_rss(),
-            }
+                "profile_s_per_batch": {k: v / args.rounds for k, v in sorted(tracker.times.items())},
+                "info": result.info,
+            },
+            default=str,
         )
     )
     sc.close()
@@ -105,8 +120,6 @@ def build_ann_timed(index: Path, factory: str, args) -> float:
         cmd += ["--sketch-dim", str(args.sketch_dim)]
     if args.sketch:
         cmd += ["--sketch", args.sketch]
-    if args.search_params:
-        cmd += ["--search-params", args.search_params]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -134,8 +147,8 @@ def codec_bytes(work: Path, rows: int) -> dict:
     return out
 
 
-def check_disk(work: Path, rows: int) -> None:
-    need = rows * (1100 * 1.3 + 128 * 4 + 300)  # int8 shards + ANN files (d = 128, HNSW graph, per-row sums)
+def check_disk(work: Path, rows: int, dim: int) -> None:
+    need = rows * (1100 * 1.3 + dim * 4 + 300)  # int8 shards + ANN files (float vectors, HNSW graph, per-row sums)
     free = shutil.disk_usage(work).free
     if need > free:
         raise SystemExit(f"{rows} rows need about {need / 1e9:.1f} GB in {work}, {free / 1e9:.1f} GB free")
@@ -145,7 +158,7 @@ def one_size(rows: int, args, work: Path) -> dict:
     index = work / f"int8-{rows}"
     entry: dict = {"rows": rows}
     if not (index / "manifest.json").exists():
-        check_disk(work, rows)
+        check_disk(work, rows, args.sketch_dim or 256)
         shutil.rmtree(index, ignore_errors=True)
         t = time.perf_counter()
         build_index(index, rows, LAYERS, SHARDS, storage="int8")
@@ -158,15 +171,18 @@ def one_size(rows: int, args, work: Path) -> dict:
     print(json.dumps({"rows": rows, "exact": entry["exact"]}), flush=True)
     entry["ann"] = []
     for factory in args.factories:
-        built = sorted((index / "shards").glob("*.ann"))
-        reuse = args.reuse_ann and len(built) == SHARDS and all(read_record(p).factory == factory for p in built)
+        built = [read_record(p) for p in sorted((index / "shards").glob("*.ann"))]
+        same = [(r.factory, r.sketch_dim, r.sketch) == (factory, args.sketch_dim or 256, args.sketch) for r in built]
+        reuse = args.reuse_ann and len(built) == SHARDS and all(same)
         build_s = None if reuse else build_ann_timed(index, factory, args)
         ann_bytes = sum(p.stat().st_size for p in (index / "shards").glob("*.ann"))
-        for c in args.candidates:
-            got = run_worker("ann", index, qfile, work / "ann-ids.npy", args, candidates=c)
+        for c, params in [(c, p) for p in args.search_params or [""] for c in args.candidates]:
+            extra = {"candidates": c, **({"search-params": params} if params else {})}
+            got = run_worker("ann", index, qfile, work / "ann-ids.npy", args, **extra)
             got.update(
                 factory=factory,
                 candidates=c,
+                search_params=got["info"]["ann_search_params"],
                 build_s=None if build_s is None else round(build_s, 1),
                 ann_bytes=ann_bytes,
                 recall=recall(exact_ids, np.load(work / "ann-ids.npy")),
@@ -216,7 +232,7 @@ def table(result: dict) -> str:
     """The README table of a scale.json."""
     mb = 1 / 1e6
     lines = [
-        "| rows | index MB (int8) | exact s / 64 q | exact peak RSS MB | factory, C | ANN build s | ANN MB |"
+        "| rows | index MB (int8) | exact s / 64 q | exact peak RSS MB | factory params, C | ANN build s | ANN MB |"
         " ANN s / 64 q | speedup | recall@10 | ANN peak RSS MB |",
         "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -233,7 +249,7 @@ def table(result: dict) -> str:
             build = "-" if a["build_s"] is None else f"{a['build_s']:.0f}"
             size = "-" if a.get("ann_bytes") is None else f"{a['ann_bytes'] * mb:.0f}"
             lines.append(
-                head + f" {a['factory']}, {a['candidates']} | {build} | {size} |"
+                head + f" {a['factory']} {a.get('search_params', '')}, {a['candidates']} | {build} | {size} |"
                 f" {a['seconds']:.3f} | {ex['seconds'] / a['seconds']:.1f}x | {a['recall']:.3f} |"
                 f" {a['peak_rss_bytes'] * mb:.0f} |"
             )
@@ -253,7 +269,13 @@ def main() -> None:
     p.add_argument("--candidates", nargs="+", type=int, default=[1000])
     p.add_argument("--sketch-dim", type=int, default=None)
     p.add_argument("--sketch", default="pca")
-    p.add_argument("--search-params", default="efSearch=256", help="FAISS search parameters for every factory")
+    p.add_argument(
+        "--search-params",
+        nargs="*",
+        default=[],
+        help="FAISS search parameters given at scoring (one ANN run each, e.g. efSearch=256 efSearch=1024); "
+        "none: the files' own (HNSW: efSearch=512)",
+    )
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
@@ -279,7 +301,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": "PYTHONPATH=. nice -n 10 python bench/scale.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=. python bench/scale.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(), "threads": args.threads},
         "disk_free_bytes": shutil.disk_usage(work).free,

@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="score only the candidates the shards' ANN files (`logra-dist ann build`) retrieve, exactly",
     )
     score.add_argument("--candidates", type=int, default=None, help="with --ann: candidates per query and shard")
+    score.add_argument(
+        "--search-params",
+        default=None,
+        help='with --ann: FAISS search parameters instead of the files\' own, e.g. "nprobe=64", "efSearch=512"',
+    )
     _add_ann(sub)
 
     inspect = sub.add_parser(
@@ -337,3 +342,5 @@ def check_args(args: argparse.Namespace) -> None:
     groups_of(args)
     if getattr(args, "ann", False) and (getattr(args, "bottomk", 0) or getattr(args, "groups", None)):
         raise SystemExit("--ann retrieves the nearest rows by total score: drop --bottomk/--groups or --ann")
+    if getattr(args, "search_params", None) and not getattr(args, "ann", False):
+        raise SystemExit("--search-params tunes the ANN search: add --ann or drop --search-params")

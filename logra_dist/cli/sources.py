@@ -212,7 +212,14 @@ def run_score_prompts(args: argparse.Namespace):
     pad_id = pad_token_id(tokenizer)
     run_samples(scorer, [c.sample for c in completions], args.batch_size, pad_id, tracker)
     with tracker.phase("score"):
-        result = scorer.topk(args.topk, groups, ann=args.ann, candidates=args.candidates, bottomk=args.bottomk)
+        result = scorer.topk(
+            args.topk,
+            groups,
+            ann=args.ann,
+            candidates=args.candidates,
+            bottomk=args.bottomk,
+            search_params=args.search_params,
+        )
     if args.export_matrix:
         scores = scorer.scores()  # collective
         if matrix is not None:
@@ -306,6 +313,7 @@ def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker, n_qu
     writer = scorer.results_writer(args.out) if args.out and comm.rank() == 0 else None
     n_scored = 0
     options = {"ann": args.ann, "candidates": args.candidates, "bottomk": args.bottomk}
+    options["search_params"] = args.search_params
     try:
         for i, result in enumerate(scorer.score_in_chunks(args.topk, feeds, groups, **options)):
             n_scored += len(result.query_ids)

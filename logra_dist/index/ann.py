@@ -273,9 +273,21 @@ def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
         or {row_sums.shape, row_self.shape} != {(record.rows,)}
     ):
         raise IndexFormatError(f"{path}: FAISS index holds {index.ntotal} x {index.d}, record says {record.rows}")
-    if record.search_params:
-        faiss.ParameterSpace().set_index_parameters(index, record.search_params)
+    set_search_params(index, record.search_params, record.factory)
     return LoadedAnn(index, record, row_sums.astype(np.uint64), row_self.astype(np.float64), matrix)
+
+
+def set_search_params(index, params: str, factory: str) -> None:
+    """FAISS ParameterSpace string (e.g. "nprobe=64", "efSearch=512") on a loaded index; a
+    ValueError naming the parameters and the factory when FAISS does not know them for it."""
+    if not params:
+        return
+    try:
+        faiss_module().ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as e:
+        raise ValueError(
+            f"FAISS search parameters {params!r} do not apply to factory {factory!r}: {str(e).strip()[:200]}"
+        ) from e
 
 
 def _piece_reader(data: h5py.Dataset):

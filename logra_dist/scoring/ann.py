@@ -50,6 +50,7 @@ from logra_dist.index.ann import (
     pca_matrix,
     read_record,
     search,
+    set_search_params,
     sketch,
     sketch_dim,
     sketch_matrix,
@@ -63,7 +64,7 @@ from logra_dist.index.stream import ChunkStream, gather_stored
 from logra_dist.scoring.kernels import ID_PAD, RunningTopK, TopKResult, normalize
 
 DEFAULT_CANDIDATES = 100  # per query and shard; measured in docs/scoring.md ("ANN")
-HNSW_SEARCH_PARAMS = "efSearch=256"  # HNSW's default when --search-params is not given (measured with it)
+HNSW_SEARCH_PARAMS = "efSearch=512"  # HNSW default: recall@10 0.934 at 256, 0.984 at 512 (1M rows, d = 64)
 # One GEMM against the union of a block's candidates and a gather, unless the union exceeds this
 # many times C: a gathered (bmm) multiply-add cost ~145x a GEMM one here (bench/ann.py, 1 thread).
 UNION_GEMM_RATIO = 64
@@ -203,9 +204,12 @@ def _checked_records(scorer) -> list[AnnRecord]:
     return out
 
 
-def ann_topk(scorer, k: int, groups: dict[str, str] | None, candidates: int | None) -> TopKResult:
+def ann_topk(
+    scorer, k: int, groups: dict[str, str] | None, candidates: int | None, search_params: str | None = None
+) -> TopKResult:
     """Collective (`Scorer.topk(k, ann=True)`): ANN candidates per shard, re-scored exactly on
-    each rank, merged across ranks as the exact scan's lists are."""
+    each rank, merged across ranks as the exact scan's lists are. search_params (e.g.
+    "nprobe=64", "efSearch=512"): FAISS parameters for this call instead of the files' own."""
     c = DEFAULT_CANDIDATES if candidates is None else int(candidates)
     if groups:
         raise ValueError("topk(ann=True): layer groups are not supported (candidates are retrieved by total score)")
@@ -213,22 +217,27 @@ def ann_topk(scorer, k: int, groups: dict[str, str] | None, candidates: int | No
         raise ValueError(f"topk(ann=True): candidates ({c}) must be >= k ({k})")
     q = scorer._gather_queries()
     q_white = whitened_queries(scorer, q.ids)  # collective
-    top, info = scorer._agreed(lambda: ann_local_topk(scorer, q, q_white, k, c), "ANN scoring")
+    job = lambda: ann_local_topk(scorer, q, q_white, k, c, search_params)  # noqa: E731
+    top, info = scorer._agreed(job, "ANN scoring")
     result = scorer._reduce(top, k, min(k, len(scorer.store)), q.ids)
     result.info = info
     return result
 
 
-def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> tuple[RunningTopK, dict[str, Any]]:
+def ann_local_topk(
+    scorer, q, q_white: np.ndarray, k: int, candidates: int, search_params: str | None = None
+) -> tuple[RunningTopK, dict[str, Any]]:
     """This rank's top-k over the ANN candidates of its whole shards, scored exactly (q_white:
     `whitened_queries`)."""
     store = scorer.store
     records = _checked_records(scorer)
+    params = [r.search_params if search_params is None else search_params for r in records]
     info = {
         "ann": True,
         "ann_candidates": int(candidates),
         "ann_factory": ",".join(sorted({r.factory for r in records})),
         "ann_sketch_dim": int(records[0].sketch_dim),
+        "ann_search_params": ";".join(sorted(set(params))),
     }
     top = RunningTopK(len(q.ids), k, scorer.score_dtype)
     mine = shard_owners([s.rows for s in store.shards], scorer.world)[scorer.rank]
@@ -236,7 +245,7 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
         return top, info
     q_self = q.self_layers.sum(1)
     with scorer.tracker.phase("ann-load"):
-        loaded = [(s, _loaded(scorer, s, records[s])) for s in mine]
+        loaded = [(s, _loaded(scorer, s, records[s], params[s])) for s in mine]
     n_q, per_row = len(q.ids), max(1, candidates) * store.width * 4
     step = max(1, min(QUERY_BLOCK, scorer.block_bytes // per_row))  # global sizes only
     for a in range(0, n_q, step):
@@ -253,14 +262,20 @@ def ann_local_topk(scorer, q, q_white: np.ndarray, k: int, candidates: int) -> t
 _LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _loaded(scorer, shard: int, record: AnnRecord) -> LoadedAnn:
+def _loaded(scorer, shard: int, record: AnnRecord, params: str) -> LoadedAnn:
+    """The shard's loaded file with the FAISS search parameters `params` in force (a file loaded
+    under other parameters is reloaded only when `params` is empty: nothing to set them back)."""
     path = ann_path(scorer.store.shards[shard].path)
     st = path.stat()
     key = (record.to_json(), st.st_mtime_ns, st.st_size, st.st_ino)
     cache = _LOADED.setdefault(scorer, {})
-    if cache.get(path, (None,))[0] != key:
-        cache[path] = (key, load_ann(path, record))
-    return cache[path][1]
+    held = cache.get(path)
+    if held is None or held[0] != key or (not params and held[2]):
+        held = cache[path] = (key, load_ann(path, record), record.search_params)
+    if params != held[2]:
+        set_search_params(held[1].index, params, record.factory)
+        cache[path] = held = (key, held[1], params)
+    return held[1]
 
 
 def _rescore(

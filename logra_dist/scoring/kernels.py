@@ -200,7 +200,8 @@ class TopKResult:
     """scores and train_ids: (n_queries, k), best first; query_ids: (n_queries,).
     groups: the same for each requested layer group (block-restricted scores); bottom: the lowest
     scores (most opposing examples), lowest first, when asked for; info: facts about the search
-    written with the results (ANN: ann, ann_candidates, ann_factory, ann_sketch_dim)."""
+    written with the results (ANN: ann, ann_candidates, ann_factory, ann_sketch_dim,
+    ann_search_params)."""
 
     scores: np.ndarray
     train_ids: np.ndarray

@@ -174,7 +174,8 @@ def markdown_header(result: TopKResult, run_id: str | None = None) -> str:
     if result.info.get("ann"):
         ann = (
             f"ANN: {result.info.get('ann_candidates')} candidates per query and shard "
-            f"({result.info.get('ann_factory')}, sketch dim {result.info.get('ann_sketch_dim')}), re-scored exactly\n\n"
+            f"({result.info.get('ann_factory')}, sketch dim {result.info.get('ann_sketch_dim')}, search "
+            f"parameters {result.info.get('ann_search_params') or 'none'}), re-scored exactly\n\n"
         )
     return f"{title}\n\nmode: {result.mode}, damping: {result.damping:g}{run}\n\n{ann}"
 

@@ -288,6 +288,7 @@ class Scorer:
         ann: bool = False,
         candidates: int | None = None,
         bottomk: int = 0,
+        search_params: str | None = None,
     ) -> TopKResult:
         """Collective: the k best training ids per query (all ranks return the same result).
         groups: {name: layer-name regex} adds block-restricted results in `result.groups`.
@@ -295,17 +296,20 @@ class Scorer:
         group's), lowest first (`scoring/scan.py`).
         Queries are ordered by id; k larger than the index returns every row. ann=True: only the
         `candidates` rows per query and shard that the shards' ANN files retrieve are scored
-        (exactly; `scoring/ann.py`); `result.info` records it."""
+        (exactly; `scoring/ann.py`), search_params (e.g. "nprobe=64") in place of the files' own;
+        `result.info` records both."""
         if k < 1:
             raise ValueError(f"topk: k must be >= 1, got {k}")
         k = min(k, max(1, len(self.store)))  # before any (n_q, k) list is allocated: same result
         if bottomk < 0:
             raise ValueError(f"topk: bottomk must be >= 0, got {bottomk}")
         bottomk = min(bottomk, max(1, len(self.store)))
+        if search_params is not None and not ann:
+            raise ValueError("topk: search_params tune the ANN search; pass ann=True or drop them")
         if ann:
             if bottomk:
                 raise ValueError("topk(ann=True): bottom-k is not supported (ANN retrieves the nearest rows only)")
-            return ann_topk(self, k, groups, candidates)
+            return ann_topk(self, k, groups, candidates, search_params)
         plan = GroupPlan(self.store.layout, groups)
         q = self._gather_queries()
         self_plan = self._kept_plan or self._plan_self_influence(self.mode != "dot")

@@ -58,8 +58,36 @@ def test_flat_without_sketch_returns_the_exact_topk(small, mode, union_gemm, mon
     got = topk(small, q, mode, 10, ann=True, candidates=10)
     np.testing.assert_array_equal(got.train_ids, exact.train_ids)
     np.testing.assert_allclose(got.scores, exact.scores, rtol=1e-5, atol=0)
-    assert got.info == {"ann": True, "ann_candidates": 10, "ann_factory": "Flat", "ann_sketch_dim": 256}
+    want = {"ann": True, "ann_candidates": 10, "ann_factory": "Flat", "ann_sketch_dim": 256, "ann_search_params": ""}
+    assert got.info == want
     assert exact.info == {}
+
+
+def test_search_params_given_at_scoring_replace_the_files_own(small):
+    """IVF4 built with nprobe=1 (one of 4 lists probed) misses part of the exact top-k; scoring
+    with search_params="nprobe=4" probes every list: the exact top-k, recorded in info; the next
+    call without them is back to the file's nprobe=1; parameters FAISS does not know for the
+    factory are a ValueError naming them."""
+    q = queries(9, 256, seed=1)
+    build_ann(small, factory="IVF4,Flat", mode="relatif", dim=256, search_params="nprobe=1")
+    exact = topk(small, q, "relatif", 10)
+    sc = ld.Scorer(None, small, mode="relatif")
+    sc.add_query_gradients(q, np.arange(len(q)))
+    try:
+        one = sc.topk(10, ann=True, candidates=10)
+        every = sc.topk(10, ann=True, candidates=10, search_params="nprobe=4")
+        again = sc.topk(10, ann=True, candidates=10)
+        with pytest.raises(ValueError, match=r"efSearch=9.*IVF4,Flat"):
+            sc.topk(10, ann=True, candidates=10, search_params="efSearch=9")
+        with pytest.raises(ValueError, match="ann=True"):
+            sc.topk(10, search_params="nprobe=4")
+    finally:
+        sc.close()
+    assert recall(exact.train_ids, one.train_ids) < 1.0
+    np.testing.assert_array_equal(every.train_ids, exact.train_ids)
+    np.testing.assert_array_equal(again.train_ids, one.train_ids)
+    assert (one.info["ann_search_params"], every.info["ann_search_params"]) == ("nprobe=1", "nprobe=4")
+    assert again.info["ann_search_params"] == "nprobe=1"
 
 
 def test_sketched_recall_is_high_on_structured_rows(tmp_path):
@@ -140,12 +168,17 @@ def test_cli_build_and_score_record_ann_and_candidates(tmp_path):
     build_index(qidx, 4, 1, 1, seed=7)  # a query index with the same layout and config
     assert main(["ann", "build", str(index), "--factory", "Flat", "--mode", "dot"]) == 0
     args = ["score", "--index", str(index), "--query-index", str(qidx), "--mode", "dot", "--topk", "3"]
+    with pytest.raises(SystemExit, match="--search-params tunes the ANN search"):
+        main([*args, "--search-params", "nprobe=2", "--out", str(out), "--no-wandb"])
     assert main([*args, "--ann", "--candidates", "7", "--out", str(out), "--no-wandb"]) == 0
     with h5py.File(out / "topk.h5", "r") as f:
         assert bool(f.attrs["ann"]) and int(f.attrs["ann_candidates"]) == 7
         assert f.attrs["ann_factory"] == "Flat" and int(f.attrs["ann_sketch_dim"]) == 256  # default min(D, 256)
         ann_ids = f["train_ids"][()]
-    assert "ANN: 7 candidates per query and shard (Flat" in (out / "topk.md").read_text()
+    assert (
+        "ANN: 7 candidates per query and shard (Flat, sketch dim 256, search parameters none)"
+        in (out / "topk.md").read_text()
+    )
     assert ld.scoring.results.read_topk_h5(out / "topk.h5").info["ann_candidates"] == 7
     assert main([*args, "--out", str(tmp_path / "exact"), "--no-wandb"]) == 0
     with h5py.File(tmp_path / "exact" / "topk.h5", "r") as f:
