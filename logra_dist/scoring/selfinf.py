@@ -26,7 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from logra_dist.index.format import MANIFEST_FILE, STATS_FILE, IndexFormatError, dataset_sha
+from logra_dist.index.format import MANIFEST_FILE, STATS_FILE, IndexFormatError, dataset_sha_streamed
 from logra_dist.index.h5io import _GuardedFile, h5_writing
 from logra_dist.index.partition import Ranges
 from logra_dist.scoring.cacheplace import lock, remove_quietly, user_dir
@@ -87,7 +87,7 @@ class SelfInfluenceCache:
             and ds.attrs.get("layout") == self.layout_json
         ):
             return False  # stale: computed from other shards or statistics
-        if ds.attrs.get("sha256") != dataset_sha(ds[()]):
+        if ds.attrs.get("sha256") != dataset_sha_streamed(ds):  # never the whole (N, L) in memory
             warnings.warn(
                 f"{self.path}: entry {self.key!r} fails its checksum (field 'sha256': edited or corrupted); "
                 "recomputing it",
@@ -140,7 +140,7 @@ class SelfInfluenceCache:
                 ds.attrs.update({"manifest_sha256": self.manifest_sha, "layout": self.layout_json})
                 for rank, ranges in enumerate(assignment):
                     self._copy_part(self.part_path(token, rank), ranges, ds)
-                ds.attrs.update({"sources": self.sources, "sha256": dataset_sha(ds[()])})
+                ds.attrs.update({"sources": self.sources, "sha256": dataset_sha_streamed(ds)})
             os.replace(tmp, self.path)
         finally:
             os.close(held)
