@@ -31,6 +31,25 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
+def trackstar(k: int, dampings: tuple[float, ...]) -> list[Method]:
+    """TrackStar-style rows: Adam-normalized, unit-normalized (cosine) projected gradients, without
+    a Hessian and with the projected Fisher at each damping (the sweep)."""
+    rows = [Method(f"trackstar-k{k}", "logra", init="random", k=k, hessian="none", mode="cosine", optimizer=True)]
+    return rows + [
+        Method(
+            f"trackstar-fisher-k{k}-c{c:g}",
+            "logra",
+            init="random",
+            k=k,
+            hessian="raw",
+            damping=c,
+            mode="cosine",
+            optimizer=True,
+        )
+        for c in dampings
+    ]
+
+
 def _logra(init: str, hessian: str, k: int, **kw) -> Method:
     tag = {"raw": "", "kfac": "-kfac", "ekfac": "-ekfac", "none": "-nohess"}[hessian]
     extra = "".join(f"-{v}" for v in kw.pop("suffix", []))
@@ -86,20 +105,7 @@ def classification_peer_methods(ks: tuple[int, ...] = (8, 32)) -> list[Method]:
         for name in PRESETS:
             for mode in ("relatif", "dot"):
                 m.append(_preset(name, k, mode))
-        m.append(Method(f"trackstar-k{k}", "logra", init="random", k=k, hessian="none", mode="cosine", optimizer=True))
-        for c in (0.1, 1.0):
-            m.append(
-                Method(
-                    f"trackstar-fisher-k{k}-c{c:g}",
-                    "logra",
-                    init="random",
-                    k=k,
-                    hessian="raw",
-                    damping=c,
-                    mode="cosine",
-                    optimizer=True,
-                )
-            )
+        m += trackstar(k, (0.1, 1.0))
     # the true Fisher's S on a confident classifier (most draws are the data's label), at the top k
     for s in (1, 8, 64):
         for c in (0.01, 0.1, 1.0):
@@ -241,20 +247,7 @@ def lm_methods(fast: bool, peers: bool, smaller: bool = False) -> list[Method]:
         m.append(Method(f"graddot-k{k}-{mode}", "logra", init="random", k=k, hessian="none", mode=mode))
     # TrackStar-style: Adam-normalized, unit-normalized (cosine) projected gradients; no Hessian by
     # default, and with the projected Fisher as the sweep
-    m.append(Method(f"trackstar-k{k}", "logra", init="random", k=k, hessian="none", mode="cosine", optimizer=True))
-    for c in (0.1, 1.0, 10.0):
-        m.append(
-            Method(
-                f"trackstar-fisher-k{k}-c{c:g}",
-                "logra",
-                init="random",
-                k=k,
-                hessian="raw",
-                damping=c,
-                mode="cosine",
-                optimizer=True,
-            )
-        )
+    m += trackstar(k, (0.1, 1.0, 10.0))
     # LDS against the dimension D = 15 k^2
     for r in ranks[:-1]:
         m += [

@@ -56,28 +56,35 @@ def log(out: Path, hessian: str, bucket_bytes: int, n: int, *extra: str) -> None
         Logger.finalize = finalize
 
 
-def stats_failure(out: Path, n: int) -> str:
-    """Rank 0's stats.h5 writer thread hits a full disk at its first layer, while the ranks still
-    decompose: every rank raises (the error text returned); nothing is renamed into place. Then
-    the same job with --resume finishes the index in `out`."""
-    original = stats_writer.dataset_sha
-
-    def full(arr):
-        raise OSError(errno.ENOSPC, "No space left on device (test)")
-
-    if comm.rank() == 0:
-        stats_writer.dataset_sha = full
+def failed_log(out: Path, n: int, owner, name: str, replacement) -> str:
+    """`owner.name` replaced (on the ranks that pass a replacement) while the job logs and
+    finalizes: the error each rank raised and what was left in place (no stats.h5, no manifest)."""
+    original = getattr(owner, name)
+    if replacement is not None:
+        setattr(owner, name, replacement)
     try:
         log(out, "raw", 64 << 20, n)
         error = "none"
     except Exception as e:
         error = f"{type(e).__name__}: {e}"
     finally:
-        stats_writer.dataset_sha = original
+        setattr(owner, name, original)
     comm.barrier()
     left = sorted(p.name for p in out.iterdir() if p.name.startswith(("stats.h5", "manifest")))
-    log(out, "raw", 64 << 20, n, "--resume")
     return f"{error} | left: {left}"
+
+
+def stats_failure(out: Path, n: int) -> str:
+    """Rank 0's stats.h5 writer thread hits a full disk at its first layer, while the ranks still
+    decompose: every rank raises (the error text returned); nothing is renamed into place. Then
+    the same job with --resume finishes the index in `out`."""
+
+    def full(arr):
+        raise OSError(errno.ENOSPC, "No space left on device (test)")
+
+    outcome = failed_log(out, n, stats_writer, "dataset_sha", full if comm.rank() == 0 else None)
+    log(out, "raw", 64 << 20, n, "--resume")
+    return outcome
 
 
 def bucket_check(rank: int) -> dict:
@@ -106,17 +113,7 @@ def eigh_failure(out: Path, n: int) -> str:
             raise ValueError("eigh failed (test)")
         return original(self, spec, *args, **kwargs)
 
-    Raw.layer_factors = failing
-    try:
-        log(out, "raw", 64 << 20, n)
-        error = "none"
-    except Exception as e:
-        error = f"{type(e).__name__}: {e}"
-    finally:
-        Raw.layer_factors = original
-    comm.barrier()
-    left = sorted(p.name for p in out.iterdir() if p.name.startswith(("stats.h5", "manifest")))
-    return f"{error} | left: {left}"
+    return failed_log(out, n, Raw, "layer_factors", failing)
 
 
 def rank0_alone_check(rank: int, out: Path) -> dict:
