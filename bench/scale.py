@@ -265,7 +265,7 @@ def table(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", type=int, default=[100_000, 1_000_000])
-    p.add_argument("--factories", nargs="+", default=["HNSW32"])
+    p.add_argument("--factories", nargs="*", default=["HNSW32"], help="none given: the exact scan only")
     p.add_argument("--candidates", nargs="+", type=int, default=[1000])
     p.add_argument("--sketch-dim", type=int, default=None)
     p.add_argument("--sketch", default="pca")
