@@ -122,16 +122,6 @@ def reduce_sum_into(tensors: list[torch.Tensor], dst: int, bucket_bytes: int | N
     return calls
 
 
-def send_tensor(t: torch.Tensor, dst: int) -> None:
-    dist.send(t.contiguous().to(_backend_device()), dst)
-
-
-def recv_tensor(shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
-    buf = torch.empty(shape, dtype=dtype, device=_backend_device())
-    dist.recv(buf, src)
-    return buf.cpu()
-
-
 class Transfer:
     """A send or receive in flight (`isend_tensor`, `irecv_tensor`): `wait()` returns the tensor
     (on the CPU); the buffer stays alive until then. Any number of calls, from any thread, wait

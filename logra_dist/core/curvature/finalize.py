@@ -23,6 +23,7 @@ Statistics accumulated in float64 (compute_dtype="float64") are decomposed in fl
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -265,20 +266,13 @@ def finalize_statistics(
 
 
 def _numel(curvature: Curvature, spec: LayerSpec) -> tuple[int]:
-    return (sum(_prod(shape) for shape in curvature.factor_shapes(spec).values()),)
-
-
-def _prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return (sum(math.prod(shape) for shape in curvature.factor_shapes(spec).values()),)
 
 
 def _unpack(curvature: Curvature, spec: LayerSpec, flat: torch.Tensor) -> dict[str, torch.Tensor]:
     out, at = {}, 0
     for key, shape in curvature.factor_shapes(spec).items():
-        n = _prod(shape)
+        n = math.prod(shape)
         out[key] = flat[at : at + n].reshape(shape)
         at += n
     return out
