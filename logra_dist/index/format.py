@@ -486,21 +486,31 @@ def stats_attrs(manifest: dict[str, Any], samples: float) -> dict[str, Any]:
 def write_stats(path: Path, kind: str, damping: float, state: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
     """stats.h5: one group per layer holding the eigendecomposition (and PCA projections);
     `attrs`: the other STATS_ATTRS, all of them (readers rely on each)."""
-    if sorted(attrs) != sorted(STATS_ATTRS[2:]):
-        raise ValueError(f"write_stats({path}): attributes {sorted(attrs)}, expected {sorted(STATS_ATTRS[2:])}")
+    check_stats_attrs(f"write_stats({path})", attrs)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with h5_writing(tmp) as f:
             f.attrs.update({"hessian": kind, "damping": damping, **attrs})
-            sums = {}
+            sums: dict[str, str] = {}
             for key, arr in state.items():
-                ds = f.create_dataset(key, data=arr)
-                ds.attrs["sha256"] = sums[key] = dataset_sha(np.asarray(arr))
+                write_stats_dataset(f, key, arr, sums)
             f.attrs["digest"] = stats_digest(sums, attrs)
     except OSError as e:
         tmp.unlink(missing_ok=True)  # never renamed into place; the shards and side files stay
         raise stats_write_error(path, e) from e
     os.replace(tmp, path)
+
+
+def check_stats_attrs(who: str, attrs: dict[str, Any]) -> None:
+    """A stats.h5 writer is given every attribute of STATS_ATTRS but hessian and damping."""
+    if sorted(attrs) != sorted(STATS_ATTRS[2:]):
+        raise ValueError(f"{who}: attributes {sorted(attrs)}, expected {sorted(STATS_ATTRS[2:])}")
+
+
+def write_stats_dataset(f: Any, key: str, arr: np.ndarray, sums: dict[str, str]) -> None:
+    """One stats.h5 dataset with its checksum (recorded in `sums` for the file's digest)."""
+    ds = f.create_dataset(key, data=arr)
+    ds.attrs["sha256"] = sums[key] = dataset_sha(np.asarray(arr))
 
 
 def stats_write_error(path: Path, e: OSError) -> Exception:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from logra_dist.index.format import STATS_ATTRS, dataset_sha, stats_digest, stats_write_error
+from logra_dist.index.format import check_stats_attrs, stats_digest, stats_write_error, write_stats_dataset
 from logra_dist.index.h5io import h5_writing
 
 
@@ -28,8 +28,7 @@ class StatsWriter:
     `abort()` (on an error elsewhere: nothing renamed into place, never raises)."""
 
     def __init__(self, path: Path, kind: str, damping: float, attrs: dict[str, Any]):
-        if sorted(attrs) != sorted(STATS_ATTRS[2:]):
-            raise ValueError(f"StatsWriter({path}): attributes {sorted(attrs)}, expected {sorted(STATS_ATTRS[2:])}")
+        check_stats_attrs(f"StatsWriter({path})", attrs)
         self.path, self.tmp = Path(path), Path(path).with_name(Path(path).name + ".tmp")
         self._queue: queue.Queue[Any] = queue.Queue()
         self._error: BaseException | None = None
@@ -78,8 +77,7 @@ class StatsWriter:
                     for key, arr in state.items() if isinstance(state, dict) else ():
                         if self._abandon:
                             break
-                        ds = f.create_dataset(key, data=arr)
-                        ds.attrs["sha256"] = sums[key] = dataset_sha(np.asarray(arr))
+                        write_stats_dataset(f, key, arr, sums)
                 if not self._abandon:
                     f.attrs["digest"] = stats_digest(sums, attrs)
         except BaseException as e:  # raised by close() in the calling thread

@@ -79,10 +79,10 @@ def stats_failure(out: Path, n: int) -> str:
     decompose: every rank raises (the error text returned); nothing is renamed into place. Then
     the same job with --resume finishes the index in `out`."""
 
-    def full(arr):
+    def full(*args):  # the writer thread's dataset write
         raise OSError(errno.ENOSPC, "No space left on device (test)")
 
-    outcome = failed_log(out, n, stats_writer, "dataset_sha", full if comm.rank() == 0 else None)
+    outcome = failed_log(out, n, stats_writer, "write_stats_dataset", full if comm.rank() == 0 else None)
     log(out, "raw", 64 << 20, n, "--resume")
     return outcome
 

@@ -68,10 +68,10 @@ def test_abort_leaves_nothing(tmp_path):
 
 
 def test_a_full_disk_in_the_writer_thread_is_raised_by_close(tmp_path, monkeypatch):
-    def full(arr):
+    def full(*args):  # the writer thread's dataset write
         raise OSError(errno.ENOSPC, "No space left on device (test)")
 
-    monkeypatch.setattr(stats_writer, "dataset_sha", full)
+    monkeypatch.setattr(stats_writer, "write_stats_dataset", full)
     writer = StatsWriter(tmp_path / "stats.h5", "raw", 1.0, ATTRS)
     writer.add(_layers()[0])
     writer.add(_layers()[1])  # after the thread failed: dropped, no hang
