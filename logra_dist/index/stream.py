@@ -16,6 +16,7 @@ small read in the main thread would wait for the current large read to finish.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import sys
@@ -128,6 +129,13 @@ class _Source:
                 ) from e
         return self._file["grads"]
 
+    def _located(self, row: int) -> tuple[int, float]:
+        """(file offset of stored row `row`, first row after its run of contiguous chunks; inf
+        for the last run)."""
+        r = bisect_right(self.run_rows, row) - 1
+        end = math.inf if r + 1 == len(self.run_rows) else self.run_rows[r + 1]
+        return self.run_bytes[r] + (row - self.run_rows[r]) * self.row_bytes, end
+
     def read(self, lo: int, hi: int, dst: np.ndarray, view: memoryview) -> None:
         """Stored rows [lo, hi) of the shard into dst (C-contiguous, hi - lo rows; `view`: its bytes)."""
         try:
@@ -137,9 +145,9 @@ class _Source:
             rb, done, want = self.row_bytes, 0, (hi - lo) * self.row_bytes
             while done < want:  # one preadv per run of chunks crossed; more only on short reads
                 row, within = divmod(done, rb)
-                r = bisect_right(self.run_rows, lo + row) - 1
-                stop = want if r + 1 == len(self.run_rows) else min(want, (self.run_rows[r + 1] - lo) * rb)
-                pos = self.run_bytes[r] + (lo + row - self.run_rows[r]) * rb + within
+                pos, run_end = self._located(lo + row)
+                stop = min(want, (run_end - lo) * rb)
+                pos += within
                 got = os.preadv(self.fd, [view[done:stop]], pos)
                 if got == 0:
                     raise OSError(f"end of file at byte {pos} (truncated?)")
@@ -157,10 +165,8 @@ class _Source:
                 return
             rb, i, n = self.row_bytes, 0, hi - lo
             while i < n:
-                r = bisect_right(self.run_rows, lo + i) - 1
-                end = n if r + 1 == len(self.run_rows) else min(n, self.run_rows[r + 1] - lo)
-                end = min(end, i + IOV_MAX)
-                pos = self.run_bytes[r] + (lo + i - self.run_rows[r]) * rb
+                pos, run_end = self._located(lo + i)
+                end = min(n, run_end - lo, i + IOV_MAX)
                 full, part = divmod(os.preadv(self.fd, rows[i:end], pos), rb)
                 if full == 0 and part == 0:
                     raise OSError(f"end of file at byte {pos} (truncated?)")
