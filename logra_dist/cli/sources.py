@@ -312,8 +312,12 @@ def score_chunks(args, scorer, manifest: dict, feeds, query_texts, tracker, n_qu
     )
     writer = scorer.results_writer(args.out) if args.out and comm.rank() == 0 else None
     n_scored = 0
-    options = {"ann": args.ann, "candidates": args.candidates, "bottomk": args.bottomk}
-    options["search_params"] = args.search_params
+    options = {
+        "ann": args.ann,
+        "candidates": args.candidates,
+        "bottomk": args.bottomk,
+        "search_params": args.search_params,
+    }
     try:
         for i, result in enumerate(scorer.score_in_chunks(args.topk, feeds, groups, **options)):
             n_scored += len(result.query_ids)
