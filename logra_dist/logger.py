@@ -32,6 +32,7 @@ from logra_dist.config import MODEL_FISHERS, LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.curvature.finalize import FinalizeReport, finalize_statistics
+from logra_dist.core.fisher import FisherTargets
 from logra_dist.core.projection import LayerSpec
 from logra_dist.data import DataIdentity
 from logra_dist.engines.fingerprint import model_fingerprint
@@ -253,6 +254,14 @@ class Logger(GradientSession):
         """With fisher="empirical" the logged rows (data labels) are also the Fisher's samples."""
         return self.accumulator.uses_token_statistics and self.config.fisher == "empirical"
 
+    def fisher_targets(self, classes: int | None = None) -> FisherTargets:
+        """How to build this job's statistics batches (`core.fisher.FisherTargets`), resolved from
+        the config's fisher ("model": exact over `classes` when given, else fisher_samples draws),
+        and recorded in the manifest as "fisher_estimator", so an index says which Fisher it holds."""
+        targets = FisherTargets.for_config(self.config, classes)
+        self.metadata["fisher_estimator"] = targets.describe()
+        return targets
+
     @contextmanager
     def statistics_pass(self) -> Iterator[None]:
         """Batches captured inside feed only the curvature statistics; nothing is written.
@@ -261,11 +270,11 @@ class Logger(GradientSession):
         distribution, while the logged rows keep the data's labels. So per batch the caller
         captures twice: once here with sampled labels, once outside with the data's labels (in
         either order; the statistics are sums). Not collective: use it per batch, any number of
-        times, before `finalize()`. `core.fisher.FisherTargets` makes that batch: `fisher_samples`
+        times, before `finalize()`. `fisher_targets()` makes that batch: `fisher_samples`
         sampled copies ("true") or one copy per class weighted by sqrt(C p_c) ("exact")."""
         if self.config.fisher not in MODEL_FISHERS:
             raise RuntimeError(
-                "statistics_pass() is for fisher='true' or 'exact'; with fisher='empirical' the "
+                "statistics_pass() is for fisher='true', 'exact' or 'model'; with fisher='empirical' the "
                 "logged batches themselves feed the statistics"
             )
         self._require("statistics_pass()", Phase.LOGGING)

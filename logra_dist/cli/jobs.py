@@ -16,9 +16,8 @@ from typing import Any
 
 from logra_dist import comm
 from logra_dist.cli.parser import check_args
-from logra_dist.config import PRESETS, ConfigError, LoGraConfig
+from logra_dist.config import MODEL_FISHERS, PRESETS, ConfigError, LoGraConfig
 from logra_dist.core.curvature import CURVATURES
-from logra_dist.core.fisher import FisherTargets
 from logra_dist.data import (
     Batch,
     DataSpec,
@@ -243,8 +242,8 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
                 stream_samples(logger, share.samples(logger.done_ids), todo, args.batch_size, pad_id)
         start = time.perf_counter()
         statistics = None
-        if config.fisher == "true" and CURVATURES.get(config.hessian).needs_statistics:
-            statistics = FisherTargets.for_config(config)
+        if config.fisher in MODEL_FISHERS and CURVATURES.get(config.hessian).needs_statistics:
+            statistics = logger.fisher_targets()  # text: "model" draws fisher_samples next tokens
         samples = share.samples(logger.done_ids)
         tokens = stream_samples(logger, samples, todo, args.batch_size, pad_id, tracker, statistics=statistics)
         elapsed = time.perf_counter() - start

@@ -119,11 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fisher",
         default=None,
         choices=list(FISHERS),
-        help="statistics from the data's labels (empirical), labels drawn from the model (true), or the "
-        "expectation over a classifier's classes (exact: not for language models)",
+        help="statistics from the data's labels (empirical), labels drawn from the model (true), the "
+        "expectation over a classifier's classes (exact: not for language models), or the best of "
+        "the two the output allows (model: for text, true)",
     )
     log.add_argument("--fisher-exact", dest="fisher", action="store_const", const="exact", help="--fisher exact")
-    log.add_argument("--fisher-samples", type=int, default=None, help="labels drawn per token for --fisher true")
+    log.add_argument(
+        "--fisher-samples", type=int, default=None, help="labels drawn per token for --fisher true or model"
+    )
     log.add_argument("--storage-dtype", default=None, choices=list(STORAGE_DTYPES))
     log.add_argument("--damping", type=float, default=None)
     log.add_argument("--seed", type=int, default=None)

@@ -1,5 +1,10 @@
 """Batches for the model Fisher: the statistics of fisher="true" and fisher="exact".
 
+fisher="model" is whichever of the two the output allows: "exact" for a classifier (the caller
+knows its class count), "true" with fisher_samples draws otherwise (a vocabulary-wide sum per
+token is too large). On a classifier the sampled estimate is much noisier: one prediction per
+sample, where a sequence's gradient already sums a draw per token (docs/evaluation.md).
+
 Both are one `statistics_pass()` capture of the batch repeated R times (copy-major), each copy
 with its own labels and a per-copy loss weight w, so that each copy's row is w g and the
 statistics (sums of outer products of rows, and of per-token output gradients for KFAC) divided
@@ -35,11 +40,20 @@ class FisherTargets:
     kind: str  # "true" or "exact"
     copies: int
 
+    def describe(self) -> dict:
+        """What the statistics pass ran, as recorded in the index (manifest "fisher_estimator")."""
+        if self.kind == "exact":
+            return {"kind": "exact", "classes": self.copies}
+        return {"kind": "true", "samples": self.copies}
+
     @classmethod
     def for_config(cls, config: LoGraConfig, classes: int | None = None) -> FisherTargets:
-        """classes: the output width (needed for "exact": one copy per class)."""
-        if config.fisher == "true":
+        """classes: the output width (needed for "exact": one copy per class; for "model" it
+        selects "exact", and without it "model" draws fisher_samples labels)."""
+        if config.fisher == "true" or (config.fisher == "model" and not classes):
             return cls("true", config.fisher_samples)
+        if config.fisher == "model":
+            return cls("exact", int(classes))
         if config.fisher == "exact":
             if not classes or classes < 1:
                 raise ConfigError("fisher='exact' needs the number of classes (FisherTargets.for_config(cfg, classes))")

@@ -266,6 +266,7 @@ def inspect_index(index_dir: str | Path, sample_rows: int = 256) -> dict[str, An
         "storage_dtype": first.get("storage_dtype"),
         "config": (manifest or {}).get("config") or first.get("config"),
         "engine": (manifest or {}).get("engine"),
+        "fisher_estimator": ((manifest or {}).get("metadata") or {}).get("fisher_estimator"),
         "model": (manifest or {}).get("model"),
         "data": (manifest or {}).get("data"),
         "lambdas": (manifest or {}).get("lambdas"),
@@ -366,6 +367,15 @@ def _nonfinite_lines(facts: dict[str, Any]) -> list[str]:
     ]
 
 
+def _estimator(est: dict[str, Any] | None) -> str:
+    """How the statistics pass drew the model Fisher (Logger.fisher_targets), when it recorded it."""
+    if not est:
+        return ""
+    if est.get("kind") == "exact":
+        return f" (model Fisher: exact over {est.get('classes')} classes)"
+    return f" (model Fisher: {est.get('samples')} labels drawn per token)"
+
+
 def render(facts: dict[str, Any]) -> str:
     """The facts as a terminal page."""
     cfg = facts.get("config") or {}
@@ -377,7 +387,7 @@ def render(facts: dict[str, Any]) -> str:
         f"world size {facts['world_size']}, engine {facts.get('engine') or '?'}",
         f"  config: k_in={cfg.get('k_in')} k_out={cfg.get('k_out')} init={cfg.get('init')} "
         f"hessian={cfg.get('hessian')} fisher={cfg.get('fisher', 'empirical')} damping={cfg.get('damping')} "
-        f"seed={cfg.get('seed')}",
+        f"seed={cfg.get('seed')}" + _estimator(facts.get("fisher_estimator")),
         f"  disk use: {_size(facts['disk_bytes'])}",
         *_nonfinite_lines(facts),
         *_rank_lines(cfg, facts["layout"]),

@@ -112,3 +112,15 @@ def test_fisher_settings_are_validated():
         FisherTargets("exact", 3).targets(torch.zeros(6, 4, 3))
     with pytest.raises(ValueError, match="not 3 copies"):
         FisherTargets("exact", 3).targets(torch.zeros(4, 3))
+
+
+def test_model_fisher_resolves_to_exact_for_a_classifier_and_to_draws_otherwise():
+    """fisher="model" is the exact expectation when the caller gives the class count, else
+    fisher_samples draws per token; empirical has no statistics batch to build."""
+    cfg = ld.LoGraConfig(fisher="model", fisher_samples=8)
+    assert FisherTargets.for_config(cfg, classes=10) == FisherTargets("exact", 10)
+    assert FisherTargets.for_config(cfg) == FisherTargets("true", 8)
+    assert FisherTargets("exact", 10).describe() == {"kind": "exact", "classes": 10}
+    assert FisherTargets("true", 8).describe() == {"kind": "true", "samples": 8}
+    with pytest.raises(ld.ConfigError, match="the logged rows feed the statistics"):
+        FisherTargets.for_config(ld.LoGraConfig(), classes=10)

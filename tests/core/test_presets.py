@@ -24,32 +24,29 @@ def test_presets_resolve_override_and_refuse_unknown_names():
 
 
 def test_accurate_preset_round_trips_through_the_index(tmp_path):
+    """On a classifier the preset's model Fisher is the exact expectation over its 3 classes (the
+    caller passes the class count to `fisher_targets`), recorded as such; no PCA pass."""
     torch.manual_seed(0)
     model = mlp()
     X, Y = torch.randn(8, 5), torch.randint(0, 3, (8,))
     config = ld.LoGraConfig.from_preset("accurate", k_in=3, k_out=2, storage_dtype="float32")
     logger = ld.attach(model, config, tmp_path)
-    assert logger.needs_pca_pass  # the preset's extra passes, told to the caller: PCA ...
-    targets = FisherTargets.for_config(config)  # ... and fisher="true" with fisher_samples copies
-    assert (targets.kind, targets.copies) == ("true", config.fisher_samples) == ("true", 8)
-    gen = torch.Generator().manual_seed(0)
+    assert not logger.needs_pca_pass  # random projections: the statistics pass is the one extra pass
+    assert FisherTargets.for_config(config) == FisherTargets("true", 8)  # text: 8 draws per token
+    targets = logger.fisher_targets(classes=3)
+    assert targets == FisherTargets("exact", 3)
 
-    def run(statistics=False):
-        for s in range(0, 8, 4):
-            ids, xb = torch.arange(s, s + 4), X[s : s + 4]
-            if statistics:
-                with logger.statistics_pass(), logger.capture(targets.expand(ids)):
-                    logger.backward(targets.loss(logger.model(targets.expand(xb)), gen))
-            with logger.capture(ids):
-                logger.backward(nn.functional.cross_entropy(logger.model(xb), Y[s : s + 4], reduction="sum"))
-
-    with logger.pca_pass():
-        run()
-    run(statistics=True)
+    for s in range(0, 8, 4):
+        ids, xb = torch.arange(s, s + 4), X[s : s + 4]
+        with logger.statistics_pass(), logger.capture(targets.expand(ids)):
+            logger.backward(targets.loss(logger.model(targets.expand(xb))))
+        with logger.capture(ids):
+            logger.backward(nn.functional.cross_entropy(logger.model(xb), Y[s : s + 4], reduction="sum"))
     manifest = logger.finalize()
     logger.close()
     assert manifest["config"]["preset"] == "accurate"
-    assert manifest["samples_in_statistics"] == 8 * 8  # the sampled copies, not the logged rows
+    assert manifest["samples_in_statistics"] == 3 * 8  # one weighted copy per class, not the logged rows
+    assert manifest["metadata"]["fisher_estimator"] == {"kind": "exact", "classes": 3}
     assert ld.LoGraConfig.from_dict(manifest["config"]) == config
     assert ld.GradientStore(tmp_path).config == config
 
@@ -60,10 +57,10 @@ def test_cli_preset_flag_and_overrides_reach_the_config():
 
     parser = build_parser()
     cfg = logra_config(parser.parse_args(["log", "--preset", "accurate", "--damping", "0.5"]))
-    assert (cfg.preset, cfg.init, cfg.hessian, cfg.damping) == ("accurate", "pca", "raw", 0.5)
-    assert (cfg.fisher, cfg.fisher_samples) == ("true", 8)
+    assert (cfg.preset, cfg.init, cfg.hessian, cfg.damping) == ("accurate", "random", "raw", 0.5)
+    assert (cfg.fisher, cfg.fisher_samples) == ("model", 8)
     cfg = logra_config(parser.parse_args(["log", "--preset", "accurate", "--fisher-samples", "2"]))
-    assert (cfg.fisher, cfg.fisher_samples) == ("true", 2)
+    assert (cfg.fisher, cfg.fisher_samples) == ("model", 2)
     assert logra_config(parser.parse_args(["log"])).preset is None
     cfg = logra_config(parser.parse_args(["log", "--optimizer-state", "ckpt/optimizer.pt"]))
     assert cfg.optimizer_state == "ckpt/optimizer.pt"
@@ -72,8 +69,8 @@ def test_cli_preset_flag_and_overrides_reach_the_config():
 
 
 def test_log_preset_accurate_runs_its_extra_passes_inside_the_job(tmp_path):
-    """`log --preset accurate` on the embedded model: the PCA pass and the true Fisher's
-    statistics pass (8 sampled copies per sample) run in the same job; rows keep the data's labels."""
+    """`log --preset accurate` on the embedded model: the model Fisher's statistics pass (on text:
+    8 sampled copies per sample, recorded) runs in the same job; rows keep the data's labels."""
     import json
 
     from logra_dist.cli.main import main
@@ -83,5 +80,9 @@ def test_log_preset_accurate_runs_its_extra_passes_inside_the_job(tmp_path):
     assert main(["log", "--out", str(tmp_path / "acc"), "--preset", "accurate", *args]) == 0
     manifest = json.loads((tmp_path / "acc" / "manifest.json").read_text())
     cfg = manifest["config"]
-    assert (cfg["preset"], cfg["init"], cfg["fisher"], cfg["fisher_samples"]) == ("accurate", "pca", "true", 8)
+    assert (cfg["preset"], cfg["init"], cfg["fisher"], cfg["fisher_samples"]) == ("accurate", "random", "model", 8)
+    assert manifest["metadata"]["fisher_estimator"] == {"kind": "true", "samples": 8}
+    from logra_dist.index.inspect import inspect_index, render
+
+    assert "(model Fisher: 8 labels drawn per token)" in render(inspect_index(tmp_path / "acc"))
     assert manifest["total_rows"] == 6 and manifest["samples_in_statistics"] == 8 * 6
