@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from logra_dist.config import LoGraConfig
+from logra_dist.config import MODEL_FISHERS, LoGraConfig
 from logra_dist.core.curvature import CURVATURES
 from logra_dist.core.fisher import FisherTargets
 from logra_dist.core.projection import LayerSpec
@@ -139,21 +139,25 @@ class Attributor:
 
     # -- LoGra through the public API --------------------------------------------------------
     def _capture_all(
-        self, session, split: str, ids: np.ndarray, labels: str, gen: torch.Generator, copies: int = 1
+        self, session, split: str, ids: np.ndarray, gen: torch.Generator, targets: FisherTargets | None = None
     ) -> None:
-        """copies > 1 (sampled labels only): each batch repeated `copies` times, copy-major
-        (core.fisher.FisherTargets), each copy with its own drawn labels: S samples per token."""
+        """The data's labels, or with `targets` a statistics batch (core.fisher.FisherTargets):
+        each batch repeated to its copies, copy-major; "true": each copy with its own labels drawn
+        from the model (S samples per token); "exact" (classifiers): copy c has label c, weighted
+        by sqrt(C p_c), so the statistics are the expectation over the classes."""
         task = self.task
-        if copies > 1 and labels != "sampled":
-            raise ValueError(f"{copies} copies of a batch with the data's labels would count every sample {copies}x")
-        expand = FisherTargets("true", copies).expand
         for b, batch in task.batches(split, ids, self.batch_size):
-            if copies > 1:
-                b, batch = expand(b), {key: expand(v) for key, v in batch.items()}
+            if targets is not None and targets.copies > 1:
+                b, batch = targets.expand(b), {key: targets.expand(v) for key, v in batch.items()}
             with session.capture(b, mask=task.mask(batch)):
                 logits = task.forward(session.model, batch)
-                lab = task.sample_labels(logits, batch, gen) if labels == "sampled" else None
-                session.backward(task.summed_loss(logits, batch, lab))
+                if targets is None:
+                    loss = task.summed_loss(logits, batch)
+                elif targets.kind == "exact":
+                    loss = targets.loss(logits)
+                else:
+                    loss = task.summed_loss(logits, batch, task.sample_labels(logits, batch, gen))
+                session.backward(loss)
 
     def _log_index(self, m: Method) -> Path:
         key = m.index_key()
@@ -185,12 +189,13 @@ class Attributor:
             t0 = time.perf_counter()
             if m.init == "pca":  # the data's labels, as `log` runs it (cli/jobs.py); LM, S=8: sampled
                 with logger.pca_pass():  # labels' PCA measured the same (bench/results/true_fisher_explore.json)
-                    self._capture_all(logger, "train", self.train_ids, "data", gen)
-            if m.fisher == "true" and CURVATURES.get(m.hessian).needs_statistics:
+                    self._capture_all(logger, "train", self.train_ids, gen)
+            if m.fisher in MODEL_FISHERS and CURVATURES.get(m.hessian).needs_statistics:
+                targets = logger.fisher_targets(self.task.classes)  # "model": exact for a classifier
                 with logger.statistics_pass():
-                    self._capture_all(logger, "train", self.train_ids, "sampled", gen, m.fisher_samples)
+                    self._capture_all(logger, "train", self.train_ids, gen, targets)
             t1 = time.perf_counter()
-            self._capture_all(logger, "train", self.train_ids, "data", gen)
+            self._capture_all(logger, "train", self.train_ids, gen)
             t2 = time.perf_counter()
             logger.finalize()
             t3 = time.perf_counter()
@@ -205,7 +210,7 @@ class Attributor:
         }
         scorer = Scorer(self.model, out, mode="dot")
         try:
-            self._capture_all(scorer, "query", self.query_ids, "data", gen)
+            self._capture_all(scorer, "query", self.query_ids, gen)
             self._query_rows[key] = scorer.queries.local_rows().clone()
             if not np.array_equal(scorer.query_ids, self.query_ids):
                 raise RuntimeError("query ids came back in another order")

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ORDER = ("digits", "lm", "synthetic")
 
 
@@ -81,7 +83,7 @@ def _targets(res: dict[str, Any]) -> list[str]:
                 if m["method"]["family"] == "logra" and m["method"]["init"] != "identity"
             }
         )
-        for k in ks:
+        for k in (k for k in ks if f"logra-random-k{k}" in meth):  # the rank sweep's ranks
             d = 3 * k * k
             for init in ("random", "pca"):
                 ours = mean(f"logra-{init}-k{k}")
@@ -97,8 +99,7 @@ def _targets(res: dict[str, Any]) -> list[str]:
                 f"- D={d}: PCA {_f(pca)} vs random {_f(rnd)}: PCA at least as accurate? "
                 f"**{'yes' if pca >= rnd else 'NO'}**"
             )
-    if res["benchmark"] == "lm":
-        lines += _lm_targets(meth)
+    lines += _peer_targets(meth)
     for name, m in meth.items():
         b = m.get("brittleness")
         if b and res["benchmark"] == "lm":
@@ -113,47 +114,69 @@ def _targets(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _lm_targets(meth: dict[str, Any]) -> list[str]:
-    """Issue 14's LM statements: defaults at k=32 vs every peer at its default; the accurate preset
-    (k <= 32) vs every peer tuned on the test queries (at any dimension)."""
+def _per_query(entry: dict[str, Any]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in entry["lds"]["per_query"]], dtype=np.float64)
 
-    def mean(e):
-        return e["lds"]["mean"] if "lds" in e else float("nan")
 
-    peers: dict[str, dict[str, float]] = {}
+def _peer_slots(meth: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Per peer recipe (and dimension): the name of its row at its own default damping and of its
+    best row over the sweep (tuned on the test queries)."""
+
+    def mean(name):
+        return meth[name]["lds"]["mean"]
+
+    slots: dict[str, dict[str, str]] = {}
     for name, e in meth.items():
         m = e["method"]
-        if m["family"] == "peer" or name.startswith("trackstar"):
-            recipe = m["peer"] or "trackstar"
-            if m["family"] == "peer" and m["dim"]:
-                recipe += f"-D{m['dim']}"
-            slot = peers.setdefault(recipe, {})
-            is_default = m["damping"] is None if m["family"] == "peer" else name == "trackstar-k32"
-            if is_default:
-                slot["default"] = mean(e)
-            slot["best"] = max(slot.get("best", float("-inf")), mean(e))
-    if not peers:
+        if "lds" not in e or not (m["family"] == "peer" or name.startswith("trackstar")):
+            continue
+        recipe = m["peer"] if m["family"] == "peer" else f"trackstar-k{m['k']}"
+        if m["family"] == "peer" and m["dim"]:
+            recipe += f"-D{m['dim']}"
+        slot = slots.setdefault(recipe, {})
+        if (m["damping"] is None) if m["family"] == "peer" else name == recipe:  # trackstar-k32: no Hessian
+            slot["default"] = name
+        if "best" not in slot or mean(name) > mean(slot["best"]):
+            slot["best"] = name
+    return slots
+
+
+def _versus(meth: dict[str, Any], ours: str, rivals: list[str]) -> str:
+    """Ours against every rival in the mean, and against the strongest one paired over queries
+    (bootstrap 95% CI of the per-query difference): "yes" only when that interval is above 0."""
+    from logra_dist.eval.metrics import bootstrap_ci
+
+    top = max(rivals, key=lambda n: meth[n]["lds"]["mean"])
+    diff = _per_query(meth[ours]) - _per_query(meth[top])
+    lo, hi = bootstrap_ci(diff)
+    mean_ok = all(meth[ours]["lds"]["mean"] > meth[n]["lds"]["mean"] for n in rivals)
+    verdict = "yes" if mean_ok and lo > 0 else ("in the mean only (the interval reaches 0)" if mean_ok else "NO")
+    return (
+        f"{ours} LDS {_f(meth[ours]['lds']['mean'])} vs the strongest, {top} {_f(meth[top]['lds']['mean'])}: "
+        f"{np.nanmean(diff):+.3f} [{lo:+.3f}, {hi:+.3f}] paired; beats all? **{verdict}**"
+    )
+
+
+def _peer_targets(meth: dict[str, Any], k: int = 32) -> list[str]:
+    """Issue 14's statements on either benchmark: the defaults at k (both scoring modes) vs every
+    peer at its default; the accurate preset at its own damping, and over the damping sweep (tuned
+    on the test queries, as the peers' best), vs every peer tuned (at any dimension)."""
+    slots = _peer_slots(meth)
+    if not slots:
         return []
+    defaults = [s["default"] for s in slots.values() if "default" in s]
+    tuned = [s["best"] for s in slots.values()]
     lines = []
-    d = meth.get("preset-fast-k32-relatif")
-    if d:
-        defaults = {r: v["default"] for r, v in peers.items() if "default" in v}
-        ok = all(mean(d) > v for v in defaults.values())
-        lines.append(
-            f"- defaults (k=32, relatif) LDS {_f(mean(d))} vs peers at their defaults "
-            + ", ".join(f"{r} {_f(v)}" for r, v in defaults.items())
-            + f": beats all? **{'yes' if ok else 'NO'}**"
-        )
-    acc = [(n, mean(e)) for n, e in meth.items() if n.startswith("preset-accurate-")]
-    if acc:
-        n, best = max(acc, key=lambda t: t[1])
-        tuned = {r: v["best"] for r, v in peers.items()}
-        ok = all(best > v for v in tuned.values())
-        lines.append(
-            f"- best accurate preset ({n}) LDS {_f(best)} vs peers tuned on the test queries "
-            + ", ".join(f"{r} {_f(v)}" for r, v in tuned.items())
-            + f": beats all? **{'yes' if ok else 'NO'}**"
-        )
+    for mode in ("relatif", "dot"):
+        if f"preset-fast-k{k}-{mode}" in meth:
+            lines.append(f"- defaults, {mode}: " + _versus(meth, f"preset-fast-k{k}-{mode}", defaults))
+    for mode in ("relatif", "dot"):
+        if f"preset-accurate-k{k}-{mode}" in meth:
+            lines.append(f"- accurate preset, {mode}: " + _versus(meth, f"preset-accurate-k{k}-{mode}", tuned))
+    sweep = [n for n in meth if n.startswith(f"preset-accurate-k{k}-dot") and "lds" in meth[n]]
+    if len(sweep) > 1:
+        best = max(sweep, key=lambda n: meth[n]["lds"]["mean"])
+        lines.append("- accurate preset, dot, damping tuned on the test queries: " + _versus(meth, best, tuned))
     return lines
 
 

@@ -46,6 +46,7 @@ class Task:
     name = ""
     n_train = 0  # training examples have ids 0..n_train-1
     n_query_pool = 0  # held-out examples, ids 0..n_query_pool-1 in the query pool
+    classes: int | None = None  # one prediction over this many classes per sample; None: sequences
 
     def recipe(self) -> dict[str, Any]:
         raise NotImplementedError

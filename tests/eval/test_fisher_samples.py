@@ -58,8 +58,41 @@ def test_attributor_true_fisher_counts_s_draws_per_example(tmp_path, S):
         assert len(store) == task.n_train
 
 
-def test_copies_of_a_batch_with_data_labels_are_refused(tmp_path):
+def _reference_ggn(task, model) -> dict[str, np.ndarray]:
+    """Per Linear layer, (1/N) sum_n sum_c p_nc g_nc g_nc^T with g_nc the torch.func gradient of
+    the loss at label c: the Gauss-Newton matrix of the cross-entropy, no sampling."""
+    x = task.x["train"][: task.n_train]
+    C = task.classes
+    with torch.no_grad():
+        p = F.softmax(model(x).double(), -1)  # (N, C)
+    xs = x.repeat(C, 1)  # copy-major: copy c is label c
+    ys = torch.arange(C).repeat_interleave(len(x))
+    grads = task.per_sample_grads(model, {"x": xs, "y": ys}).double() * p.T.reshape(-1, 1).sqrt()
+    names = [n for n, _ in model.named_parameters()]
+    blocks = dict(zip(names, torch.split(grads, [q.numel() for q in model.parameters()], dim=1)))
+    return {n[: -len(".weight")]: (g.T @ g / len(x)).numpy() for n, g in blocks.items() if n.endswith(".weight")}
+
+
+def test_attributor_model_fisher_on_a_classifier_is_the_exact_expectation(tmp_path):
+    """fisher="model" on a classifier resolves to the exact expectation over its classes (no
+    draws), records that in the manifest, and its statistics equal the explicit GGN."""
     task = cached_task(SPEC)
-    att = Attributor(task, task.train(np.arange(task.n_train), seed=0), np.arange(4), tmp_path)
-    with pytest.raises(ValueError, match="would count every sample 3x"):
-        att._capture_all(None, "train", np.arange(4), "data", torch.Generator(), copies=3)
+    model = task.train(np.arange(task.n_train), seed=0)
+    att = Attributor(task, model, np.arange(4), tmp_path, batch_size=16)
+    att.scores(Method("m", "logra", init="identity", hessian="raw", fisher="model", fisher_samples=8, damping=0.1))
+    index = next(tmp_path.glob("index-identity-raw-k8-model8-*"))
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["metadata"]["fisher_estimator"] == {"kind": "exact", "classes": task.classes}
+    assert manifest["samples_in_statistics"] == task.classes * task.n_train
+    _, stats = read_stats(index / "stats.h5")
+    for name, ref in _reference_ggn(task, model).items():
+        got = stats[f"{name}/evecs"] @ np.diag(stats[f"{name}/evals"]) @ stats[f"{name}/evecs"].T
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
+def test_attributor_true_fisher_records_its_draws(tmp_path):
+    task = cached_task(SPEC)
+    att = Attributor(task, task.train(np.arange(task.n_train), seed=0), np.arange(4), tmp_path, batch_size=16)
+    att.scores(Method("t", "logra", init="identity", hessian="raw", fisher="true", fisher_samples=3, damping=0.1))
+    manifest = json.loads(next(tmp_path.glob("index-identity-raw-k8-true3-*")).joinpath("manifest.json").read_text())
+    assert manifest["metadata"]["fisher_estimator"] == {"kind": "true", "samples": 3}
