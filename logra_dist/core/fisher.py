@@ -50,13 +50,17 @@ class FisherTargets:
     def for_config(cls, config: LoGraConfig, classes: int | None = None) -> FisherTargets:
         """classes: the output width (needed for "exact": one copy per class; for "model" it
         selects "exact", and without it "model" draws fisher_samples labels)."""
-        if config.fisher == "true" or (config.fisher == "model" and not classes):
+        kind = config.fisher
+        if kind == "model":
+            kind = "true" if classes is None else "exact"
+        if kind == "true":
             return cls("true", config.fisher_samples)
-        if config.fisher == "model":
-            return cls("exact", int(classes))
-        if config.fisher == "exact":
+        if kind == "exact":
             if not classes or classes < 1:
-                raise ConfigError("fisher='exact' needs the number of classes (FisherTargets.for_config(cfg, classes))")
+                raise ConfigError(
+                    f"fisher={config.fisher!r} with classes={classes!r}: the exact expectation needs the number "
+                    "of classes, at least 1 (FisherTargets.for_config(cfg, classes))"
+                )
             return cls("exact", int(classes))
         raise ConfigError(f"fisher={config.fisher!r}: the logged rows feed the statistics; no statistics batch")
 

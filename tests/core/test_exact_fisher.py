@@ -124,3 +124,5 @@ def test_model_fisher_resolves_to_exact_for_a_classifier_and_to_draws_otherwise(
     assert FisherTargets("true", 8).describe() == {"kind": "true", "samples": 8}
     with pytest.raises(ld.ConfigError, match="the logged rows feed the statistics"):
         FisherTargets.for_config(ld.LoGraConfig(), classes=10)
+    with pytest.raises(ld.ConfigError, match="fisher='model' with classes=0: the exact expectation needs"):
+        FisherTargets.for_config(cfg, classes=0)
