@@ -358,11 +358,14 @@ def run_samples(
     )
     pairs = ((b.ids, b) for b in batches(samples, batch_size, pad_id))
     count = -(-len(samples) // batch_size)
-    before = None if statistics is None else _statistics_capture(statistics)
+    before = None if statistics is None else statistics_capture(statistics, tracker or NULL_TRACKER)
     return run_batches(session, pairs, lm_loss, count=count, shadow=shadow, tracker=tracker, before=before)
 
 
-def _statistics_capture(statistics: FisherTargets):
+def statistics_capture(statistics: FisherTargets, tracker: NullTracker):
+    """The statistics capture of each batch, timed as the tracker's "statistics" phase (its
+    forward and backward over the copies; the logged batch's own are "forward" / "backward")."""
+
     def before(session, ids: torch.Tensor, batch: Batch) -> None:
         first = int(ids[0]) if ids.numel() else -1
         gen = torch.Generator(device=session.device).manual_seed(session.config.seed * 1_000_003 + first + 1)
@@ -371,7 +374,7 @@ def _statistics_capture(statistics: FisherTargets):
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
             return summed_lm_loss(logits, statistics.lm_labels(logits, b.labels, gen))
 
-        with session.statistics_pass():
+        with session.statistics_pass(), tracker.phase("statistics"):
             _capture_one(session, statistics.expand(ids), statistics.expand_batch(batch), sampled_loss, NULL_TRACKER)
 
     return before

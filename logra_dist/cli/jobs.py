@@ -165,7 +165,8 @@ def stream_samples(session, samples, count: int, batch_size: int, pad_id: int, t
     import torch
 
     from logra_dist.data import collate
-    from logra_dist.session import _statistics_capture, lm_loss, run_batches
+    from logra_dist.session import lm_loss, run_batches, statistics_capture
+    from logra_dist.tracking import NULL_TRACKER
 
     def pairs():
         it = iter(samples)
@@ -179,7 +180,7 @@ def stream_samples(session, samples, count: int, batch_size: int, pad_id: int, t
         torch.ones(1, 2, dtype=torch.long),
         torch.full((1, 2), pad_id),
     )
-    before = None if statistics is None else _statistics_capture(statistics)
+    before = None if statistics is None else statistics_capture(statistics, tracker or NULL_TRACKER)
     count = -(-count // batch_size)
     return run_batches(session, pairs(), lm_loss, count=count, shadow=shadow, tracker=tracker, before=before)
 

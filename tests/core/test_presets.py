@@ -68,7 +68,7 @@ def test_cli_preset_flag_and_overrides_reach_the_config():
         parser.parse_args(["log", "--preset", "best"])
 
 
-def test_log_preset_accurate_runs_its_extra_passes_inside_the_job(tmp_path):
+def test_log_preset_accurate_runs_its_extra_passes_inside_the_job(tmp_path, capsys):
     """`log --preset accurate` on the embedded model: the model Fisher's statistics pass (on text:
     8 sampled copies per sample, recorded) runs in the same job; rows keep the data's labels."""
     import json
@@ -78,6 +78,8 @@ def test_log_preset_accurate_runs_its_extra_passes_inside_the_job(tmp_path):
     args = ["--max-samples", "6", "--batch-size", "3", "--k-in", "2", "--k-out", "2", "--storage-dtype", "float32"]
     args += ["--include", r"layers\.0\.mlp", "--no-wandb"]
     assert main(["log", "--out", str(tmp_path / "acc"), "--preset", "accurate", *args]) == 0
+    phases = next(line for line in capsys.readouterr().err.splitlines() if "phases (share of wall time" in line)
+    assert "statistics " in phases  # the statistics pass is timed as its own phase
     manifest = json.loads((tmp_path / "acc" / "manifest.json").read_text())
     cfg = manifest["config"]
     assert (cfg["preset"], cfg["init"], cfg["fisher"], cfg["fisher_samples"]) == ("accurate", "random", "model", 8)
