@@ -328,33 +328,40 @@ class ChunkStream:
             thread.join()
 
 
-def gather_stored(
-    info: ShardInfo, positions: np.ndarray, codec: RowCodec, width: int, expected: np.ndarray
-) -> np.ndarray:
+def gather_stored(store: RowSpace, shard: int, positions: np.ndarray, expected: np.ndarray) -> np.ndarray:
     """Stored rows of one shard at sorted local `positions`, each checked against its own
     checksum `expected` (row_checksums of the stored row, e.g. recorded by `ann build` from a
     verified read): the ANN re-rank reads only its candidates, not their whole checksum blocks.
-    Plain bytes are gathered through a read-only memory map (no syscall per row); any other
-    layout through one HDF5 point selection."""
-    dtype, stored_width = codec.h5_dtype, codec.stored_width(width)
+    Plain bytes are read with one `preadv` per row straight into the output (the chunk runs are
+    the store's cached ones): scattered rows have no batched read call short of io_uring, and
+    per row this is 5x faster than gathering through memory maps of the chunk runs (6400 rows
+    of 1040 bytes from a 5 GB shard: 0.012 s against 0.06 s warm, bench/README.md "Scale").
+    Any other layout through one HDF5 point selection."""
+    info = store.shards[shard]
+    dtype, stored_width = store.codec.h5_dtype, store.codec.stored_width(store.width)
     out = np.empty((len(positions), stored_width), dtype)
     if not len(positions):
         return out
+    known = _KNOWN_RUNS.setdefault(store, {})
     try:
-        with h5py.File(info.path, "r") as f:
-            dset = f["grads"]
-            runs = plain_runs(dset, dtype.itemsize)
-            if runs is None:
-                out[:] = dset[positions]
-        if runs is not None:
-            ends = np.r_[runs[1:, 0], info.rows]
+        key = str(info.path)
+        if key not in known:
+            with h5py.File(info.path, "r") as f:
+                known[key] = plain_runs(f["grads"], dtype.itemsize)
+        runs = known[key]
+        if runs is None:
+            with h5py.File(info.path, "r") as f:
+                out[:] = f["grads"][positions]
+        else:
             run_of = np.searchsorted(runs[:, 0], positions, side="right") - 1
-            for r in np.unique(run_of).tolist():
-                n = int(ends[r] - runs[r, 0])
-                view = np.memmap(info.path, dtype, "r", int(runs[r, 1]), (n, stored_width))
-                sel = run_of == r
-                out[sel] = view[positions[sel] - runs[r, 0]]
-                del view
+            offsets = (runs[run_of, 1] + (positions - runs[run_of, 0]) * out.strides[0]).tolist()
+            fd = os.open(info.path, os.O_RDONLY)
+            try:
+                got = [os.preadv(fd, [row], at) for row, at in zip(out, offsets)]
+            finally:
+                os.close(fd)
+            if min(got) < out.strides[0]:
+                raise ValueError(f"a row at byte {offsets[got.index(min(got))]} is cut short")
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{info.path}: rows unreadable (truncated or corrupted?): {e}") from e
     bad = np.nonzero(row_checksums(out) != expected)[0]

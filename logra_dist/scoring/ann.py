@@ -293,7 +293,7 @@ def _rescore(
     if not len(rows_at):
         return
     with scorer.tracker.phase("ann-read"):
-        stored = gather_stored(info, rows_at, store.codec, store.width, ann.row_sums[rows_at])
+        stored = gather_stored(store, shard, rows_at, ann.row_sums[rows_at])
         rows = store.codec.decode(stored).to(scorer.score_dtype)
         ids = store.ids_at(rows_at + info.offset)
     scorer.tracker.count(bytes_read=stored.nbytes)

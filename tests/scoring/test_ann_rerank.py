@@ -69,3 +69,26 @@ def test_corrupted_faiss_bytes_are_refused_before_loading(tmp_path):
     with pytest.raises(IndexFormatError, match=r"rank-00000\.ann: the FAISS bytes do not match their digest"):
         sc.topk(5, ann=True, candidates=10)
     sc.close()
+
+
+def test_candidate_rows_read_one_by_one_are_the_stored_bytes_and_a_cut_shard_is_named(tmp_path):
+    """gather_stored (one preadv per row at the cached chunk runs) returns exactly the stored rows
+    at scattered positions, and a shard cut short after its runs were cached is refused."""
+    from logra_dist.index.h5io import row_checksums
+    from logra_dist.index.stream import gather_stored
+
+    index = tmp_path / "i"
+    build_index(index, 9000, 1, 1, storage="int8")
+    store = ld.GradientStore(index)
+    shard = store.shards[0].path
+    with h5py.File(shard, "r") as f:
+        stored = f["grads"][()]
+    positions = np.array([0, 1, 4095, 4096, 5000, 8191, 8192, 8999])
+    got = gather_stored(store, 0, positions, row_checksums(stored[positions]))
+    np.testing.assert_array_equal(got, stored[positions])
+    with h5py.File(shard, "r") as f:
+        last = plain_runs(f["grads"], 1)[-1]
+    with open(shard, "r+b") as fh:  # cut inside the last chunk run, before the last row ends
+        fh.truncate(int(last[1]) + (8999 - int(last[0])) * stored.shape[1] + 10)
+    with pytest.raises(IndexFormatError, match=r"rank-00000\.h5: rows unreadable .*cut short"):
+        gather_stored(store, 0, positions, row_checksums(stored[positions]))
