@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from logra_dist import comm
-from logra_dist.config import MODEL_FISHERS, LoGraConfig
+from logra_dist.config import MODEL_FISHERS, ConfigError, LoGraConfig
 from logra_dist.core.capture import GradientCapture
 from logra_dist.core.curvature import CURVATURES, KFAC
 from logra_dist.core.curvature.finalize import FinalizeReport, finalize_statistics
@@ -259,6 +259,12 @@ class Logger(GradientSession):
         the config's fisher ("model": exact over `classes` when given, else fisher_samples draws),
         and recorded in the manifest as "fisher_estimator", so an index says which Fisher it holds."""
         targets = FisherTargets.for_config(self.config, classes)
+        told = self.metadata.get("fisher_estimator")
+        if told is not None and told != targets.describe():
+            raise ConfigError(
+                f"fisher_targets(classes={classes!r}) would make this job's statistics {targets.describe()}, "
+                f"but earlier batches used {told}: pass the same class count for every statistics batch"
+            )
         self.metadata["fisher_estimator"] = targets.describe()
         return targets
 

@@ -35,6 +35,8 @@ def test_accurate_preset_round_trips_through_the_index(tmp_path):
     assert FisherTargets.for_config(config) == FisherTargets("true", 8)  # text: 8 draws per token
     targets = logger.fisher_targets(classes=3)
     assert targets == FisherTargets("exact", 3)
+    with pytest.raises(ld.ConfigError, match=r"would make this job's statistics \{'kind': 'true', 'samples': 8\}"):
+        logger.fisher_targets()  # the estimator may not change within a job
 
     for s in range(0, 8, 4):
         ids, xb = torch.arange(s, s + 4), X[s : s + 4]
