@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from logra_dist.eval.metrics import bootstrap_ci
+
 ORDER = ("digits", "lm", "synthetic")
 
 
@@ -144,8 +146,6 @@ def _peer_slots(meth: dict[str, Any]) -> dict[str, dict[str, str]]:
 def _versus(meth: dict[str, Any], ours: str, rivals: list[str]) -> str:
     """Ours against every rival in the mean, and against the strongest one paired over queries
     (bootstrap 95% CI of the per-query difference): "yes" only when that interval is above 0."""
-    from logra_dist.eval.metrics import bootstrap_ci
-
     top = max(rivals, key=lambda n: meth[n]["lds"]["mean"])
     diff = _per_query(meth[ours]) - _per_query(meth[top])
     lo, hi = bootstrap_ci(diff)
