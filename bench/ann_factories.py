@@ -9,7 +9,8 @@ the PCA sketch dim; then `;`-separated factories, each with `|`-separated comma 
 search parameters. Rows are prepared as `ann build` prepares them (whitened, divided by
 sqrt(self-influence): relatif), the PCA fitted on the same strided sample per shard; queries:
 `bench/ann.queries(64)`. Exact scores from the full whitened rows in memory (4 GB at 1M x 1024).
-NT (environment) = threads. One JSON line per (factory, params, C).
+NT (environment) = threads. One JSON line per (factory, params, C). A factory may carry build
+parameters after "@" (applied before the rows are added), e.g. "HNSW32@efConstruction=80|efSearch=256".
 """
 
 import json
@@ -61,10 +62,13 @@ def main() -> None:
     top = np.argsort(-scores, 1)[:, :10]
     for fac in facs:
         fac, _, params = fac.partition("|")
+        fac, _, build_params = fac.partition("@")
         idxs, build = [], 0.0
         for _, sx, _, _, picks in shards:
             t = time.perf_counter()
             ix = faiss.index_factory(d, fac, faiss.METRIC_INNER_PRODUCT)
+            if build_params:
+                faiss.ParameterSpace().set_index_parameters(ix, build_params)
             if not ix.is_trained:
                 ix.train(sx[picks])
             ix.add(sx)
@@ -88,7 +92,8 @@ def main() -> None:
                 cand = np.concatenate([lab + s[0] for lab, s in zip(labels, shards)], 1)
                 got = np.take_along_axis(cand, np.argsort(-np.take_along_axis(scores, cand, 1), 1)[:, :10], 1)
                 r = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top, got)]))
-                row = {"d": d, "factory": fac, "params": p, "C": c, "build_s": round(build, 1), "bytes": nbytes}
+                row = {"d": d, "factory": fac, "build_params": build_params, "params": p, "C": c}
+                row.update(build_s=round(build, 1), bytes=nbytes)
                 row.update(search_s=round(float(np.median(ts)), 4), recall=r, load=os.getloadavg()[0])
                 print(json.dumps(row), flush=True)
 

@@ -198,6 +198,8 @@ class Logger(GradientSession):
         state = self._writer.resume_state
         if state.stats is not None:
             self.accumulator.load_snapshot(state.stats)
+        if "fisher_estimator" in state.stats_meta:  # the interrupted attempt's statistics: only its kind may join
+            self.metadata["fisher_estimator"] = state.stats_meta["fisher_estimator"]
         self.nonfinite_ids = [int(i) for i in state.nonfinite_ids]
         self.done_ids = set(int(i) for i in state.ids) | set(self.nonfinite_ids)
         self._rows_since_commit, self._last_commit, self._snapshot_seconds = 0, time.monotonic(), 0.0
@@ -263,7 +265,8 @@ class Logger(GradientSession):
         if told is not None and told != targets.describe():
             raise ConfigError(
                 f"fisher_targets(classes={classes!r}) would make this job's statistics {targets.describe()}, "
-                f"but earlier batches used {told}: pass the same class count for every statistics batch"
+                f"but earlier batches (an interrupted attempt's too) used {told}: pass the same class count "
+                f"for every statistics batch, or delete {self.out_dir} to start over"
             )
         self.metadata["fisher_estimator"] = targets.describe()
         return targets
@@ -351,8 +354,13 @@ class Logger(GradientSession):
         copied: `Curvature.lend`)."""
         start, self._last_commit = time.perf_counter(), time.monotonic()
         parts, released = self.accumulator.lend()
-        self._writer.commit(parts, self.nonfinite_ids, released)
+        self._writer.commit(parts, self.nonfinite_ids, released, meta=self._statistics_meta())
         self._snapshot_seconds, self._rows_since_commit = time.perf_counter() - start, 0
+
+    def _statistics_meta(self) -> dict[str, Any]:
+        """How this rank's statistics were made, committed with them (a resume checks it)."""
+        told = self.metadata.get("fisher_estimator")
+        return {} if told is None else {"fisher_estimator": told}
 
     def _writer_figures(self) -> dict[str, float]:
         """The background writer's own time and bytes (for the tracker)."""
@@ -378,7 +386,9 @@ class Logger(GradientSession):
             with report.timed("flush"):  # buffered rows folded in, lower tiles mirrored (raw)
                 stats = self.accumulator.snapshot(copy=False)
             with report.timed("drain"):
-                self._writer.close(complete=True, stats=stats, nonfinite_ids=self.nonfinite_ids)
+                self._writer.close(
+                    complete=True, stats=stats, nonfinite_ids=self.nonfinite_ids, meta=self._statistics_meta()
+                )
         self.bytes_written = self._writer.bytes_written
         self._written = (self._written[0] + self._writer.write_seconds, self._written[1] + self._writer.bytes_written)
         if self._finished:

@@ -111,39 +111,43 @@ def read_record(path: Path) -> CommitRecord:
         ) from e
 
 
-def write_stats(path: Path, parts: list[np.ndarray], rows: int) -> None:
+def write_stats(path: Path, parts: list[np.ndarray], rows: int, meta: dict | None = None) -> None:
     """Statistics (`Curvature.snapshot` parts) over `rows` rows, durable under `path` once this
     returns (temporary name, fsync, rename; the caller fsyncs the folder). Written part by part
-    in the parts' own dtypes: no float64 copy of the whole."""
+    in the parts' own dtypes: no float64 copy of the whole. `meta`: how they were made (JSON,
+    e.g. the Logger's "fisher_estimator"), kept with them so a resumed job adds only its kind."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        np.savez(f, rows=np.array(rows, np.int64), **{f"part_{i}": p for i, p in enumerate(parts)})
+        arrays = {f"part_{i}": p for i, p in enumerate(parts)}
+        np.savez(f, rows=np.array(rows, np.int64), meta=np.array(json.dumps(meta or {})), **arrays)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def read_stats(path: Path) -> tuple[int, list[np.ndarray]]:
-    """(rows covered, parts) of a `write_stats` file."""
+def read_stats(path: Path) -> tuple[int, list[np.ndarray], dict]:
+    """(rows covered, parts, meta) of a `write_stats` file (meta {} in files written before it)."""
     try:
         with np.load(path, allow_pickle=False) as z:
             count = sum(1 for name in z.files if name.startswith("part_"))
-            return int(z["rows"]), [z[f"part_{i}"] for i in range(count)]
+            meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+            return int(z["rows"]), [z[f"part_{i}"] for i in range(count)], meta
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         raise PartialShardError(f"{path}: unreadable statistics ({e})") from e
 
 
-def read_rank_stats(shard: Path, rows: int) -> list[np.ndarray] | None:
-    """The statistics beside the complete shard `shard` of `rows` rows (None: there are none)."""
+def read_rank_stats(shard: Path, rows: int) -> tuple[list[np.ndarray], dict] | None:
+    """(parts, meta) of the statistics beside the complete shard `shard` of `rows` rows (None:
+    there are none)."""
     path = rank_stats_path(shard)
     if not path.exists():
         return None
-    covered, parts = read_stats(path)
+    covered, parts, meta = read_stats(path)
     if covered != rows:
         raise PartialShardError(
             f"{path}: statistics over {covered} rows, but {shard.name} holds {rows}: they belong to different jobs"
         )
-    return parts
+    return parts, meta
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -163,12 +167,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 @dataclass
 class ResumeState:
     """What an earlier, interrupted run of this rank left: its committed ids, the statistics over
-    exactly them (`Curvature.snapshot` parts), its non-finite ids, whether its shard is complete."""
+    exactly them (`Curvature.snapshot` parts) and how they were made (`write_stats` meta), its
+    non-finite ids, whether its shard is complete."""
 
     ids: np.ndarray
     stats: list[np.ndarray] | None
     nonfinite_ids: np.ndarray
     complete: bool = False
+    stats_meta: dict = field(default_factory=dict)
 
 
 class PartialRows:
@@ -275,17 +281,18 @@ class PartialShard(PartialRows):
     def stats_path(self) -> Path | None:
         return None if self.record.stats_file is None else self.dir / self.record.stats_file
 
-    def stats(self) -> list[np.ndarray] | None:
-        """The committed statistics (`Curvature.snapshot` parts), None if none were committed."""
+    def stats(self) -> tuple[list[np.ndarray], dict] | None:
+        """(parts, meta) of the committed statistics (`Curvature.snapshot` parts, `write_stats`
+        meta), None if none were committed."""
         if self.stats_path is None:
             return None
-        rows, parts = read_stats(self.stats_path)
+        rows, parts, meta = read_stats(self.stats_path)
         if rows != self.record.rows:
             raise PartialShardError(
                 f"{self.stats_path}: statistics over {rows} rows, the commit record says "
                 f"{self.record.rows}; delete {self.dir} to log this rank again"
             )
-        return parts
+        return parts, meta
 
     def publish_stats(self, dst: Path) -> None:
         """The committed statistics under `dst` (`rank_stats_path`), durable; none: no file."""
@@ -303,8 +310,9 @@ class PartialShard(PartialRows):
             self._ids.write(np.ascontiguousarray(ids, dtype="<i8").data)
             self.rows += len(ids)
 
-    def commit(self, stats: list[np.ndarray] | None, nonfinite_ids: np.ndarray) -> None:
-        """Make every appended row durable together with the statistics covering exactly them."""
+    def commit(self, stats: list[np.ndarray] | None, nonfinite_ids: np.ndarray, meta: dict | None = None) -> None:
+        """Make every appended row durable together with the statistics covering exactly them
+        (and `meta`, how they were made)."""
         for f in (self._grads, self._ids):
             f.flush()
             os.fsync(f.fileno())
@@ -312,7 +320,7 @@ class PartialShard(PartialRows):
         name = None
         if stats is not None:
             name = f"stats-{seq:08d}.npz"
-            write_stats(self.dir / name, stats, self.rows)
+            write_stats(self.dir / name, stats, self.rows, meta)
         self.record = CommitRecord(self.rows, self.record.meta, name, np.asarray(nonfinite_ids, np.int64), seq)
         write_record(self.dir / COMMIT, self.record)  # fsyncs the folder: the new statistics file too
         if old is not None and old.name != name:

@@ -152,10 +152,11 @@ class ShardWriter:
         except OSError as e:
             raise IndexFormatError(f"{self.path}: cannot write the partial shard: {e!r}") from e
         try:
-            stats = self.partial.stats()
+            stats, meta = self.partial.stats() or (None, {})
         except PartialShardError as e:
             raise IndexFormatError(str(e)) from e
-        self.resume_state = ResumeState(self.partial.committed_ids(), stats, self.partial.record.nonfinite_ids)
+        ids, nonfinite = self.partial.committed_ids(), self.partial.record.nonfinite_ids
+        self.resume_state = ResumeState(ids, stats, nonfinite, stats_meta=meta)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         if asynchronous:
             self._thread = threading.Thread(target=self._run, name=f"logra-writer-{attrs.rank}", daemon=True)
@@ -169,7 +170,7 @@ class ShardWriter:
             state = ResumeState(f["ids"][:], None, f["nonfinite_ids"][:], complete=True)
             digest = str(f.attrs["ids_digest"])
         try:
-            state.stats = read_rank_stats(self.final_path, len(state.ids))
+            state.stats, state.stats_meta = read_rank_stats(self.final_path, len(state.ids)) or (None, {})
         except PartialShardError as e:
             raise IndexFormatError(f"{e}; cannot re-run the finalize (delete the index to log again)") from e
         return state, digest
@@ -188,20 +189,29 @@ class ShardWriter:
         """Commits queued or being written (the Logger waits for them before taking another)."""
         return self._commits_put - self._commits_done
 
-    def commit(self, stats: list[np.ndarray] | None, nonfinite_ids=(), released: threading.Event | None = None) -> None:
+    def commit(
+        self,
+        stats: list[np.ndarray] | None,
+        nonfinite_ids=(),
+        released: threading.Event | None = None,
+        meta: dict | None = None,
+    ) -> None:
         """Make everything appended so far durable, with the statistics covering exactly it
-        (parts left unchanged until `released` is set, once written or failed: `Curvature.lend`)."""
+        (parts left unchanged until `released` is set, once written or failed: `Curvature.lend`)
+        and `meta`, how they were made (`partial.write_stats`)."""
         if self.complete:
             return
         self._commits_put += 1
         try:
-            self._put(("commit", (stats, np.asarray(nonfinite_ids, np.int64)), released))
+            self._put(("commit", (stats, np.asarray(nonfinite_ids, np.int64), meta), released))
         except BaseException:
             if released is not None:
                 released.set()
             raise
 
-    def close(self, complete: bool, stats: list[np.ndarray] | None = None, nonfinite_ids=()) -> Path:
+    def close(
+        self, complete: bool, stats: list[np.ndarray] | None = None, nonfinite_ids=(), meta: dict | None = None
+    ) -> Path:
         """complete=True: commit, build the final shard, return its path (raises if any write
         failed); `stats` may be views of live tensors, as this waits for the writer.
         complete=False: stop writing and keep the partial shard as of its last commit (never
@@ -213,7 +223,7 @@ class ShardWriter:
             self._closed = True
             self._stop()
             return self.path
-        self.commit(stats, nonfinite_ids)
+        self.commit(stats, nonfinite_ids, meta=meta)
         self._put(("stop", None, None))
         self._closed = True
         if self._thread is not None:

@@ -4,6 +4,7 @@ read back unchanged; unknown names refused listing the known ones; `log --preset
 import pytest
 import torch
 from reference import mlp
+from reliability_helpers import assert_same_index
 from torch import nn
 
 import logra_dist as ld
@@ -51,6 +52,83 @@ def test_accurate_preset_round_trips_through_the_index(tmp_path):
     assert manifest["metadata"]["fisher_estimator"] == {"kind": "exact", "classes": 3}
     assert ld.LoGraConfig.from_dict(manifest["config"]) == config
     assert ld.GradientStore(tmp_path).config == config
+
+
+def test_a_resumed_job_keeps_the_fisher_estimator_of_its_interrupted_attempt(tmp_path):
+    """The estimator is committed with the statistics it made: resuming with another class count
+    (or none) is refused naming both, before a batch is added; the same one finishes the job,
+    equal to an uninterrupted run."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    config = ld.LoGraConfig.from_preset("accurate", k_in=3, k_out=2, storage_dtype="float32", flush_rows=4)
+
+    def log(logger, starts):
+        targets = logger.fisher_targets(classes=3)
+        for s in starts:
+            ids, xb = torch.arange(s, s + 4), X[s : s + 4]
+            with logger.statistics_pass(), logger.capture(targets.expand(ids)):
+                logger.backward(targets.loss(logger.model(targets.expand(xb))))
+            with logger.capture(ids):
+                logger.backward(nn.functional.cross_entropy(logger.model(xb), Y[s : s + 4], reduction="sum"))
+
+    torch.manual_seed(1)
+    model = mlp()
+    whole = ld.attach(model, config, tmp_path / "whole")
+    log(whole, (0, 4))
+    want = whole.finalize()
+    whole.close()
+
+    first = ld.attach(model, config, tmp_path / "job", commit_seconds=0)  # commits at every 4 rows
+    log(first, (0,))
+    first.close()  # interrupted: the partial shard and its statistics stay
+    again = ld.attach(model, config, tmp_path / "job", resume=True)
+    assert again.done_ids == {0, 1, 2, 3}
+    with pytest.raises(ld.ConfigError, match=r"\{'kind': 'true', 'samples': 8\}.*an interrupted attempt's.*'exact'"):
+        again.fisher_targets()  # text's sampled draws would join the first attempt's exact statistics
+    log(again, (4,))
+    got = again.finalize()
+    again.close()
+    assert got["metadata"]["fisher_estimator"] == {"kind": "exact", "classes": 3}
+    assert got["samples_in_statistics"] == want["samples_in_statistics"] == 3 * 8
+    assert_same_index(tmp_path / "job", tmp_path / "whole")  # rows, Fisher, counts
+
+
+def test_a_finalize_killed_before_its_manifest_resumes_with_the_same_estimator(tmp_path, monkeypatch):
+    """The other resume path: the shard is complete and its statistics lie beside it
+    (`rank-*.stats.npz`); the estimator they were made with comes back from there."""
+    from logra_dist import logger as logger_module
+
+    torch.manual_seed(0)
+    X, Y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    config = ld.LoGraConfig.from_preset("accurate", k_in=3, k_out=2, storage_dtype="float32")
+    model, ids = mlp(), torch.arange(4)
+    first = ld.attach(model, config, tmp_path)
+    targets = first.fisher_targets(classes=3)
+    with first.statistics_pass(), first.capture(targets.expand(ids)):
+        first.backward(targets.loss(first.model(targets.expand(X))))
+    with first.capture(ids):
+        first.backward(nn.functional.cross_entropy(first.model(X), Y, reduction="sum"))
+    write = logger_module.write_json_atomic
+
+    def killed(path, data):
+        if path.name == "manifest.json":
+            raise KeyboardInterrupt("killed before the manifest")
+        write(path, data)
+
+    monkeypatch.setattr(logger_module, "write_json_atomic", killed)
+    with pytest.raises(KeyboardInterrupt):
+        first.finalize()
+    first.close()
+    monkeypatch.setattr(logger_module, "write_json_atomic", write)
+    again = ld.attach(model, config, tmp_path, resume=True)
+    assert (tmp_path / "shards" / "rank-00000.h5").exists() and again.done_ids == {0, 1, 2, 3}
+    with pytest.raises(ld.ConfigError, match=r"an interrupted attempt's too\) used \{'kind': 'exact', 'classes': 3\}"):
+        again.fisher_targets(classes=4)
+    assert again.fisher_targets(classes=3) == targets
+    manifest = again.finalize()
+    again.close()
+    assert manifest["metadata"]["fisher_estimator"] == {"kind": "exact", "classes": 3}
+    assert manifest["samples_in_statistics"] == 3 * 4
 
 
 def test_cli_preset_flag_and_overrides_reach_the_config():

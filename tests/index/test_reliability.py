@@ -565,6 +565,23 @@ def test_damaged_commit_record_is_an_error_naming_it(tmp_path):
         mlp_worker.run(mlp_args(out, "--resume"))
 
 
+def test_statistics_files_carry_how_they_were_made(tmp_path):
+    """A commit's statistics file holds its parts, their row count and `meta` (the Fisher
+    estimator a resume checks); files written before `meta` existed read as {}."""
+    from logra_dist.index.partial import read_stats, write_stats
+
+    parts = [np.arange(6.0).reshape(2, 3), np.ones(4, np.float32)]
+    write_stats(tmp_path / "new.npz", parts, 7, {"fisher_estimator": {"kind": "true", "samples": 8}})
+    rows, got, meta = read_stats(tmp_path / "new.npz")
+    assert rows == 7 and meta == {"fisher_estimator": {"kind": "true", "samples": 8}}
+    for a, b in zip(got, parts, strict=True):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    with open(tmp_path / "old.npz", "wb") as f:  # the layout of earlier versions: no meta
+        np.savez(f, rows=np.array(7, np.int64), **{f"part_{i}": p for i, p in enumerate(parts)})
+    assert read_stats(tmp_path / "old.npz")[0] == 7 and read_stats(tmp_path / "old.npz")[2] == {}
+
+
 def test_scoring_streams_check_every_row_they_serve(tmp_path, reference):
     """The scorer reads shards through its own stream: a flipped byte must fail it too, whether
     the damaged block lies inside a chunk, across two chunks, or at the end of a rank's range."""
