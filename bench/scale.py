@@ -120,6 +120,8 @@ def build_ann_timed(index: Path, factory: str, args) -> float:
         cmd += ["--sketch-dim", str(args.sketch_dim)]
     if args.sketch:
         cmd += ["--sketch", args.sketch]
+    if args.build_params:
+        cmd += ["--build-params", args.build_params]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
@@ -172,7 +174,8 @@ def one_size(rows: int, args, work: Path) -> dict:
     entry["ann"] = []
     for factory in args.factories:
         built = [read_record(p) for p in sorted((index / "shards").glob("*.ann"))]
-        same = [(r.factory, r.sketch_dim, r.sketch) == (factory, args.sketch_dim or 256, args.sketch) for r in built]
+        want = (factory, args.sketch_dim or 256, args.sketch, args.build_params)
+        same = [(r.factory, r.sketch_dim, r.sketch, r.build_params) == want for r in built]
         reuse = args.reuse_ann and len(built) == SHARDS and all(same)
         build_s = None if reuse else build_ann_timed(index, factory, args)
         ann_bytes = sum(p.stat().st_size for p in (index / "shards").glob("*.ann"))
@@ -181,6 +184,7 @@ def one_size(rows: int, args, work: Path) -> dict:
             got = run_worker("ann", index, qfile, work / "ann-ids.npy", args, **extra)
             got.update(
                 factory=factory,
+                build_params=args.build_params,
                 candidates=c,
                 search_params=got["info"]["ann_search_params"],
                 build_s=None if build_s is None else round(build_s, 1),
@@ -276,6 +280,7 @@ def main() -> None:
         help="FAISS search parameters given at scoring (one ANN run each, e.g. efSearch=256 efSearch=1024); "
         "none: the files' own (HNSW: efSearch=512)",
     )
+    p.add_argument("--build-params", default="", help='FAISS build parameters of `ann build`, e.g. "efConstruction=80"')
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)

@@ -35,6 +35,7 @@ def run_ann(args: argparse.Namespace) -> None:
             damping=args.damping,
             seed=args.sketch_seed,
             search_params=args.search_params,
+            build_params=args.build_params,
         )
     except Exception as e:  # re-raised below, after the other ranks know
         error = e
@@ -49,7 +50,8 @@ def run_ann(args: argparse.Namespace) -> None:
     if paths:
         r = read_record(paths[0])
         say(
-            f"built {int(built)} ANN file(s) in {time.perf_counter() - start:.1f}s: factory {r.factory}, "
+            f"built {int(built)} ANN file(s) in {time.perf_counter() - start:.1f}s: factory {r.factory}"
+            f"{f' ({r.build_params})' if r.build_params else ''}, "
             f"{r.sketch} sketch dim {r.sketch_dim} of D={r.width}, normalization {r.normalization}"
         )
     else:

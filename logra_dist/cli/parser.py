@@ -281,6 +281,12 @@ def _add_ann(sub) -> None:
     )
     build.add_argument("--damping", type=float, default=None, help="damping for relatif/cosine (default: the index's)")
     build.add_argument("--search-params", default="", help='FAISS search parameters, e.g. "nprobe=32" for IVF')
+    build.add_argument(
+        "--build-params",
+        default="",
+        help='FAISS parameters set before the rows are added, e.g. "efConstruction=80" for HNSW (a better graph: '
+        "higher recall at the same efSearch, a slower build)",
+    )
 
 
 def _add_query_sources(score: argparse.ArgumentParser) -> None:

@@ -91,6 +91,7 @@ class AnnRecord:
     damping: float
     factory: str
     search_params: str = ""  # faiss ParameterSpace string applied when loaded, e.g. "nprobe=32"
+    build_params: str = ""  # faiss ParameterSpace string applied before the rows were added, e.g. "efConstruction=80"
     sketch: str = "gaussian"  # SKETCHES: how S was made
     version: int = ANN_VERSION
 
@@ -102,8 +103,8 @@ class AnnRecord:
         return cls(**json.loads(text))
 
     def differences(self, want: AnnRecord) -> list[str]:
-        """Fields that differ (factory and search parameters are free choices, not checked)."""
-        skip = {"factory", "search_params"}
+        """Fields that differ (factory, build and search parameters are free choices, not checked)."""
+        skip = {"factory", "search_params", "build_params"}
         got, exp = asdict(self), asdict(want)
         return [f"{k} is {got[k]!r}, expected {exp[k]!r}" for k in exp if k not in skip and got[k] != exp[k]]
 
@@ -175,6 +176,7 @@ def write_ann(
     training; `matrix`: the sketch to store (pca). Atomic: temp file, then rename."""
     faiss = faiss_module()
     index = new_index(record.sketch_dim, record.factory)
+    _set_params(index, record.build_params, record.factory, "build")
     if not index.is_trained:
         if train is None or len(train) == 0:
             raise ValueError(f"factory {record.factory!r} needs training rows")
@@ -280,13 +282,17 @@ def load_ann(path: Path, want: AnnRecord) -> LoadedAnn:
 def set_search_params(index, params: str, factory: str) -> None:
     """FAISS ParameterSpace string (e.g. "nprobe=64", "efSearch=512") on a loaded index; a
     ValueError naming the parameters and the factory when FAISS does not know them for it."""
+    _set_params(index, params, factory, "search")
+
+
+def _set_params(index, params: str, factory: str, what: str) -> None:
     if not params:
         return
     try:
         faiss_module().ParameterSpace().set_index_parameters(index, params)
     except RuntimeError as e:
         raise ValueError(
-            f"FAISS search parameters {params!r} do not apply to factory {factory!r}: {str(e).strip()[:200]}"
+            f"FAISS {what} parameters {params!r} do not apply to factory {factory!r}: {str(e).strip()[:200]}"
         ) from e
 
 

@@ -147,10 +147,12 @@ def build_ann(
     damping: float | None = None,
     seed: int = 0,
     search_params: str = "",
+    build_params: str = "",
     chunk_rows: int = 4096,
 ) -> list[Path]:
     """This rank's share (whole shards) of the ANN files; no collective (the CLI agrees after).
-    Returns the files written."""
+    build_params: FAISS parameters set before the rows are added (HNSW's efConstruction: a
+    better graph, higher recall at the same efSearch, a slower build). Returns the files written."""
     faiss_module()  # fail before any work when FAISS is missing
     store = GradientStore(index_dir)
     attrs, _ = read_stats(store.root / "stats.h5")
@@ -168,7 +170,8 @@ def build_ann(
             store, s, dim=d, seed=seed, normalization=normalization, hessian=hessian, damping=damping
         )
         params = search_params or (HNSW_SEARCH_PARAMS if "HNSW" in factory else "")
-        record = AnnRecord(**{**base.__dict__, "factory": factory, "search_params": params, "sketch": kind})
+        made = {"factory": factory, "search_params": params, "build_params": build_params, "sketch": kind}
+        record = AnnRecord(**{**base.__dict__, **made})
         train, pca = None, kind == "pca" and d < store.width
         if pca or not new_index(d, factory).is_trained:  # a strided sample of the shard (rows may be ordered)
             picks = np.unique(np.linspace(0, info.rows - 1, min(info.rows, TRAIN_ROWS)).astype(np.int64))

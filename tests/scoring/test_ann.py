@@ -90,6 +90,29 @@ def test_search_params_given_at_scoring_replace_the_files_own(small):
     assert again.info["ann_search_params"] == "nprobe=1"
 
 
+def test_build_params_shape_the_graph_and_are_recorded(small):
+    """`build_params` reach FAISS before the rows are added (HNSW's efConstruction, kept in the
+    file) and the record; parameters FAISS does not know for the factory are a ValueError
+    naming both, before any file is written."""
+    import faiss
+
+    from logra_dist.index.ann import ann_path, read_record
+
+    paths = build_ann(small, factory="HNSW16", mode="relatif", dim=64, build_params="efConstruction=23")
+    assert len(paths) == 3
+    for path in paths:
+        assert read_record(path).build_params == "efConstruction=23"
+        with h5py.File(path, "r") as f:
+            index = faiss.downcast_index(faiss.deserialize_index(f["faiss"][()]))
+        assert index.hnsw.efConstruction == 23
+    for path in paths:
+        path.unlink()
+    with pytest.raises(ValueError, match=r"build parameters 'nprobe=4' do not apply to factory 'HNSW16'"):
+        build_ann(small, factory="HNSW16", mode="relatif", dim=64, build_params="nprobe=4")
+    store = ld.GradientStore(small)
+    assert not any(ann_path(info.path).exists() for info in store.shards)
+
+
 def test_sketched_recall_is_high_on_structured_rows(tmp_path):
     """D = 1024, Gaussian sketch to 256, Flat search, C = 1000 of 2000 rows per shard, queries of
     another low-rank model than the rows: recall@10 measured 0.93 (sketching raw rows against
