@@ -96,10 +96,12 @@ def test_build_params_shape_the_graph_and_are_recorded(small):
     naming both, before any file is written."""
     import faiss
 
+    from logra_dist.cli.main import main
     from logra_dist.index.ann import ann_path, read_record
 
-    paths = build_ann(small, factory="HNSW16", mode="relatif", dim=64, build_params="efConstruction=23")
-    assert len(paths) == 3
+    build = ["ann", "build", str(small), "--factory", "HNSW16", "--sketch-dim", "64"]
+    assert main([*build, "--build-params", "efConstruction=23"]) == 0
+    paths = [ann_path(info.path) for info in ld.GradientStore(small).shards]
     for path in paths:
         assert read_record(path).build_params == "efConstruction=23"
         with h5py.File(path, "r") as f:
