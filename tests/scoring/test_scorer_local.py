@@ -156,20 +156,29 @@ def indexes(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("reduce_every", [None, 2, 1])
 @pytest.mark.parametrize("hessian", ["kfac", "none"])
-def test_kfac_and_plain_gradients_match_numpy(indexes, hessian):
+def test_kfac_and_plain_gradients_match_numpy(indexes, hessian, reduce_every, monkeypatch):
+    """reduce_every: the top-k lists updated once at the end (default size), or every 2 chunks /
+    every chunk of 4 rows (scan.REDUCE_ELEMENTS shrunk): the same lists, top and bottom."""
     ids, g, layout = raw_rows(indexes / hessian)
     qids, q, _ = raw_rows(indexes / "q")
     hinv = inverse_hessian(indexes / hessian, layout)
+    if reduce_every is not None:
+        monkeypatch.setattr(ld.scoring.scan, "REDUCE_ELEMENTS", reduce_every * 4 * len(qids))
     for mode in MODES:
         sc = ld.Scorer(TinyNet(), indexes / hessian, mode=mode, chunk_rows=4)
         capture_batches(sc, qids[::-1], batch=4)
-        res = sc.topk(7, groups=GROUPS)
+        res = sc.topk(7, groups=GROUPS, bottomk=5)
         for name, r in [("total", res), *res.groups.items()]:
             ref = reference_scores(q, g, hinv, mode, group_mask(layout, None if name == "total" else GROUPS[name]))
-            ref_s, ref_i = reference_topk(ref[np.argsort(qids)], ids, 7)
+            ref = ref[np.argsort(qids)]
+            ref_s, ref_i = reference_topk(ref, ids, 7)
             np.testing.assert_array_equal(r.train_ids, ref_i, err_msg=f"{hessian} {mode} {name}")
             np.testing.assert_allclose(r.scores, ref_s, rtol=1e-4, atol=1e-6)
+            low_s, low_i = reference_topk(-ref, ids, 5)
+            np.testing.assert_array_equal(r.bottom.train_ids, low_i, err_msg=f"bottom {hessian} {mode} {name}")
+            np.testing.assert_allclose(r.bottom.scores, -low_s, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(sc.scores(), ref_full(q, g, hinv, mode, layout, qids), rtol=1e-4, atol=1e-6)
         sc.close()
 
