@@ -336,32 +336,27 @@ def gather_stored(store: RowSpace, shard: int, positions: np.ndarray, expected: 
     the store's cached ones): scattered rows have no batched read call short of io_uring, and
     per row this is 5x faster than gathering through memory maps of the chunk runs (6400 rows
     of 1040 bytes from a 5 GB shard: 0.012 s against 0.06 s warm, bench/README.md "Scale").
-    Any other layout through one HDF5 point selection."""
+    Any other layout through one HDF5 point selection (`_Source` opens the file once for both)."""
     info = store.shards[shard]
     dtype, stored_width = store.codec.h5_dtype, store.codec.stored_width(store.width)
     out = np.empty((len(positions), stored_width), dtype)
     if not len(positions):
         return out
-    known = _KNOWN_RUNS.setdefault(store, {})
     try:
-        key = str(info.path)
-        if key not in known:
-            with h5py.File(info.path, "r") as f:
-                known[key] = plain_runs(f["grads"], dtype.itemsize)
-        runs = known[key]
-        if runs is None:
-            with h5py.File(info.path, "r") as f:
-                out[:] = f["grads"][positions]
-        else:
-            run_of = np.searchsorted(runs[:, 0], positions, side="right") - 1
-            offsets = (runs[run_of, 1] + (positions - runs[run_of, 0]) * out.strides[0]).tolist()
-            fd = os.open(info.path, os.O_RDONLY)
-            try:
-                got = [os.preadv(fd, [row], at) for row, at in zip(out, offsets)]
-            finally:
-                os.close(fd)
-            if min(got) < out.strides[0]:
-                raise ValueError(f"a row at byte {offsets[got.index(min(got))]} is cut short")
+        src = _Source(info, dtype.itemsize, out.strides[0], _KNOWN_RUNS.setdefault(store, {}))
+        try:
+            if src.runs is None:
+                out[:] = src.dset[positions]
+            else:
+                run_of = np.searchsorted(src.runs[:, 0], positions, side="right") - 1
+                offsets = (src.runs[run_of, 1] + (positions - src.runs[run_of, 0]) * out.strides[0]).tolist()
+                got = [os.preadv(src.fd, [row], at) for row, at in zip(out, offsets)]
+                if min(got) < out.strides[0]:
+                    raise ValueError(f"a row at byte {offsets[got.index(min(got))]} is cut short")
+        finally:
+            src.close()
+    except IndexFormatError:
+        raise
     except (OSError, ValueError) as e:
         raise IndexFormatError(f"{info.path}: rows unreadable (truncated or corrupted?): {e}") from e
     bad = np.nonzero(row_checksums(out) != expected)[0]

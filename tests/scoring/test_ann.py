@@ -115,6 +115,22 @@ def test_build_params_shape_the_graph_and_are_recorded(small):
     assert not any(ann_path(info.path).exists() for info in store.shards)
 
 
+def test_quantized_graph_storage_trains_and_reranks_exactly(small):
+    """HNSW over SQ8-coded vectors (trained on the shard's sample; 0.64x the files at 1M rows,
+    bench/results/scale-1m-hnsw-storage.json): with every row of a shard a candidate, the
+    re-rank from the full rows gives exactly the exact top-k, whatever the codes lost."""
+    from logra_dist.index.ann import ann_path, read_record
+
+    q = queries(9, 256, seed=4)
+    build_ann(small, factory="HNSW32_SQ8", mode="dot", dim=64)
+    assert all(read_record(ann_path(i.path)).factory == "HNSW32_SQ8" for i in ld.GradientStore(small).shards)
+    exact = topk(small, q, "dot", 10)
+    got = topk(small, q, "dot", 10, ann=True, candidates=400, search_params="efSearch=400")
+    np.testing.assert_array_equal(got.train_ids, exact.train_ids)
+    np.testing.assert_allclose(got.scores, exact.scores, rtol=1e-5, atol=0)
+    assert got.info["ann_factory"] == "HNSW32_SQ8"
+
+
 def test_sketched_recall_is_high_on_structured_rows(tmp_path):
     """D = 1024, Gaussian sketch to 256, Flat search, C = 1000 of 2000 rows per shard, queries of
     another low-rank model than the rows: recall@10 measured 0.93 (sketching raw rows against
