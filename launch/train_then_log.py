@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+import deepspeed.comm.torch  # binds deepspeed; on CPU its shm op builder is replaced in main()
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import LlamaForCausalLM
@@ -46,8 +47,6 @@ def parse_args():
 def main():
     args = parse_args()
     if not torch.cuda.is_available():  # CPU (gloo): skip DeepSpeed's 45 s JIT build of a CPU-inference op
-        import deepspeed.comm.torch
-
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     deepspeed.init_distributed()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import json
 import re
+import symtable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,17 @@ def test_logging_script_is_the_training_script_plus_added_lines():
     assert len(plus) >= 15
     for line in plus:
         assert any(line.split("#")[0].rstrip() == a.split("#")[0].rstrip() for a in added), line
+
+
+@pytest.mark.parametrize("script", ["train_zero3.py", "train_then_log.py"])
+def test_deepspeed_is_bound_whichever_device(script):
+    """On CUDA the CPU-only branch is skipped: had `deepspeed` been imported only inside it (as
+    it once was), main() would fail with UnboundLocalError at init_distributed on every GPU
+    machine while CPU runs pass. The name must be the module's, not a local of main()."""
+    tree = symtable.symtable((REPO / "launch" / script).read_text(), script, "exec")
+    main = next(t for t in tree.get_children() if t.get_name() == "main")
+    assert tree.lookup("deepspeed").is_imported()
+    assert main.lookup("deepspeed").is_global() and not main.lookup("deepspeed").is_local()
 
 
 @pytest.fixture(scope="module")
