@@ -3,6 +3,7 @@ built from a config, random init), in under 10 minutes. Not part of CI; nothing 
 
     python bench/gpu.py --out bench/results/gpu.json            # on a CUDA machine
     python bench/gpu.py --smoke --device cpu --out /tmp/g.json  # tiny model: checks the code runs
+    python bench/gpu.py --smoke --device cpu --dtype bfloat16 --out /tmp/g.json  # ... in the GPU run's dtype
 
 Records, against the same references as on CPU (plain training step, the frozen-weights floor),
 tokens/s and peak GPU memory of every variant, and the naive per-sample-gradient baseline
@@ -246,12 +247,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="tiny model: a crash check, runs on CPU")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--dtype", choices=["auto", "bfloat16", "float32"], default="auto", help="auto: bfloat16 on CUDA, else float32"
+    )
     a = ap.parse_args(argv)
     device = torch.device(a.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu.py: no CUDA device (use --smoke --device cpu to check the code on CPU)")
     size = "smoke" if a.smoke else "full"
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if a.dtype == "auto" else getattr(torch, a.dtype)  # bfloat16 on CPU: the GPU run's dtype paths
     t0 = time.perf_counter()
     model, batches, info = build(size, device, dtype)
     reps = 1 if a.smoke else a.reps
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model": info,
         "smoke": a.smoke,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     with tempfile.TemporaryDirectory(prefix="logra-gpu-") as tmp:
         result["figure1_logging"] = figure1(model, batches, info, device, reps, Path(tmp), a.smoke)

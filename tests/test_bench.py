@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -51,11 +53,14 @@ def test_table_marks_targets_met_and_missed():
     assert "met" not in render({}).replace("measured", "")
 
 
-def test_gpu_script_smoke_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_script_smoke_runs_on_cpu(tmp_path, dtype):
+    """bfloat16 is the CUDA run's dtype: on CPU it walks the same dtype paths before a GPU does."""
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--device", "cpu", "--dtype", dtype]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke", "--device", "cpu", "--out", str(out)],
+        [*cmd, "--out", str(out)],
         env=env,
         capture_output=True,
         text=True,
@@ -63,6 +68,7 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert res["dtype"] == dtype
     variants = res["figure1_logging"]["variants"]
     assert set(variants) == {"train", "floor"} | {f"k{k}-{h}" for k in (16, 64) for h in ("none", "kfac", "raw")}
     assert all(v["step_s"] > 0 for v in variants.values())
