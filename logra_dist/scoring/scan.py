@@ -25,8 +25,11 @@ class _Reduction:
     """One query chunk's dot scores of consecutive row chunks, gathered until REDUCE_ELEMENTS,
     then normalized and folded into the running lists of every output in one update each."""
 
-    def __init__(self, scorer, rows: slice, q_self: torch.Tensor, tops: list[RunningTopK], bottoms: list[RunningTopK]):
-        self.scorer, self.rows, self.q_self, self.tops, self.bottoms = scorer, rows, q_self, tops, bottoms
+    def __init__(
+        self, tracker, mode: str, rows: slice, q_self: torch.Tensor, tops: list[RunningTopK], bottoms: list[RunningTopK]
+    ):
+        self.tracker, self.mode, self.rows, self.q_self = tracker, mode, rows, q_self
+        self.tops, self.bottoms = tops, bottoms
         self.dots: list[list[torch.Tensor]] = []  # per chunk, per output
         self.ids: list[torch.Tensor] = []
         self.row_self: list[torch.Tensor] = []
@@ -48,11 +51,11 @@ class _Reduction:
         row_self = None
         if self.row_self:
             row_self = self.row_self[0] if len(self.row_self) == 1 else torch.cat(self.row_self)
-        with self.scorer.tracker.phase("topk-reduce"):
+        with self.tracker.phase("topk-reduce"):
             for o in range(len(self.tops)):
                 parts = [chunk[o] for chunk in self.dots]
                 d = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-                s = normalize(d, self.scorer.mode, self.q_self[:, o], None if row_self is None else row_self[:, o])
+                s = normalize(d, self.mode, self.q_self[:, o], None if row_self is None else row_self[:, o])
                 self.tops[o].update(s, ids, self.rows)
                 if self.bottoms:
                     self.bottoms[o].update(-s, ids, self.rows)
@@ -71,7 +74,7 @@ def score_local(
     q_atoms = plan.split(q.pre)
     qc = scorer._query_chunk(n_q, len(plan.atom_layers))
     spans = [slice(a, min(n_q, a + qc)) for a in range(0, n_q, qc)]
-    pending = [_Reduction(scorer, r, q_self[r], tops, bottoms) for r in spans]
+    pending = [_Reduction(scorer.tracker, scorer.mode, r, q_self[r], tops, bottoms) for r in spans]
     for _, ids, rows, row_self_layers in scorer._chunks(*self_plan):
         row_atoms = plan.split(rows)
         row_self = None if row_self_layers is None else row_self_layers @ membership
