@@ -198,3 +198,17 @@ def write_synthetic_index(out: Path, shard_rows: list[int], storage_dtype: str, 
         start += n
     write_index(out, specs, cfg.to_json(), shards)
     return torch.cat(all_rows).numpy()
+
+
+def skipped_rows(monkeypatch) -> list[int]:
+    """Counts the rows the bfloat16 prefilter skips (one entry per chunk it saw)."""
+    skipped: list[int] = []
+    keep = ld.scoring.prefilter.Prefilter.keep
+
+    def counting(self, rows, *args):
+        out = keep(self, rows, *args)
+        skipped.append(len(rows) - len(out))
+        return out
+
+    monkeypatch.setattr(ld.scoring.prefilter.Prefilter, "keep", counting)
+    return skipped

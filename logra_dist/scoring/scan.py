@@ -10,15 +10,23 @@ but the top-k lists are updated once per REDUCE_ELEMENTS scores: a `RunningTopK.
 dozen tensor ops whatever its width, so at 512 rows a chunk their dispatch outweighed the
 arithmetic (6.0 of 19.8 s per 64-query batch at 10M rows). The lists do not depend on how the
 stream is cut (ties go to the smaller id in every block), so the result is unchanged.
+
+Where the CPU multiplies bfloat16 fast, a bfloat16 GEMM first bounds every score of a chunk
+(`prefilter.py`) and only the rows that may still enter a list are scored exactly; the lists are
+refreshed after the first chunk, then at doubling intervals up to every REFRESH_ROWS rows, so
+that the thresholds it compares against rise early and keep rising.
 """
 
 from __future__ import annotations
 
 import torch
 
+from logra_dist.scoring import prefilter
 from logra_dist.scoring.kernels import GroupPlan, RunningTopK, TopKResult, normalize
 
 REDUCE_ELEMENTS = 1 << 19  # scores (queries x rows) per top-k update: 2 MB of float32, cache-sized
+REFRESH_ROWS = 1 << 16  # with the bfloat16 prefilter: rows streamed between threshold refreshes
+PREFILTER_CHUNK_ROWS = 4096  # its chunks: a dozen small ops per chunk, amortized (512 rows: slower than no filter)
 
 
 class _Reduction:
@@ -72,12 +80,29 @@ def score_local(
     membership = plan.membership.to(dtype)
     q_self = q.self_layers @ membership  # (n_q, outputs)
     q_atoms = plan.split(q.pre)
-    qc = scorer._query_chunk(n_q, len(plan.atom_layers))
+    per_rank = len(scorer.store) // scorer.world
+    pre = prefilter.Prefilter(plan, q_atoms, scorer.mode) if prefilter.enabled(n_q, max(k, bottomk), per_rank) else None
+    chunk_rows = max(scorer.chunk_rows, PREFILTER_CHUNK_ROWS) if pre is not None else scorer.chunk_rows
+    qc = scorer._query_chunk(n_q, len(plan.atom_layers), chunk_rows)
     spans = [slice(a, min(n_q, a + qc)) for a in range(0, n_q, qc)]
     pending = [_Reduction(scorer.tracker, scorer.mode, r, q_self[r], tops, bottoms) for r in spans]
-    for _, ids, rows, row_self_layers in scorer._chunks(*self_plan):
-        row_atoms = plan.split(rows)
+    since_flush, refresh = 0, min(REFRESH_ROWS, chunk_rows)  # refresh early, then every REFRESH_ROWS
+    for _, ids, rows, row_self_layers in scorer._chunks(*self_plan, chunk_rows):
         row_self = None if row_self_layers is None else row_self_layers @ membership
+        if pre is not None:
+            with scorer.tracker.phase("prefilter"):
+                keep = pre.keep(rows, spans, q_self, row_self, tops, bottoms)
+            since_flush += len(ids)
+            if since_flush >= refresh:  # raise the thresholds the filter compares against
+                for reduction in pending:
+                    reduction.flush()
+                since_flush, refresh = 0, min(REFRESH_ROWS, 2 * refresh)
+            if len(keep) == 0:
+                continue
+            if len(keep) < len(ids):
+                ids, rows = ids[keep], rows[keep]
+                row_self = None if row_self is None else row_self[keep]
+        row_atoms = plan.split(rows)
         for r, reduction in zip(spans, pending):
             with scorer.tracker.phase("gemm"):
                 dots = plan.output_dots([qa[r] @ ra.T for qa, ra in zip(q_atoms, row_atoms)], scorer.mode)

@@ -128,7 +128,7 @@ class Scorer:
         )
         # score_in_chunks: the first chunk's self-influence plan; for "compute", row values by chunk
         self._kept_plan: tuple[str | None, int] | None = None
-        self._kept_row_self: dict[int, torch.Tensor] | None = None
+        self._kept_row_self: dict[tuple[int, int], torch.Tensor] | None = None  # (start, rows) -> (rows, L)
 
     # -- queries (local, no collectives) ----------------------------------------------------
     def _query_session(self, call: str) -> GradientSession:
@@ -244,26 +244,27 @@ class Scorer:
         return cached
 
     # -- streaming (local) ------------------------------------------------------------------
-    def _chunks(self, plan: str | None, token: int) -> Iterator[Chunk]:
+    def _chunks(self, plan: str | None, token: int, chunk_rows: int | None = None) -> Iterator[Chunk]:
         """This rank's training rows as (start, ids, rows, per-layer self-influence or None); the
-        rows live in a reused buffer, valid until the next chunk."""
+        rows live in a reused buffer, valid until the next chunk. chunk_rows: default self.chunk_rows."""
         writer = self._cache.part_writer(token, self.rank) if plan == "write" else None
         ok = False
         try:
             side = self._cache.read if plan == "read" else None
             for start, ids, rows, cached in ChunkStream(
-                self.store, self.assignment[self.rank], self.chunk_rows, side=side
+                self.store, self.assignment[self.rank], chunk_rows or self.chunk_rows, side=side
             ):
+                key = (start, len(ids))
                 rows = rows.to(self.score_dtype)
                 row_self = None
                 if plan == "read":
                     row_self = torch.from_numpy(cached).to(self.score_dtype)
-                elif plan == "compute" and self._kept_row_self is not None and start in self._kept_row_self:
-                    row_self = self._kept_row_self[start]
+                elif plan == "compute" and self._kept_row_self is not None and key in self._kept_row_self:
+                    row_self = self._kept_row_self[key]
                 elif plan is not None:
                     row_self = self._row_self(rows)
                     if plan == "compute" and self._kept_row_self is not None:
-                        self._kept_row_self[start] = row_self
+                        self._kept_row_self[key] = row_self
                     if writer is not None:
                         writer.append(row_self.float().numpy())
                 yield start, torch.from_numpy(ids), rows, row_self
@@ -274,9 +275,10 @@ class Scorer:
                 if not ok:
                     cacheplace.remove_quietly(writer.path)
 
-    def _query_chunk(self, n_q: int, n_atoms: int) -> int:
+    def _query_chunk(self, n_q: int, n_atoms: int, chunk_rows: int | None = None) -> int:
         """Queries per score block; the same on every rank (depends on global sizes only)."""
-        per_query = min(self.chunk_rows, max(1, len(self.store))) * self.score_dtype.itemsize * (2 * n_atoms + 2)
+        rows = min(chunk_rows or self.chunk_rows, max(1, len(self.store)))
+        per_query = rows * self.score_dtype.itemsize * (2 * n_atoms + 2)
         return max(1, min(n_q, self.block_bytes // per_query))
 
     # -- public collectives -----------------------------------------------------------------

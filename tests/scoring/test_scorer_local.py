@@ -20,6 +20,7 @@ from scorer_helpers import (
     raw_rows,
     reference_scores,
     reference_topk,
+    skipped_rows,
 )
 
 import logra_dist as ld
@@ -156,16 +157,22 @@ def indexes(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("prefilter", ["0", "1"])
 @pytest.mark.parametrize("reduce_every", [None, 2, 1])
 @pytest.mark.parametrize("hessian", ["kfac", "none"])
-def test_kfac_and_plain_gradients_match_numpy(indexes, hessian, reduce_every, monkeypatch):
+def test_kfac_and_plain_gradients_match_numpy(indexes, hessian, reduce_every, prefilter, monkeypatch):
     """reduce_every: the top-k lists updated once at the end (default size), or every 2 chunks /
-    every chunk of 4 rows (scan.REDUCE_ELEMENTS shrunk): the same lists, top and bottom."""
+    every chunk of 4 rows (scan.REDUCE_ELEMENTS shrunk): the same lists, top and bottom.
+    prefilter "1": the bfloat16 bounds run on every chunk, thresholds refreshed every chunk (at
+    this size every row is in some query's lists; test_prefilter.py has the skipping)."""
     ids, g, layout = raw_rows(indexes / hessian)
     qids, q, _ = raw_rows(indexes / "q")
     hinv = inverse_hessian(indexes / hessian, layout)
     if reduce_every is not None:
         monkeypatch.setattr(ld.scoring.scan, "REDUCE_ELEMENTS", reduce_every * 4 * len(qids))
+    monkeypatch.setenv(ld.scoring.prefilter.ENV, prefilter)
+    monkeypatch.setattr(ld.scoring.scan, "REFRESH_ROWS", 4)
+    kept = skipped_rows(monkeypatch)
     for mode in MODES:
         sc = ld.Scorer(TinyNet(), indexes / hessian, mode=mode, chunk_rows=4)
         capture_batches(sc, qids[::-1], batch=4)
@@ -181,6 +188,7 @@ def test_kfac_and_plain_gradients_match_numpy(indexes, hessian, reduce_every, mo
             np.testing.assert_allclose(r.bottom.scores, -low_s, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(sc.scores(), ref_full(q, g, hinv, mode, layout, qids), rtol=1e-4, atol=1e-6)
         sc.close()
+    assert (len(kept) > 0) == (prefilter == "1"), kept  # the filter ran on the chunks
 
 
 def ref_full(q, g, hinv, mode, layout, qids):
