@@ -5,7 +5,7 @@ one run: time per query batch, the share of rows it scores exactly, and that the
     PYTHONPATH=. python bench/scale.py --rows 100000 1000000 --factories --rounds 1 --threads 2 --work /tmp/pf
     PYTHONPATH=. python bench/prefilter.py /tmp/pf/int8-100000 /tmp/pf/int8-1000000 --out bench/results/prefilter.json
 
-Both variants are forced (LOGRA_BF16_PREFILTER=0 / 1), also where `prefilter.worthwhile` would
+Both variants are forced (LOGRA_DIST_BF16_PREFILTER=0 / 1), also where `prefilter.worthwhile` would
 leave the filter off: those cases are the evidence for its thresholds.
 """
 

@@ -27,7 +27,7 @@ import torch
 
 from logra_dist.scoring.kernels import GroupPlan
 
-ENV = "LOGRA_BF16_PREFILTER"  # "0": never; "1": whenever the bfloat16 GEMM is sound; unset: auto (CPU flag)
+ENV = "LOGRA_DIST_BF16_PREFILTER"  # "0": never; "1": whenever the bfloat16 GEMM is sound; unset: auto (CPU flag)
 
 
 def eps(k: int) -> float:
