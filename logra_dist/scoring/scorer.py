@@ -54,7 +54,8 @@ class Scorer:
 
     chunk_rows: training rows per streamed chunk. 512 rows keep the chunked GEMM as fast as one
     big matmul (the queries are re-read once per chunk) and the stream's buffers small enough to
-    stay in cache: 4096 read 35% slower (bench/scorer_throughput.py). block_bytes: bound on one score block
+    stay in cache: 4096 read 35% slower (bench/scorer_throughput.py); the bfloat16 prefilter, where
+    it runs, streams chunks of at least 4096 rows (scan.PREFILTER_CHUNK_ROWS). block_bytes: bound on one score block
     (query_chunk x chunk_rows floats per layer-group atom); queries are processed in chunks of
     that size against each training chunk. Self-influence (relatif, cosine) is cached in the index,
     or in `cache_dir` (default $LOGRA_DIST_HOME/selfinf) where the index is read-only, or not at
