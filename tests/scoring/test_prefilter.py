@@ -70,9 +70,9 @@ def rows() -> np.ndarray:
     return x
 
 
-def scan(index: Path, q: np.ndarray, mode: str, monkeypatch, on: str, **kw):
+def scan(index: Path, q: np.ndarray, mode: str, monkeypatch, on: str, dtype=torch.float32, **kw):
     monkeypatch.setenv(prefilter.ENV, on)
-    sc = ld.Scorer(None, index, mode=mode)
+    sc = ld.Scorer(None, index, mode=mode, dtype=dtype)
     sc.add_query_gradients(q, np.arange(len(q)))
     try:
         return sc.topk(10, groups=GROUPS, bottomk=5, **kw)
@@ -88,18 +88,21 @@ def assert_same(a, b, what: str) -> None:
             np.testing.assert_allclose(u.scores, v.scores, rtol=2e-6, atol=0, err_msg=f"{what} {name} {side}")
 
 
-@pytest.mark.parametrize("mode", ["dot", "relatif", "cosine"])
-def test_prefiltered_scan_is_the_plain_scan(tmp_path, rows, mode, monkeypatch):
+@pytest.mark.parametrize(
+    ("mode", "dtype"), [("dot", "float32"), ("relatif", "float32"), ("cosine", "float32"), ("relatif", "float64")]
+)
+def test_prefiltered_scan_is_the_plain_scan(tmp_path, rows, mode, dtype, monkeypatch):
     """Queries include copies of tied rows (their lists hold the ties), thresholds refreshed every
     256-row chunk; rows are skipped, and the lists are the plain scan's (ids exactly, scores to
     float32 rounding)."""
     write_rows(tmp_path / "index", rows)
     q = np.concatenate([queries(13, 1024, seed=3), rows[[40, 95]]])
-    plain = scan(tmp_path / "index", q, mode, monkeypatch, "0")
+    dtype = getattr(torch, dtype)  # float64: scores and thresholds compared in float64
+    plain = scan(tmp_path / "index", q, mode, monkeypatch, "0", dtype)
     monkeypatch.setattr(ld.scoring.scan, "REFRESH_ROWS", 256)
     monkeypatch.setattr(ld.scoring.scan, "PREFILTER_CHUNK_ROWS", 256)
     skipped = skipped_rows(monkeypatch)
-    fast = scan(tmp_path / "index", q, mode, monkeypatch, "1")
+    fast = scan(tmp_path / "index", q, mode, monkeypatch, "1", dtype)
     assert_same(fast, plain, mode)
     # dot: norm outliers set the lists and most rows are skipped at once; relatif and cosine
     # divide the norms away, so at 6000 rows only a few percent fall below the bounds (at 1M rows:
