@@ -83,6 +83,7 @@ class Prefilter:
         self.plan, self.mode = plan, mode
         self.q_atoms = [qa.float().bfloat16() for qa in q_atoms]
         # (n_q, atoms): eps(K_a) ||q_a||; an output's bound is this @ (row norms of its atoms)
+        self._low = torch.empty(0, 0, dtype=torch.bfloat16)  # the chunk's rows in bfloat16
         self.q_bounds = torch.stack([eps(qa.shape[1]) * qa.float().norm(dim=1) for qa in q_atoms], 1)
 
     def keep(
@@ -97,7 +98,9 @@ class Prefilter:
         """Indices of the chunk's rows (n, D) that some query may still rank (module docstring)."""
         row_atoms = self.plan.split(rows)
         norms = torch.stack([ra.float().norm(dim=1) for ra in row_atoms], 1) * (1 + 1e-5)  # (n, atoms)
-        low = self.plan.split(rows.float().bfloat16())
+        if self._low.shape[0] < rows.shape[0]:  # one reused buffer: no per-chunk 8 MB allocation
+            self._low = torch.empty(rows.shape, dtype=torch.bfloat16)
+        low = self.plan.split(self._low[: rows.shape[0]].copy_(rows))
         scale = None  # relatif, cosine: 1 / sqrt(row self-influence) per output, (outputs, n)
         if self.mode != "dot":
             scale = row_self.float().T.clamp_min(1e-30).rsqrt()

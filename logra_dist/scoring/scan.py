@@ -86,6 +86,7 @@ def score_local(
     qc = scorer._query_chunk(n_q, len(plan.atom_layers), chunk_rows)
     spans = [slice(a, min(n_q, a + qc)) for a in range(0, n_q, qc)]
     pending = [_Reduction(scorer.tracker, scorer.mode, r, q_self[r], tops, bottoms) for r in spans]
+    kept = torch.empty(0, 0)
     since_flush, refresh = 0, min(REFRESH_ROWS, chunk_rows)  # refresh early, then every REFRESH_ROWS
     for _, ids, rows, row_self_layers in scorer._chunks(*self_plan, chunk_rows):
         row_self = None if row_self_layers is None else row_self_layers @ membership
@@ -99,8 +100,10 @@ def score_local(
                 since_flush, refresh = 0, min(REFRESH_ROWS, 2 * refresh)
             if len(keep) == 0:
                 continue
-            if len(keep) < len(ids):
-                ids, rows = ids[keep], rows[keep]
+            if len(keep) < len(ids):  # the kept rows into a reused buffer (fewer, steadier allocations)
+                if kept.shape[0] < rows.shape[0] or kept.shape[1] != rows.shape[1] or kept.dtype != rows.dtype:
+                    kept = torch.empty(rows.shape, dtype=rows.dtype)
+                ids, rows = ids[keep], torch.index_select(rows, 0, keep, out=kept[: len(keep)])
                 row_self = None if row_self is None else row_self[keep]
         row_atoms = plan.split(rows)
         for r, reduction in zip(spans, pending):

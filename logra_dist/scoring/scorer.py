@@ -263,7 +263,9 @@ class Scorer:
                 elif plan == "compute" and self._kept_row_self is not None and key in self._kept_row_self:
                     row_self = self._kept_row_self[key]
                 elif plan is not None:
-                    row_self = self._row_self(rows)
+                    step = self.chunk_rows  # in pieces of chunk_rows: its temporaries stay small in larger chunks
+                    pieces = [self._row_self(rows[a : a + step]) for a in range(0, len(rows), step)]
+                    row_self = torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else self._row_self(rows)
                     if plan == "compute" and self._kept_row_self is not None:
                         self._kept_row_self[key] = row_self
                     if writer is not None:
