@@ -23,7 +23,7 @@ from logra_dist.config import SCORE_MODES
 from logra_dist.core.curvature import Curvature, Identity
 from logra_dist.core.projection import LayerSpec
 
-_TINY = 1e-30
+NORM_FLOOR = 1e-30  # self-influence floor before a square root (relatif, cosine; also the prefilter's)
 ID_PAD = torch.iinfo(torch.int64).max  # id of an empty top-k slot: sorts after every real id
 
 
@@ -54,12 +54,12 @@ def normalize(
     if mode in ("relatif", "cosine"):
         if row_self is None:
             raise ValueError(f"mode {mode!r} needs the training rows' self-influence")
-        norms = row_self.clamp_min(_TINY).sqrt()
+        norms = row_self.clamp_min(NORM_FLOOR).sqrt()
         dots = dots.div_(norms if norms.dim() == 2 else norms[None, :])
     if mode == "cosine":
         if q_self is None:
             raise ValueError("mode 'cosine' needs the queries' self-influence")
-        dots = dots.div_(q_self.clamp_min(_TINY).sqrt()[:, None])
+        dots = dots.div_(q_self.clamp_min(NORM_FLOOR).sqrt()[:, None])
     return dots
 
 

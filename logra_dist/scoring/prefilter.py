@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from logra_dist.scoring.kernels import GroupPlan
+from logra_dist.scoring.kernels import NORM_FLOOR, GroupPlan
 
 ENV = "LOGRA_DIST_BF16_PREFILTER"  # "0": never; "1": whenever the bfloat16 GEMM is sound; unset: auto (CPU flag)
 
@@ -82,8 +82,8 @@ class Prefilter:
     def __init__(self, plan: GroupPlan, q_atoms: list[torch.Tensor], mode: str):
         self.plan, self.mode = plan, mode
         self.q_atoms = [qa.float().bfloat16() for qa in q_atoms]
-        # (n_q, atoms): eps(K_a) ||q_a||; an output's bound is this @ (row norms of its atoms)
         self._low = torch.empty(0, 0, dtype=torch.bfloat16)  # the chunk's rows in bfloat16
+        # (n_q, atoms): eps(K_a) ||q_a||; an output's bound is this @ (row norms of its atoms)
         self.q_bounds = torch.stack([eps(qa.shape[1]) * qa.float().norm(dim=1) for qa in q_atoms], 1)
 
     def keep(
@@ -103,7 +103,7 @@ class Prefilter:
         low = self.plan.split(self._low[: rows.shape[0]].copy_(rows))
         scale = None  # relatif, cosine: 1 / sqrt(row self-influence) per output, (outputs, n)
         if self.mode != "dot":
-            scale = row_self.float().T.clamp_min(1e-30).rsqrt()
+            scale = row_self.float().T.clamp_min(NORM_FLOOR).rsqrt()
         alive = torch.zeros(rows.shape[0], dtype=torch.bool)
         for r in spans:
             approx = self.plan.output_dots([(qa[r] @ ra.T).float() for qa, ra in zip(self.q_atoms, low)], "dot")
@@ -113,7 +113,7 @@ class Prefilter:
                 for sign, t in zip((1.0, -1.0), thresholds):  # bottom lists hold -s
                     t = t.float()
                     if self.mode == "cosine":  # s / sqrt(q_self) < t  <=>  s < t sqrt(q_self)
-                        t = t * q_self[r, o : o + 1].float().clamp_min(1e-30).sqrt()
+                        t = t * q_self[r, o : o + 1].float().clamp_min(NORM_FLOOR).sqrt()
                     bound = torch.add(b, s, alpha=sign)
                     if scale is not None:
                         bound.mul_(scale[o])

@@ -101,7 +101,7 @@ def score_local(
             if len(keep) == 0:
                 continue
             if len(keep) < len(ids):  # the kept rows into a reused buffer (fewer, steadier allocations)
-                if kept.shape[0] < rows.shape[0] or kept.shape[1] != rows.shape[1] or kept.dtype != rows.dtype:
+                if kept.shape[0] < rows.shape[0]:  # the first chunk sets the width and dtype
                     kept = torch.empty(rows.shape, dtype=rows.dtype)
                 ids, rows = ids[keep], torch.index_select(rows, 0, keep, out=kept[: len(keep)])
                 row_self = None if row_self is None else row_self[keep]

@@ -264,8 +264,8 @@ class Scorer:
                     row_self = self._kept_row_self[key]
                 elif plan is not None:
                     step = self.chunk_rows  # in pieces of chunk_rows: its temporaries stay small in larger chunks
-                    pieces = [self._row_self(rows[a : a + step]) for a in range(0, len(rows), step)]
-                    row_self = torch.cat(pieces) if len(pieces) > 1 else pieces[0] if pieces else self._row_self(rows)
+                    pieces = [self._row_self(rows[a : a + step]) for a in range(0, max(1, len(rows)), step)]
+                    row_self = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
                     if plan == "compute" and self._kept_row_self is not None:
                         self._kept_row_self[key] = row_self
                     if writer is not None:
