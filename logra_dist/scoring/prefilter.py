@@ -11,7 +11,9 @@ margin. A row's bound is the sum of its atoms' bounds, divided by the same posit
 score (relatif, cosine). A row is skipped only when, for every query and output, its upper bound
 is below that list's current k-th exact score (which only rises) and, with bottom-k, its lower
 bound above the bottom list's: it cannot be in the final lists. NaN and infinite scores never
-compare below, so such rows are always scored exactly, as before.
+compare below, so such rows are always scored exactly, as before. The thresholds are compared in
+float32, each lowered by 2^-20 of itself so that rounding a float64 list's k-th score (or the
+cosine product) can only keep more rows.
 
 `enabled()` checks the CPU flag, that the filter pays (enough queries, k small against the rows)
 and, once per process, that the bfloat16 GEMM meets the bound on random data (a BLAS that
@@ -114,6 +116,9 @@ class Prefilter:
                     t = t.float()
                     if self.mode == "cosine":  # s / sqrt(q_self) < t  <=>  s < t sqrt(q_self)
                         t = t * q_self[r, o : o + 1].float().clamp_min(NORM_FLOOR).sqrt()
+                    # lowered by 2^-20 |t| (16 float32 ulps): the rounding of a float64 list's
+                    # threshold to float32, and of the cosine product, can never raise it
+                    t = t - t.abs() * 2.0**-20
                     bound = torch.add(b, s, alpha=sign)
                     if scale is not None:
                         bound.mul_(scale[o])
