@@ -231,7 +231,9 @@ class Logger(GradientSession):
         full = [LayerSpec(s.name, s.kind, s.d_in, s.d_out, s.d_in, s.d_out) for s in self.specs]
         acc = KFAC(full, self.compute_dtype)
         identity = {s.name: (None, None) for s in full}  # covariances in the optimizer-scaled space
-        self._capture = GradientCapture(full, self._modules, identity, self.compute_dtype, scaling=self.scaling)
+        self._capture = GradientCapture(
+            full, self._modules, identity, self.compute_dtype, scaling=self.scaling, root=self.engine.root
+        )
         self._capture.token_stats, self._capture.want_rows = acc, False
         self._pca_accumulator = acc
         self.phase = Phase.PCA

@@ -169,7 +169,7 @@ class GradientSession:
         if self._capture is not None:
             self._capture.remove()
         self._capture = GradientCapture(
-            self.specs, self._modules, self.projections, self.compute_dtype, scaling=self.scaling
+            self.specs, self._modules, self.projections, self.compute_dtype, scaling=self.scaling, root=self.engine.root
         )
 
     def projection(self, layer_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,6 +218,15 @@ class GradientSession:
                 raise RuntimeError(
                     f"{self._capture.pending_gradients} hooked layer outputs received no "
                     "gradient: the loss does not depend on them"
+                )
+            unreached = self._capture.unreached_calls
+            if unreached:
+                raise RuntimeError(
+                    f"layer(s) {sorted(unreached)[:5]} ran under no_grad in this batch and backward never "
+                    "recomputed them, so their gradient is missing from the rows: a reentrant activation "
+                    "checkpoint none of whose inputs requires grad (logging freezes the weights; make its "
+                    "inputs require grad, or use use_reentrant=False), or a forward under torch.no_grad() "
+                    "inside capture() (run it outside)"
                 )
             if len(ids) == 0:  # shadow batch: hooks ran so the engine's collectives matched; keep nothing
                 return

@@ -65,6 +65,18 @@ def tiny_gpt2(vocab: int = 40):
     return GPT2LMHeadModel(cfg)
 
 
+def enable_checkpointing(model: nn.Module, reentrant: bool) -> nn.Module:
+    """Hugging Face activation checkpointing as a training script turns it on, in train mode (it
+    runs only there; the tiny configs here have no dropout, so train mode changes nothing else).
+    transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model.train()
+
+
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"

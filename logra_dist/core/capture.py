@@ -18,6 +18,19 @@ reshaped back to (B, T, d), and its output gradient likewise, so its rows are ex
 gradients, padding masked as for any layer. A layer that sees another number of rows (a routed
 expert gets a subset of the tokens, in routing order) has no row->sample map here: it is refused,
 naming the layer and the `exclude` fix, never attributed to the wrong samples.
+
+Activation checkpointing runs a layer twice per batch, and exactly one of the two calls receives
+the gradient. Reentrant checkpointing (DeepSpeed's, `use_reentrant=True`) runs the first pass
+under no_grad and recomputes, with the gradient, inside backward; non-reentrant checkpointing
+(torch's default, Hugging Face's from v5) runs the first pass with the graph and recomputes inside
+backward only to refill saved tensors, whose outputs never get a gradient. So a call under
+no_grad is deferred (nothing can reach it), and a call made inside backward is captured only if
+it redoes a deferred one: each call the gradient reaches is counted once, in either mode.
+A reentrant checkpoint recomputes only if one of its inputs requires grad, and logging freezes
+the weights, so the input embeddings' output is given a gradient (as Hugging Face's
+`enable_input_require_grads` does, but only while capturing). A deferred call never redone (a
+checkpoint cut from the graph, or a forward under no_grad inside capture) is refused at the end
+of the batch: its layer's rows would silently miss that call's gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +45,28 @@ from torch import nn
 from logra_dist.core.layers import LAYER_TYPES, LayerHandler, handler_for
 from logra_dist.core.optimizer import OptimizerScaling
 from logra_dist.core.projection import LayerSpec
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is executing a backward now (a checkpoint's recomputation runs there).
+    Without the probe (another torch) every call counts as a forward: a non-reentrant
+    recomputation then leaves its hook without a gradient, which capture refuses, never sums."""
+    return _graph_task_id is not None and _graph_task_id() != -1
+
+
+def checkpointing_modules(root: nn.Module) -> tuple[nn.Module | None, list[nn.Module]]:
+    """(the input embeddings, the modules that can checkpoint) of a Hugging Face model: layers
+    with a `gradient_checkpointing` switch (transformers >= 4.35 and its older model-level flag);
+    (None, []) for any other module."""
+    switches = [m for m in root.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+    get = getattr(root, "get_input_embeddings", None)
+    try:
+        embeddings = get() if switches and callable(get) else None
+    except NotImplementedError:  # a PreTrainedModel without embeddings
+        embeddings = None
+    return (embeddings if isinstance(embeddings, nn.Module) else None), switches
 
 
 def find_layers(
@@ -95,9 +130,11 @@ class GradientCapture:
         projections: dict[str, tuple[torch.Tensor, torch.Tensor]],
         compute_dtype: torch.dtype,
         scaling: OptimizerScaling | None = None,
+        root: nn.Module | None = None,
     ):
         """scaling: optimizer-aware gradients (core/optimizer.py), diag(row) G diag(col) per layer:
-        folded into P_in / P_out (no extra cost), or multiplied in at full rank."""
+        folded into P_in / P_out (no extra cost), or multiplied in at full rank. root: the model,
+        whose input embeddings get a gradient while it checkpoints (`checkpointing_modules`)."""
         self.specs = specs
         self.scaling = scaling
         self.modules = modules
@@ -110,6 +147,7 @@ class GradientCapture:
         self._padded = False  # whether it masks anything out (a mask of ones is not multiplied in)
         self._tokens: tuple[int, int] | None = None  # the batch's (B, T): the mask's, else learned
         self._row_kind: dict[str, str] = {}  # per flat-input layer: its rows are "tokens" or "samples"
+        self._deferred: dict[str, int] = {}  # per layer: this batch's calls under no_grad, not yet recomputed
         self._mask_cache: dict[torch.device, torch.Tensor] = {}
         self._blocks: dict[str, torch.Tensor] = {}
         self._pending = 0
@@ -117,6 +155,9 @@ class GradientCapture:
         self._token_blocks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.handlers: dict[str, LayerHandler] = {s.name: LAYER_TYPES.get(s.kind)(modules[s.name]) for s in specs}
         self._handles = [modules[s.name].register_forward_hook(self._make_forward_hook(s.name)) for s in specs]
+        embeddings, self._switches = checkpointing_modules(root) if root is not None else (None, [])
+        if embeddings is not None:
+            self._handles.append(embeddings.register_forward_hook(self._embeddings_hook))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -126,7 +167,7 @@ class GradientCapture:
     @contextmanager
     def active(self, mask: torch.Tensor | None) -> Iterator[None]:
         self._active, self._blocks, self._pending = True, {}, 0
-        self._token_blocks = []
+        self._token_blocks, self._deferred = [], {}
         self._mask, self._mask_cache = mask, {}
         self._padded = mask is not None and not bool(mask.all())
         self._tokens = tuple(mask.shape) if mask is not None and mask.dim() == 2 else None
@@ -158,6 +199,19 @@ class GradientCapture:
         """Hooked outputs whose gradient has not arrived yet (0 after a complete backward)."""
         return self._pending
 
+    @property
+    def unreached_calls(self) -> dict[str, int]:
+        """Per layer, this batch's calls under no_grad that no backward recomputed (see the module
+        docstring): empty after a complete backward of a correctly checkpointed model."""
+        return {name: n for name, n in self._deferred.items() if n}
+
+    def _embeddings_hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        if not self._active or not torch.is_grad_enabled() or output.requires_grad:
+            return None
+        if not any(m.gradient_checkpointing for m in self._switches):
+            return None  # nothing checkpoints: the layers' own anchors suffice, at no extra cost
+        return output + self._anchor(output)
+
     def _as_compute(self, t: torch.Tensor) -> torch.Tensor:
         """(B, T, d) view of an output gradient in the compute dtype (no copy if it is)."""
         t = t.detach()
@@ -181,7 +235,7 @@ class GradientCapture:
         handler = self.handlers[name]
 
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
-            if not self._active:
+            if not self._active or not self._counts(name):
                 return None
             x = inputs[0]
             shape, flat = handler.token_shape(x), None
@@ -209,6 +263,18 @@ class GradientCapture:
             return returned
 
         return hook
+
+    def _counts(self, name: str) -> bool:
+        """Whether this call of layer `name` is the one its gradient reaches (see the module
+        docstring on activation checkpointing)."""
+        if not torch.is_grad_enabled():
+            self._deferred[name] = self._deferred.get(name, 0) + 1
+            return False
+        if _in_backward():
+            if not self._deferred.get(name):
+                return False  # a non-reentrant recomputation of a call captured in the forward
+            self._deferred[name] -= 1  # a reentrant recomputation: the call the gradient reaches
+        return True
 
     def _anchor(self, like: torch.Tensor) -> torch.Tensor:
         key = (like.dtype, like.device)

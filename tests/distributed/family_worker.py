@@ -5,7 +5,8 @@ index under OUT/<family>/index. All families in one process group: one launch pe
 launch costs ~15-25 s of imports and rendezvous on CPU).
 
 argv: --models DIR (a checkpoint folder per family) --out DIR --config configs/X.json --families a,b@bfloat16
-(`family@dtype`: that family loaded with that --dtype, into OUT/family@dtype)
+(`family@dtype`: that family loaded with that --dtype, into OUT/family@dtype; `family@ckpt` and
+`family@ckpt-reentrant`: with Hugging Face activation checkpointing on, non-reentrant / reentrant)
 A family that fails to load or log leaves OUT/<family>/error-rank<R>.txt and the loop goes on, so
 the test reports the whole pass/fail table, not only the first failure."""
 
@@ -23,7 +24,9 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
+sys.path.insert(0, str(HERE.parent))
 import worker  # noqa: E402
+from reference import enable_checkpointing  # noqa: E402
 
 from logra_dist import LoGraConfig, attach  # noqa: E402
 from logra_dist.engines import launch  # noqa: E402
@@ -70,11 +73,14 @@ def main() -> None:
     args = ap.parse_args()
     info = launch.init_distributed(require_group=True, timeout_s=120)
     for entry in args.families.split(","):
-        family, _, dtype = entry.partition("@")
+        family, _, variant = entry.partition("@")
+        dtype = None if variant.startswith("ckpt") else variant or None
         out = Path(args.out) / entry
         out.mkdir(parents=True, exist_ok=True)
         try:
-            loaded = load_causal_lm(Path(args.models) / family, spec=read_spec(args.config, dtype or None))
+            loaded = load_causal_lm(Path(args.models) / family, spec=read_spec(args.config, dtype))
+            if variant.startswith("ckpt"):
+                enable_checkpointing(loaded.module, reentrant=variant == "ckpt-reentrant")
             log_family(loaded.wrapped, loaded.device, out / "index", info.rank, info.world_size)
             del loaded
         except Exception:  # recorded per family; the ranks meet again at the barrier below

@@ -27,12 +27,14 @@ from logra_dist import GradientStore  # noqa: E402
 pytestmark = pytest.mark.distributed
 ENGINES = {"zero3": "zero3.json", "fsdp2": "fsdp2.json"}
 BF16 = "llama@bfloat16"  # FSDP2 honoring --dtype bfloat16 (ZeRO-3 bf16: test_cli_precision.py)
+CHECKPOINTED = ("llama@ckpt", "llama@ckpt-reentrant")  # activation checkpointing, as training scripts run it
 
 
 def _launch(engine: str, models: Path, out: Path) -> list[str]:
     worker = HERE / "family_worker.py"
     args = ["--models", models, "--out", out, "--config", REPO / "configs" / ENGINES[engine]]
-    args += ["--families", ",".join([*FAMILIES, BF16] if engine == "fsdp2" else FAMILIES)]
+    extra = [BF16, *CHECKPOINTED] if engine == "fsdp2" else list(CHECKPOINTED)
+    args += ["--families", ",".join([*FAMILIES, *extra])]
     if engine.startswith("zero"):
         return deepspeed_cmd(worker, *args)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -79,6 +81,21 @@ def test_family_rows_under_sharded_engine_equal_one_process(matrix, engine, fami
     scale = np.abs(expected).max()
     assert scale > 0
     assert np.abs(rows - expected).max() <= 1e-4 * scale, (engine, family, np.abs(rows - expected).max() / scale)
+
+
+@pytest.mark.parametrize("variant", CHECKPOINTED)
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_activation_checkpointing_under_sharded_engine_logs_the_same_rows(matrix, engine, variant):
+    """Each checkpointed layer runs twice per batch (reentrant: a no_grad pass, then the recompute
+    that gets the gradient; non-reentrant: the graph pass, then a recompute that gets none), with
+    its weights gathered again for the recompute: the rows are still the plain ones, counted once."""
+    errors = sorted((matrix / engine / variant).glob("error-rank*.txt"))
+    assert not errors, f"{engine} {variant}:\n{errors[0].read_text()[-3000:]}"
+    rows, layers = _rows(matrix / engine / variant / "index")
+    expected, ref_layers = _rows(matrix / "none" / "llama" / "index")
+    assert layers == ref_layers
+    scale = np.abs(expected).max()
+    assert np.abs(rows - expected).max() <= 1e-4 * scale, (engine, variant, np.abs(rows - expected).max() / scale)
 
 
 def test_fsdp2_logs_in_the_asked_bf16_and_records_it(matrix):
