@@ -225,8 +225,9 @@ class GradientSession:
                     f"layer(s) {sorted(unreached)[:5]} ran under no_grad in this batch and backward never "
                     "recomputed them, so their gradient is missing from the rows: a reentrant activation "
                     "checkpoint none of whose inputs requires grad (logging freezes the weights; make its "
-                    "inputs require grad, or use use_reentrant=False), or a forward under torch.no_grad() "
-                    "inside capture() (run it outside)"
+                    "inputs require grad, or use use_reentrant=False), a forward under torch.no_grad() "
+                    "inside capture() (run it outside), or a part the model itself runs without gradient, "
+                    "like a frozen vision tower (exclude it: LoGraConfig(exclude=[...]))"
                 )
             if len(ids) == 0:  # shadow batch: hooks ran so the engine's collectives matched; keep nothing
                 return

@@ -69,6 +69,15 @@ def checkpointing_modules(root: nn.Module) -> tuple[nn.Module | None, list[nn.Mo
     return (embeddings if isinstance(embeddings, nn.Module) else None), switches
 
 
+def dropout_rate(module: nn.Module) -> float:
+    """The dropout a module applies in train mode: an nn.Dropout's p, or the functional
+    `attention_dropout` of a Hugging Face attention (Llama, Mistral, Qwen2, GPT-NeoX, Phi, ...)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return float(module.p)
+    rate = getattr(module, "attention_dropout", None)
+    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else 0.0
+
+
 def find_layers(
     root: nn.Module,
     include: list[str],
@@ -155,6 +164,7 @@ class GradientCapture:
         self._token_blocks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.handlers: dict[str, LayerHandler] = {s.name: LAYER_TYPES.get(s.kind)(modules[s.name]) for s in specs}
         self._handles = [modules[s.name].register_forward_hook(self._make_forward_hook(s.name)) for s in specs]
+        self._dropouts = [(n, m) for n, m in root.named_modules() if dropout_rate(m) > 0] if root is not None else []
         embeddings, self._switches = checkpointing_modules(root) if root is not None else (None, [])
         if embeddings is not None:
             self._handles.append(embeddings.register_forward_hook(self._embeddings_hook))
@@ -164,8 +174,22 @@ class GradientCapture:
             h.remove()
         self._handles = []
 
+    def _refuse_live_dropout(self) -> None:
+        """Dropout in train mode makes every row a random draw (and a query's gradient another):
+        plausible scores that no rerun reproduces. Refused per batch, since the mode can change."""
+        live = [(n, m) for n, m in self._dropouts if m.training]
+        if live:
+            name, module = live[0]
+            more = f" (and {len(live) - 1} more)" if len(live) > 1 else ""
+            raise ValueError(
+                f"dropout is active: {name!r} ({type(module).__name__}, p={dropout_rate(module):g}) is in train "
+                f"mode{more}, so every logged gradient would be a random draw. Call model.eval() (engine.eval()) "
+                "before capturing; to keep train mode (activation checkpointing), set its dropout to 0"
+            )
+
     @contextmanager
     def active(self, mask: torch.Tensor | None) -> Iterator[None]:
+        self._refuse_live_dropout()
         self._active, self._blocks, self._pending = True, {}, 0
         self._token_blocks, self._deferred = [], {}
         self._mask, self._mask_cache = mask, {}

@@ -17,6 +17,9 @@ to even out ranks, which would log some samples twice. Instead sample i of the d
 rank r takes samples r, r + world, ... in order, and every rank runs the SAME number of batches
 (ZeRO-3 gathers weights collectively inside every forward and backward, so a rank that stopped
 early would hang the others): each rank's share is split into ceil(max share / batch size) batches.
+The pass runs in eval mode, as `Trainer.evaluate()` does (after `trainer.train()` the model is
+left in train mode, where dropout would make every row a random draw); each module's mode is
+restored afterwards.
 """
 
 from __future__ import annotations
@@ -160,10 +163,14 @@ def log_trainer_dataset(
         (torch.as_tensor(positions, dtype=torch.int64), trainer.data_collator([dataset[int(i)] for i in positions]))
         for positions in plan
     )
+    modes = [(m, m.training) for m in logger.engine.root.modules()]
+    logger.engine.root.eval()
     try:
         run_batches(logger, pairs, forward_loss, count=len(plan), tracker=tracker)
         with tracker.phase("finalize"):
             manifest = logger.finalize()
     finally:
         logger.close()
+        for module, training in modes:
+            module.training = training
     return manifest

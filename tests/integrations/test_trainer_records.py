@@ -1,6 +1,7 @@
 """`log_trainer_dataset` records what the index was made from: the data files (as given and
 absolute) and the model path, beside the per-sample digests; without them the index says so
-(no paths), instead of the bundled corpus a copied example used to record."""
+(no paths), instead of the bundled corpus a copied example used to record. It logs in eval mode
+(a model left in train mode with dropout would be refused) and restores the mode."""
 
 from __future__ import annotations
 
@@ -33,12 +34,14 @@ def test_trainer_helper_records_data_and_model(tmp_path):
         num_key_value_heads=1,
         max_position_embeddings=128,
         pad_token_id=data.tok.pad_token_id,
+        attention_dropout=0.1,  # left on, in train mode, as after trainer.train()
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "model")
     args = TrainingArguments(output_dir=str(tmp_path / "t"), use_cpu=True, report_to="none", disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=data.collate)
+    model.train()
     logra = LoGraConfig(k_in=2, k_out=2)
     cwd = os.getcwd()
     os.chdir(tmp_path)
@@ -48,6 +51,7 @@ def test_trainer_helper_records_data_and_model(tmp_path):
         )
     finally:
         os.chdir(cwd)
+    assert model.training and all(m.training for m in model.modules())  # the pass ran in eval mode, then restored
     assert manifest["metadata"]["data"] == ["train.jsonl"]
     assert manifest["metadata"]["model_path"] == str(tmp_path / "model")
     assert manifest["data"]["paths"] == ["train.jsonl"] and manifest["data"]["abs_paths"] == [str(source)]

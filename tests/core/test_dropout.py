@@ -1,0 +1,67 @@
+"""Dropout left on (a model still in train mode after training) makes every row a random draw of
+dropout masks: plausible scores no rerun reproduces. Capture refuses it, naming the module, for
+nn.Dropout modules and for Hugging Face attentions' functional `attention_dropout`."""
+
+import numpy as np
+import pytest
+import torch
+from reference import lm_loss, padded_lm_batch, tiny_llama
+
+import logra_dist as ld
+
+CFG = ld.LoGraConfig(k_in=3, k_out=2, storage_dtype="float32", hessian="raw")
+
+
+def _gpt2(pdrop: float):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=40, n_embd=16, n_layer=1, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = pdrop
+    return GPT2LMHeadModel(cfg)
+
+
+def _llama(attention_dropout: float):
+    model = tiny_llama()
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = attention_dropout
+    return model
+
+
+def _log_batch(logger, lengths=(5, 3), start=0):
+    torch.manual_seed(start)
+    _, input_ids, mask, labels = padded_lm_batch(list(lengths))
+    with logger.capture(torch.arange(start, start + len(lengths)), mask=mask):
+        logger.backward(lm_loss(logger.model(input_ids=input_ids, attention_mask=mask).logits, labels))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: _gpt2(0.1), r"'transformer\.drop' \(Dropout, p=0\.1\) is in train mode \(and \d+ more\)"),
+        (lambda: _llama(0.1), r"'model\.layers\.0\.self_attn' \(LlamaAttention, p=0\.1\) is in train mode"),
+    ],
+    ids=["gpt2-nn-dropout", "llama-attention-dropout"],
+)
+def test_dropout_in_train_mode_is_refused_and_eval_mode_logs(tmp_path, make, match):
+    torch.manual_seed(0)
+    model = make().train()
+    logger = ld.attach(model, CFG, tmp_path / "index")
+    with pytest.raises(ValueError, match=match + r".*model\.eval\(\)"):
+        _log_batch(logger)
+    model.eval()  # the fix the message names; nothing was written by the refused batch
+    _log_batch(logger, start=0)
+    _log_batch(logger, start=2)
+    logger.finalize()
+    logger.close()
+    with ld.GradientStore(tmp_path / "index") as store:
+        assert sorted(store.ids.tolist()) == [0, 1, 2, 3] and np.isfinite(store[:]).all()
+
+
+def test_train_mode_without_dropout_is_accepted(tmp_path):
+    """What activation checkpointing needs (train mode): fine once the dropout is 0."""
+    torch.manual_seed(0)
+    logger = ld.attach(_gpt2(0.0).train(), CFG, tmp_path / "index")
+    _log_batch(logger)
+    logger.finalize()
+    logger.close()
