@@ -219,6 +219,14 @@ class GradientSession:
                     f"{self._capture.pending_gradients} hooked layer outputs received no "
                     "gradient: the loss does not depend on them"
                 )
+            autocast, dtype = self._capture.autocast_dtype, self.engine.compute_dtype
+            if autocast is not None and autocast != dtype:
+                raise RuntimeError(
+                    f"the forward ran under torch.autocast({autocast}) but the model computes in {dtype}: the rows "
+                    f"would be {autocast} gradients recorded as {dtype}, so the index's precision checks could not "
+                    f"hold queries to it. Run capture() outside autocast, or load the model in {autocast} (the "
+                    "engine's bf16/fp16 switch, --dtype)"
+                )
             unreached = self._capture.unreached_calls
             if unreached:
                 raise RuntimeError(

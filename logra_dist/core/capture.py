@@ -157,6 +157,7 @@ class GradientCapture:
         self._tokens: tuple[int, int] | None = None  # the batch's (B, T): the mask's, else learned
         self._row_kind: dict[str, str] = {}  # per flat-input layer: its rows are "tokens" or "samples"
         self._deferred: dict[str, int] = {}  # per layer: this batch's calls under no_grad, not yet recomputed
+        self.autocast_dtype: torch.dtype | None = None  # the batch's torch.autocast dtype, if it ran under one
         self._mask_cache: dict[torch.device, torch.Tensor] = {}
         self._blocks: dict[str, torch.Tensor] = {}
         self._pending = 0
@@ -191,7 +192,7 @@ class GradientCapture:
     def active(self, mask: torch.Tensor | None) -> Iterator[None]:
         self._refuse_live_dropout()
         self._active, self._blocks, self._pending = True, {}, 0
-        self._token_blocks, self._deferred = [], {}
+        self._token_blocks, self._deferred, self.autocast_dtype = [], {}, None
         self._mask, self._mask_cache = mask, {}
         self._padded = mask is not None and not bool(mask.all())
         self._tokens = tuple(mask.shape) if mask is not None and mask.dim() == 2 else None
@@ -262,6 +263,8 @@ class GradientCapture:
             if not self._active or not self._counts(name):
                 return None
             x = inputs[0]
+            if torch.is_autocast_enabled(x.device.type):  # the layer computed in this dtype, whatever the weights'
+                self.autocast_dtype = torch.get_autocast_dtype(x.device.type)
             shape, flat = handler.token_shape(x), None
             if shape is None and x.dim() >= 1:
                 flat = self._flat_tokens(name, x.shape[0])

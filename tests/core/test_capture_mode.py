@@ -1,6 +1,8 @@
-"""Dropout left on (a model still in train mode after training) makes every row a random draw of
-dropout masks: plausible scores no rerun reproduces. Capture refuses it, naming the module, for
-nn.Dropout modules and for Hugging Face attentions' functional `attention_dropout`."""
+"""The model's mode during capture, where a plausible wrong index could come from: dropout left
+on (a model still in train mode after training) makes every row a random draw of dropout masks,
+refused and named for nn.Dropout modules and Hugging Face attentions' functional
+`attention_dropout`; a torch.autocast other than the model's dtype would make gradients in one
+precision recorded as another, refused."""
 
 import numpy as np
 import pytest
@@ -63,5 +65,26 @@ def test_train_mode_without_dropout_is_accepted(tmp_path):
     torch.manual_seed(0)
     logger = ld.attach(_gpt2(0.0).train(), CFG, tmp_path / "index")
     _log_batch(logger)
+    logger.finalize()
+    logger.close()
+
+
+def test_autocast_other_than_the_models_dtype_is_refused(tmp_path):
+    """Under torch.autocast the layers compute in its dtype whatever the weights': an fp32 model's
+    rows would be bf16 gradients recorded as fp32, past the scorer's precision check."""
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    logger = ld.attach(model, CFG, tmp_path / "fp32")
+    refused = r"torch\.autocast\(torch\.bfloat16\) but the model computes in torch\.float32"
+    with pytest.raises(RuntimeError, match=refused), torch.autocast("cpu", dtype=torch.bfloat16):
+        _log_batch(logger)
+    _log_batch(logger)  # outside autocast: logged, and the refused batch left nothing behind
+    logger.finalize()
+    logger.close()
+    with ld.GradientStore(tmp_path / "fp32") as store:
+        assert sorted(store.ids.tolist()) == [0, 1]
+    logger = ld.attach(model.to(torch.bfloat16), CFG, tmp_path / "bf16")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the model's own dtype: nothing differs
+        _log_batch(logger)
     logger.finalize()
     logger.close()
