@@ -77,6 +77,20 @@ def test_gpu_script_smoke_runs_on_cpu(tmp_path, dtype):
     assert res["figure6_scorer"]["status"] in ("pending", "measured")
 
 
+def test_checkpointing_bench_smoke_reports_every_variant(tmp_path):
+    out = tmp_path / "ckpt.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "bench" / "checkpointing.py"), "--seq-len", "64", "--batch-size", "2"]
+    proc = subprocess.run(
+        [*cmd, "--steps", "1", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert [r["variant"] for r in rows] == ["plain", "non-reentrant", "reentrant"]
+    assert all(r["peak_increment_bytes"] > 0 and r["step_s_median"] > 0 for r in rows)
+    assert rows[0]["peak_increment_vs_plain"] == 1.0
+
+
 def test_wandb_receives_every_figure_and_the_target_table(tmp_path, monkeypatch):
     """`run.py --wandb`: the numeric leaves of results.json in the summary, the README rows as a
     table (read back from the offline run's log)."""
