@@ -109,6 +109,27 @@ def optimizer_scaling(engine: Engine, specs: list[LayerSpec], config: LoGraConfi
     return scaling
 
 
+_ATEN_MEAN = 1  # at::Reduction::Mean, saved by every reducing loss's backward node
+
+
+def refuse_mean_loss(loss: torch.Tensor) -> None:
+    """A batch-mean loss (reduction='mean', as a Hugging Face model's `outputs.loss`, or `.mean()`)
+    divides each batch's rows by its own token or sample count, so rows of different batches
+    would be scaled differently: plausible rankings, silently skewed. Caught at the loss's last op."""
+    fn = loss.grad_fn
+    if fn is None:
+        return
+    reduced = getattr(fn, "_saved_reduction", None) == _ATEN_MEAN
+    averaged = type(fn).__name__.startswith("MeanBackward") and getattr(fn, "_saved_self_sym_numel", 2) > 1
+    if reduced or averaged:
+        raise ValueError(
+            f"backward(loss): the loss is a mean ({type(fn).__name__}{', reduction=mean' if reduced else ''}; a "
+            "Hugging Face model's outputs.loss is one), which divides each batch's rows by its own token or sample "
+            "count. Pass the SUM over the batch of per-sample summed losses: reduction='sum', e.g. "
+            "logra_dist.data.summed_lm_loss(logits, labels)"
+        )
+
+
 class GradientSession:
     """Attaches hooks to a model or engine and turns each captured batch into (B, D) rows.
 
@@ -246,6 +267,7 @@ class GradientSession:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward with gradient synchronization disabled and weights frozen."""
+        refuse_mean_loss(loss)
         self.engine.backward(loss)
         self._backward_done = True
 

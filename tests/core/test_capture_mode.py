@@ -2,7 +2,8 @@
 on (a model still in train mode after training) makes every row a random draw of dropout masks,
 refused and named for nn.Dropout modules and Hugging Face attentions' functional
 `attention_dropout`; a torch.autocast other than the model's dtype would make gradients in one
-precision recorded as another, refused."""
+precision recorded as another, refused; a batch-mean loss (a Hugging Face `outputs.loss`) would
+divide each batch's rows by its own count, refused."""
 
 import numpy as np
 import pytest
@@ -87,4 +88,46 @@ def test_autocast_other_than_the_models_dtype_is_refused(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the model's own dtype: nothing differs
         _log_batch(logger)
     logger.finalize()
+    logger.close()
+
+
+def _backward_with(logger, loss_of):
+    torch.manual_seed(0)
+    _, input_ids, mask, labels = padded_lm_batch([5, 3])
+    with logger.capture(torch.arange(2), mask=mask):
+        logger.backward(loss_of(logger.model, input_ids, mask, labels))
+
+
+@pytest.mark.parametrize(
+    "loss_of",
+    [
+        lambda m, x, mask, y: m(input_ids=x, attention_mask=mask, labels=y).loss,  # HF: mean over tokens
+        lambda m, x, mask, y: torch.nn.functional.cross_entropy(
+            m(input_ids=x, attention_mask=mask).logits[:, :-1].transpose(1, 2), y[:, 1:], ignore_index=-100
+        ),
+        lambda m, x, mask, y: (
+            torch.nn.functional.cross_entropy(  # per-sample summed, then averaged
+                m(input_ids=x, attention_mask=mask).logits[:, :-1].transpose(1, 2), y[:, 1:], reduction="none"
+            )
+            .sum(1)
+            .mean()
+        ),
+    ],
+    ids=["hf-outputs-loss", "cross-entropy-mean", "mean-over-samples"],
+)
+def test_a_batch_mean_loss_is_refused(tmp_path, loss_of):
+    """Each batch's rows would be divided by its own token or sample count: skewed across batches."""
+    logger = ld.attach(tiny_llama().eval(), CFG, tmp_path / "index")
+    with pytest.raises(ValueError, match=r"the loss is a mean.*SUM over the batch of per-sample summed losses"):
+        _backward_with(logger, loss_of)
+    _backward_with(logger, lambda m, x, mask, y: lm_loss(m(input_ids=x, attention_mask=mask).logits, y))  # summed
+    logger.finalize()
+    logger.close()
+    with ld.GradientStore(tmp_path / "index") as store:
+        assert sorted(store.ids.tolist()) == [0, 1]
+
+
+def test_a_mean_over_one_value_is_a_sum(tmp_path):
+    logger = ld.attach(tiny_llama().eval(), CFG, tmp_path / "index")
+    _backward_with(logger, lambda m, x, mask, y: lm_loss(m(input_ids=x, attention_mask=mask).logits, y)[None].mean())
     logger.close()
