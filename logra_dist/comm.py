@@ -180,9 +180,10 @@ def rank0_alone(work: Callable[[], Any], status: Path, key: str, poll_s: float =
         return out
     pause, since = poll_s, time.time()
     while True:
-        text, age = "", time.time() - since
-        if status.exists():
+        try:  # no exists() first: rank 0 removes the previous call's file when that call ends
             text, age = status.read_text(), time.time() - status.stat().st_mtime
+        except FileNotFoundError:
+            text, age = "", time.time() - since
         if text.startswith(f"{key} ok"):
             break
         if text.startswith(f"{key} error"):
