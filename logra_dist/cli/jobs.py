@@ -216,6 +216,11 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
     dtype = compute_dtype(model)
     if args.dtype is not None and dtype != args.dtype:  # spec.py refuses this first; never record a wish
         raise SystemExit(f"--dtype {args.dtype} was asked for but the engine computes in {dtype}")
+    if args.activation_checkpointing:
+        from logra_dist.engines import wrap
+        from logra_dist.engines.loading import checkpoint_for_logging
+
+        checkpoint_for_logging(wrap(model).root)
     share = data_share(args, tokenizer)
     # collective (one small all-reduce); bad records raise here, before any shard
     plan, data, report = plan_identity(share, comm.all_reduce_sum, model_dtype=dtype)
@@ -228,6 +233,7 @@ def run_log(args: argparse.Namespace) -> dict[str, Any]:
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dtype": dtype,  # the model's compute dtype
         "tokenizer_path": str(args.tokenizer) if getattr(args, "tokenizer", None) else None,
+        "activation_checkpointing": bool(args.activation_checkpointing),  # memory, not the rows
     }
     tracker = make_tracker(args, "log", {"logra": config.to_dict(), "metadata": metadata}, plan.samples)
     logger = attach(model, config, args.out, resume=args.resume, metadata=metadata, data=data, tracker=tracker)

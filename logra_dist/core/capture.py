@@ -69,13 +69,37 @@ def checkpointing_modules(root: nn.Module) -> tuple[nn.Module | None, list[nn.Mo
     return (embeddings if isinstance(embeddings, nn.Module) else None), switches
 
 
-def dropout_rate(module: nn.Module) -> float:
-    """The dropout a module applies in train mode: an nn.Dropout's p, or the functional
-    `attention_dropout` of a Hugging Face attention (Llama, Mistral, Qwen2, GPT-NeoX, Phi, ...)."""
+_RATE_SUFFIXES = ("dropout", "pdrop", "jitter_noise")  # float attributes a forward applies in train mode
+
+
+def rate_attributes(module: nn.Module) -> dict[str, float]:
+    """The module's own positive float rates that its forward applies when `self.training`: the
+    functional dropouts of Hugging Face models (`attention_dropout`, OPT's `dropout`, ...) and
+    MoE router jitter (Mixtral's `jitter_noise`)."""
+    return {
+        k: float(v)
+        for k, v in vars(module).items()
+        if k.endswith(_RATE_SUFFIXES) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+    }
+
+
+def train_mode_effect(module: nn.Module, parent: nn.Module | None = None) -> str | None:
+    """What the module does in train mode that makes a sample's gradient a random draw or depend
+    on its batch mates, if it is in effect now, else None. An nn.Dropout counts when it or its
+    parent trains: Hugging Face's GPT-2 attention passes its dropout's p to the attention kernel
+    on its own training flag. Float rates (`rate_attributes`) count on the module's own flag;
+    batch normalization (batch statistics) too."""
     if isinstance(module, nn.modules.dropout._DropoutNd):
-        return float(module.p)
-    rate = getattr(module, "attention_dropout", None)
-    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else 0.0
+        if module.p <= 0 or not (module.training or (parent is not None and parent.training)):
+            return None
+        parent_use = ", its parent trains and may apply that p itself (GPT-2's attention does)"
+        return f"dropout p={module.p:g}" + ("" if module.training else parent_use)
+    if not module.training:
+        return None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "batch statistics, which couple the samples of a batch"
+    rates = rate_attributes(module)
+    return ", ".join(f"{k}={v:g}" for k, v in rates.items()) or None
 
 
 def find_layers(
@@ -122,6 +146,17 @@ def _subset_rows_error(name: str, rows: int, tokens: tuple[int, int], why: str) 
     )
 
 
+def _with_parents(root: nn.Module) -> list[tuple[str, nn.Module, nn.Module | None]]:
+    """(name, module, parent) of the modules that can act differently in train mode (dropout,
+    batch normalization, float rates), found once: the check per batch reads only their flags."""
+    parent_of: dict[int, nn.Module] = {}
+    for m in root.modules():
+        for child in m.children():
+            parent_of.setdefault(id(child), m)
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+    return [(n, m, parent_of.get(id(m))) for n, m in root.named_modules() if isinstance(m, kinds) or rate_attributes(m)]
+
+
 class TokenStatistics:
     """Receiver of per-token projected activations and gradients (KFAC factors, PCA covariances)."""
 
@@ -165,7 +200,7 @@ class GradientCapture:
         self._token_blocks: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.handlers: dict[str, LayerHandler] = {s.name: LAYER_TYPES.get(s.kind)(modules[s.name]) for s in specs}
         self._handles = [modules[s.name].register_forward_hook(self._make_forward_hook(s.name)) for s in specs]
-        self._dropouts = [(n, m) for n, m in root.named_modules() if dropout_rate(m) > 0] if root is not None else []
+        self._parents = _with_parents(root) if root is not None else []  # (name, module, parent)
         embeddings, self._switches = checkpointing_modules(root) if root is not None else (None, [])
         if embeddings is not None:
             self._handles.append(embeddings.register_forward_hook(self._embeddings_hook))
@@ -175,22 +210,24 @@ class GradientCapture:
             h.remove()
         self._handles = []
 
-    def _refuse_live_dropout(self) -> None:
-        """Dropout in train mode makes every row a random draw (and a query's gradient another):
-        plausible scores that no rerun reproduces. Refused per batch, since the mode can change."""
-        live = [(n, m) for n, m in self._dropouts if m.training]
+    def _refuse_train_mode_effects(self) -> None:
+        """A module in train mode with dropout (or router jitter, or batch statistics) makes every
+        row a random draw or a function of its batch, and a query's gradient another: plausible
+        scores that no rerun reproduces. Refused per batch, since the mode can change."""
+        live = [(n, m, e) for n, m, p in self._parents if (e := train_mode_effect(m, p))]
         if live:
-            name, module = live[0]
+            name, module, effect = live[0]
             more = f" (and {len(live) - 1} more)" if len(live) > 1 else ""
             raise ValueError(
-                f"dropout is active: {name!r} ({type(module).__name__}, p={dropout_rate(module):g}) is in train "
-                f"mode{more}, so every logged gradient would be a random draw. Call model.eval() (engine.eval()) "
-                "before capturing; to keep train mode (activation checkpointing), set its dropout to 0"
+                f"{name!r} ({type(module).__name__}) acts in train mode: {effect}{more}; "
+                "the logged gradients would not be each sample's own, reproducible one. Call model.eval() "
+                "(engine.eval()) before capturing; to keep layers training for activation checkpointing, set "
+                "those rates to 0 (engines.loading.checkpoint_for_logging does it for Hugging Face models)"
             )
 
     @contextmanager
     def active(self, mask: torch.Tensor | None) -> Iterator[None]:
-        self._refuse_live_dropout()
+        self._refuse_train_mode_effects()
         self._active, self._blocks, self._pending = True, {}, 0
         self._token_blocks, self._deferred, self.autocast_dtype = [], {}, None
         self._mask, self._mask_cache = mask, {}

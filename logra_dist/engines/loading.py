@@ -12,7 +12,8 @@
   briefly holds the full model per rank. Prefer fsdp2 (or zero3) when that does not fit.
 - zero0-2, ddp and none keep full weights on every rank by design, so every rank loads fully.
 
-Every path returns the model in eval mode (no dropout: gradients logged must be reproducible).
+Every path returns the model in eval mode (no dropout: gradients logged must be reproducible);
+`checkpoint_for_logging` then turns on activation checkpointing where asked.
 """
 
 from __future__ import annotations
@@ -319,3 +320,29 @@ def build(
         spec = default_spec(engine or "none", dtype)
     loaded = load_causal_lm(model_path, spec=spec)
     return loaded.wrapped, loaded.device
+
+
+def checkpoint_for_logging(module: nn.Module) -> None:
+    """Turn on a Hugging Face model's activation checkpointing (non-reentrant) for a logging
+    pass. It runs only where a decoder layer is in train mode, so only those layers train; the
+    model stays in eval mode, and the layers' own rates and their nn.Dropout children's p are set
+    to 0 (a layer in train mode applies them), so the rows are the eval-mode model's."""
+    from logra_dist.core.capture import checkpointing_modules, rate_attributes
+
+    if not getattr(module, "supports_gradient_checkpointing", False):
+        raise EngineConfigError(
+            f"--activation-checkpointing: {type(module).__name__} does not support activation checkpointing"
+        )
+    kwargs = {"use_reentrant": False}
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    module.eval()
+    for layer in checkpointing_modules(module)[1]:
+        layer.training = True  # this module only: its children keep their eval mode
+        for name in rate_attributes(layer):
+            setattr(layer, name, 0.0)
+        for child in layer.children():
+            if isinstance(child, nn.modules.dropout._DropoutNd):
+                child.p = 0.0

@@ -7,6 +7,7 @@ import json
 import h5py
 import numpy as np
 
+from logra_dist import GradientStore
 from logra_dist.cli.main import main
 from logra_dist.embedded import load_corpus
 
@@ -68,3 +69,19 @@ def test_score_with_another_checkpoint_needs_allow_model_mismatch(tmp_path):
         assert bool(f.attrs["allow_model_mismatch"])
         assert "model.fingerprint.weights" in json.loads(f.attrs["model_mismatch"])
         assert "model.fingerprint.config" not in json.loads(f.attrs["model_mismatch"])
+
+
+def test_activation_checkpointing_logs_the_same_rows_and_says_so(tmp_path):
+    """`log --activation-checkpointing`: train mode for the recompute, every dropout-applying
+    module kept in eval mode; the rows equal a plain run's, and the manifest records the flag."""
+    runs = {}
+    for name, extra in (("plain", []), ("ckpt", ["--activation-checkpointing"])):
+        out = tmp_path / name
+        args = ["log", "--out", str(out), "--max-samples", "12", "--batch-size", "4", "--storage-dtype", "float32"]
+        assert main([*args, "--no-wandb", *extra]) == 0
+        with GradientStore(out) as store:
+            runs[name] = (store.ids.copy(), store[:].copy(), store.manifest["metadata"]["activation_checkpointing"])
+    (ids_a, rows_a, flag_a), (ids_b, rows_b, flag_b) = runs["plain"], runs["ckpt"]
+    assert (flag_a, flag_b) == (False, True)
+    assert np.array_equal(ids_a, ids_b)
+    np.testing.assert_allclose(rows_b, rows_a, rtol=1e-5, atol=1e-6 * np.abs(rows_a).max())

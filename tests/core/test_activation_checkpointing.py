@@ -147,3 +147,35 @@ def test_checkpointed_logging_writes_the_plain_index(tmp_path, hessian):
             assert keys and sorted(keys) == sorted(k for k in keys if k in b)
             for k in keys:
                 np.testing.assert_allclose(b[k][()], a[k][()], rtol=1e-6, atol=1e-9, err_msg=f"{mode} {k}")
+
+
+def test_checkpoint_for_logging_recomputes_without_dropout(tmp_path):
+    """What `log --activation-checkpointing` does to the loaded model: only the decoder layers
+    train (Hugging Face checkpoints only there), with their own dropout at 0 (GPT-2's attention
+    applies its dropout's p on its own flag, so eval-mode Dropout modules alone would not do), so
+    capture accepts it and the rows are the eval-mode model's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from logra_dist.engines.loading import checkpoint_for_logging
+
+    cfg = GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=32, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    plain = GPT2LMHeadModel(cfg).double().eval()  # resid/embd/attn dropout 0.1 by default
+    model = copy.deepcopy(plain)
+    checkpoint_for_logging(model)
+    assert not model.training and all(b.gradient_checkpointing and b.training for b in model.transformer.h)
+    assert not any(m.training for b in model.transformer.h for m in b.modules() if m is not b)
+    rows, calls = [], []
+    _, input_ids, mask, labels = padded_lm_batch([7, 4, 9])
+    for m in (plain, model):
+        seen = []
+        hook = m.transformer.h[0].attn.c_attn.register_forward_hook(lambda *_: seen.append(1))
+        session = rows_session(m, {**CFG, "exclude": [r"lm_head"]})
+        with session.capture(torch.arange(3), mask=mask):
+            session.backward(lm_loss(session.model(input_ids=input_ids, attention_mask=mask).logits, labels))
+        session.close()
+        hook.remove()
+        rows.append(session.rows)
+        calls.append(len(seen))
+    assert calls == [1, 2]  # the checkpointed layer really ran again in backward
+    torch.testing.assert_close(rows[1], rows[0], rtol=1e-9, atol=1e-11)

@@ -41,8 +41,11 @@ def _log_batch(logger, lengths=(5, 3), start=0):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: _gpt2(0.1), r"'transformer\.drop' \(Dropout, p=0\.1\) is in train mode \(and \d+ more\)"),
-        (lambda: _llama(0.1), r"'model\.layers\.0\.self_attn' \(LlamaAttention, p=0\.1\) is in train mode"),
+        (lambda: _gpt2(0.1), r"'transformer\.drop' \(Dropout\) acts in train mode: dropout p=0\.1 \(and \d+ more\)"),
+        (
+            lambda: _llama(0.1),
+            r"'model\.layers\.0\.self_attn' \(LlamaAttention\) acts in train mode: attention_dropout=0\.1",
+        ),
     ],
     ids=["gpt2-nn-dropout", "llama-attention-dropout"],
 )
@@ -59,6 +62,35 @@ def test_dropout_in_train_mode_is_refused_and_eval_mode_logs(tmp_path, make, mat
     logger.close()
     with ld.GradientStore(tmp_path / "index") as store:
         assert sorted(store.ids.tolist()) == [0, 1, 2, 3] and np.isfinite(store[:]).all()
+
+
+def test_dropout_modules_in_eval_under_a_training_parent_are_still_refused(tmp_path):
+    """GPT-2's attention hands its dropout's p to the attention kernel on its OWN training flag, so
+    putting only the nn.Dropout modules in eval mode still drops attention weights."""
+    torch.manual_seed(0)
+    model = _gpt2(0.1).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    logger = ld.attach(model, CFG, tmp_path / "index")
+    with pytest.raises(
+        ValueError,
+        match=r"'transformer\.drop' \(Dropout\) acts in train mode: "
+        r"dropout p=0\.1, its parent trains and may apply that p itself",
+    ):
+        _log_batch(logger)
+    logger.close()
+
+
+def test_batch_norm_in_train_mode_is_refused(tmp_path):
+    """Batch statistics make each sample's output, so its gradient, depend on its batch mates."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 3)).train()
+    logger = ld.attach(model, CFG, tmp_path / "index")
+    X, Y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    refused = r"'1' \(BatchNorm1d\) acts in train mode: batch statistics"
+    with pytest.raises(ValueError, match=refused), logger.capture(torch.arange(4)):
+        logger.backward(torch.nn.functional.cross_entropy(logger.model(X), Y, reduction="sum"))
+    logger.close()
 
 
 def test_train_mode_without_dropout_is_accepted(tmp_path):
