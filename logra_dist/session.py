@@ -248,6 +248,13 @@ class GradientSession:
                     f"hold queries to it. Run capture() outside autocast, or load the model in {autocast} (the "
                     "engine's bf16/fp16 switch, --dtype)"
                 )
+            leak = self._capture.pad_gradient()
+            if leak is not None:
+                raise ValueError(
+                    f"the loss depends on padded tokens: layer {leak[0]!r} has an output gradient of {leak[1]:.3g} at "
+                    "a token the mask excludes. Label padding -100 (ignored), and pass capture() the batch's "
+                    "attention mask (not a loss mask: prompt tokens count, their activations reach the loss)"
+                )
             unreached = self._capture.unreached_calls
             if unreached:
                 raise RuntimeError(

@@ -193,7 +193,9 @@ class GradientCapture:
         self._row_kind: dict[str, str] = {}  # per flat-input layer: its rows are "tokens" or "samples"
         self._deferred: dict[str, int] = {}  # per layer: this batch's calls under no_grad, not yet recomputed
         self.autocast_dtype: torch.dtype | None = None  # the batch's torch.autocast dtype, if it ran under one
+        self._pad_gradients: dict[str, torch.Tensor] = {}  # per layer: largest output gradient at a masked token
         self._mask_cache: dict[torch.device, torch.Tensor] = {}
+        self._check_cache: dict[torch.device, torch.Tensor] = {}  # per device: `_pad_check`
         self._blocks: dict[str, torch.Tensor] = {}
         self._pending = 0
         self._anchors: dict[tuple, torch.Tensor] = {}
@@ -229,8 +231,8 @@ class GradientCapture:
     def active(self, mask: torch.Tensor | None) -> Iterator[None]:
         self._refuse_train_mode_effects()
         self._active, self._blocks, self._pending = True, {}, 0
-        self._token_blocks, self._deferred, self.autocast_dtype = [], {}, None
-        self._mask, self._mask_cache = mask, {}
+        self._token_blocks, self._deferred, self.autocast_dtype, self._pad_gradients = [], {}, None, {}
+        self._mask, self._mask_cache, self._check_cache = mask, {}, {}
         self._padded = mask is not None and not bool(mask.all())
         self._tokens = tuple(mask.shape) if mask is not None and mask.dim() == 2 else None
         try:
@@ -260,6 +262,19 @@ class GradientCapture:
     def pending_gradients(self) -> int:
         """Hooked outputs whose gradient has not arrived yet (0 after a complete backward)."""
         return self._pending
+
+    def pad_gradient(self) -> tuple[str, float] | None:
+        """(layer, value) of the largest output gradient at a token the batch's attention mask
+        excludes (`_pad_check`), or None if all are 0. Nothing attends to a padded token, so it
+        gets a gradient only from its own loss: labels left on padding (not -100), or a mask that
+        is not the attention mask (a loss mask would drop tokens whose activations reach the loss)."""
+        if not self._pad_gradients:
+            return None
+        names = list(self._pad_gradients)
+        device = self._pad_gradients[names[0]].device
+        values = torch.stack([self._pad_gradients[n].float().to(device) for n in names]).cpu()  # one sync
+        worst = int(values.argmax())
+        return (names[worst], float(values[worst])) if values[worst] > 0 else None
 
     @property
     def unreached_calls(self) -> dict[str, int]:
@@ -323,7 +338,8 @@ class GradientCapture:
                 # making the output a leaf, nothing of the output's size is kept as `.grad`.
                 output = returned = output + self._anchor(output)
             self._pending += 1
-            output.register_hook(self._make_grad_hook(name, px, mask, p_out_t, s_out, flat))
+            check = None if mask is None else self._pad_check(x.device)
+            output.register_hook(self._make_grad_hook(name, px, mask, p_out_t, s_out, flat, check))
             return returned
 
         return hook
@@ -366,6 +382,19 @@ class GradientCapture:
             self._mask_cache[device] = mask
         return mask
 
+    def _pad_check(self, device: torch.device) -> torch.Tensor:
+        """(B, T, 1) 1 at the padded tokens whose output gradient must be 0: every masked token
+        except one right before an unmasked one (left padding's last pad predicts the first real
+        token under the shifted LM loss; nothing else of a padded token reaches a loss)."""
+        check = self._check_cache.get(device)
+        if check is None:
+            keep = self._mask.reshape(self._mask.shape[0], -1).to(device=device) != 0
+            check = ~keep
+            check[:, :-1] &= keep[:, 1:].logical_not()
+            check = check.unsqueeze(-1).to(self.compute_dtype)
+            self._check_cache[device] = check
+        return check
+
     def _make_grad_hook(
         self,
         name: str,
@@ -374,6 +403,7 @@ class GradientCapture:
         p_out_t: torch.Tensor | None,
         s_out: torch.Tensor | None = None,
         flat: tuple[int, int] | None = None,
+        check: torch.Tensor | None = None,
     ) -> Callable:
         def hook(grad: torch.Tensor) -> None:
             pg = self._as_compute(grad if flat is None else grad.reshape(*flat, grad.shape[-1]))
@@ -381,6 +411,10 @@ class GradientCapture:
                 pg = pg @ p_out_t
             elif s_out is not None:
                 pg = pg * s_out.to(pg.device)
+            if check is not None:  # the loss must not depend on padding: see `pad_gradient`
+                leak = pg.abs().mul_(check).amax()
+                prev = self._pad_gradients.get(name)
+                self._pad_gradients[name] = leak if prev is None else torch.maximum(prev, leak)
             if mask is not None and self.token_stats is not None:
                 # Rows need the mask on one side only (px is masked: sum_t pg_t (m_t px_t)^T is
                 # exact for a 0/1 mask); the gradient covariance needs pg itself masked.

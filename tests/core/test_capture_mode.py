@@ -3,7 +3,7 @@ on (a model still in train mode after training) makes every row a random draw of
 refused and named for nn.Dropout modules and Hugging Face attentions' functional
 `attention_dropout`; a torch.autocast other than the model's dtype would make gradients in one
 precision recorded as another, refused; a batch-mean loss (a Hugging Face `outputs.loss`) would
-divide each batch's rows by its own count, refused."""
+divide each batch's rows by its own count, refused; so is a loss that depends on padded tokens."""
 
 import numpy as np
 import pytest
@@ -162,4 +162,51 @@ def test_a_batch_mean_loss_is_refused(tmp_path, loss_of):
 def test_a_mean_over_one_value_is_a_sum(tmp_path):
     logger = ld.attach(tiny_llama().eval(), CFG, tmp_path / "index")
     _backward_with(logger, lambda m, x, mask, y: lm_loss(m(input_ids=x, attention_mask=mask).logits, y)[None].mean())
+    logger.close()
+
+
+def _left_padded(lengths, vocab: int = 40):
+    seqs = [torch.randint(1, vocab, (n,)) for n in lengths]
+    t = max(lengths)
+    input_ids, mask = torch.zeros(len(seqs), t, dtype=torch.long), torch.zeros(len(seqs), t, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    for i, q in enumerate(seqs):
+        input_ids[i, t - len(q) :], mask[i, t - len(q) :], labels[i, t - len(q) :] = q, 1, q
+    return input_ids, mask, labels
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_labels_left_on_padding_are_refused(tmp_path, padding):
+    """Nothing attends to a padded token, so a gradient there can only come from its own loss:
+    padding labelled as a target. Correctly labelled batches (-100 on padding) pass either side."""
+    torch.manual_seed(0)
+    if padding == "right":
+        _, input_ids, mask, labels = padded_lm_batch([7, 4, 9])
+    else:
+        input_ids, mask, labels = _left_padded([7, 4, 9])
+    logger = ld.attach(tiny_llama().eval(), CFG, tmp_path / "index")
+    careless = torch.where(mask.bool(), labels, input_ids)  # labels = input_ids, pads included
+    refused = r"the loss depends on padded tokens: layer '.*' has an output gradient"
+    with pytest.raises(ValueError, match=refused), logger.capture(torch.arange(3), mask=mask):
+        logger.backward(lm_loss(logger.model(input_ids=input_ids, attention_mask=mask).logits, careless))
+    with logger.capture(torch.arange(3), mask=mask):  # -100 on padding: accepted, nothing left of the first
+        logger.backward(lm_loss(logger.model(input_ids=input_ids, attention_mask=mask).logits, labels))
+    logger.finalize()
+    logger.close()
+
+
+def test_a_loss_mask_given_as_the_mask_is_refused(tmp_path):
+    """Prompt tokens carry no loss but their activations reach it: masking them out of the rows
+    (a loss mask passed as `mask`) would drop part of every gradient."""
+    torch.manual_seed(0)
+    _, input_ids, mask, labels = padded_lm_batch([7, 6])
+    completion = mask.clone()
+    completion[:, :3] = 0  # the first 3 tokens are the prompt
+    labels = labels.masked_fill(completion == 0, -100)
+    logger = ld.attach(tiny_llama().eval(), CFG, tmp_path / "index")
+    with (
+        pytest.raises(ValueError, match=r"padded tokens.*not a loss mask"),
+        logger.capture(torch.arange(2), mask=completion),
+    ):
+        logger.backward(lm_loss(logger.model(input_ids=input_ids, attention_mask=mask).logits, labels))
     logger.close()
