@@ -196,6 +196,9 @@ class GradientCapture:
         self._pad_gradients: dict[str, torch.Tensor] = {}  # per layer: largest output gradient at a masked token
         self._mask_cache: dict[torch.device, torch.Tensor] = {}
         self._check_cache: dict[torch.device, torch.Tensor] = {}  # per device: `_pad_check`
+        # the layers nearest the input and the loss: a padded token's own loss shows in both (the
+        # head first), a loss mask given as the mask in the first (prompt tokens feed the rest)
+        self._pad_probes = {specs[0].name, specs[-1].name} if specs else set()
         self._blocks: dict[str, torch.Tensor] = {}
         self._pending = 0
         self._anchors: dict[tuple, torch.Tensor] = {}
@@ -338,7 +341,7 @@ class GradientCapture:
                 # making the output a leaf, nothing of the output's size is kept as `.grad`.
                 output = returned = output + self._anchor(output)
             self._pending += 1
-            check = None if mask is None else self._pad_check(x.device)
+            check = None if mask is None or name not in self._pad_probes else self._pad_check(x.device)
             output.register_hook(self._make_grad_hook(name, px, mask, p_out_t, s_out, flat, check))
             return returned
 
