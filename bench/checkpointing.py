@@ -44,11 +44,9 @@ def worker(variant: str, batch_size: int, seq_len: int, steps: int) -> dict[str,
     model = build_model(large_config(tok)).eval()
     batches = fixed_batches(tok, batch_size, seq_len, 2)
     if variant != "plain":
-        kwargs = {"use_reentrant": variant == "reentrant"}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        from logra_dist.engines.loading import enable_checkpointing
+
+        enable_checkpointing(model, reentrant=variant == "reentrant")
         model.train()  # Hugging Face checkpoints only in train mode (this model has no dropout)
     gc.collect()
     before = _vm("VmRSS")

@@ -67,13 +67,10 @@ def tiny_gpt2(vocab: int = 40):
 
 def enable_checkpointing(model: nn.Module, reentrant: bool) -> nn.Module:
     """Hugging Face activation checkpointing as a training script turns it on, in train mode (it
-    runs only there; the tiny configs here have no dropout, so train mode changes nothing else).
-    transformers 5 renamed gradient_checkpointing_enable to activation_checkpointing_enable."""
-    kwargs = {"use_reentrant": reentrant}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    runs only there; the tiny configs here have no dropout, so train mode changes nothing else)."""
+    from logra_dist.engines.loading import enable_checkpointing as enable
+
+    enable(model, reentrant)
     return model.train()
 
 

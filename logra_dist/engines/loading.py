@@ -322,6 +322,21 @@ def build(
     return loaded.wrapped, loaded.device
 
 
+def enable_checkpointing(module: nn.Module, reentrant: bool = False) -> None:
+    """Switch on a Hugging Face model's activation checkpointing (torch's checkpoint, reentrant or
+    not), under either name: transformers 5 renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable. Modes are left as they are."""
+    if not getattr(module, "supports_gradient_checkpointing", False):
+        raise EngineConfigError(
+            f"--activation-checkpointing: {type(module).__name__} does not support activation checkpointing"
+        )
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(module, "activation_checkpointing_enable"):
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def checkpoint_for_logging(module: nn.Module) -> None:
     """Turn on a Hugging Face model's activation checkpointing (non-reentrant) for a logging
     pass. It runs only where a decoder layer is in train mode, so only those layers train; the
@@ -329,15 +344,7 @@ def checkpoint_for_logging(module: nn.Module) -> None:
     to 0 (a layer in train mode applies them), so the rows are the eval-mode model's."""
     from logra_dist.core.capture import checkpointing_modules, rate_attributes
 
-    if not getattr(module, "supports_gradient_checkpointing", False):
-        raise EngineConfigError(
-            f"--activation-checkpointing: {type(module).__name__} does not support activation checkpointing"
-        )
-    kwargs = {"use_reentrant": False}
-    if hasattr(module, "activation_checkpointing_enable"):  # transformers >= 5
-        module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(module)
     module.eval()
     for layer in checkpointing_modules(module)[1]:
         layer.training = True  # this module only: its children keep their eval mode
